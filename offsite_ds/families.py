@@ -1,0 +1,155 @@
+"""Architecture facts, one table: the only place in the toolkit that knows model families by name.
+
+Everything else asks this module where the blocks live, which modules are the embeddings, the final
+norm and the head, and which linear layers bottleneck adapters and LoRA attach to.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+
+from offsite_ds.errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where things live inside one family of HF causal LMs (dotted attribute paths)."""
+
+    name: str
+    model_types: tuple[str, ...]
+    blocks: str
+    final_norm: str
+    head: str
+    embeddings: tuple[str, ...]
+    attn_out: str  # projection that ends the attention sub-layer (inside a block)
+    mlp_out: str  # projection that ends the MLP sub-layer (inside a block)
+    lora_targets: tuple[str, ...]  # default LoRA target module names (the paper's q/v setting)
+    mlp_in: str = ""  # first MLP projection (its bias feeds the activation)
+    activation: str = ""  # the MLP activation, for the fused bias+activation kernel
+    extra: dict = field(default_factory=dict)
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        name="opt",
+        model_types=("opt",),
+        blocks="model.decoder.layers",
+        final_norm="model.decoder.final_layer_norm",
+        head="lm_head",
+        embeddings=("model.decoder.embed_tokens", "model.decoder.embed_positions",
+                    "model.decoder.project_in", "model.decoder.project_out"),
+        attn_out="self_attn.out_proj",
+        mlp_out="fc2",
+        mlp_in="fc1",
+        activation="relu",
+        lora_targets=("q_proj", "v_proj"),
+    ),
+    Family(
+        name="bloom",
+        model_types=("bloom",),
+        blocks="transformer.h",
+        final_norm="transformer.ln_f",
+        head="lm_head",
+        embeddings=("transformer.word_embeddings", "transformer.word_embeddings_layernorm"),
+        attn_out="self_attention.dense",
+        mlp_out="mlp.dense_4h_to_h",
+        mlp_in="mlp.dense_h_to_4h",
+        activation="gelu_tanh",
+        lora_targets=("query_key_value",),
+    ),
+    Family(
+        name="gpt2",
+        model_types=("gpt2",),
+        blocks="transformer.h",
+        final_norm="transformer.ln_f",
+        head="lm_head",
+        embeddings=("transformer.wte", "transformer.wpe"),
+        attn_out="attn.c_proj",
+        mlp_out="mlp.c_proj",
+        mlp_in="mlp.c_fc",
+        activation="gelu_tanh",
+        lora_targets=("c_attn",),
+    ),
+    Family(
+        name="llama",
+        model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "olmo2",
+                     "granite", "smollm3", "stablelm", "cohere", "starcoder2", "internlm2"),
+        blocks="model.layers",
+        final_norm="model.norm",
+        head="lm_head",
+        embeddings=("model.embed_tokens", "model.rotary_emb"),
+        attn_out="self_attn.o_proj",
+        mlp_out="mlp.down_proj",
+        activation="silu_gated",
+        lora_targets=("q_proj", "v_proj"),
+    ),
+)
+
+_BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
+_BY_NAME = {f.name: f for f in FAMILIES}
+
+
+def get_path(root: nn.Module, path: str) -> nn.Module | None:
+    """Resolve a dotted attribute path; None when any step is missing."""
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def set_path(root: nn.Module, path: str, value: nn.Module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = get_path(root, parent_path) if parent_path else root
+    setattr(parent, leaf, value)
+
+
+def _generic_family(model: nn.Module, model_type: str) -> Family:
+    """A Llama-like model of an unlisted type: accept it when the Llama paths resolve."""
+    base = _BY_NAME["llama"]
+    if isinstance(get_path(model, base.blocks), nn.ModuleList) and get_path(model, base.final_norm) is not None:
+        return Family(**{**base.__dict__, "name": f"llama-like:{model_type}", "model_types": (model_type,)})
+    raise UnsupportedModelError(
+        f"model type '{model_type}' is not supported: no block ModuleList at any known path "
+        f"({', '.join(sorted({f.blocks for f in FAMILIES}))}); add a Family to offsite_ds/families.py"
+    )
+
+
+def family_of(model: nn.Module) -> Family:
+    """The Family of an HF causal LM (checked against the live module tree, not just the config)."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no HF config.model_type; pass a transformers model")
+    family = _BY_TYPE.get(model_type)
+    if family is None:
+        return _generic_family(model, model_type)
+    if not isinstance(get_path(model, family.blocks), nn.ModuleList):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} (model type '{model_type}') has no blocks at '{family.blocks}': "
+            "load it with AutoModelForCausalLM, not a bare base model"
+        )
+    return family
+
+
+def family_by_name(name: str) -> Family:
+    if name in _BY_NAME:
+        return _BY_NAME[name]
+    if name.startswith("llama-like:"):
+        return Family(**{**_BY_NAME["llama"].__dict__, "name": name, "model_types": (name.split(":", 1)[1],)})
+    raise UnsupportedModelError(f"unknown family '{name}'; known: {', '.join(_BY_NAME)}")
+
+
+def blocks_of(model: nn.Module) -> nn.ModuleList:
+    return get_path(model, family_of(model).blocks)
+
+
+def depth_of(model: nn.Module) -> int:
+    return len(blocks_of(model))
+
+
+def block_prefix(family: Family, index: int) -> str:
+    """State-dict name prefix of block `index`, e.g. 'model.decoder.layers.3.'."""
+    return f"{family.blocks}.{index}."
