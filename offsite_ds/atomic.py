@@ -1,0 +1,49 @@
+"""Atomic writes: a file or a whole artifact directory appears complete or not at all."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Write JSON through a temp file in the same folder, then rename over the target."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | Path, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temp dir beside `out_dir`; on success it replaces `out_dir` in one rename.
+
+    An existing `out_dir` is moved aside first and deleted only after the new one is in place, so a
+    crash at any point leaves either the old or the new directory, never a half-written one.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(out)
+    if out.exists() and not out.is_dir():
+        from offsite_ds.errors import OffsiteError
+
+        raise OffsiteError(f"{out} exists and is not a directory; choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

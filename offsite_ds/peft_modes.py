@@ -1,0 +1,177 @@
+"""Tuning modes applied to the adapter blocks only: full, LoRA (PEFT), Houlsby bottleneck adapters, BitFit.
+
+The same `apply_mode` runs on the data owner's emulator (at emulator positions) and on the owner's full
+model (at original indices) during plug-in, so both sides derive the trainable tensors' names, shapes
+and dtypes from one piece of code; the package is validated against exactly that.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn as nn
+
+from offsite_ds.errors import OffsiteError
+from offsite_ds.families import Family, family_of, get_path
+
+MODES = ("full", "lora", "adapter", "bitfit")
+DEFAULTS = {
+    "lora": {"r": 4, "alpha": 32, "dropout": 0.0, "targets": None},
+    "adapter": {"bottleneck": 64},
+    "full": {},
+    "bitfit": {},
+}
+LORA_ADAPTER_NAME = "default"
+
+
+class BottleneckAdapter(nn.Module):
+    """Houlsby adapter: h + up(gelu(down(h))), with `up` zero-initialised so it starts as the identity."""
+
+    def __init__(self, hidden: int, bottleneck: int):
+        super().__init__()
+        self.down = nn.Linear(hidden, bottleneck)
+        self.up = nn.Linear(bottleneck, hidden)
+        nn.init.normal_(self.down.weight, std=1e-3)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.up(torch.nn.functional.gelu(self.down(h)))
+
+
+def _adapter_hook(module: nn.Module, _inputs, output):
+    """Forward hook that routes a sub-layer's output projection through its bottleneck adapter."""
+    if isinstance(output, tuple):
+        return (module.bottleneck_adapter(output[0]),) + output[1:]
+    return module.bottleneck_adapter(output)
+
+
+def _out_features(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    weight = getattr(module, "weight", None)  # GPT-2's Conv1D stores weight as [in, out]
+    if weight is not None and weight.dim() == 2:
+        return weight.shape[1] if type(module).__name__ == "Conv1D" else weight.shape[0]
+    raise OffsiteError(f"cannot attach a bottleneck adapter to {type(module).__name__}")
+
+
+def insert_bottleneck_adapters(model: nn.Module, positions: list[int], bottleneck: int) -> None:
+    """Attach an adapter after the attention and MLP output projections of each listed block (Houlsby)."""
+    family = family_of(model)
+    blocks = get_path(model, family.blocks)
+    for pos in positions:
+        for path in (family.attn_out, family.mlp_out):
+            proj = get_path(blocks[pos], path)
+            if proj is None:
+                raise OffsiteError(f"block {pos} has no '{path}' for a bottleneck adapter (family {family.name})")
+            if hasattr(proj, "bottleneck_adapter"):
+                continue
+            ref = next(proj.parameters())
+            proj.bottleneck_adapter = BottleneckAdapter(_out_features(proj), bottleneck).to(ref.device, ref.dtype)
+            proj.register_forward_hook(_adapter_hook)
+
+
+def lora_target_regex(family: Family, positions: list[int], targets: list[str] | tuple[str, ...]) -> str:
+    """PEFT full-match regex for the target linears inside the listed blocks only."""
+    blocks = re.escape(family.blocks)
+    pos = "|".join(str(p) for p in positions)
+    names = "|".join(re.escape(t) for t in targets)
+    return rf"{blocks}\.({pos})\.(.*\.)?({names})"
+
+
+def resolve_settings(mode: str, settings: dict | None) -> dict:
+    if mode not in MODES:
+        raise OffsiteError(f"unknown tuning mode '{mode}'; choose one of {', '.join(MODES)}")
+    merged = {**DEFAULTS[mode], **{k: v for k, v in (settings or {}).items() if v is not None}}
+    unknown = set(merged) - set(DEFAULTS[mode])
+    if unknown:
+        raise OffsiteError(f"mode '{mode}' has no setting(s) {', '.join(sorted(unknown))}")
+    if mode == "lora" and (int(merged["r"]) < 1 or float(merged["alpha"]) <= 0):
+        raise OffsiteError("LoRA needs --lora-r >= 1 and --lora-alpha > 0")
+    if mode == "adapter" and int(merged["bottleneck"]) < 1:
+        raise OffsiteError("--bottleneck must be >= 1")
+    return merged
+
+
+def apply_mode(model: nn.Module, positions: list[int], mode: str = "full", settings: dict | None = None) -> dict:
+    """Freeze everything, then make the `mode`'s parameters inside blocks `positions` trainable.
+
+    Returns the resolved settings (what the AdapterPackage records). Embeddings, head and final norm
+    always stay frozen; so does every block not listed.
+    """
+    settings = resolve_settings(mode, settings)
+    family = family_of(model)
+    blocks = get_path(model, family.blocks)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if mode == "full":
+        for pos in positions:
+            blocks[pos].requires_grad_(True)
+    elif mode == "bitfit":
+        found = False
+        for pos in positions:
+            for name, p in blocks[pos].named_parameters():
+                if name.endswith("bias"):
+                    p.requires_grad_(True)
+                    found = True
+        if not found:
+            raise OffsiteError(f"BitFit trains biases, but {family.name} blocks have none; use --mode lora or adapter")
+    elif mode == "adapter":
+        insert_bottleneck_adapters(model, positions, int(settings["bottleneck"]))
+        for pos in positions:
+            for name, p in blocks[pos].named_parameters():
+                if ".bottleneck_adapter." in f".{name}":
+                    p.requires_grad_(True)
+    elif mode == "lora":
+        from peft import LoraConfig, inject_adapter_in_model
+
+        targets = list(settings["targets"] or family.lora_targets)
+        settings["targets"] = targets
+        config = LoraConfig(r=int(settings["r"]), lora_alpha=float(settings["alpha"]),
+                            lora_dropout=float(settings["dropout"]),
+                            target_modules=lora_target_regex(family, positions, targets),
+                            fan_in_fan_out=family.name == "gpt2", bias="none")
+        try:
+            inject_adapter_in_model(config, model, adapter_name=LORA_ADAPTER_NAME)
+        except ValueError as exc:
+            raise OffsiteError(f"LoRA targets {targets} not found in the adapter blocks ({str(exc).splitlines()[0]}); "
+                               f"pass --lora-targets with module names of a {family.name} block")
+        for name, p in model.named_parameters():
+            p.requires_grad_("lora_" in name)
+    return settings
+
+
+def canonical_name(name: str) -> str:
+    """Parameter name without PEFT's adapter-name infix, e.g. 'q_proj.lora_A.default.weight' -> 'q_proj.lora_A.weight'."""
+    return name.replace(f".{LORA_ADAPTER_NAME}.", ".")
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors under canonical names (what an AdapterPackage carries)."""
+    return {canonical_name(n): p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def rename_blocks(names_to_tensors: dict[str, torch.Tensor], family: Family, index_map: dict[int, int]) -> dict:
+    """Rename '<blocks>.<i>.' prefixes through index_map (emulator position <-> original index)."""
+    prefix = re.compile(rf"^{re.escape(family.blocks)}\.(\d+)\.")
+    out = {}
+    for name, tensor in names_to_tensors.items():
+        m = prefix.match(name)
+        if m is None:
+            raise OffsiteError(f"trainable tensor '{name}' is outside the adapter blocks; this is a bug in the mode")
+        out[f"{family.blocks}.{index_map[int(m.group(1))]}.{name[m.end():]}"] = tensor
+    return out
+
+
+@torch.no_grad()
+def merge_lora_(model: nn.Module) -> None:
+    """Fold LoRA into the base weights and drop the LoRA wrappers, restoring plain module names."""
+    from peft.tuners.lora import LoraLayer
+
+    from offsite_ds.families import set_path
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge(safe_merge=True)
+            set_path(model, name, module.get_base_layer())
