@@ -1,0 +1,79 @@
+"""Perplexity, the paper's WikiText metric: sliding windows of `seq_len` tokens moved by `stride`.
+
+Each token is scored once, with up to seq_len-1 tokens of context (the HF perplexity recipe), so the
+number is comparable across models of the same tokenizer whatever their depth.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from offsite_ds.data import check_seq_len, max_positions, tokenize_corpus
+from offsite_ds.errors import DataError
+
+
+def _windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, n_scored) per window; only the last n_scored tokens of a window count."""
+    out, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + seq_len, n_tokens)
+        if end - begin < 2:
+            break
+        out.append((begin, end, end - prev_end))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return out
+
+
+@torch.no_grad()
+def token_nll(model: torch.nn.Module, ids: torch.Tensor, seq_len: int, stride: int | None = None,
+              batch_size: int = 4) -> tuple[float, int]:
+    """Summed negative log-likelihood and number of scored tokens of one id stream."""
+    stride = stride or seq_len
+    if not 0 < stride <= seq_len:
+        raise DataError(f"--stride {stride} must be between 1 and --seq-len {seq_len}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    windows = _windows(ids.numel(), seq_len, stride)
+    if not windows:
+        raise DataError(f"the evaluation text has {ids.numel()} tokens; at least 2 are needed")
+    nll, count = 0.0, 0
+    by_len: dict[int, list[tuple[int, int, int]]] = {}
+    for w in windows:
+        by_len.setdefault(w[1] - w[0], []).append(w)
+    for length, group in by_len.items():
+        for i in range(0, len(group), batch_size):
+            chunk = group[i:i + batch_size]
+            inputs = torch.stack([ids[b:e] for b, e, _ in chunk]).to(device)
+            labels = inputs.clone()
+            for row, (_, _, scored) in enumerate(chunk):
+                labels[row, : length - scored] = -100
+            logits = model(input_ids=inputs).logits[:, :-1].float()
+            target = labels[:, 1:]
+            nll += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
+                                         ignore_index=-100, reduction="sum"))
+            count += int((target != -100).sum())
+    if was_training:
+        model.train()
+    return nll, count
+
+
+def default_seq_len(model) -> int:
+    limit = max_positions(model.config)
+    return min(limit or 1024, 1024)
+
+
+def perplexity(model: torch.nn.Module, tokenizer, texts: list[str], seq_len: int | None = None,
+               stride: int | None = None, batch_size: int = 4, max_tokens: int | None = None) -> float:
+    """Perplexity of `texts` (joined by EOS) under `model`."""
+    seq_len = seq_len or default_seq_len(model)
+    check_seq_len(seq_len, model.config)
+    ids = tokenize_corpus(texts, tokenizer)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    nll, count = token_nll(model, ids, seq_len, stride, batch_size)
+    return math.exp(nll / count)

@@ -1,0 +1,33 @@
+"""The contract between a role and the one training loop (offsite_ds.train.train)."""
+from __future__ import annotations
+
+import torch
+
+
+class Role:
+    """A training role. Subclasses set `name`, freeze what they must, and implement `export`.
+
+    `model` is the nn.Module the engine wraps (DeepSpeed or plain torch); the loop calls
+    `compute_loss(engine, batch)` with the engine as a callable model, `evaluate(module)` every
+    `eval_every` steps and at the end (on every rank), and `export(module, summary)` whenever the
+    evaluation improves (or at the end when `evaluate` returns None).
+    """
+
+    name = "train"
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        """Causal-LM cross-entropy (HF shifts labels inside the model)."""
+        out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
+        return out.loss, {}
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float] | None:
+        return None
+
+    def export(self, model: torch.nn.Module, summary: dict) -> None:
+        raise NotImplementedError
