@@ -1,0 +1,45 @@
+"""Training flags shared by every command that trains (tune, distill, finetune): one definition."""
+from __future__ import annotations
+
+import argparse
+
+from offsite_ds.train import TrainConfig
+
+
+def add_train_arguments(p: argparse.ArgumentParser, lr: float = 1e-4, batch_size: int = 8,
+                        seq_len: int = 512) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: from --epochs)")
+    g.add_argument("--epochs", type=float, default=1.0)
+    g.add_argument("--lr", type=float, default=lr)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--warmup", type=int, default=0, help="warm-up optimizer steps before cosine decay")
+    g.add_argument("--batch-size", type=int, default=batch_size, help="micro-batch per rank")
+    g.add_argument("--grad-accum", type=int, default=1)
+    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--seq-len", type=int, default=seq_len)
+    g.add_argument("--text-field", default="text", help="field holding the text in .json/.jsonl/.parquet data")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N optimizer steps (and at the end)")
+    g.add_argument("--save-every", type=int, default=0, help="resumable checkpoint every N optimizer steps")
+    g.add_argument("--checkpoint-dir", default=None, help="default: OUT.checkpoints beside --out")
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    g.add_argument("--deepspeed", default=None, metavar="DS_CONFIG", help="train with a DeepSpeed engine")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
+    g.add_argument("--wandb-project", default="offsite-ds")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    for name in ("batch_size", "grad_accum", "seq_len"):
+        if getattr(args, name) < 1:
+            from offsite_ds.errors import OffsiteError
+
+            raise OffsiteError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
+    return TrainConfig(steps=args.steps, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                       warmup_steps=args.warmup, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                       max_grad_norm=args.max_grad_norm, seed=args.seed, eval_every=args.eval_every,
+                       save_every=args.save_every, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                       deepspeed=args.deepspeed, precision=args.precision, wandb=args.wandb,
+                       wandb_project=args.wandb_project, progress=not args.no_progress)

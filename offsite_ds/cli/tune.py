@@ -1,0 +1,49 @@
+"""`offsite-ds tune BUNDLE --data FILE --out ADAPTER [--mode full|lora|adapter|bitfit] ...`."""
+from __future__ import annotations
+
+import argparse
+
+from offsite_ds.cli.train_args import add_train_arguments, train_config_from_args
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", help="EmulatorBundle directory received from the model owner")
+    p.add_argument("--data", required=True, help="private corpus: .txt/.json/.jsonl/.parquet or a datasets name")
+    p.add_argument("--out", required=True, help="AdapterPackage directory to write (the best adapter)")
+    p.add_argument("--mode", default="full", choices=["full", "lora", "adapter", "bitfit"],
+                   help="what trains inside the adapter blocks")
+    p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default 4)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 32)")
+    p.add_argument("--lora-dropout", type=float, default=None)
+    p.add_argument("--lora-targets", default=None, help="comma-separated module names (default: the family's q/v)")
+    p.add_argument("--bottleneck", type=int, default=None, help="Houlsby adapter bottleneck (default 64)")
+    p.add_argument("--eval-data", default=None, help="validation corpus: emulator perplexity, best adapter kept")
+    p.add_argument("--max-eval-tokens", type=int, default=None, help="cap the validation tokens (speed)")
+    p.add_argument("--max-train-blocks", type=int, default=None, help="use only the first N packed blocks")
+    p.add_argument("--kernels", default="auto", choices=["auto", "on", "off"],
+                   help="Triton fused kernels (auto: on when CUDA is present)")
+    add_train_arguments(p, lr=1e-4, batch_size=8, seq_len=512)
+
+
+def mode_settings(args: argparse.Namespace) -> dict:
+    if args.mode == "lora":
+        targets = [t.strip() for t in args.lora_targets.split(",")] if args.lora_targets else None
+        return {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout, "targets": targets}
+    if args.mode == "adapter":
+        return {"bottleneck": args.bottleneck}
+    return {}
+
+
+def run(args: argparse.Namespace) -> int:
+    from offsite_ds.roles.tune_adapter import tune
+
+    cfg = train_config_from_args(args)
+    summary = tune(args.bundle, args.data, args.out, mode=args.mode, settings=mode_settings(args), cfg=cfg,
+                   seq_len=args.seq_len, eval_data=args.eval_data, text_field=args.text_field,
+                   kernels=args.kernels, max_train_blocks=args.max_train_blocks,
+                   max_eval_tokens=args.max_eval_tokens)
+    best = summary.get("best_eval_loss")
+    extra = f", best emulator eval loss {best:.4f} at step {summary['best_step']}" if best is not None else ""
+    print(f"adapter package {args.out}: {summary['steps']} steps, {summary['tokens']} tokens, "
+          f"final loss {summary['final_loss']:.4f}{extra}")
+    return 0
