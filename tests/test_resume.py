@@ -64,3 +64,12 @@ def test_sigterm_saves_a_checkpoint_then_resume_finishes(bundle, corpus_file, tm
     summary = tune(bundle, corpus_file, tmp_path / "adapter", seq_len=32,
                    cfg=TrainConfig(steps=step + 2, batch_size=2, progress=False, checkpoint_dir=str(ck), resume=True))
     assert summary["steps"] == step + 2
+
+
+def test_wandb_offline_logging(bundle, corpus_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    tune(bundle, corpus_file, tmp_path / "a", seq_len=32,
+         cfg=TrainConfig(steps=2, batch_size=2, progress=False, wandb=True, checkpoint_dir=str(tmp_path / "ck")))
+    runs = list((tmp_path / "ck" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb")), "an offline run was recorded without a login"
