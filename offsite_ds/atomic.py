@@ -10,12 +10,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-def write_json(path: str | Path, obj) -> None:
-    """Write JSON through a temp file in the same folder, then rename over the target."""
+def write_text(path: str | Path, text: str) -> None:
+    """Write text through a temp file in the same folder, then rename over the target."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Write JSON atomically (see write_text)."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 @contextlib.contextmanager

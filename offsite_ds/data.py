@@ -160,8 +160,8 @@ class BlockLoader:
     def __len__(self) -> int:
         return self.batches_per_epoch
 
-    def batch(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
-        """Batch `index` of `epoch` for this rank (ranks take disjoint slices of one permutation)."""
+    def batch_indices(self, epoch: int, index: int) -> torch.Tensor:
+        """Which items make batch `index` of `epoch` on this rank (disjoint slices of one permutation)."""
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             order = torch.randperm(len(self.blocks), generator=g)
@@ -169,7 +169,11 @@ class BlockLoader:
             order = torch.arange(len(self.blocks))
         per_rank = self.batches_per_epoch * self.batch_size
         mine = order[self.rank * per_rank:(self.rank + 1) * per_rank]
-        ids = self.blocks[mine[index * self.batch_size:(index + 1) * self.batch_size]]
+        return mine[index * self.batch_size:(index + 1) * self.batch_size]
+
+    def batch(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
+        """Batch `index` of `epoch` for this rank."""
+        ids = self.blocks[self.batch_indices(epoch, index)]
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
     def iterate(self, start_step: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
