@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["offsite_ds", "offsite_ds.*"]) + ["offsite_ds.kernels"],
     package_dir={"offsite_ds.kernels": "kernels"},
-    package_data={"offsite_ds": ["tasks/*.yaml", "tasks/*.jsonl", "ds_templates/*.json"]},
+    package_data={"offsite_ds": ["tasks/*.yaml", "tasks/*.jsonl", "tasks/*.md", "ds_templates/*.json"]},
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.16",

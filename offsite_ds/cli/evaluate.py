@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from offsite_ds.cli.eval_table import add_task_arguments, limit_value
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model directory: plain HF, an EmulatorBundle, or a plugged-in model")
@@ -13,6 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--json", default=None, help="write the results as JSON here")
+    add_task_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,6 +34,15 @@ def run(args: argparse.Namespace) -> int:
                                            seq_len=args.seq_len, stride=args.stride, max_tokens=args.max_tokens,
                                            batch_size=args.batch_size)
         print(f"perplexity {results['perplexity']:.3f} on {args.data}")
+    if args.tasks:
+        from offsite_ds.lm_eval_bridge import run_tasks
+
+        results["tasks"] = run_tasks(model, tokenizer, args.tasks, include_path=args.include_path,
+                                     limit=limit_value(args.limit), batch_size=args.batch_size,
+                                     num_fewshot=args.num_fewshot)
+        for name, r in results["tasks"].items():
+            value = "n/a" if r["value"] is None else f"{r['value']:.4f}"
+            print(f"{name} {r['metric']} {value} ({r['n_samples']} of {r['n_docs']} examples)")
     if args.json:
         write_json(args.json, results)
     return 0
