@@ -1,0 +1,291 @@
+"""Owner's role: distil the emulator's kept middle blocks (student) against the full middle (teacher).
+
+The recipe of the original code: the student and the frozen teacher both read the hidden states that
+the bottom adapter blocks produce; the loss is `lm_weight * LM + kd_weight * KD`, LM being the
+emulator's own causal-LM loss (through the student) and KD the MSE between the student's and the
+teacher's outputs divided by the teacher's mean square (its RMS squared): scale-free across models.
+
+Under ZeRO-3 both the emulator and the full model are built sharded; only the full model's middle
+blocks (the teacher) are kept, and the trained emulator is gathered on rank 0 only, to export a new
+EmulatorBundle whose manifest records the distillation.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from offsite_ds.bundle import check_bundle, save_bundle
+from offsite_ds.data import BlockLoader, check_seq_len, load_blocks
+from offsite_ds.errors import ArtifactError, OffsiteError
+from offsite_ds.families import block_prefix, family_of, get_path
+from offsite_ds.roles.base import Role
+from offsite_ds.train import TrainConfig, dist_rank, train
+from offsite_ds.zero3 import (activate_zero3, gathered_state_dict, init_distributed, load_causal_lm, model_dtype,
+                              tensors_equal)
+
+DEFAULT_KD_WEIGHT = 30.0
+DEFAULT_LM_WEIGHT = 1.0
+BUNDLE_KEYS_REWRITTEN = ("format", "version", "files", "fingerprint")  # save_bundle writes these afresh
+
+
+def _hidden(output) -> torch.Tensor:
+    """A decoder block returns its hidden states alone (OPT, Llama) or first in a tuple (BLOOM, GPT-2)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE(student, teacher) / mean(teacher^2), over real tokens only; computed in fp32."""
+    s, t = student.float(), teacher.float()
+    if mask is None:
+        return (s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12)
+    m = mask.to(s.dtype).unsqueeze(-1)
+    return ((s - t).pow(2) * m).sum() / (t.pow(2) * m).sum().clamp_min(1e-12)
+
+
+class DistillModel(nn.Module):
+    """The emulator (student middle trainable) plus the frozen teacher middle; forward returns the losses.
+
+    Hooks on the student's first and last block capture the input hidden states (with the mask,
+    positions, ALiBi... arguments the model passes its blocks) and the student's output; the teacher
+    blocks then run on exactly that input, with the same arguments, without gradients.
+    """
+
+    def __init__(self, emulator: nn.Module, teacher: nn.ModuleList, bottom: int, kept: int,
+                 kd_weight: float = DEFAULT_KD_WEIGHT, lm_weight: float = DEFAULT_LM_WEIGHT):
+        super().__init__()
+        self.emulator, self.teacher = emulator, teacher
+        self.config = emulator.config  # the ds config's bucket sizes are filled from it
+        self.kd_weight, self.lm_weight = float(kd_weight), float(lm_weight)
+        blocks = get_path(emulator, family_of(emulator).blocks)
+        self._blocks_path, self._span = family_of(emulator).blocks, (bottom, kept)
+        self._capture: dict | None = None
+        blocks[bottom].register_forward_pre_hook(self._take_input, with_kwargs=True)
+        blocks[bottom + kept - 1].register_forward_hook(self._take_output)
+
+    @property
+    def student(self) -> nn.ModuleList:
+        """The emulator's kept middle blocks (not registered twice: ZeRO-3 hooks every module once)."""
+        bottom, kept = self._span
+        return get_path(self.emulator, self._blocks_path)[bottom:bottom + kept]
+
+    def _take_input(self, _module, args, kwargs):
+        if self._capture is not None and "args" not in self._capture:
+            self._capture["args"], self._capture["kwargs"] = args, kwargs
+
+    def _take_output(self, _module, _args, output):
+        if self._capture is not None:
+            self._capture["output"] = _hidden(output)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # the target must not carry dropout noise
+        return self
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        self._capture = {}
+        try:
+            out = self.emulator(input_ids=input_ids, attention_mask=attention_mask,
+                                labels=input_ids if labels is None else labels, use_cache=False)
+            args, kwargs, student_out = self._capture["args"], self._capture["kwargs"], self._capture["output"]
+        finally:
+            self._capture = None
+        with torch.no_grad():
+            hidden = args[0].detach()
+            for block in self.teacher:
+                hidden = _hidden(block(hidden, *args[1:], **kwargs))
+        kd = kd_loss(student_out, hidden, attention_mask)
+        lm = out.loss.float()
+        loss = self.lm_weight * lm + self.kd_weight * kd
+        return {"loss": loss, "lm_loss": lm.detach(), "kd_loss": kd.detach()}
+
+
+class Distill(Role):
+    name = "distill"
+
+    def __init__(self, model: DistillModel, source_manifest: dict, tokenizer, out_dir: str | Path,
+                 settings: dict, eval_blocks: torch.Tensor | None = None, eval_batch_size: int = 4):
+        super().__init__(model)
+        self.source_manifest, self.tokenizer = source_manifest, tokenizer
+        self.out_dir, self.settings = Path(out_dir), settings
+        self.eval_blocks, self.eval_batch_size = eval_blocks, eval_batch_size
+        self._window: list[tuple[float, float]] = []  # (kd, lm) of the current optimizer step's micro-batches
+        self.last_kd = self.last_lm = None
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.student.parameters() if p.requires_grad]
+
+    def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
+        self._window.append((float(out["kd_loss"]), float(out["lm_loss"])))
+        if len(self._window) >= self.settings["grad_accum"]:
+            self.last_kd = sum(k for k, _ in self._window) / len(self._window)
+            self.last_lm = sum(m for _, m in self._window) / len(self._window)
+            self._window = []
+        return out["loss"], {"kd_loss": float(out["kd_loss"]), "lm_loss": float(out["lm_loss"])}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float] | None:
+        """Held-out distillation loss (the objective itself), KD and LM, averaged over the eval blocks."""
+        if self.eval_blocks is None:
+            return None
+        was_training = model.training
+        model.eval()
+        device = next(model.student.parameters()).device
+        totals = torch.zeros(3, dtype=torch.float64)
+        n = 0
+        for start in range(0, len(self.eval_blocks), self.eval_batch_size):
+            ids = self.eval_blocks[start:start + self.eval_batch_size].to(device)
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+            totals += torch.tensor([float(out["loss"]), float(out["kd_loss"]), float(out["lm_loss"])]) * len(ids)
+            n += len(ids)
+        model.train(was_training)
+        loss, kd, lm = (totals / n).tolist()
+        return {"eval_loss": loss, "eval_kd_loss": kd, "eval_lm_loss": lm}
+
+    def _mean_over_ranks(self, value: float | None) -> float | None:
+        if value is None or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return float(t) / torch.distributed.get_world_size()
+
+    def export(self, model: nn.Module, summary: dict) -> None:
+        """Gather the emulator (collective: every rank calls this) and write the new bundle on rank 0."""
+        final_kd = self._mean_over_ranks(self.last_kd)
+        final_lm = self._mean_over_ranks(self.last_lm)
+        state = gathered_state_dict(model.emulator, to_rank=0)
+        if dist_rank()[0] != 0:
+            return
+        manifest = {k: v for k, v in self.source_manifest.items() if k not in BUNDLE_KEYS_REWRITTEN}
+        compression = dict(manifest.get("compression", {}))
+        previous = compression.get("distillation")
+        compression.update(distilled=True, distillation={
+            **{k: v for k, v in summary.items() if k in ("steps", "tokens", "final_loss", "wall_seconds")},
+            "final_kd_loss": final_kd, "final_lm_loss": final_lm,
+            **({"eval": summary["eval"]} if summary.get("eval") else {}),
+            **self.settings,
+            "source_bundle_fingerprint": self.source_manifest["fingerprint"],
+            "dtype": str(next(iter(state.values())).dtype).removeprefix("torch."),
+            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **({"previous": previous} if previous else {}),
+        })
+        manifest["compression"] = compression
+        save_bundle(_StateDictModel(model.emulator, state), self.tokenizer, manifest, self.out_dir)
+
+
+class _StateDictModel:
+    """Lets save_bundle write a (possibly sharded) model from its gathered state dict."""
+
+    def __init__(self, model: nn.Module, state: dict[str, torch.Tensor]):
+        self.model, self.state = model, state
+
+    def save_pretrained(self, directory, **kwargs) -> None:
+        self.model.save_pretrained(directory, state_dict=self.state, **kwargs)
+
+
+def _check_same_model(emulator: nn.Module, full: nn.Module, manifest: dict, where: Path) -> None:
+    """The bundle's embeddings, adapter blocks, norm and head must be the full model's own (value for value).
+
+    That is what makes both student and teacher read the hidden states of the full model's bottom
+    blocks; it also refuses a bundle made from another model. Works sharded (gathers pair by pair).
+    """
+    family = family_of(full)
+    kept = set(range(len(manifest["block_map"]))) - set(manifest["adapter_positions"])
+    full_params = dict(full.named_parameters())
+    pairs = []
+    for name, param in emulator.named_parameters():
+        target = name
+        if name.startswith(family.blocks + "."):
+            position = int(name[len(family.blocks) + 1:].split(".", 1)[0])
+            if position in kept:
+                continue
+            target = block_prefix(family, manifest["block_map"][position]) + name[len(block_prefix(family, position)):]
+        if target not in full_params:
+            raise ArtifactError(f"{where}: tensor '{name}' has no counterpart '{target}' in the full model; "
+                                "distil with the model the bundle was made from")
+        pairs.append((name, param, full_params[target]))
+    differing = tensors_equal(pairs)
+    if differing is not None:
+        raise ArtifactError(f"{where}: '{differing}' differs from the full model's; the bundle was not made from "
+                            "this model (distil with the model it was made from)")
+
+
+def build_distill_model(model_dir: str | Path, bundle_dir: str | Path, manifest: dict,
+                        ds_config: dict | None, kd_weight: float, lm_weight: float,
+                        gradient_checkpointing: bool = False) -> DistillModel:
+    """Load full model and emulator (sharded under ZeRO-3), keep the full middle as teacher, freeze all but the student."""
+    dtype = model_dtype(ds_config)
+    full = load_causal_lm(model_dir, dtype)
+    family = family_of(full)
+    blocks = get_path(full, family.blocks)
+    if family.name != manifest["family"] or len(blocks) != manifest["base_depth"]:
+        raise ArtifactError(f"{bundle_dir}: the bundle is for a {manifest['base_depth']}-block {manifest['family']} "
+                            f"model, {model_dir} is a {len(blocks)}-block {family.name} model")
+    emulator = load_causal_lm(bundle_dir, dtype)
+    if len(get_path(emulator, family.blocks)) != len(manifest["block_map"]):
+        raise ArtifactError(f"{bundle_dir}: the model has a different number of blocks than its block_map")
+    bottom, kept, top = (int(x) for x in manifest["layout"].split("-"))
+    _check_same_model(emulator, full, manifest, Path(bundle_dir))
+    teacher = nn.ModuleList(blocks[bottom:len(blocks) - top])
+    del full, blocks  # the rest of the full model is not needed: the emulator has the same outer parts
+    for p in emulator.parameters():
+        p.requires_grad_(False)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student = get_path(emulator, family.blocks)[bottom:bottom + kept]
+    for p in student.parameters():
+        p.requires_grad_(True)
+    if gradient_checkpointing:
+        emulator.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return DistillModel(emulator, teacher, bottom, kept, kd_weight, lm_weight)
+
+
+def distill(model_dir: str | Path, bundle_dir: str | Path, data: str | Path, out_dir: str | Path,
+            cfg: TrainConfig | None = None, seq_len: int = 512, kd_weight: float = DEFAULT_KD_WEIGHT,
+            lm_weight: float = DEFAULT_LM_WEIGHT, eval_data: str | Path | None = None, text_field: str = "text",
+            max_train_blocks: int | None = None, max_eval_blocks: int | None = None,
+            gradient_checkpointing: bool = False) -> dict:
+    """Owner's `distill`: full model + layer-drop bundle + corpus -> a distilled EmulatorBundle at out_dir."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from offsite_ds.ds_config import build_ds_config
+
+    cfg = cfg or TrainConfig()
+    if kd_weight < 0 or lm_weight < 0 or kd_weight + lm_weight == 0:
+        raise OffsiteError(f"--kd-weight {kd_weight} and --lm-weight {lm_weight} must be >= 0, not both 0")
+    manifest = check_bundle(bundle_dir)  # validate the bundle before loading anything large
+    if not (Path(model_dir) / "config.json").is_file():
+        raise OffsiteError(f"{model_dir} is not a Hugging Face model directory (no config.json); pass the full model")
+    tokenizer = AutoTokenizer.from_pretrained(bundle_dir, local_files_only=True, trust_remote_code=False)
+    model_config = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+    check_seq_len(seq_len, model_config)
+    if cfg.deepspeed:
+        init_distributed()
+    rank, world = dist_rank()
+    blocks, fingerprint = load_blocks(data, tokenizer, seq_len, text_field, max_train_blocks)
+    loader = BlockLoader(blocks, cfg.batch_size, shuffle=True, seed=cfg.seed, rank=rank, world_size=world)
+    eval_blocks = None
+    if eval_data is not None:
+        eval_blocks, _ = load_blocks(eval_data, tokenizer, seq_len, text_field, max_eval_blocks)
+    keep_alive = None
+    if cfg.deepspeed:
+        cfg.deepspeed = build_ds_config(cfg.deepspeed, cfg, model_config=model_config,
+                                        total_steps=cfg.total_steps(len(loader)))
+        keep_alive = activate_zero3(cfg.deepspeed)  # must outlive model building and export
+    model = build_distill_model(model_dir, bundle_dir, manifest, cfg.deepspeed or None, kd_weight, lm_weight,
+                                gradient_checkpointing)
+    settings = {"kd_weight": kd_weight, "lm_weight": lm_weight, "lr": cfg.lr, "warmup_steps": cfg.warmup_steps,
+                "seq_len": seq_len, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "world_size": world,
+                "data_fingerprint": fingerprint,
+                "zero_stage": cfg.deepspeed.get("zero_optimization", {}).get("stage", 0) if cfg.deepspeed else None}
+    role = Distill(model, manifest, tokenizer, out_dir, settings, eval_blocks)
+    if cfg.checkpoint_dir is None:
+        cfg.checkpoint_dir = str(Path(out_dir).with_name(Path(out_dir).name + ".checkpoints"))
+    try:
+        return train(role, loader, cfg)
+    finally:
+        del keep_alive

@@ -1,0 +1,141 @@
+"""Owner's baseline role: fine-tune the whole model (FT) or LoRA on every block (FT+LoRA).
+
+The paper's FT row, which it could not run at 6.7B: under ZeRO-3 the full model is built sharded and
+trained by a DeepSpeed engine. The result is a plain HF model directory (LoRA merged into the weights)
+that `from_pretrained`, `offsite-ds eval` and lm-eval load as they are.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from offsite_ds.atomic import atomic_dir, write_json
+from offsite_ds.data import BlockLoader, check_seq_len, load_blocks
+from offsite_ds.errors import OffsiteError
+from offsite_ds.evaluate import token_nll
+from offsite_ds.families import blocks_of, family_of
+from offsite_ds.peft_modes import LORA_ADAPTER_NAME, apply_mode
+from offsite_ds.roles.base import Role
+from offsite_ds.train import TrainConfig, dist_rank, train
+from offsite_ds.zero3 import activate_zero3, gathered_state_dict, init_distributed, load_causal_lm, model_dtype
+
+FINETUNED_FORMAT = "offsite-ds.finetuned-model"
+FINETUNED_MANIFEST = "offsite.json"
+
+
+def lora_layers(model: nn.Module) -> dict[str, tuple[float, bool]]:
+    """Module name -> (scaling, fan_in_fan_out) of every LoRA-wrapped layer."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: (float(m.scaling[LORA_ADAPTER_NAME]), bool(getattr(m, "fan_in_fan_out", False)))
+            for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+@torch.no_grad()
+def merge_lora_state(state: dict[str, torch.Tensor], layers: dict[str, tuple[float, bool]]) -> dict[str, torch.Tensor]:
+    """Fold LoRA into a gathered state dict: W + scaling * B @ A, plain module names, no LoRA tensors.
+
+    Works on the state dict rather than the live modules, so a sharded model needs no in-place merge.
+    """
+    merged = dict(state)
+    for name, (scaling, fan_in_fan_out) in layers.items():
+        base = merged.pop(f"{name}.base_layer.weight")
+        a = merged.pop(f"{name}.lora_A.{LORA_ADAPTER_NAME}.weight").float()
+        b = merged.pop(f"{name}.lora_B.{LORA_ADAPTER_NAME}.weight").float()
+        delta = (b @ a) * scaling
+        merged[f"{name}.weight"] = (base.float() + (delta.T if fan_in_fan_out else delta)).to(base.dtype)
+        if f"{name}.base_layer.bias" in merged:
+            merged[f"{name}.bias"] = merged.pop(f"{name}.base_layer.bias")
+    leftover = [k for k in merged if ".lora_" in k or ".base_layer." in k]
+    if leftover:
+        raise OffsiteError(f"LoRA tensor '{leftover[0]}' could not be merged; this is a bug in the export")
+    return merged
+
+
+class FinetuneFull(Role):
+    name = "finetune"
+
+    def __init__(self, model: nn.Module, tokenizer, out_dir: str | Path, mode: str, settings: dict,
+                 record: dict, eval_ids: torch.Tensor | None = None, seq_len: int = 512, eval_batch_size: int = 4):
+        super().__init__(model)
+        self.tokenizer, self.out_dir = tokenizer, Path(out_dir)
+        self.mode, self.settings, self.record = mode, settings, record
+        self.eval_ids, self.seq_len, self.eval_batch_size = eval_ids, seq_len, eval_batch_size
+
+    def evaluate(self, model: nn.Module) -> dict[str, float] | None:
+        if self.eval_ids is None:
+            return None
+        nll, count = token_nll(model, self.eval_ids, self.seq_len, self.seq_len, self.eval_batch_size)
+        return {"eval_loss": nll / count, "eval_ppl": math.exp(nll / count)}
+
+    def export(self, model: nn.Module, summary: dict) -> None:
+        """Gather (collective: every rank calls this), merge LoRA, write a plain HF dir on rank 0."""
+        layers = lora_layers(model) if self.mode == "lora" else {}
+        state = gathered_state_dict(model, to_rank=0)
+        if dist_rank()[0] != 0:
+            return
+        if layers:
+            state = merge_lora_state(state, layers)
+        with atomic_dir(self.out_dir) as tmp:
+            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            write_json(tmp / FINETUNED_MANIFEST, {
+                "format": FINETUNED_FORMAT, "version": 1, "mode": "ft+lora" if layers else "ft",
+                "mode_settings": self.settings, **self.record,
+                "training": {**{k: v for k, v in summary.items() if k != "loss_history"},
+                             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+            })
+
+
+def finetune(model_dir: str | Path, data: str | Path, out_dir: str | Path, lora: bool = False,
+             lora_settings: dict | None = None, cfg: TrainConfig | None = None, seq_len: int = 512,
+             eval_data: str | Path | None = None, text_field: str = "text", max_train_blocks: int | None = None,
+             max_eval_tokens: int | None = None, gradient_checkpointing: bool = False) -> dict:
+    """Owner's `finetune`: the full model (sharded under ZeRO-3) trained on a corpus -> plain HF dir at out_dir."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from offsite_ds.ds_config import build_ds_config
+
+    cfg = cfg or TrainConfig()
+    if not (Path(model_dir) / "config.json").is_file():
+        raise OffsiteError(f"{model_dir} is not a Hugging Face model directory (no config.json); pass a local model dir")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+    model_config = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+    check_seq_len(seq_len, model_config)
+    if cfg.deepspeed:
+        init_distributed()
+    rank, world = dist_rank()
+    blocks, fingerprint = load_blocks(data, tokenizer, seq_len, text_field, max_train_blocks)
+    loader = BlockLoader(blocks, cfg.batch_size, shuffle=True, seed=cfg.seed, rank=rank, world_size=world)
+    eval_ids = None
+    if eval_data is not None:
+        eval_blocks, _ = load_blocks(eval_data, tokenizer, seq_len, text_field)
+        eval_ids = eval_blocks.reshape(-1)[:max_eval_tokens] if max_eval_tokens else eval_blocks.reshape(-1)
+    keep_alive = None
+    if cfg.deepspeed:
+        cfg.deepspeed = build_ds_config(cfg.deepspeed, cfg, model_config=model_config,
+                                        total_steps=cfg.total_steps(len(loader)))
+        keep_alive = activate_zero3(cfg.deepspeed)  # must outlive model building and export
+    model = load_causal_lm(model_dir, model_dtype(cfg.deepspeed or None))
+    settings: dict = {}
+    torch.manual_seed(cfg.seed)  # LoRA's initial A matrices: the same on every run (and rank)
+    if lora:
+        settings = apply_mode(model, list(range(len(blocks_of(model)))), "lora", lora_settings)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    record = {"family": family_of(model).name, "base_model": str(model_dir), "data_fingerprint": fingerprint,
+              "world_size": world, "seq_len": seq_len}
+    role = FinetuneFull(model, tokenizer, out_dir, "lora" if lora else "full", settings, record, eval_ids, seq_len)
+    if cfg.checkpoint_dir is None:
+        cfg.checkpoint_dir = str(Path(out_dir).with_name(Path(out_dir).name + ".checkpoints"))
+    try:
+        return train(role, loader, cfg)
+    finally:
+        del keep_alive
