@@ -263,6 +263,20 @@ class _Preemption:
     def _handle(self, *_):
         self.requested = True
 
+    def agreed(self) -> bool:
+        """True on every rank when any rank was signalled: all ranks must save (a collective) together.
+
+        A launcher that forwards SIGTERM rank by rank (the `deepspeed` launcher waits for rank 0 to
+        exit before signalling rank 1) would otherwise leave one rank saving while another steps on.
+        """
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0],
+                            device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        self.requested = bool(flag.item())
+        return self.requested
+
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
@@ -342,13 +356,14 @@ def train(role, loader, cfg: TrainConfig) -> dict:
             if run is not None:
                 run.log(log, step=state["step"])
             last = state["step"] == total
+            stop = preempt.agreed()
             if (cfg.eval_every and state["step"] % cfg.eval_every == 0) or last:
                 summary_extra.update(_evaluate_and_keep_best(role, engine, state, run, start, total))
                 role.model.train()
             if ckpt_root is not None and ((cfg.save_every and state["step"] % cfg.save_every == 0 and not last)
-                                          or preempt.requested):
+                                          or stop):
                 save_checkpoint(engine, ckpt_root, state["step"], state, rank, cfg.keep_checkpoints)
-            if preempt.requested:
+            if stop:
                 if bar is not None:
                     bar.close()
                 print(f"SIGTERM: checkpoint saved at step {state['step']}; rerun with --resume", file=sys.stderr)
