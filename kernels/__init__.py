@@ -1,1 +1,16 @@
-"""Triton kernels for the data owner's emulator loop (imported as offsite_ds.kernels)."""
+"""Triton kernels for the data owner's emulator loop (imported as offsite_ds.kernels).
+
+Each kernel file holds the Triton kernel(s), a torch.autograd.Function, a plain-torch `reference_*` of the
+same maths and a user-facing function that runs Triton on CUDA (or under TRITON_INTERPRET=1) and the
+reference otherwise. `patch(model)` swaps them into an HF causal LM; `unpatch(model)` restores it.
+"""
+from offsite_ds.kernels.bias_activation import bias_activation, linear_bias_activation, reference_bias_activation
+from offsite_ds.kernels.layer_norm import layer_norm, reference_layer_norm, reference_rms_norm, rms_norm
+from offsite_ds.kernels.linear_cross_entropy import linear_cross_entropy, reference_linear_cross_entropy
+from offsite_ds.kernels.lora_linear import lora_linear, matmul_lowrank, reference_lora_linear
+from offsite_ds.kernels.patch import PARTS, PatchHandle, kernels_enabled, patch, patched, unpatch
+
+__all__ = ["PARTS", "PatchHandle", "bias_activation", "kernels_enabled", "layer_norm", "linear_bias_activation",
+           "linear_cross_entropy", "lora_linear", "matmul_lowrank", "patch", "patched", "reference_bias_activation",
+           "reference_layer_norm", "reference_linear_cross_entropy", "reference_lora_linear", "reference_rms_norm",
+           "rms_norm", "unpatch"]
