@@ -188,7 +188,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     """F.layer_norm over the last dimension; weight/bias gradients only when they require grad."""
     if not _use_kernel(backend, x, weight, bias):
         return reference_layer_norm(x, weight, bias, eps)
-    if torch.is_autocast_enabled(x.device.type):  # autocast runs layer_norm in fp32; so do we
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):  # CUDA autocast runs layer_norm in fp32; so do we
+        # (CPU autocast leaves layer_norm in the input's dtype, as the kernel does without this cast)
         x = x.float()
         weight = None if weight is None else weight.float()
         bias = None if bias is None else bias.float()

@@ -72,7 +72,8 @@ def _alibi_forward(self, hidden_states, residual, alibi, attention_mask, layer_p
         key, value = layer_past.update(key, value, self.layer_idx)
     dropout = self.attention_dropout.p if self.training else 0.0
     flash = flash_attn_func()
-    if (flash is not None and layer_past is None and self._offsite_state.get("no_padding", False)
+    # flash only without past tokens (a fresh cache is fine: training forwards often carry an empty one)
+    if (flash is not None and key.shape[2] == q_len and self._offsite_state.get("no_padding", False)
             and flash_can_run(query)):
         if self._offsite_slopes is None or self._offsite_slopes.device != query.device:
             from transformers.models.bloom.modeling_bloom import _get_alibi_slopes

@@ -1,0 +1,299 @@
+"""patch/unpatch on tiny real-architecture emulators: same losses and gradients, state dict untouched,
+probes refuse modules whose maths differs, attention through SDPA (and a stand-in flash-attn), and the
+convergence check: tiny OPT and BLOOM emulators trained 20 steps patched and unpatched agree.
+
+The Triton kernels run in the interpreter (conftest sets TRITON_INTERPRET=1).
+"""
+import copy
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+import offsite_ds.attention as attention
+from offsite_ds.emulator import build_emulator
+from offsite_ds.errors import OffsiteError
+from offsite_ds.families import family_of, get_path
+from offsite_ds.kernels import kernels_enabled, patch, patched, unpatch
+from offsite_ds.peft_modes import apply_mode
+from offsite_ds.sandwich import emulator_adapter_positions, parse_layout
+from offsite_ds.tiny import byte_tokenizer, tiny_model
+
+TEXT = ("the quick brown fox jumps over the lazy dog . a stitch in time saves nine . "
+        "all that glitters is not gold . the early bird catches the worm . ") * 6
+
+
+def emulator(family: str, mode: str = "full", layout: str = "1-2-1", n_layers: int = 6):
+    """A data owner's emulator of a tiny random model: adapter blocks trainable, the rest frozen."""
+    full = tiny_model(family, n_layers=n_layers)
+    lay = parse_layout(layout, n_layers)
+    emu, _ = build_emulator(full, lay)
+    apply_mode(emu, emulator_adapter_positions(lay), mode)
+    return emu
+
+
+def batch(seq_len: int = 24, rows: int = 2, offset: int = 0):
+    ids = byte_tokenizer()(TEXT)["input_ids"]
+    blocks = [ids[offset + i * seq_len: offset + (i + 1) * seq_len] for i in range(rows)]
+    input_ids = torch.tensor(blocks)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
+
+
+def loss_and_grads(model, data):
+    model.zero_grad(set_to_none=True)
+    out = model(**data)
+    out.loss.backward()
+    return out, {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+EXPECTED = {
+    "opt": {"layer_norm", "linear+bias+relu", "linear_cross_entropy (frozen head)"},
+    "bloom": {"layer_norm", "linear+bias+gelu_tanh", "linear_cross_entropy (frozen head)"},
+    "gpt2": {"layer_norm", "linear+bias+gelu_tanh", "linear_cross_entropy (frozen head)"},
+    "llama": {"rms_norm", "linear_cross_entropy (frozen head)"},
+}
+
+
+@pytest.mark.parametrize("family", ["opt", "bloom", "gpt2", "llama"])
+def test_patch_keeps_loss_gradients_and_state_dict(family):
+    model = emulator(family)
+    model.train()
+    data = batch()
+    names = list(model.state_dict())
+    ref_out, ref_grads = loss_and_grads(model, data)
+
+    handle = patch(model)
+    assert EXPECTED[family] <= set(handle.swapped.values()), handle.swapped
+    assert handle.attention is not None
+    assert list(model.state_dict()) == names, "patching must not rename or add state-dict entries"
+    out, grads = loss_and_grads(model, data)
+    assert out.logits is None, "the fused loss never materialises the logits"
+    torch.testing.assert_close(out.loss, ref_out.loss, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+    assert unpatch(model) is True
+    assert patched(model) is None
+    assert not any("forward" in m.__dict__ for m in model.modules()), "unpatch must remove every swapped forward"
+    again, _ = loss_and_grads(model, data)
+    assert again.logits is not None
+    torch.testing.assert_close(again.loss, ref_out.loss, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["opt", "gpt2"])
+def test_patch_fuses_peft_lora_layers(family):
+    """OPT's q/v nn.Linear and GPT-2's c_attn Conv1D (fan_in_fan_out) LoRA layers."""
+    model = emulator(family, mode="lora")
+    with torch.no_grad():  # PEFT starts B at zero; give the low-rank path something to carry
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.train()
+    data = batch()
+    ref_out, ref_grads = loss_and_grads(model, data)
+    handle = patch(model)
+    assert list(handle.swapped.values()).count("lora_linear") == 4 if family == "opt" else 2
+    out, grads = loss_and_grads(model, data)
+    torch.testing.assert_close(out.loss, ref_out.loss, rtol=1e-5, atol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    unpatch(model)
+
+
+def test_patch_twice_repatches_and_works_on_a_full_model():
+    model = tiny_model("opt", n_layers=4)  # a full model, not an emulator: everything trainable
+    first = patch(model)
+    second = patch(model)
+    assert first.swapped == second.swapped
+    assert patched(model) is second
+    data = batch()
+    model.train()
+    out = model(**data)
+    assert out.logits is not None, "a trainable head takes the original forward (it needs logits and dW)"
+    out.loss.backward()
+    assert model.lm_head.weight.grad is not None
+    unpatch(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_labels_absent_or_eval_use_the_right_path():
+    model = emulator("bloom")
+    patch(model)
+    data = batch()
+    with torch.no_grad():
+        assert model(input_ids=data["input_ids"]).logits is not None, "no labels: ordinary forward (generation)"
+        fused = model(**data)
+    unpatch(model)
+    with torch.no_grad():
+        ref = model(**data)
+    assert fused.logits is None
+    torch.testing.assert_close(fused.loss, ref.loss, rtol=1e-5, atol=1e-5)
+
+
+def test_probes_refuse_modules_whose_maths_differs():
+    """A Gemma-style (1 + weight) RMSNorm and a head whose logits get scaled keep their own forwards."""
+    model = emulator("llama")
+    norm = get_path(model, family_of(model).final_norm)
+
+    def one_plus_weight(self, x):
+        h = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (h * (1.0 + self.weight.float())).to(x.dtype)
+
+    norm.forward = types.MethodType(one_plus_weight, norm)
+    head = model.lm_head
+    head.forward = types.MethodType(lambda self, x: torch.nn.functional.linear(x, self.weight) * 0.5, head)
+    handle = patch(model)
+    assert "model.norm" in handle.skipped and "rsqrt" in handle.skipped["model.norm"]
+    assert "lm_head" in handle.skipped and "probe mismatch" in handle.skipped["lm_head"]
+    assert norm.forward.__func__ is one_plus_weight, "a refused module keeps its forward"
+    out = model(**batch())
+    assert out.logits is not None
+    unpatch(model)
+    assert norm.forward.__func__ is one_plus_weight, "unpatch must leave forwards it did not swap alone"
+
+
+def test_patched_model_can_be_deep_copied_and_saved(tmp_path):
+    model = emulator("gpt2")
+    patch(model)
+    clone = copy.deepcopy(model)
+    data = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(clone(**data).loss, model(**data).loss)
+    model.save_pretrained(tmp_path / "m")
+    names = json.loads((tmp_path / "m" / "config.json").read_text())["model_type"]
+    assert names == "gpt2"
+
+
+# ---------------------------------------------------------------- attention
+
+def test_bloom_attention_through_sdpa_matches_eager_with_padding():
+    model = tiny_model("bloom", n_layers=2)
+    ids = batch()["input_ids"]
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding: ALiBi positions shift, the mask hides the pads
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+        fast = attention.use_fast_attention(model)
+        got = model(input_ids=ids, attention_mask=mask).logits
+    assert fast.chosen == "sdpa(alibi)" and len(fast.patched_modules) == 2
+    torch.testing.assert_close(got[mask.bool()], ref[mask.bool()], rtol=1e-5, atol=1e-5)
+    fast.undo()
+    assert model.config._attn_implementation == "eager"
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def _reference_flash(q, k, v, dropout_p, softmax_scale, causal, alibi_slopes):
+    """Stand-in with flash-attn's documented semantics: [B, S, H, D], bias -slope*|i-j|, causal."""
+    assert causal and dropout_p == 0.0
+    pos = torch.arange(q.shape[1])
+    bias = -alibi_slopes[:, None, None] * (pos[:, None] - pos[None, :]).abs().float()
+    bias = bias.masked_fill(pos[None, :] > pos[:, None], float("-inf"))
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * softmax_scale + bias
+    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.float()).to(q.dtype)
+
+
+def test_bloom_flash_path_converts_layout_and_alibi(monkeypatch):
+    """flash-attn is not installed here: a stand-in with its semantics checks our call (layout, slopes,
+    scale, causal); the padding hook must route padded batches to SDPA."""
+    calls = []
+
+    def fake(*args, **kwargs):
+        calls.append(1)
+        return _reference_flash(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "_flash_func", fake)
+    monkeypatch.setattr(attention, "flash_can_run", lambda q: True)
+    model = tiny_model("bloom", n_layers=2)
+    ids = batch()["input_ids"]
+    full = torch.ones_like(ids)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=full).logits
+        fast = attention.use_fast_attention(model)
+        got = model(input_ids=ids, attention_mask=full).logits
+        assert len(calls) == 2
+        padded = full.clone()
+        padded[0, :3] = 0
+        model(input_ids=ids, attention_mask=padded)
+        assert len(calls) == 2, "a padded batch must not take the flash path"
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    fast.undo()
+
+
+def test_attention_choice_for_models_with_hf_support():
+    model = tiny_model("opt", n_layers=2)
+    model.set_attn_implementation("eager")
+    fast = attention.use_fast_attention(model)
+    assert fast.chosen == "sdpa" and model.config._attn_implementation == "sdpa"
+    fast.undo()
+    assert model.config._attn_implementation == "eager"
+
+
+# ---------------------------------------------------------------- --kernels auto|on|off
+
+def test_kernels_enabled_choices():
+    assert kernels_enabled("off") is False
+    assert kernels_enabled("auto") is torch.cuda.is_available()
+    assert kernels_enabled("on") is True  # the interpreter is active in tests
+    with pytest.raises(OffsiteError, match="auto, on or off"):
+        kernels_enabled("sometimes")
+
+
+def test_without_gpu_or_interpreter_the_reference_path_runs():
+    code = (
+        "import torch\n"
+        "from offsite_ds.errors import OffsiteError\n"
+        "from offsite_ds.kernels import kernels_enabled, linear_cross_entropy, reference_linear_cross_entropy\n"
+        "from offsite_ds.kernels.runtime import INTERPRETING, choose_backend\n"
+        "assert not INTERPRETING and choose_backend('auto', torch.zeros(1)) == 'reference'\n"
+        "h, w, y = torch.randn(5, 8), torch.randn(30, 8), torch.randint(0, 30, (5,))\n"
+        "assert torch.equal(linear_cross_entropy(h, w, y), reference_linear_cross_entropy(h, w, y))\n"
+        "assert kernels_enabled('auto') is False\n"
+        "try:\n"
+        "    kernels_enabled('on')\n"
+        "except OffsiteError as exc:\n"
+        "    print('refused:', exc)\n"
+        "else:\n"
+        "    raise SystemExit('--kernels on must refuse without CUDA or the interpreter')\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    if torch.cuda.is_available():
+        pytest.fail("this test describes a CPU-only machine; on a GPU machine the kernels path is the default")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "refused: --kernels on" in result.stdout and "no CUDA GPU" in result.stdout
+
+
+# ---------------------------------------------------------------- convergence: 20 steps patched vs unpatched
+
+def train_losses(family: str, kernels: bool, steps: int = 20, mode: str = "full") -> list[float]:
+    torch.manual_seed(0)
+    model = emulator(family, mode=mode)
+    model.train()
+    if kernels:
+        patch(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
+    losses = []
+    for step in range(steps):
+        data = batch(seq_len=24, rows=2, offset=(step * 7) % 120)
+        opt.zero_grad(set_to_none=True)
+        loss = model(**data).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach().item())
+    return losses
+
+
+@pytest.mark.parametrize("family,mode", [("opt", "full"), ("bloom", "full"), ("opt", "lora")])
+def test_mini_model_convergence_patched_matches_unpatched(family, mode):
+    eager = train_losses(family, kernels=False, mode=mode)
+    fused = train_losses(family, kernels=True, mode=mode)
+    # frozen random head and final norm: a tiny emulator cannot go far, but it must move
+    assert eager[-1] < eager[0] - 0.1, f"the tiny emulator must learn: {eager[0]:.3f} -> {eager[-1]:.3f}"
+    for step, (a, b) in enumerate(zip(eager, fused)):
+        assert abs(a - b) <= 1e-3 * max(1.0, abs(a)), f"step {step}: eager {a:.6f} vs patched {b:.6f}"
