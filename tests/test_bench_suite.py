@@ -193,3 +193,19 @@ def test_script_is_the_same_command(capsys):
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--help"])
     assert exit_info.value.code == 0 and "--settings" in capsys.readouterr().out
+
+
+def test_target_check_says_by_how_much():
+    from offsite_ds.bench.report import target_check
+
+    group = [{"setting": "ft", "status": "ok", "tokens_per_s": 1000.0, "peak_allocated_mb": 30000.0, "mfu": 0.2},
+             {"setting": "ot-lora", "status": "ok", "tokens_per_s": 7000.0, "peak_allocated_mb": 5000.0,
+              "mfu": 0.40, "layout": "2-8-2"},
+             {"setting": "ot-lora-kernels", "status": "ok", "tokens_per_s": 9000.0, "peak_allocated_mb": 3000.0,
+              "mfu": 0.44, "layout": "2-8-2"}]
+    line = target_check("opt-1.3b", group, "cuda")
+    assert "speedup 9.00x (missed by 1.00x, 90% of the target)" in line
+    assert "memory reduction 10.00x (met)" in line
+    assert "MFU 44.0% (missed by 1.0 points)" in line
+    assert "not assessed (CPU run)" in target_check("opt-1.3b", group, "cpu")
+    assert target_check("gpt2-xl", group, "cuda") is None

@@ -27,6 +27,9 @@ PAPER_TABLE6 = {
                                              "OT": (4905, 8966), "OT+LoRA": (6257, 7155)}},
 }
 PAPER_SETTING = "Offsite-Tuning Table 6: one NVIDIA A6000, batch 1, block 512"
+# issue 5's target, measured in one run on one GPU
+TARGET = {"model": "opt-1.3b", "layout": "2-8-2", "setting": "ot-lora-kernels", "speedup": 10.0,
+          "memory_reduction": 8.0, "emulator_mfu": 0.45}
 METHOD = {
     "tokens_per_s": "steady state: batch x seq_len tokens per optimizer step over the measured steps after "
                     "the warm-up steps, each step timed between CUDA synchronisations, through the toolkit's "
@@ -145,6 +148,38 @@ def paper_ratios(model: str, paper_row: str | None) -> dict[str, float] | None:
     return {"speedup": tput / ft_tput, "memory_reduction": ft_mem / mem, "tokens_per_s": tput, "memory_mb": mem}
 
 
+def target_check(model: str, group: list[dict], device_type: str) -> str | None:
+    """One line on issue 5's target (OT+LoRA+kernels vs FT on OPT-1.3B 2-8-2), with the gap when missed."""
+    if model != TARGET["model"]:
+        return None
+    head = (f"Target: {TARGET['setting']} >= {TARGET['speedup']:.0f}x FT tokens/s, "
+            f">= {TARGET['memory_reduction']:.0f}x less peak memory, "
+            f"emulator-loop MFU >= {100 * TARGET['emulator_mfu']:.0f}%")
+    if device_type != "cuda":
+        return head + ": not assessed (CPU run)."
+    rel = ratios(group)
+    run = next((r for r in group if r["setting"] == TARGET["setting"]), None)
+    if run is None or run["status"] != "ok" or rel[run["setting"]]["speedup"] is None:
+        return head + ": not assessed (the kernels setting or FT did not run in this group)."
+    if run.get("layout") != TARGET["layout"]:
+        return head + f": not assessed (layout {run.get('layout')}, the target is {TARGET['layout']})."
+    parts = []
+    for key in ("speedup", "memory_reduction"):
+        got, want = rel[run["setting"]][key], TARGET[key]
+        if got is None:
+            parts.append(f"{key.replace('_', ' ')}: no figure")
+            continue
+        verdict = "met" if got >= want else f"missed by {want - got:.2f}x, {100 * got / want:.0f}% of the target"
+        parts.append(f"{key.replace('_', ' ')} {got:.2f}x ({verdict})")
+    mfus = [r["mfu"] for r in group if r["status"] == "ok" and r["setting"].startswith("ot") and r.get("mfu")]
+    if mfus:
+        best = max(mfus)
+        parts.append(f"best emulator-loop MFU {100 * best:.1f}% ("
+                     + ("met" if best >= TARGET["emulator_mfu"] else
+                        f"missed by {100 * (TARGET['emulator_mfu'] - best):.1f} points") + ")")
+    return head + ": " + "; ".join(parts) + "."
+
+
 def _x(value, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}x"
 
@@ -200,6 +235,9 @@ def markdown(results: dict) -> str:
                 f"{_x(rel[r['setting']]['memory_reduction'])} | {_num(r.get('peak_reserved_mb'))} | "
                 f"{_params(r.get('trainable_params'))} | {_params(r.get('resident_params'))} | {mfu} | "
                 f"{_x(paper and paper['speedup'])} | {_x(paper and paper['memory_reduction'])} |")
+        check = target_check(model.removesuffix(" (tiny)"), group, dev["type"])
+        if check:
+            lines += ["", check]
         lines.append("")
     return "\n".join(lines)
 
@@ -249,7 +287,7 @@ def plot_png(results: dict, path: Path) -> None:
         ax_r.invert_yaxis()
         ax_r.axvline(1.0, color="grey", lw=0.8)
         ax_r.set_title("vs FT: this run, and paper Table 6")
-        ax_r.legend(fontsize=7, loc="lower right")
+        ax_r.legend(fontsize=7, loc="best")
     title = f"offsite-ds bench on {results['device']['name']} ({results['date']})"
     if results["spec"].get("smoke"):
         title += " - CPU smoke run, tiny shapes: not comparable to the paper"

@@ -201,7 +201,7 @@ def measure(case: dict) -> dict:
         from offsite_ds.zero3 import model_dtype
 
         cfg.deepspeed, keep_alive = _zero3_offload(case, cfg, shape.config)
-        build_on, dtype = torch.device("cpu"), model_dtype(cfg.deepspeed)  # zero.Init places the shards
+        build_on, dtype = None, model_dtype(cfg.deepspeed)  # zero.Init places the shards itself
     _cuda_reset(device)
     prepared = prepare(setting, shape.config, case.get("layout"), build_on, dtype,
                        {"r": case["lora_r"], "alpha": case["lora_alpha"]}, seed=case["seed"])
@@ -377,7 +377,8 @@ class Suite:
         runner = run_case_isolated if self.isolate else run_case_inline
         return runner(case)
 
-    def _measure_one(self, shape: ModelShape, case: dict) -> dict:
+    def _measure_one(self, shape: ModelShape, case: dict, retry_offloaded: bool = True) -> dict:
+        """One case; FT goes to ZeRO-3 offload when it cannot fit (by estimate, or by running out of memory)."""
         outcome: dict
         if case["setting"] == "ft":
             needed, why = ft_needs_offload(shape, self.spec, self.device)
@@ -390,7 +391,8 @@ class Suite:
                 outcome.setdefault("offload_reason", why)
                 return outcome
         outcome = self.run_case(case)
-        if (case["setting"] == "ft" and outcome["status"] == "oom" and self.spec.ft_offload == "auto"
+        if (retry_offloaded and case["setting"] == "ft" and outcome["status"] == "oom"
+                and self.spec.ft_offload == "auto"
                 and self.device.type == "cuda" and not offload_unavailable(self.spec.ds_config)):
             self.log(f"  FT ran out of memory at batch {case['batch_size']}; retrying with ZeRO-3 CPU offload")
             retry = self.run_case({**case, "offload": True})
@@ -403,7 +405,9 @@ class Suite:
         best, tried, first_oom = None, [], None
         batch = 1
         while batch <= self.spec.max_batch:
-            outcome = self._measure_one(shape, {**case, "batch_size": batch})
+            # FT that runs out of memory at a larger batch has found its largest batch; only when not
+            # even batch 1 fits does it fall back to offload
+            outcome = self._measure_one(shape, {**case, "batch_size": batch}, retry_offloaded=batch == 1)
             tried.append(batch)
             if outcome["status"] != "ok":
                 if outcome["status"] == "oom":

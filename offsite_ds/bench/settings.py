@@ -12,6 +12,7 @@ device and checked tensor by tensor against that selection. The weights are rand
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -73,12 +74,15 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
                if p.requires_grad or not trainable_only)
 
 
-def build_random(config: PretrainedConfig, device: torch.device | str, dtype: torch.dtype, seed: int) -> nn.Module:
-    """A randomly initialised model of `config`, created directly on `device` (no CPU copy first)."""
+def build_random(config: PretrainedConfig, device: torch.device | str | None, dtype: torch.dtype,
+                 seed: int) -> nn.Module:
+    """A randomly initialised model of `config`, created directly on `device` (no CPU copy first).
+
+    `device=None` leaves placement to whoever is in charge (DeepSpeed's zero.Init under ZeRO-3).
+    """
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype)
-    return model
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        return AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype)
 
 
 def meta_model(config: PretrainedConfig) -> nn.Module:
@@ -113,19 +117,35 @@ def load_kernel_patch():
     return patch
 
 
-def _json_safe(value) -> dict | None:
+def kernel_report(handle) -> dict:
+    """What the kernel patch did, in JSON: its summary line, kernels by count, what it left alone and why."""
     import json
 
-    if value is None:
-        return None
-    try:
-        json.dumps(value)
-        return value if isinstance(value, dict) else {"result": value}
-    except (TypeError, ValueError):
-        return {"result": repr(value)[:300]}
+    out: dict = {"patched": True}
+    summary = getattr(handle, "summary", None)
+    if callable(summary):
+        out["summary"] = str(summary())
+    swapped = getattr(handle, "swapped", None)
+    if isinstance(swapped, dict):
+        counts: dict[str, int] = {}
+        for kernel in swapped.values():
+            counts[str(kernel)] = counts.get(str(kernel), 0) + 1
+        out["swapped"] = counts
+    skipped = getattr(handle, "skipped", None)
+    if isinstance(skipped, dict):
+        out["left_unpatched"] = {str(k): str(v) for k, v in skipped.items()}
+    attention = getattr(handle, "attention", None)
+    if attention is not None:
+        out["attention"] = str(attention)
+    if len(out) == 1 and handle is not None:
+        try:
+            out["result"] = json.loads(json.dumps(handle))
+        except (TypeError, ValueError):
+            out["result"] = repr(handle)[:300]
+    return out
 
 
-def prepare(setting: Setting, config: PretrainedConfig, layout: str | None, device: torch.device | str,
+def prepare(setting: Setting, config: PretrainedConfig, layout: str | None, device: torch.device | str | None,
             dtype: torch.dtype, lora: dict | None = None, seed: int = 0) -> Prepared:
     """Build the model for `setting` and freeze what the setting freezes (the toolkit's `apply_mode`)."""
     from offsite_ds.families import depth_of
@@ -151,7 +171,7 @@ def prepare(setting: Setting, config: PretrainedConfig, layout: str | None, devi
     kernels = None
     if patch is not None:
         try:
-            kernels = {"patched": True, "report": _json_safe(patch(model))}
+            kernels = kernel_report(patch(model))
         except OffsiteError as exc:  # e.g. the kernels refuse this device: the setting cannot run here
             raise SettingSkipped(f"offsite_ds.kernels.patch refused: {exc}")
     return Prepared(model, base_params, count_params(model), count_params(model, trainable_only=True),
