@@ -275,7 +275,10 @@ def run_case_inline(case: dict) -> dict:
             traceback.print_exc()
             outcome = {"status": "error", "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
     # the exception (and the frames holding the model) is gone here, so the memory can really be freed
-    _cuda_reset(device)
+    try:
+        _cuda_reset(device)
+    except RuntimeError as exc:  # a sticky CUDA error: this process's device is unusable from here on
+        outcome.setdefault("after", f"device reset failed: {str(exc).splitlines()[0][:200]}")
     return outcome
 
 
