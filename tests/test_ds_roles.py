@@ -1,0 +1,123 @@
+"""The owner's roles in one process: the distillation plumbing per family, LoRA merging, refusals, the CLI."""
+import json
+
+import pytest
+import torch
+
+from offsite_ds.bundle import load_bundle
+from offsite_ds.emulator import make_bundle
+from offsite_ds.errors import ArtifactError, OffsiteError
+from offsite_ds.roles.distill import build_distill_model, kd_loss
+from offsite_ds.roles.finetune_full import lora_layers, merge_lora_state
+from offsite_ds.tiny import save_tiny_model, tiny_model
+
+
+def test_kd_loss_is_mse_over_teacher_mean_square():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    expected = torch.nn.functional.mse_loss(s, t) / t.pow(2).mean()
+    assert torch.allclose(kd_loss(s, t), expected)
+    assert kd_loss(t, t) == 0
+    assert torch.allclose(kd_loss(7 * s, 7 * t), kd_loss(s, t))  # scale-free across models
+    mask = torch.ones(2, 5)
+    mask[:, -2:] = 0
+    assert torch.allclose(kd_loss(s, t, mask), kd_loss(s[:, :3], t[:, :3]))
+
+
+@pytest.mark.parametrize("family", ["opt", "bloom", "gpt2", "llama"])
+def test_teacher_sees_the_students_input_with_its_arguments(family, tiny_model_dir, tmp_path):
+    """Keeping the whole middle makes the student a copy of the teacher: KD must be exactly 0 and the LM
+    loss the full model's own - which holds only if the teacher got the same hidden states, mask,
+    positions (rotary, ALiBi) the model passed its blocks."""
+    model_dir = tiny_model_dir(family)
+    bundle = make_bundle(model_dir, "2-4-2", tmp_path / "bundle")
+    model = build_distill_model(model_dir, bundle, load_bundle(bundle).manifest, None, 30.0, 1.0)
+    ids = torch.randint(0, 256, (2, 16))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding: the mask must reach the teacher too
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, labels=ids)
+        from transformers import AutoModelForCausalLM
+
+        full = AutoModelForCausalLM.from_pretrained(model_dir)
+        reference = full(input_ids=ids, attention_mask=mask, labels=ids).loss
+    assert float(out["kd_loss"]) == 0.0
+    assert torch.allclose(out["lm_loss"], reference, atol=1e-6)
+    assert len(model.teacher) == 4 and len(model.student) == 4
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".2." in n or ".3." in n or ".4." in n or ".5." in n for n in trainable)
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+
+
+def test_layer_drop_student_differs_from_teacher(tiny_model_dir, tmp_path):
+    model_dir = tiny_model_dir("opt")
+    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "bundle")
+    model = build_distill_model(model_dir, bundle, load_bundle(bundle).manifest, None, 30.0, 1.0)
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    assert float(out["kd_loss"]) > 0
+    assert torch.allclose(out["loss"], out["lm_loss"] + 30.0 * out["kd_loss"])
+
+
+def test_a_bundle_from_another_model_is_refused(tiny_model_dir, tmp_path):
+    other = save_tiny_model("opt", tmp_path / "other", n_layers=8, seed=1)
+    bundle = make_bundle(other, "2-2-2", tmp_path / "bundle")
+    with pytest.raises(ArtifactError, match="differs from the full model"):
+        build_distill_model(tiny_model_dir("opt"), bundle, load_bundle(bundle).manifest, None, 30.0, 1.0)
+    deeper = save_tiny_model("opt", tmp_path / "deeper", n_layers=10)
+    with pytest.raises(ArtifactError, match="8-block opt model"):
+        build_distill_model(deeper, bundle, load_bundle(bundle).manifest, None, 30.0, 1.0)
+
+
+@pytest.mark.parametrize("family", ["opt", "gpt2"])  # gpt2: Conv1D, fan_in_fan_out
+def test_merging_lora_in_the_state_dict_matches_the_lora_model(family):
+    from offsite_ds.peft_modes import apply_mode
+
+    model = tiny_model(family, n_layers=3)
+    base = tiny_model(family, n_layers=3)
+    apply_mode(model, [0, 1, 2], "lora", {"r": 2})
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)  # B starts at zero; make the update visible
+    merged = merge_lora_state({k: v.clone() for k, v in model.state_dict().items()}, lora_layers(model))
+    assert set(merged) == set(base.state_dict())
+    base.load_state_dict(merged)
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(base(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+        assert not torch.allclose(base(input_ids=ids).logits, tiny_model(family, n_layers=3)(input_ids=ids).logits)
+
+
+def test_cli_distill_one_process_with_eval(tiny_model_dir, corpus_file, tmp_path, capsys):
+    from offsite_ds.cli import main
+
+    bundle = make_bundle(tiny_model_dir("bloom"), "2-2-2", tmp_path / "bundle")
+    rc = main(["distill", str(tiny_model_dir("bloom")), "--bundle", str(bundle), "--data", str(corpus_file),
+               "--eval-data", str(corpus_file), "--max-eval-blocks", "4", "--eval-every", "3", "--out",
+               str(tmp_path / "distilled"), "--steps", "6", "--seq-len", "32", "--batch-size", "2", "--warmup", "0",
+               "--lr", "1e-3", "--no-progress", "--summary-json", str(tmp_path / "summary.json")])
+    assert rc == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["best_eval_loss"] is not None
+    distilled = load_bundle(tmp_path / "distilled")
+    record = distilled.manifest["compression"]["distillation"]
+    assert distilled.manifest["compression"]["distilled"] is True
+    assert record["steps"] == 6 and record["tokens"] == 6 * 2 * 32 and record["final_kd_loss"] > 0
+    assert record["eval"]["eval_kd_loss"] > 0 and record["data_fingerprint"]
+    assert "distilled emulator bundle" in capsys.readouterr().out
+
+
+def test_cli_refuses_bad_weights(tiny_model_dir, corpus_file, tmp_path, capsys):
+    from offsite_ds.cli import main
+
+    bundle = make_bundle(tiny_model_dir("opt"), "2-2-2", tmp_path / "bundle")
+    rc = main(["distill", str(tiny_model_dir("opt")), "--bundle", str(bundle), "--data", str(corpus_file),
+               "--out", str(tmp_path / "d"), "--kd-weight", "0", "--lm-weight", "0"])
+    assert rc == 2 and "must be >= 0, not both 0" in capsys.readouterr().err
+    with pytest.raises(OffsiteError, match="no config.json"):
+        from offsite_ds.roles.finetune_full import finetune
+
+        finetune(tmp_path, corpus_file, tmp_path / "ft")
