@@ -16,7 +16,6 @@ OOM; an implementation that is not installed is recorded as skipped with the rea
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from offsite_ds.errors import DataError
-from offsite_ds.kernels.runtime import INTERPRETING, autocast_off, choose_backend, compute_dtype, next_power_of_2, tl, triton
+from offsite_ds.kernels.runtime import (INTERPRETING, autocast_off, choose_backend, compute_dtype, next_power_of_2,
+                                        tl, triton)
 
 REDUCTIONS = ("mean", "sum")
 DEFAULT_CHUNK_BYTES = 128 * 2**20  # one token chunk's logits buffer; ~256 tokens at V=250,880 in bf16

@@ -69,10 +69,6 @@ def autocast_off(x: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def triton_dtype_is_low(dtype: torch.dtype) -> bool:
-    return dtype in (torch.float16, torch.bfloat16)
-
-
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 matmuls stay IEEE (torch's default); half types use tensor cores with fp32 accumulation."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -90,4 +86,4 @@ def sm_count(device: torch.device) -> int:
 
 
 __all__ = ["BACKENDS", "INTERPRETING", "autocast_off", "choose_backend", "compute_dtype", "dot_precision",
-           "interpreting", "next_power_of_2", "sm_count", "tl", "triton", "triton_dtype_is_low", "triton_runs_on"]
+           "interpreting", "next_power_of_2", "sm_count", "tl", "triton", "triton_runs_on"]

@@ -45,7 +45,8 @@ def _model_device(model: nn.Module) -> torch.device:
 def choose_attention(model: nn.Module) -> str:
     """The implementation HF should use for `model`: flash_attention_2, sdpa, or what it has now."""
     current = getattr(model.config, "_attn_implementation", None) or "eager"
-    if flash_attn_func() is not None and _model_device(model).type == "cuda" and getattr(model, "_supports_flash_attn", False):
+    on_cuda = _model_device(model).type == "cuda"
+    if flash_attn_func() is not None and on_cuda and getattr(model, "_supports_flash_attn", False):
         return "flash_attention_2"
     if getattr(model, "_supports_sdpa", False):
         return "sdpa"

@@ -297,3 +297,25 @@ def test_mini_model_convergence_patched_matches_unpatched(family, mode):
     assert eager[-1] < eager[0] - 0.1, f"the tiny emulator must learn: {eager[0]:.3f} -> {eager[-1]:.3f}"
     for step, (a, b) in enumerate(zip(eager, fused)):
         assert abs(a - b) <= 1e-3 * max(1.0, abs(a)), f"step {step}: eager {a:.6f} vs patched {b:.6f}"
+
+
+# ---------------------------------------------------------------- through the data owner's `tune`
+
+@pytest.mark.parametrize("family,mode", [("opt", "lora"), ("bloom", "full")])
+def test_tune_with_kernels_on_matches_kernels_off(family, mode, tiny_model_dir, corpus_file, tmp_path):
+    """`tune --kernels on` (the Triton kernels, here interpreted) follows `--kernels off` step by step."""
+    from offsite_ds.emulator import make_bundle
+    from offsite_ds.roles.tune_adapter import tune
+    from offsite_ds.train import TrainConfig
+
+    bundle = make_bundle(tiny_model_dir(family), "2-2-2", tmp_path / "bundle")
+    history = {}
+    for kernels in ("off", "on"):
+        torch.manual_seed(0)  # LoRA's initialisation draws from the global generator
+        cfg = TrainConfig(steps=4, lr=3e-3, batch_size=2, seed=0, log_every=1)
+        summary = tune(bundle, corpus_file, tmp_path / f"out-{kernels}", mode=mode, cfg=cfg, seq_len=32,
+                       kernels=kernels)
+        history[kernels] = [h["loss"] for h in summary["loss_history"]]
+    assert len(history["on"]) == 4
+    for step, (a, b) in enumerate(zip(history["off"], history["on"])):
+        assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), f"step {step}: off {a:.6f} vs on {b:.6f}"
