@@ -101,6 +101,7 @@ def tune(bundle_dir: str | Path, data: str | Path, out_dir: str | Path, mode: st
     if eval_data is not None:
         eval_blocks, _ = load_blocks(eval_data, bundle.tokenizer, seq_len, text_field)
         eval_ids = eval_blocks.reshape(-1)[:max_eval_tokens] if max_eval_tokens else eval_blocks.reshape(-1)
+    torch.manual_seed(cfg.seed)  # LoRA / bottleneck initialisation is part of the run: seed it too
     role = TuneAdapter(bundle, out_dir, mode, settings, eval_ids, seq_len, data_fingerprint=fingerprint)
     if _kernels_wanted(kernels):
         from offsite_ds.kernels import patch
