@@ -19,7 +19,7 @@ import torch
 from offsite_ds.atomic import write_json, write_text
 from offsite_ds.bundle import BUNDLE_FORMAT, AdapterPackage, load_adapter_package, load_bundle, read_manifest
 from offsite_ds.errors import ArtifactError, OffsiteError
-from offsite_ds.lm_eval_bridge import load_tasks, parse_task_list, place_model, run_tasks
+from offsite_ds.lm_eval_bridge import load_tasks, place_model, run_tasks
 
 ROWS = ("Full zero-shot", "Emulator zero-shot", "FT", "OT Emulator", "OT Plug-in")
 ROW_FILES = {row: row.lower().replace(" ", "_").replace("-", "_") + ".json" for row in ROWS}
@@ -128,7 +128,7 @@ def eval_table(model_dir: str | Path, bundle_dir: str | Path, adapter_dir: str |
     if not options.tasks and options.ppl_data is None:
         raise OffsiteError("nothing to evaluate: pass --tasks NAME[,NAME...] and/or --ppl-data FILE")
     bundle_manifest, package = _precheck(bundle_dir, adapter_dir)
-    tasks = load_tasks(parse_task_list(options.tasks), options.include_path) if options.tasks else None
+    tasks = load_tasks(options.tasks, options.include_path) if options.tasks else None
     texts = load_texts(options.ppl_data, options.text_field) if options.ppl_data is not None else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -180,12 +180,14 @@ def build_table(rows: dict[str, dict], title: str, options: EvalOptions | None =
         return data.get("perplexity") if key == PPL_COLUMN else data.get("tasks", {}).get(key, {}).get("value")
 
     grid = {r: {c["key"]: value(r, c["key"]) for c in columns} for r in ordered}
+    stderr = {r: {c["key"]: rows[r].get("tasks", {}).get(c["key"], {}).get("stderr", {}).get(c["metric"])
+                  for c in columns} for r in ordered}
     gaps = {}
     for gap, (a, b) in ((PRIVACY_GAP, ("OT Plug-in", "OT Emulator")), (TUNING_GAIN, ("OT Plug-in", "Full zero-shot"))):
         if a in grid and b in grid:
             gaps[gap] = {c["key"]: None if grid[a][c["key"]] is None or grid[b][c["key"]] is None
                          else grid[a][c["key"]] - grid[b][c["key"]] for c in columns}
-    return {"title": title, "columns": columns, "rows": grid, "gaps": gaps,
+    return {"title": title, "columns": columns, "rows": grid, "stderr": stderr, "gaps": gaps,
             "options": asdict(options) if options else None}
 
 
@@ -221,6 +223,12 @@ def format_table(table: dict) -> str:
         n = f", {c['n_samples']} of {c['n_docs']} examples" if c.get("n_samples") is not None else ""
         measured.append(f"{c['label']}: {c['metric']}{n}")
     lines.append("Metrics: " + "; ".join(measured) + ". pp = percentage points; (↓) lower is better.")
+    spread = [(e, c) for r in table.get("stderr", {}).values() for c in columns
+              if c["percent"] and isinstance(e := r.get(c["key"]), (int, float))]
+    if spread:
+        worst = max(e for e, _ in spread)
+        lines.append(f"Standard error of an accuracy above (lm-eval): up to ±{100 * worst:.1f} pp; "
+                     "gaps smaller than about twice that are noise.")
     rows = table["rows"]
     for claim, (a, b) in (("plug-in beats the tuned emulator (privacy)", ("OT Plug-in", "OT Emulator")),
                           ("plug-in beats full zero-shot (tuning helps)", ("OT Plug-in", "Full zero-shot"))):

@@ -58,6 +58,8 @@ def test_five_row_table_from_the_cli(round_trip, tmp_path):
     assert "2-2-2 Layer-drop" in lines[2]
     for row in ROWS + (PRIVACY_GAP, TUNING_GAIN):
         assert any(line.startswith(f"| {row} |") or line.startswith(f"| *{row}* |") for line in lines), row
+    worst = max(e for r in table["stderr"].values() for k, e in r.items() if k == "mmlu_demo")
+    assert f"up to ±{100 * worst:.1f} pp" in markdown
     full_zs = next(line for line in lines if line.startswith("| Full zero-shot |"))
     assert f"{100 * grid['Full zero-shot']['mmlu_demo']:.1f}%" in full_zs
 
