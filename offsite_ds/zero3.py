@@ -105,6 +105,15 @@ def load_causal_lm(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     return model
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Recompute block activations in backward (non-reentrant: works with frozen inputs and ZeRO-3)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 # ----------------------------------------------------------------------------------------- gathering
 
 def is_partitioned(tensor: torch.Tensor) -> bool:

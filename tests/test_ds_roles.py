@@ -121,3 +121,18 @@ def test_cli_refuses_bad_weights(tiny_model_dir, corpus_file, tmp_path, capsys):
         from offsite_ds.roles.finetune_full import finetune
 
         finetune(tmp_path, corpus_file, tmp_path / "ft")
+
+
+def test_activation_checkpointing_changes_nothing_but_memory(tiny_model_dir, tmp_path):
+    """The student's hooks fire again during recomputation; the gradients must not notice."""
+    model_dir = tiny_model_dir("llama")
+    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "bundle")
+    manifest = load_bundle(bundle).manifest
+    ids = torch.randint(0, 256, (2, 16))
+    grads = []
+    for checkpointing in (False, True):
+        model = build_distill_model(model_dir, bundle, manifest, None, 30.0, 1.0, gradient_checkpointing=checkpointing)
+        model.train()
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)["loss"].backward()
+        grads.append([p.grad.clone() for p in model.student.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))

@@ -23,8 +23,8 @@ from offsite_ds.errors import ArtifactError, OffsiteError
 from offsite_ds.families import block_prefix, family_of, get_path
 from offsite_ds.roles.base import Role
 from offsite_ds.train import TrainConfig, dist_rank, train
-from offsite_ds.zero3 import (activate_zero3, gathered_state_dict, init_distributed, load_causal_lm, model_dtype,
-                              tensors_equal)
+from offsite_ds.zero3 import (activate_zero3, enable_activation_checkpointing, gathered_state_dict, init_distributed,
+                              load_causal_lm, model_dtype, tensors_equal)
 
 DEFAULT_KD_WEIGHT = 30.0
 DEFAULT_LM_WEIGHT = 1.0
@@ -240,7 +240,7 @@ def build_distill_model(model_dir: str | Path, bundle_dir: str | Path, manifest:
     for p in student.parameters():
         p.requires_grad_(True)
     if gradient_checkpointing:
-        emulator.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(emulator)
     return DistillModel(emulator, teacher, bottom, kept, kd_weight, lm_weight)
 
 

@@ -21,7 +21,8 @@ from offsite_ds.families import blocks_of, family_of
 from offsite_ds.peft_modes import LORA_ADAPTER_NAME, apply_mode
 from offsite_ds.roles.base import Role
 from offsite_ds.train import TrainConfig, dist_rank, train
-from offsite_ds.zero3 import activate_zero3, gathered_state_dict, init_distributed, load_causal_lm, model_dtype
+from offsite_ds.zero3 import (activate_zero3, enable_activation_checkpointing, gathered_state_dict, init_distributed,
+                              load_causal_lm, model_dtype)
 
 FINETUNED_FORMAT = "offsite-ds.finetuned-model"
 FINETUNED_MANIFEST = "offsite.json"
@@ -129,7 +130,7 @@ def finetune(model_dir: str | Path, data: str | Path, out_dir: str | Path, lora:
         for p in model.parameters():
             p.requires_grad_(True)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     record = {"family": family_of(model).name, "base_model": str(model_dir), "data_fingerprint": fingerprint,
               "world_size": world, "seq_len": seq_len}
     role = FinetuneFull(model, tokenizer, out_dir, "lora" if lora else "full", settings, record, eval_ids, seq_len)
