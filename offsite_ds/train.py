@@ -63,6 +63,11 @@ class TrainConfig:
         return max(1, math.ceil(self.epochs * micro_batches_per_epoch / self.grad_accum))
 
 
+def checkpoint_dir_beside(out_dir: str | Path) -> str:
+    """Default checkpoint folder: OUT.checkpoints next to the artifact, so the artifact holds only itself."""
+    return str(Path(out_dir).with_name(Path(out_dir).name + ".checkpoints"))
+
+
 def cosine_with_warmup(total: int, warmup: int, min_ratio: float = 0.0):
     """LR multiplier: linear warm-up, then cosine decay to `min_ratio` at `total`."""
     def factor(step: int) -> float:

@@ -18,13 +18,13 @@ import torch
 import torch.nn as nn
 
 from offsite_ds.bundle import check_bundle, save_bundle
-from offsite_ds.data import BlockLoader, check_seq_len, load_blocks
+from offsite_ds.data import load_blocks
 from offsite_ds.errors import ArtifactError, OffsiteError
 from offsite_ds.families import block_prefix, family_of, get_path
 from offsite_ds.roles.base import Role
-from offsite_ds.train import TrainConfig, dist_rank, train
-from offsite_ds.zero3 import (activate_zero3, enable_activation_checkpointing, gathered_state_dict, init_distributed,
-                              load_causal_lm, model_dtype, tensors_equal)
+from offsite_ds.roles.owner_run import prepare_owner_run
+from offsite_ds.train import TrainConfig, checkpoint_dir_beside, dist_rank, train
+from offsite_ds.zero3 import (enable_activation_checkpointing, gathered_state_dict, load_causal_lm, model_dtype, tensors_equal)
 
 DEFAULT_KD_WEIGHT = 30.0
 DEFAULT_LM_WEIGHT = 1.0
@@ -250,32 +250,16 @@ def distill(model_dir: str | Path, bundle_dir: str | Path, data: str | Path, out
             max_train_blocks: int | None = None, max_eval_blocks: int | None = None,
             gradient_checkpointing: bool = False) -> dict:
     """Owner's `distill`: full model + layer-drop bundle + corpus -> a distilled EmulatorBundle at out_dir."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from offsite_ds.ds_config import build_ds_config
-
     cfg = cfg or TrainConfig()
     if kd_weight < 0 or lm_weight < 0 or kd_weight + lm_weight == 0:
         raise OffsiteError(f"--kd-weight {kd_weight} and --lm-weight {lm_weight} must be >= 0, not both 0")
     manifest = check_bundle(bundle_dir)  # validate the bundle before loading anything large
-    if not (Path(model_dir) / "config.json").is_file():
-        raise OffsiteError(f"{model_dir} is not a Hugging Face model directory (no config.json); pass the full model")
-    tokenizer = AutoTokenizer.from_pretrained(bundle_dir, local_files_only=True, trust_remote_code=False)
-    model_config = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
-    check_seq_len(seq_len, model_config)
-    if cfg.deepspeed:
-        init_distributed()
-    rank, world = dist_rank()
-    blocks, fingerprint = load_blocks(data, tokenizer, seq_len, text_field, max_train_blocks)
-    loader = BlockLoader(blocks, cfg.batch_size, shuffle=True, seed=cfg.seed, rank=rank, world_size=world)
+    run = prepare_owner_run(model_dir, bundle_dir, data, cfg, seq_len, text_field, max_train_blocks)
+    tokenizer, loader, fingerprint, world, keep_alive = (run.tokenizer, run.loader, run.data_fingerprint,
+                                                         run.world, run.keep_alive)
     eval_blocks = None
     if eval_data is not None:
         eval_blocks, _ = load_blocks(eval_data, tokenizer, seq_len, text_field, max_eval_blocks)
-    keep_alive = None
-    if cfg.deepspeed:
-        cfg.deepspeed = build_ds_config(cfg.deepspeed, cfg, model_config=model_config,
-                                        total_steps=cfg.total_steps(len(loader)))
-        keep_alive = activate_zero3(cfg.deepspeed)  # must outlive model building and export
     model = build_distill_model(model_dir, bundle_dir, manifest, cfg.deepspeed or None, kd_weight, lm_weight,
                                 gradient_checkpointing)
     settings = {"kd_weight": kd_weight, "lm_weight": lm_weight, "lr": cfg.lr, "warmup_steps": cfg.warmup_steps,
@@ -283,8 +267,7 @@ def distill(model_dir: str | Path, bundle_dir: str | Path, data: str | Path, out
                 "data_fingerprint": fingerprint,
                 "zero_stage": cfg.deepspeed.get("zero_optimization", {}).get("stage", 0) if cfg.deepspeed else None}
     role = Distill(model, manifest, tokenizer, out_dir, settings, eval_blocks)
-    if cfg.checkpoint_dir is None:
-        cfg.checkpoint_dir = str(Path(out_dir).with_name(Path(out_dir).name + ".checkpoints"))
+    cfg.checkpoint_dir = cfg.checkpoint_dir or checkpoint_dir_beside(out_dir)
     try:
         return train(role, loader, cfg)
     finally:

@@ -14,15 +14,15 @@ import torch
 import torch.nn as nn
 
 from offsite_ds.atomic import atomic_dir, write_json
-from offsite_ds.data import BlockLoader, check_seq_len, load_blocks
+from offsite_ds.data import load_blocks
 from offsite_ds.errors import OffsiteError
 from offsite_ds.evaluate import token_nll
 from offsite_ds.families import blocks_of, family_of
 from offsite_ds.peft_modes import LORA_ADAPTER_NAME, apply_mode
 from offsite_ds.roles.base import Role
-from offsite_ds.train import TrainConfig, dist_rank, train
-from offsite_ds.zero3 import (activate_zero3, enable_activation_checkpointing, gathered_state_dict, init_distributed,
-                              load_causal_lm, model_dtype)
+from offsite_ds.roles.owner_run import prepare_owner_run
+from offsite_ds.train import TrainConfig, checkpoint_dir_beside, dist_rank, train
+from offsite_ds.zero3 import (enable_activation_checkpointing, gathered_state_dict, load_causal_lm, model_dtype)
 
 FINETUNED_FORMAT = "offsite-ds.finetuned-model"
 FINETUNED_MANIFEST = "offsite.json"
@@ -97,30 +97,14 @@ def finetune(model_dir: str | Path, data: str | Path, out_dir: str | Path, lora:
              eval_data: str | Path | None = None, text_field: str = "text", max_train_blocks: int | None = None,
              max_eval_tokens: int | None = None, gradient_checkpointing: bool = False) -> dict:
     """Owner's `finetune`: the full model (sharded under ZeRO-3) trained on a corpus -> plain HF dir at out_dir."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from offsite_ds.ds_config import build_ds_config
-
     cfg = cfg or TrainConfig()
-    if not (Path(model_dir) / "config.json").is_file():
-        raise OffsiteError(f"{model_dir} is not a Hugging Face model directory (no config.json); pass a local model dir")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
-    model_config = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
-    check_seq_len(seq_len, model_config)
-    if cfg.deepspeed:
-        init_distributed()
-    rank, world = dist_rank()
-    blocks, fingerprint = load_blocks(data, tokenizer, seq_len, text_field, max_train_blocks)
-    loader = BlockLoader(blocks, cfg.batch_size, shuffle=True, seed=cfg.seed, rank=rank, world_size=world)
+    run = prepare_owner_run(model_dir, model_dir, data, cfg, seq_len, text_field, max_train_blocks)
+    tokenizer, loader, fingerprint, world, keep_alive = (run.tokenizer, run.loader, run.data_fingerprint,
+                                                         run.world, run.keep_alive)
     eval_ids = None
     if eval_data is not None:
         eval_blocks, _ = load_blocks(eval_data, tokenizer, seq_len, text_field)
         eval_ids = eval_blocks.reshape(-1)[:max_eval_tokens] if max_eval_tokens else eval_blocks.reshape(-1)
-    keep_alive = None
-    if cfg.deepspeed:
-        cfg.deepspeed = build_ds_config(cfg.deepspeed, cfg, model_config=model_config,
-                                        total_steps=cfg.total_steps(len(loader)))
-        keep_alive = activate_zero3(cfg.deepspeed)  # must outlive model building and export
     model = load_causal_lm(model_dir, model_dtype(cfg.deepspeed or None))
     settings: dict = {}
     torch.manual_seed(cfg.seed)  # LoRA's initial A matrices: the same on every run (and rank)
@@ -134,8 +118,7 @@ def finetune(model_dir: str | Path, data: str | Path, out_dir: str | Path, lora:
     record = {"family": family_of(model).name, "base_model": str(model_dir), "data_fingerprint": fingerprint,
               "world_size": world, "seq_len": seq_len}
     role = FinetuneFull(model, tokenizer, out_dir, "lora" if lora else "full", settings, record, eval_ids, seq_len)
-    if cfg.checkpoint_dir is None:
-        cfg.checkpoint_dir = str(Path(out_dir).with_name(Path(out_dir).name + ".checkpoints"))
+    cfg.checkpoint_dir = cfg.checkpoint_dir or checkpoint_dir_beside(out_dir)
     try:
         return train(role, loader, cfg)
     finally:

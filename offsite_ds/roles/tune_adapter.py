@@ -20,7 +20,7 @@ from offsite_ds.families import family_of
 from offsite_ds.peft_modes import apply_mode, lora_target_regex, rename_blocks, trainable_state
 from offsite_ds.plugin import adapter_blocks
 from offsite_ds.roles.base import Role
-from offsite_ds.train import TrainConfig, dist_rank, train
+from offsite_ds.train import TrainConfig, checkpoint_dir_beside, dist_rank, train
 
 
 class TuneAdapter(Role):
@@ -107,8 +107,7 @@ def tune(bundle_dir: str | Path, data: str | Path, out_dir: str | Path, mode: st
         from offsite_ds.kernels import patch
 
         patch(bundle.model)
-    if cfg.checkpoint_dir is None:
-        cfg.checkpoint_dir = str(Path(out_dir).with_name(Path(out_dir).name + ".checkpoints"))
+    cfg.checkpoint_dir = cfg.checkpoint_dir or checkpoint_dir_beside(out_dir)
     return train(role, train_loader, cfg)
 
 
