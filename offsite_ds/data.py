@@ -31,6 +31,31 @@ def _texts_from_records(records: list, field: str, where: str) -> list[str]:
     return [str(r.get(field) or "") for r in records]
 
 
+def read_json_records(path: str | Path) -> list[tuple[str, object]]:
+    """Records of a .jsonl file (one per line) or a .json list (or {"data": [...]}), each with where it
+    came from ("file:line" / "file record n") so errors about a record can point at it."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".jsonl":
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((f"{path}:{n}", json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{n}: not valid JSON ({exc.msg})")
+        return rows
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})")
+    if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+        obj = obj["data"]
+    if not isinstance(obj, list):
+        raise DataError(f"{path}: expected a JSON list of records (or {{\"data\": [...]}})")
+    return [(f"{path} record {n}", r) for n, r in enumerate(obj, 1)]
+
+
 def load_texts(source: str | Path, text_field: str = "text") -> list[str]:
     """Read a corpus into a list of documents."""
     path = Path(source)
@@ -40,25 +65,8 @@ def load_texts(source: str | Path, text_field: str = "text") -> list[str]:
         suffix = path.suffix.lower()
         if suffix in TEXT_SUFFIXES:
             texts = [path.read_text(encoding="utf-8", errors="replace")]
-        elif suffix == ".jsonl":
-            records = []
-            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise DataError(f"{path}:{i}: not valid JSON ({exc.msg})")
-            texts = _texts_from_records(records, text_field, str(path))
-        elif suffix == ".json":
-            try:
-                obj = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})")
-            if isinstance(obj, dict) and isinstance(obj.get("data"), list):
-                obj = obj["data"]
-            if not isinstance(obj, list):
-                raise DataError(f"{path}: expected a JSON list of records (or {{\"data\": [...]}})")
-            texts = _texts_from_records(obj, text_field, str(path))
+        elif suffix in (".jsonl", ".json"):
+            texts = _texts_from_records([r for _, r in read_json_records(path)], text_field, str(path))
         elif suffix == ".parquet":
             import pyarrow.parquet as pq
 

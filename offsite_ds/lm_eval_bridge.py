@@ -9,7 +9,6 @@ Hub, so offline that ends in one line saying how to use a local task instead).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 from functools import partial
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from offsite_ds.data import read_json_records
 from offsite_ds.errors import DataError, OffsiteError
 
 SHIPPED_TASKS = Path(__file__).parent / "tasks"
@@ -50,26 +50,7 @@ def _answer_index(answer, choices: list[str], where: str) -> int:
 
 def read_choice_records(path: str | Path) -> list[dict]:
     """Validated question/choices/answer records (answer normalised to an index) from .json or .jsonl."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".jsonl":
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append((f"{path}:{n}", json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{n}: not valid JSON ({exc.msg})")
-    else:
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})")
-        if isinstance(obj, dict) and isinstance(obj.get("data"), list):
-            obj = obj["data"]
-        if not isinstance(obj, list):
-            raise DataError(f"{path}: expected a JSON list of {{question, choices, answer}} records")
-        rows = [(f"{path} record {n}", r) for n, r in enumerate(obj, 1)]
+    rows = read_json_records(path)
     records = []
     for where, row in rows:
         if not isinstance(row, dict) or not {"question", "choices", "answer"} <= set(row):
