@@ -1,7 +1,8 @@
 """The paper's perplexity rows for one round trip: Full zero-shot, Emulator zero-shot, OT Emulator, OT Plug-in.
 
 Each row is evaluated on the exact artifacts that crossed the boundary: the shipped bundle, the returned
-package applied to it, and the package plugged into the full model.
+package applied to it, and the package plugged into the full model (or the exported plugged-in directory).
+`offsite-ds report` and `offsite-ds demo` both go through here.
 """
 from __future__ import annotations
 
@@ -10,36 +11,61 @@ from pathlib import Path
 from offsite_ds.bundle import load_adapter_package, load_bundle
 from offsite_ds.emulator import load_owner_model
 from offsite_ds.evaluate import perplexity
-from offsite_ds.plugin import apply_to_emulator, plug_in
+from offsite_ds.plugin import apply_to_emulator, load_model_dir, plug_in
 
 ROWS = ("Full zero-shot", "Emulator zero-shot", "OT Emulator", "OT Plug-in")
 
 
-def perplexity_rows(model_dir: str | Path, bundle_dir: str | Path, adapter_dir: str | Path, texts: list[str],
-                    seq_len: int | None = None, stride: int | None = None, max_tokens: int | None = None,
-                    batch_size: int = 4) -> dict[str, float]:
-    """Perplexity of each of the four rows on `texts` (models loaded one after another to bound memory)."""
+def perplexity_rows(model_dir: str | Path, bundle_dir: str | Path, adapter_dir: str | Path,
+                    eval_texts: dict[str, list[str]], seq_len: int | None = None, stride: int | None = None,
+                    max_tokens: int | None = None, batch_size: int = 4,
+                    plugged_dir: str | Path | None = None) -> dict[str, dict[str, float]]:
+    """Perplexity of each row on each split of `eval_texts` (models loaded one after another to bound memory).
+
+    With `plugged_dir` the plug-in row scores that exported directory (what the owner would serve);
+    without it the package is plugged into the full model in memory.
+    """
     package = load_adapter_package(adapter_dir)
     bundle = load_bundle(bundle_dir)
     tokenizer = bundle.tokenizer
-    kw = {"seq_len": seq_len, "stride": stride, "max_tokens": max_tokens, "batch_size": batch_size}
-    rows = {"Emulator zero-shot": perplexity(bundle.model, tokenizer, texts, **kw)}
-    rows["OT Emulator"] = perplexity(apply_to_emulator(bundle, package), tokenizer, texts, **kw)
+
+    def score(model) -> dict[str, float]:
+        return {split: perplexity(model, tokenizer, texts, seq_len=seq_len, stride=stride, max_tokens=max_tokens,
+                                  batch_size=batch_size)
+                for split, texts in eval_texts.items()}
+
+    rows = {"Emulator zero-shot": score(bundle.model)}
+    rows["OT Emulator"] = score(apply_to_emulator(bundle, package))
     del bundle
     full = load_owner_model(model_dir)
-    rows["Full zero-shot"] = perplexity(full, tokenizer, texts, **kw)
-    rows["OT Plug-in"] = perplexity(plug_in(full, package), tokenizer, texts, **kw)
+    rows["Full zero-shot"] = score(full)
+    if plugged_dir is not None:
+        del full
+        rows["OT Plug-in"] = score(load_model_dir(plugged_dir)[0])
+    else:
+        rows["OT Plug-in"] = score(plug_in(full, package))
     return {name: rows[name] for name in ROWS}
 
 
-def format_rows(rows: dict[str, float], title: str = "perplexity") -> str:
-    """A markdown table; the two claims of the paper are checked and shown under it."""
-    lines = [f"| setting | {title} |", "| --- | ---: |"]
-    lines += [f"| {name} | {value:.2f} |" for name, value in rows.items()]
-    if all(k in rows for k in ROWS):
-        plug = rows["OT Plug-in"]
-        lines.append("")
-        lines.append(f"plug-in beats zero-shot: {'yes' if plug < rows['Full zero-shot'] else 'NO'} "
-                     f"({plug:.2f} vs {rows['Full zero-shot']:.2f}); plug-in beats the tuned emulator: "
-                     f"{'yes' if plug < rows['OT Emulator'] else 'NO'} ({plug:.2f} vs {rows['OT Emulator']:.2f})")
+def claims(rows: dict[str, dict[str, float]]) -> dict[str, bool]:
+    """The paper's two claims, on every split: the plug-in beats zero-shot and the tuned emulator."""
+    splits = list(rows["OT Plug-in"])
+    return {
+        "plug-in < full zero-shot": all(rows["OT Plug-in"][s] < rows["Full zero-shot"][s] for s in splits),
+        "plug-in < OT emulator": all(rows["OT Plug-in"][s] < rows["OT Emulator"][s] for s in splits),
+    }
+
+
+def format_rows(rows: dict[str, dict[str, float]], labels: dict[str, str] | None = None) -> str:
+    """A markdown table, one column per split (`labels` names the columns; default: '<split> ppl')."""
+    splits = list(rows["OT Plug-in"])
+    labels = labels or {s: f"{s} ppl" for s in splits}
+    lines = ["| setting | " + " | ".join(labels[s] for s in splits) + " |",
+             "| --- |" + " ---: |" * len(splits)]
+    for name, values in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{values[s]:.2f}" for s in splits) + " |")
     return "\n".join(lines)
+
+
+def format_claims(rows: dict[str, dict[str, float]]) -> str:
+    return "\n".join(f"{claim}: {'yes' if holds else 'NO'}" for claim, holds in claims(rows).items())

@@ -108,3 +108,23 @@ def test_compression_ablation_methods(tiny_model_dir, tmp_path):
     q = blocks_of(quant)[3].fc1.weight
     assert all(len(torch.unique(row)) <= 15 for row in q)
     assert torch.equal(blocks_of(quant)[0].fc1.weight, blocks_of(model)[0].fc1.weight)
+
+
+def test_report_command_scores_the_four_rows(tiny_model_dir, corpus_file, tmp_path, capsys):
+    from offsite_ds.cli import main
+    from offsite_ds.evaluate import perplexity
+
+    model_dir = tiny_model_dir("gpt2")
+    bundle_dir = make_bundle(model_dir, "2-2-2", tmp_path / "bundle")
+    tune(bundle_dir, corpus_file, tmp_path / "adapter", mode="full", cfg=_cfg(), seq_len=32)
+    assert main(["report", "--model", str(model_dir), "--bundle", str(bundle_dir), "--adapter",
+                 str(tmp_path / "adapter"), "--data", str(corpus_file), "--seq-len", "32", "--max-tokens", "256",
+                 "--json", str(tmp_path / "r.json")]) == 0
+    printed = capsys.readouterr().out
+    rows = json.loads((tmp_path / "r.json").read_text())["perplexity"]
+    assert list(rows) == ["Full zero-shot", "Emulator zero-shot", "OT Emulator", "OT Plug-in"]
+    assert all(f"| {name} | {value:.2f} |" in printed for name, value in rows.items())
+    model, tok = load_model_dir(model_dir)
+    direct = perplexity(model, tok, [corpus_file.read_text()], seq_len=32, max_tokens=256)
+    assert rows["Full zero-shot"] == pytest.approx(direct)
+    assert rows["OT Plug-in"] != rows["Full zero-shot"]

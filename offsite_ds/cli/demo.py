@@ -17,7 +17,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-ROWS = ("Full zero-shot", "Emulator zero-shot", "OT Emulator", "OT Plug-in")
+from offsite_ds.report import ROWS, claims, format_claims, format_rows
+
+__all__ = ["ROWS", "DemoSettings", "claims", "format_table", "run_demo"]
+
+
+def format_table(rows: dict[str, dict], corpus: str = "PTB") -> str:
+    return format_rows(rows, {s: f"{corpus} {s} ppl" for s in rows["OT Plug-in"]})
 
 
 @dataclass
@@ -58,54 +64,6 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
-def evaluate_rows(model_dir: Path, bundle_dir: Path, adapter_dir: Path, plugged_dir: Path,
-                  eval_texts: dict[str, list[str]], seq_len: int, max_tokens: int | None) -> dict[str, dict]:
-    """Perplexity of the four rows on every evaluation split, loading one model at a time."""
-    from offsite_ds.bundle import load_adapter_package, load_bundle
-    from offsite_ds.emulator import load_owner_model
-    from offsite_ds.evaluate import perplexity
-    from offsite_ds.plugin import apply_to_emulator, load_model_dir
-
-    bundle = load_bundle(bundle_dir)
-    tokenizer = bundle.tokenizer
-    seq_len = min(seq_len, _positions(bundle.model.config) or seq_len)
-
-    def score(model) -> dict[str, float]:
-        return {split: perplexity(model, tokenizer, texts, seq_len=seq_len, max_tokens=max_tokens)
-                for split, texts in eval_texts.items()}
-
-    rows = {"Emulator zero-shot": score(bundle.model)}
-    rows["OT Emulator"] = score(apply_to_emulator(bundle, load_adapter_package(adapter_dir)))
-    del bundle
-    rows["Full zero-shot"] = score(load_owner_model(model_dir))
-    rows["OT Plug-in"] = score(load_model_dir(plugged_dir)[0])  # the exported directory the owner would serve
-    return {name: rows[name] for name in ROWS}
-
-
-def _positions(config) -> int | None:
-    from offsite_ds.data import max_positions
-
-    return max_positions(config)
-
-
-def claims(rows: dict[str, dict]) -> dict[str, bool]:
-    """The paper's two claims, on every split: the plug-in beats zero-shot and the tuned emulator."""
-    splits = list(rows["OT Plug-in"])
-    return {
-        "plug-in < full zero-shot": all(rows["OT Plug-in"][s] < rows["Full zero-shot"][s] for s in splits),
-        "plug-in < OT emulator": all(rows["OT Plug-in"][s] < rows["OT Emulator"][s] for s in splits),
-    }
-
-
-def format_table(rows: dict[str, dict], corpus: str = "PTB") -> str:
-    splits = list(rows["OT Plug-in"])
-    lines = ["| setting | " + " | ".join(f"{corpus} {s} ppl" for s in splits) + " |",
-             "| --- |" + " ---: |" * len(splits)]
-    for name, values in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{values[s]:.2f}" for s in splits) + " |")
-    return "\n".join(lines)
-
-
 def run_demo(model_dir: str | Path, train_file: str | Path, eval_files: dict[str, str | Path],
              out_dir: str | Path, settings: DemoSettings | None = None, log=print) -> dict:
     """Owner emulates, data owner tunes, owner plugs in; returns rows, claims, timings and settings.
@@ -113,10 +71,13 @@ def run_demo(model_dir: str | Path, train_file: str | Path, eval_files: dict[str
     The training subset is exactly the blocks the steps consume (each block seen once), so the data
     owner's cost is set by `steps`; the emulator's validation score picks the adapter it ships.
     """
+    from transformers import AutoConfig
+
     from offsite_ds.atomic import write_json
-    from offsite_ds.data import load_texts
+    from offsite_ds.data import load_texts, max_positions
     from offsite_ds.emulator import make_bundle
     from offsite_ds.plugin import plugin
+    from offsite_ds.report import perplexity_rows
     from offsite_ds.roles.tune_adapter import tune
     from offsite_ds.train import TrainConfig
 
@@ -152,8 +113,9 @@ def run_demo(model_dir: str | Path, train_file: str | Path, eval_files: dict[str
         f"{', '.join(eval_files)}")
     t = time.perf_counter()
     texts = {split: load_texts(path) for split, path in eval_files.items()}
-    rows = evaluate_rows(Path(model_dir), bundle_dir, out / "adapter", plugged_dir, texts, s.eval_seq_len,
-                         s.eval_tokens)
+    limit = max_positions(AutoConfig.from_pretrained(model_dir, local_files_only=True))
+    rows = perplexity_rows(model_dir, bundle_dir, out / "adapter", texts, seq_len=min(s.eval_seq_len, limit or
+                           s.eval_seq_len), max_tokens=s.eval_tokens, plugged_dir=plugged_dir)
     timings["evaluate_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
 
@@ -227,8 +189,7 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(format_table(result["rows"], corpus))
     print()
-    for claim, holds in result["claims"].items():
-        print(f"{claim}: {'yes' if holds else 'NO'}")
+    print(format_claims(result["rows"]))
     t = result["timings"]
     print(f"\n{result['date']} on {result['machine']}")
     print(f"wall time {total / 60:.1f} min (model and corpus {prepare_s:.0f}s, emulate {t['emulate_s']:.0f}s, tune {t['tune_s']:.0f}s, "

@@ -20,12 +20,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from offsite_ds.atomic import write_json
     from offsite_ds.data import load_texts
-    from offsite_ds.report import format_rows, perplexity_rows
+    from offsite_ds.report import format_claims, format_rows, perplexity_rows
 
-    rows = perplexity_rows(args.model, args.bundle, args.adapter, load_texts(args.data, args.text_field),
+    rows = perplexity_rows(args.model, args.bundle, args.adapter, {"data": load_texts(args.data, args.text_field)},
                            seq_len=args.seq_len, stride=args.stride, max_tokens=args.max_tokens,
                            batch_size=args.batch_size)
-    print(format_rows(rows))
+    print(format_rows(rows, {"data": "perplexity"}))
+    print()
+    print(format_claims(rows))
     if args.json:
-        write_json(args.json, {"perplexity": rows, "data": str(args.data)})
+        write_json(args.json, {"perplexity": {name: values["data"] for name, values in rows.items()},
+                               "data": str(args.data)})
     return 0
