@@ -9,6 +9,7 @@ and save a checkpoint on SIGTERM before exiting (a pre-empted cluster job loses 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import signal
@@ -151,8 +152,6 @@ class TorchEngine:
         write_json(directory / "client_state.json", client_state)
 
     def load_checkpoint(self, directory: Path) -> dict:
-        import json
-
         state = torch.load(directory / "state.pt", map_location="cpu", weights_only=True)
         params = dict(self.module.named_parameters())
         with torch.no_grad():
@@ -224,8 +223,6 @@ class DeepSpeedEngine:
 # --------------------------------------------------------------------------------------- checkpoints
 
 def latest_checkpoint(root: Path) -> Path | None:
-    import json
-
     pointer = root / CHECKPOINT_POINTER
     if not pointer.is_file():
         return None
