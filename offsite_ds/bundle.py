@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,17 +18,34 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from offsite_ds.artifact_files import (MAX_HEADER_BYTES, check_file, check_tree, read_json_listed,
+                                       safetensors_header)
 from offsite_ds.atomic import atomic_dir, write_json
-from offsite_ds.errors import ArtifactError
+from offsite_ds.errors import ArtifactError, OffsiteError
+from offsite_ds.families import Family
+from offsite_ds.manifests import (ADAPTER_FORMAT, BUNDLE_FORMAT, FORMAT_VERSION, MANIFEST, MAX_DEPTH,
+                                  SAFETENSORS_DTYPES, TORCH_DTYPE_NAMES, AdapterManifest, BundleManifest, dump,
+                                  parse_manifest)
 
-MANIFEST = "offsite.json"
-BUNDLE_FORMAT = "offsite-ds.emulator-bundle"
-ADAPTER_FORMAT = "offsite-ds.adapter-package"
-FORMAT_VERSION = 1
 ADAPTER_WEIGHTS = "adapter.safetensors"
 PEFT_DIR = "peft"
+PEFT_FILES = (f"{PEFT_DIR}/adapter_config.json", f"{PEFT_DIR}/adapter_model.safetensors")
 MAX_MANIFEST_BYTES = 4 << 20
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+MAX_JSON_BYTES = 1 << 20  # config.json, tokenizer_config.json, generation_config.json, shard index
+MAX_TOKENIZER_BYTES = 64 << 20  # tokenizer.json of a 256k vocabulary is ~20 MB
+WEIGHTS = "model.safetensors"
+SHARD_INDEX = "model.safetensors.index.json"
+SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+BUNDLE_JSON = {"config.json": MAX_JSON_BYTES, "generation_config.json": MAX_JSON_BYTES,
+               "tokenizer.json": MAX_TOKENIZER_BYTES, "tokenizer_config.json": MAX_TOKENIZER_BYTES,
+               "special_tokens_map.json": MAX_JSON_BYTES, SHARD_INDEX: MAX_TOKENIZER_BYTES}
+CHAT_TEMPLATE = "chat_template.jinja"  # text rendered by transformers' sandboxed jinja, never imported
+# config sizes that make from_pretrained allocate; refused above these before any model is built
+CONFIG_CAPS = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "n_embd": 1 << 16, "word_embed_proj_dim": 1 << 16,
+               "intermediate_size": 1 << 18, "ffn_dim": 1 << 18, "n_inner": 1 << 18, "num_attention_heads": 1024,
+               "n_head": 1024, "num_key_value_heads": 1024, "head_dim": 4096, "max_position_embeddings": 1 << 22,
+               "n_positions": 1 << 22}
+DEPTH_KEYS = ("num_hidden_layers", "n_layer")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -74,100 +94,101 @@ def files_fingerprint(files: dict[str, dict]) -> str:
 
 # ----------------------------------------------------------------------------------------- validation
 
-def _need(manifest: dict, key: str, kind, where: str):
-    if key not in manifest:
-        raise ArtifactError(f"{where}: {MANIFEST} lacks '{key}'; the artifact is incomplete, re-export it")
-    value = manifest[key]
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise ArtifactError(f"{where}: {MANIFEST} field '{key}' has the wrong type; re-export the artifact")
-    return value
-
-
-def read_manifest(directory: str | Path, expected_format: str) -> dict:
-    """Read and check offsite.json: format, version, and the fields every artifact has."""
+def read_manifest(directory: str | Path, expected_format: str):
+    """Read offsite.json (bounded, no links) and parse it into its typed class (`offsite_ds.manifests`)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ArtifactError(f"{directory} is not a directory; pass the artifact directory")
-    path = directory / MANIFEST
-    if not path.is_file():
+    if not os.path.lexists(directory / MANIFEST):
         raise ArtifactError(f"{directory} has no {MANIFEST}: not an offsite-ds artifact (expected {expected_format})")
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise ArtifactError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes; refusing it")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}); re-export it")
-    if not isinstance(manifest, dict):
-        raise ArtifactError(f"{path} is not a JSON object; re-export it")
-    fmt = manifest.get("format")
-    if fmt != expected_format:
-        raise ArtifactError(f"{directory}: format '{fmt}' is not '{expected_format}'; pass the right artifact")
-    version = manifest.get("version")
-    if version != FORMAT_VERSION:
-        raise ArtifactError(f"{directory}: format version {version!r} is not supported (this offsite-ds reads "
-                            f"version {FORMAT_VERSION}); export it again with a matching offsite-ds")
-    where = str(directory)
-    _need(manifest, "family", str, where)
-    _need(manifest, "base_depth", int, where)
-    _need(manifest, "base_fingerprint", str, where)
-    block_map = _need(manifest, "block_map", list, where)
-    if not all(isinstance(i, int) and 0 <= i < manifest["base_depth"] for i in block_map):
-        raise ArtifactError(f"{where}: block_map has indices outside the base model's {manifest['base_depth']} blocks")
-    positions = _need(manifest, "adapter_positions", list, where)
-    if not all(isinstance(i, int) and 0 <= i < len(block_map) for i in positions):
-        raise ArtifactError(f"{where}: adapter_positions point outside the emulator's {len(block_map)} blocks")
-    _need(manifest, "files", dict, where)
-    return manifest
+    raw = read_json_listed(directory, MANIFEST, MAX_MANIFEST_BYTES)
+    return parse_manifest(raw, expected_format, str(directory))
 
 
-def verify_files(directory: Path, manifest: dict) -> None:
-    """Every listed file present, of its stated size, with its stated hash; no pickle and no stowaways."""
-    listed = manifest["files"]
-    for path in directory.rglob("*"):
-        rel = path.relative_to(directory).as_posix()
-        if path.is_symlink():
-            raise ArtifactError(f"{directory}: '{rel}' is a symbolic link; artifacts must hold plain files")
-        if path.is_file() and path.suffix in PICKLE_SUFFIXES:
-            raise ArtifactError(f"{directory}: '{rel}' is a pickle-format file; only safetensors and JSON are accepted")
-        if path.is_file() and rel != MANIFEST and rel not in listed:
-            raise ArtifactError(f"{directory}: '{rel}' is not listed in {MANIFEST}; re-export the artifact")
-    for rel, meta in listed.items():
-        path = directory / rel
-        if ".." in Path(rel).parts or not path.is_file():
-            raise ArtifactError(f"{directory}: listed file '{rel}' is missing; the artifact is incomplete")
-        if not isinstance(meta, dict) or not isinstance(meta.get("bytes"), int) or not isinstance(meta.get("sha256"), str):
-            raise ArtifactError(f"{directory}: {MANIFEST} entry for '{rel}' is malformed; re-export the artifact")
-        size = path.stat().st_size
-        if size != meta["bytes"]:
-            raise ArtifactError(f"{directory}: '{rel}' has {size} bytes but {MANIFEST} says {meta['bytes']}; "
-                                "the file was altered or truncated")
-        if sha256_file(path) != meta["sha256"]:
-            raise ArtifactError(f"{directory}: checksum mismatch for '{rel}'; the file was altered or corrupted")
+def verify_files(directory: Path, manifest) -> None:
+    """Every listed file present, a regular file of its stated size with its stated hash; no pickle, no stowaways."""
+    check_tree(directory, set(manifest.files))
+    for rel, entry in manifest.files.items():
+        check_file(directory, rel, entry.bytes, entry.sha256)
 
 
-def read_safetensors(path: Path, expected: dict[str, dict] | None = None) -> dict[str, torch.Tensor]:
-    """Load tensors (safetensors never executes code) and check them against the manifest's table."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise ArtifactError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]})")
+def read_safetensors(directory: Path, rel: str, expected: dict[str, tuple[list[int], str]] | None = None,
+                     ) -> dict[str, torch.Tensor]:
+    """Check the header (ours, before safetensors reads it) against `expected` {name: (shape, dtype)}, then
+    load the tensors (safetensors never executes code) and refuse NaN/Inf."""
+    spans = safetensors_header(directory, rel)
+    path = directory / rel
     if expected is not None:
-        missing = sorted(set(expected) - set(tensors))
-        extra = sorted(set(tensors) - set(expected))
+        missing = sorted(set(expected) - set(spans))
+        extra = sorted(set(spans) - set(expected))
         if missing:
             raise ArtifactError(f"{path}: missing tensor '{missing[0]}' (+{len(missing) - 1} more) listed in {MANIFEST}")
         if extra:
-            raise ArtifactError(f"{path}: unexpected tensor '{extra[0]}' (+{len(extra) - 1} more) not in {MANIFEST}")
-        for name, meta in expected.items():
-            t = tensors[name]
-            if list(t.shape) != list(meta.get("shape", [])) or str(t.dtype).removeprefix("torch.") != meta.get("dtype"):
-                raise ArtifactError(f"{path}: tensor '{name}' is {list(t.shape)} {t.dtype}, {MANIFEST} says "
-                                    f"{meta.get('shape')} {meta.get('dtype')}")
+            raise ArtifactError(f"{path}: unexpected tensor '{extra[0][:80]}' (+{len(extra) - 1} more) not in {MANIFEST}")
+        for name, (shape, dtype) in expected.items():
+            span = spans[name]
+            if list(span.shape) != list(shape) or TORCH_DTYPE_NAMES.get(span.dtype) != dtype:
+                raise ArtifactError(f"{path}: tensor '{name}' is {list(span.shape)} {span.dtype}, {MANIFEST} says "
+                                    f"{list(shape)} {dtype}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise ArtifactError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0][:200]})")
     for name, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise ArtifactError(f"{path}: tensor '{name}' holds NaN or Inf values; refusing it")
     return tensors
+
+
+# --------------------------------------------------------------------------- model config (as JSON)
+
+def _no_code_or_paths(obj: dict, where: str) -> None:
+    """Refuse keys that make transformers import code (auto_map) or read a file named inside the JSON."""
+    bad = [k for k in obj if k == "auto_map" or k.endswith(("_file", "_files")) or k == "trust_remote_code"]
+    if bad:
+        raise ArtifactError(f"{where}: key '{bad[0][:60]}' is not allowed (remote code or a file path); refusing it")
+
+
+def check_model_config(config, where: str, family: Family, depth: int) -> None:
+    """A config.json (decoded JSON) that describes a `depth`-block model of `family` with sane sizes."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{where} is not a JSON object")
+    _no_code_or_paths(config, where)
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in family.model_types or model_type not in CONFIG_MAPPING:
+        raise ArtifactError(f"{where}: model_type {str(model_type)[:40]!r} is not a supported {family.name} model type")
+    depths = [config[k] for k in DEPTH_KEYS if k in config]
+    if not depths or any(type(d) is not int or d != depth for d in depths):
+        raise ArtifactError(f"{where}: num_hidden_layers {depths[:1]} is not the expected {depth}")
+    for key, cap in CONFIG_CAPS.items():
+        value = config.get(key)
+        if value is not None and (type(value) is not int or not 1 <= value <= cap):
+            raise ArtifactError(f"{where}: {key} {str(value)[:30]} is outside 1..{cap}; refusing it")
+
+
+def meta_model(config: dict, dtype: torch.dtype, where: str) -> torch.nn.Module:
+    """The model a (checked) config describes, built on the meta device: shapes without allocation."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        cfg = CONFIG_MAPPING[config["model_type"]].from_dict(dict(config))
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    except Exception as exc:  # transformers raises many kinds for a config it cannot build
+        raise ArtifactError(f"{where}: does not describe a buildable model ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:120] if str(exc) else ''})")
+
+
+def read_model_config(model_dir: str | Path) -> dict:
+    """The owner's config.json read as JSON (bounded), before any model is loaded."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise OffsiteError(f"{model_dir} is not a Hugging Face model directory (no config.json); pass a local model dir")
+    return read_json_listed(Path(model_dir), "config.json", MAX_JSON_BYTES)
 
 
 # ------------------------------------------------------------------------------------- EmulatorBundle
@@ -177,37 +198,101 @@ class Bundle:
     path: Path
     model: torch.nn.Module
     tokenizer: object
-    manifest: dict
+    manifest: BundleManifest
 
     @property
     def fingerprint(self) -> str:
-        return self.manifest["fingerprint"]
+        return self.manifest.fingerprint
 
 
 def save_bundle(model, tokenizer, manifest: dict, out_dir: str | Path) -> Path:
-    """Write an EmulatorBundle: a plain HF model dir (safetensors) + tokenizer + offsite.json."""
+    """Write an EmulatorBundle: a plain HF model dir (safetensors) + tokenizer + offsite.json (typed)."""
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         files = describe_files(tmp)
-        full = {"format": BUNDLE_FORMAT, "version": FORMAT_VERSION, **manifest, "files": files,
-                "fingerprint": files_fingerprint(files)}
-        write_json(tmp / MANIFEST, full)
+        full = BundleManifest.model_validate({"format": BUNDLE_FORMAT, "version": FORMAT_VERSION, **manifest,
+                                              "files": files, "fingerprint": files_fingerprint(files)})
+        write_json(tmp / MANIFEST, dump(full))
     return Path(out_dir)
 
 
-def check_bundle(directory: str | Path) -> dict:
-    """Validate a bundle directory without loading the model; returns its manifest."""
+def _bundle_weights(directory: Path, files: dict) -> list[str]:
+    """The weight files of a bundle: one model.safetensors, or shards with an index naming exactly them."""
+    shards = sorted(f for f in files if SHARD.fullmatch(f))
+    weights = [WEIGHTS] if WEIGHTS in files else []
+    if bool(weights) == bool(shards) or bool(shards) != (SHARD_INDEX in files):
+        raise ArtifactError(f"{directory}: a bundle holds either {WEIGHTS} or model-*-of-*.safetensors shards with "
+                            f"{SHARD_INDEX}; re-export it")
+    return weights or shards
+
+
+def check_bundle(directory: str | Path) -> BundleManifest:
+    """Validate a bundle without loading the model: manifest, files, config, tokenizer, weight headers.
+
+    Each check is bounded by the listed files' sizes; the config is compared with the tensors in the
+    headers (on a meta-device model) so that from_pretrained allocates nothing the files do not hold.
+    """
     directory = Path(directory)
     manifest = read_manifest(directory, BUNDLE_FORMAT)
-    verify_files(directory, manifest)
-    if manifest.get("fingerprint") != files_fingerprint(manifest["files"]):
+    files = manifest.files
+    weights = _bundle_weights(directory, files)
+    for rel in files:
+        if rel not in BUNDLE_JSON and rel != CHAT_TEMPLATE and rel not in weights:
+            raise ArtifactError(f"{directory}: '{rel}' is not a file a bundle may hold (config, tokenizer JSON, "
+                                "safetensors weights)")
+    for rel in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        if rel not in files:
+            raise ArtifactError(f"{directory}: no {rel}; the bundle is incomplete")
+    if manifest.fingerprint != files_fingerprint({k: v.model_dump() for k, v in files.items()}):
         raise ArtifactError(f"{directory}: bundle fingerprint does not match its file list; re-export it")
-    config = json.loads((directory / "config.json").read_text()) if (directory / "config.json").is_file() else None
-    if config is None:
-        raise ArtifactError(f"{directory}: no config.json; the bundle is incomplete")
+    verify_files(directory, manifest)
+    decoded = {rel: read_json_listed(directory, rel, BUNDLE_JSON[rel]) for rel in files if rel in BUNDLE_JSON}
+    for rel, obj in decoded.items():
+        if not isinstance(obj, dict):
+            raise ArtifactError(f"{directory}/{rel} is not a JSON object; re-export the bundle")
+        if rel != "tokenizer.json":
+            _no_code_or_paths(obj, f"{directory}/{rel}")
+    if not isinstance(decoded["tokenizer.json"].get("model"), dict):
+        raise ArtifactError(f"{directory}/tokenizer.json has no tokenizer model; re-export the bundle")
+    tok_class = decoded["tokenizer_config.json"].get("tokenizer_class")
+    if tok_class is not None and not (isinstance(tok_class, str) and re.fullmatch(r"[A-Za-z0-9_]{1,64}", tok_class)):
+        raise ArtifactError(f"{directory}/tokenizer_config.json: tokenizer_class is not a class name")
+    config = decoded["config.json"]
+    where = f"{directory}/config.json"
+    check_model_config(config, where, manifest.family_spec, len(manifest.block_map))
+    _check_weights(directory, weights, decoded.get(SHARD_INDEX), meta_model(config, torch.float32, where))
     return manifest
+
+
+def _check_weights(directory: Path, weights: list[str], index: dict | None, meta: torch.nn.Module) -> None:
+    """Every tensor in the headers is one the config's model has, with its shape (tied copies may be absent)."""
+    spans = {}
+    for rel in weights:
+        for name, span in safetensors_header(directory, rel).items():
+            if name in spans:
+                raise ArtifactError(f"{directory}: tensor '{name[:80]}' appears in two shards")
+            spans[name] = (rel, span)
+    if index is not None:
+        weight_map = index.get("weight_map")
+        if (not isinstance(weight_map, dict) or set(weight_map) != set(spans)
+                or any(weight_map[n] != rel for n, (rel, _) in spans.items())):
+            raise ArtifactError(f"{directory}/{SHARD_INDEX}: weight_map does not name exactly the shards' tensors")
+    expected = {n: tuple(t.shape) for n, t in meta.state_dict().items()}
+    tied = set(getattr(meta, "_tied_weights_keys", None) or ()) if getattr(meta.config, "tie_word_embeddings",
+                                                                          False) else set()
+    for name, (rel, span) in spans.items():
+        if name not in expected:
+            raise ArtifactError(f"{directory}/{rel}: tensor '{name[:80]}' is not a parameter of the model config.json "
+                                "describes")
+        if span.shape != expected[name] or span.dtype not in ("F32", "F16", "BF16"):
+            raise ArtifactError(f"{directory}/{rel}: tensor '{name}' is {list(span.shape)} {span.dtype}, config.json "
+                                f"needs {list(expected[name])} in a float dtype")
+    missing = sorted(set(expected) - set(spans) - tied)
+    if missing:
+        raise ArtifactError(f"{directory}: the weights lack '{missing[0]}' (+{len(missing) - 1} more) that "
+                            "config.json's model has")
 
 
 def load_bundle(directory: str | Path, dtype: torch.dtype = torch.float32) -> Bundle:
@@ -221,11 +306,15 @@ def load_bundle(directory: str | Path, dtype: torch.dtype = torch.float32) -> Bu
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, use_safetensors=True,
                                                  local_files_only=True, trust_remote_code=False)
     family = family_of(model)
-    if family.name != manifest["family"]:
-        raise ArtifactError(f"{directory}: manifest says family '{manifest['family']}' but the model is '{family.name}'")
-    if len(blocks_of(model)) != len(manifest["block_map"]):
+    if family.name != manifest.family:
+        raise ArtifactError(f"{directory}: manifest says family '{manifest.family}' but the model is '{family.name}'")
+    if len(blocks_of(model)) != len(manifest.block_map):
         raise ArtifactError(f"{directory}: the model has {len(blocks_of(model))} blocks but block_map lists "
-                            f"{len(manifest['block_map'])}; the bundle is inconsistent")
+                            f"{len(manifest.block_map)}; the bundle is inconsistent")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.is_floating_point() and not torch.isfinite(p).all():
+                raise ArtifactError(f"{directory}: weight '{name}' holds NaN or Inf values; refusing the bundle")
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
     return Bundle(directory, model.eval(), tokenizer, manifest)
 
@@ -236,11 +325,11 @@ def load_bundle(directory: str | Path, dtype: torch.dtype = torch.float32) -> Bu
 class AdapterPackage:
     path: Path
     tensors: dict[str, torch.Tensor]
-    manifest: dict
+    manifest: AdapterManifest
 
     @property
     def mode(self) -> str:
-        return self.manifest["mode"]
+        return self.manifest.mode
 
 
 def tensor_table(tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
@@ -259,22 +348,108 @@ def save_adapter_package(tensors: dict[str, torch.Tensor], manifest: dict, out_d
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
         files = describe_files(tmp)
-        write_json(tmp / MANIFEST, {"format": ADAPTER_FORMAT, "version": FORMAT_VERSION, **manifest,
-                                    "tensors": tensor_table(tensors), "files": files})
+        full = AdapterManifest.model_validate({"format": ADAPTER_FORMAT, "version": FORMAT_VERSION, **manifest,
+                                               "tensors": tensor_table(tensors), "files": files})
+        write_json(tmp / MANIFEST, dump(full))
     return Path(out_dir)
 
 
-def load_adapter_package(directory: str | Path) -> AdapterPackage:
-    """Validate an AdapterPackage end to end and load its tensors."""
+def block_linears(block: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """Name -> (in, out) of every linear layer inside a block (nn.Linear and GPT-2's Conv1D)."""
+    from transformers.pytorch_utils import Conv1D
+
+    out = {}
+    for name, m in block.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            out[name] = (m.in_features, m.out_features)
+        elif isinstance(m, Conv1D):
+            out[name] = tuple(m.weight.shape)
+    return out
+
+
+def expected_adapter_tensors(manifest: AdapterManifest, config: dict, dtype: torch.dtype, where: str
+                             ) -> dict[str, tuple[list[int], str]]:
+    """The tensors a package must hold for a model of `config`: its own settings bounded by the model's
+    sizes first (LoRA r, bottleneck, targets), then the mode applied to a meta-device model."""
+    from offsite_ds.families import family_of, get_path
+    from offsite_ds.peft_modes import apply_mode, trainable_state
+
+    check_model_config(config, f"{where}: the model's config.json", manifest.family_spec, manifest.base_depth)
+    meta = meta_model(config, dtype, f"{where}: the model's config.json")
+    family = family_of(meta)
+    if family.name != manifest.family:
+        raise ArtifactError(f"{where}: adapter was tuned for family '{manifest.family}', this model is '{family.name}'")
+    block = get_path(meta, family.blocks)[manifest.adapter_blocks[0]] if manifest.adapter_blocks else None
+    linears = block_linears(block) if block is not None else {}
+    settings = manifest.mode_settings
+    if manifest.mode == "lora":
+        targets = settings.targets or list(family.lora_targets)
+        widths = []
+        for t in targets:
+            hit = [min(io) for n, io in linears.items() if n == t or n.endswith("." + t)]
+            if not hit:
+                raise ArtifactError(f"{where}: LoRA target '{t}' is not a linear layer of a {family.name} block "
+                                    f"(those are {', '.join(sorted(n.rsplit('.', 1)[-1] for n in linears))})")
+            widths += hit
+        if settings.r > min(widths):
+            raise ArtifactError(f"{where}: LoRA r={settings.r} exceeds min(in, out)={min(widths)} of its targets")
+    if manifest.mode == "adapter":
+        hidden = linears.get(family.attn_out, (0, 0))[1]
+        if (settings.bottleneck or 0) > hidden:
+            raise ArtifactError(f"{where}: bottleneck {settings.bottleneck} exceeds the hidden size {hidden}")
+    try:
+        with torch.device("meta"):
+            apply_mode(meta, manifest.adapter_blocks, manifest.mode, settings.model_dump())
+    except OffsiteError as exc:
+        raise ArtifactError(f"{where}: cannot re-create mode '{manifest.mode}': {exc}")
+    return {n: (list(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in trainable_state(meta).items()}
+
+
+def _table_bytes(table: dict[str, tuple[list[int], str]]) -> int:
+    sizes = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+    return sum(math.prod(shape) * sizes[dtype] for shape, dtype in table.values())
+
+
+def load_adapter_package(directory: str | Path, model_config: dict | None = None,
+                         dtype: torch.dtype = torch.float32) -> AdapterPackage:
+    """Validate an AdapterPackage end to end and load its tensors.
+
+    With the receiving model's `model_config` (config.json as JSON), the settings and the tensor table
+    are checked against what that model needs before a byte of the weights is read.
+    """
     directory = Path(directory)
-    manifest = read_manifest(directory, ADAPTER_FORMAT)
     where = str(directory)
-    _need(manifest, "mode", str, where)
-    _need(manifest, "mode_settings", dict, where)
-    _need(manifest, "bundle_fingerprint", str, where)
-    table = _need(manifest, "tensors", dict, where)
-    if ADAPTER_WEIGHTS not in manifest["files"]:
-        raise ArtifactError(f"{directory}: {MANIFEST} does not list {ADAPTER_WEIGHTS}; the package is incomplete")
+    manifest = read_manifest(directory, ADAPTER_FORMAT)
+    table = {n: (e.shape, e.dtype) for n, e in manifest.tensors.items()}
+    if model_config is not None:
+        expected = expected_adapter_tensors(manifest, model_config, dtype, where)
+        for name in sorted(set(expected) | set(table)):
+            if name not in table:
+                raise ArtifactError(f"{where}: missing tensor '{name}' for mode '{manifest.mode}'")
+            if name not in expected:
+                raise ArtifactError(f"{where}: unexpected tensor '{name}' for mode '{manifest.mode}'")
+            if table[name] != expected[name]:
+                raise ArtifactError(f"{where}: tensor '{name}' is {table[name][0]} {table[name][1]}, the model needs "
+                                    f"{expected[name][0]} {expected[name][1]}")
+    for rel in manifest.files:
+        if rel not in (ADAPTER_WEIGHTS, *PEFT_FILES):
+            raise ArtifactError(f"{where}: '{rel}' is not a file a package may hold")
+    if ADAPTER_WEIGHTS not in manifest.files:
+        raise ArtifactError(f"{where}: {MANIFEST} does not list {ADAPTER_WEIGHTS}; the package is incomplete")
+    limit = 8 + MAX_HEADER_BYTES + _table_bytes(table)
+    for rel in (ADAPTER_WEIGHTS, PEFT_FILES[1]):
+        if rel in manifest.files and manifest.files[rel].bytes > limit:
+            raise ArtifactError(f"{where}: '{rel}' claims {manifest.files[rel].bytes} bytes, more than its tensors need")
     verify_files(directory, manifest)
-    tensors = read_safetensors(directory / ADAPTER_WEIGHTS, expected=table)
+    tensors = read_safetensors(directory, ADAPTER_WEIGHTS, table)
+    if PEFT_FILES[1] in manifest.files:
+        peft_table = {f"base_model.model.{n}": v for n, v in table.items()}
+        spans = safetensors_header(directory, PEFT_FILES[1])
+        if {n: (list(s.shape), TORCH_DTYPE_NAMES.get(s.dtype)) for n, s in spans.items()} != peft_table:
+            raise ArtifactError(f"{where}: {PEFT_FILES[1]} does not hold the package's tensors")
+    if PEFT_FILES[0] in manifest.files:
+        peft_config = read_json_listed(directory, PEFT_FILES[0], MAX_JSON_BYTES)
+        if not isinstance(peft_config, dict):
+            raise ArtifactError(f"{where}: {PEFT_FILES[0]} is not a JSON object")
+        _no_code_or_paths(peft_config, f"{where}/{PEFT_FILES[0]}")
     return AdapterPackage(directory, tensors, manifest)

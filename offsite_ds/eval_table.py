@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 
 from offsite_ds.atomic import write_json, write_text
-from offsite_ds.bundle import BUNDLE_FORMAT, AdapterPackage, load_adapter_package, load_bundle, read_manifest
+from offsite_ds.bundle import (BUNDLE_FORMAT, AdapterPackage, load_adapter_package, load_bundle, read_manifest,
+                               read_model_config)
+from offsite_ds.manifests import BundleManifest
 from offsite_ds.errors import ArtifactError, OffsiteError
 from offsite_ds.lm_eval_bridge import load_tasks, place_model, run_tasks
 
@@ -108,12 +110,13 @@ def row_models(model_dir: str | Path, bundle_dir: str | Path, package: AdapterPa
         yield "FT", lambda: load_model_dir(ft_dir)
 
 
-def _precheck(bundle_dir: str | Path, adapter_dir: str | Path) -> tuple[dict, AdapterPackage]:
+def _precheck(model_dir: str | Path, bundle_dir: str | Path, adapter_dir: str | Path
+              ) -> tuple[BundleManifest, AdapterPackage]:
     """The package, validated, and the bundle's manifest, checked against it before any model loads (the
     bundle's weights are validated when it loads)."""
     bundle_manifest = read_manifest(bundle_dir, BUNDLE_FORMAT)
-    package = load_adapter_package(adapter_dir)
-    if package.manifest["bundle_fingerprint"] != bundle_manifest.get("fingerprint"):
+    package = load_adapter_package(adapter_dir, model_config=read_model_config(model_dir))
+    if package.manifest.bundle_fingerprint != bundle_manifest.fingerprint:
         raise ArtifactError(f"{adapter_dir}: adapter was tuned on another emulator bundle than {bundle_dir}; "
                             "pass the bundle it was tuned on")
     return bundle_manifest, package
@@ -127,7 +130,7 @@ def eval_table(model_dir: str | Path, bundle_dir: str | Path, adapter_dir: str |
 
     if not options.tasks and options.ppl_data is None:
         raise OffsiteError("nothing to evaluate: pass --tasks NAME[,NAME...] and/or --ppl-data FILE")
-    bundle_manifest, package = _precheck(bundle_dir, adapter_dir)
+    bundle_manifest, package = _precheck(model_dir, bundle_dir, adapter_dir)
     tasks = load_tasks(options.tasks, options.include_path) if options.tasks else None
     texts = load_texts(options.ppl_data, options.text_field) if options.ppl_data is not None else None
     out = Path(out_dir)
@@ -149,13 +152,11 @@ def eval_table(model_dir: str | Path, bundle_dir: str | Path, adapter_dir: str |
     return table
 
 
-def table_title(model_dir: str | Path, bundle_manifest: dict) -> str:
+def table_title(model_dir: str | Path, bundle_manifest: BundleManifest) -> str:
     """'<model> (<L-K-R> <compression>)' as the paper heads each block of rows."""
-    compression = bundle_manifest.get("compression", {})
-    method = COMPRESSION_NAMES.get(compression.get("method"), compression.get("method", "?"))
-    if compression.get("distilled"):
-        method = "Distill"
-    return f"{Path(model_dir).resolve().name} ({bundle_manifest.get('layout', '?')} {method})"
+    compression = bundle_manifest.compression
+    method = "Distill" if compression.distilled else COMPRESSION_NAMES.get(compression.method, compression.method)
+    return f"{Path(model_dir).resolve().name} ({bundle_manifest.layout} {method})"
 
 
 def build_table(rows: dict[str, dict], title: str, options: EvalOptions | None = None) -> dict:

@@ -10,18 +10,20 @@ import re
 
 import torch
 import torch.nn as nn
+from pydantic import ValidationError
 
 from offsite_ds.errors import OffsiteError
 from offsite_ds.families import Family, family_of, get_path
+from offsite_ds.manifests import MODES, SETTINGS, describe_error
 
-MODES = ("full", "lora", "adapter", "bitfit")
 DEFAULTS = {
     "lora": {"r": 4, "alpha": 32, "dropout": 0.0, "targets": None},
-    "adapter": {"bottleneck": 64},
+    "adapter": {"bottleneck": None},  # None: min(DEFAULT_BOTTLENECK, hidden size), resolved by apply_mode
     "full": {},
     "bitfit": {},
 }
 LORA_ADAPTER_NAME = "default"
+DEFAULT_BOTTLENECK = 64
 
 
 class BottleneckAdapter(nn.Module):
@@ -87,11 +89,12 @@ def resolve_settings(mode: str, settings: dict | None) -> dict:
     unknown = set(merged) - set(DEFAULTS[mode])
     if unknown:
         raise OffsiteError(f"mode '{mode}' has no setting(s) {', '.join(sorted(unknown))}")
-    if mode == "lora" and (int(merged["r"]) < 1 or float(merged["alpha"]) <= 0):
-        raise OffsiteError("LoRA needs --lora-r >= 1 and --lora-alpha > 0")
-    if mode == "adapter" and int(merged["bottleneck"]) < 1:
-        raise OffsiteError("--bottleneck must be >= 1")
-    return merged
+    if isinstance(merged.get("targets"), tuple):
+        merged["targets"] = list(merged["targets"])
+    try:  # the same strict schema and bounds as the AdapterPackage's mode_settings
+        return SETTINGS[mode].model_validate(merged).model_dump()
+    except ValidationError as exc:
+        raise OffsiteError(f"mode '{mode}' setting {describe_error(exc)}")
 
 
 def apply_mode(model: nn.Module, positions: list[int], mode: str = "full", settings: dict | None = None) -> dict:
@@ -118,7 +121,12 @@ def apply_mode(model: nn.Module, positions: list[int], mode: str = "full", setti
         if not found:
             raise OffsiteError(f"BitFit trains biases, but {family.name} blocks have none; use --mode lora or adapter")
     elif mode == "adapter":
-        insert_bottleneck_adapters(model, positions, int(settings["bottleneck"]))
+        hidden = _out_features(get_path(blocks[positions[0]], family.attn_out)) if positions else DEFAULT_BOTTLENECK
+        settings["bottleneck"] = settings["bottleneck"] or min(DEFAULT_BOTTLENECK, hidden)
+        if settings["bottleneck"] > hidden:
+            raise OffsiteError(f"--bottleneck {settings['bottleneck']} exceeds the hidden size {hidden}; a bottleneck "
+                               "is at most the hidden size")
+        insert_bottleneck_adapters(model, positions, settings["bottleneck"])
         for pos in positions:
             for name, p in blocks[pos].named_parameters():
                 if ".bottleneck_adapter." in f".{name}":

@@ -6,7 +6,6 @@ with one line. LoRA (and BitFit, full) end merged into plain weights; Houlsby ad
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -14,35 +13,29 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from offsite_ds.atomic import atomic_dir, write_json
-from offsite_ds.bundle import (PEFT_DIR, AdapterPackage, Bundle, fingerprint_model, load_adapter_package,
-                               read_safetensors)
+from offsite_ds.bundle import (PEFT_FILES, AdapterPackage, Bundle, fingerprint_model, load_adapter_package,
+                               read_model_config, read_safetensors)
 from offsite_ds.errors import ArtifactError, OffsiteError
 from offsite_ds.families import family_of, get_path
+from offsite_ds.manifests import MANIFEST as PLUGGED_MANIFEST
+from offsite_ds.manifests import PLUGGED_FORMAT, PluggedManifest, decode_json, dump, parse_manifest
 from offsite_ds.peft_modes import apply_mode, canonical_name, merge_lora_, rename_blocks
-
-PLUGGED_FORMAT = "offsite-ds.plugged-model"
-PLUGGED_MANIFEST = "offsite.json"
-
-
-def adapter_blocks(manifest: dict) -> list[int]:
-    """Original indices of the adapter blocks a package or bundle covers."""
-    return [manifest["block_map"][p] for p in manifest["adapter_positions"]]
 
 
 def install_adapter(model: torch.nn.Module, package: AdapterPackage, original_to_position: dict[int, int]) -> None:
     """Apply the package's mode at the mapped block positions and load its tensors, after checking them."""
     family = family_of(model)
     manifest = package.manifest
-    if family.name != manifest["family"]:
-        raise ArtifactError(f"{package.path}: adapter was tuned for family '{manifest['family']}', "
+    if family.name != manifest.family:
+        raise ArtifactError(f"{package.path}: adapter was tuned for family '{manifest.family}', "
                             f"this model is '{family.name}'")
-    positions = [original_to_position[i] for i in adapter_blocks(manifest)]
+    positions = [original_to_position[i] for i in manifest.adapter_blocks]
     n_blocks = len(get_path(model, family.blocks))
     if any(p >= n_blocks for p in positions):
-        raise ArtifactError(f"{package.path}: adapter blocks {adapter_blocks(manifest)} do not fit a model of "
+        raise ArtifactError(f"{package.path}: adapter blocks {manifest.adapter_blocks} do not fit a model of "
                             f"{n_blocks} blocks")
     try:
-        apply_mode(model, positions, package.mode, manifest["mode_settings"])
+        apply_mode(model, positions, package.mode, manifest.mode_settings.model_dump())
     except OffsiteError as exc:
         raise ArtifactError(f"{package.path}: cannot re-create mode '{package.mode}': {exc}")
     position_to_original = {p: i for i, p in original_to_position.items()}
@@ -75,15 +68,14 @@ def plug_in(model: torch.nn.Module, package: AdapterPackage, check_fingerprint: 
     """The owner's full model with the tuned adapter blocks (in place); LoRA merged into the weights."""
     manifest = package.manifest
     depth = len(get_path(model, family_of(model).blocks))
-    if depth != manifest["base_depth"]:
-        raise ArtifactError(f"{package.path}: adapter was tuned for a {manifest['base_depth']}-block model, "
+    if depth != manifest.base_depth:
+        raise ArtifactError(f"{package.path}: adapter was tuned for a {manifest.base_depth}-block model, "
                             f"this model has {depth}")
-    if check_fingerprint and fingerprint_model(model) != manifest["base_fingerprint"]:
+    if check_fingerprint and fingerprint_model(model) != manifest.base_fingerprint:
         raise ArtifactError(f"{package.path}: adapter was tuned against other weights (base fingerprint "
-                            f"{manifest['base_fingerprint'][:12]}... does not match this model's); plug it into "
+                            f"{manifest.base_fingerprint[:12]}... does not match this model's); plug it into "
                             "the model its emulator was made from")
-    blocks = adapter_blocks(manifest)
-    install_adapter(model, package, {i: i for i in blocks})
+    install_adapter(model, package, {i: i for i in manifest.adapter_blocks})
     if package.mode == "lora":
         merge_lora_(model)
     return model
@@ -91,9 +83,9 @@ def plug_in(model: torch.nn.Module, package: AdapterPackage, check_fingerprint: 
 
 def apply_to_emulator(bundle: Bundle, package: AdapterPackage) -> torch.nn.Module:
     """The 'OT Emulator' row: the shipped emulator carrying the tuned adapter blocks."""
-    if package.manifest["bundle_fingerprint"] != bundle.fingerprint:
+    if package.manifest.bundle_fingerprint != bundle.fingerprint:
         raise ArtifactError(f"{package.path}: adapter was tuned on another emulator bundle than {bundle.path}")
-    mapping = {bundle.manifest["block_map"][p]: p for p in bundle.manifest["adapter_positions"]}
+    mapping = {original: p for p, original in bundle.manifest.position_to_original.items()}
     install_adapter(bundle.model, package, mapping)
     if package.mode == "lora":
         merge_lora_(bundle.model)
@@ -104,22 +96,23 @@ def plugin(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) 
     """Owner's `plugin` command: validate, plug in, export a model dir that `from_pretrained` loads."""
     from offsite_ds.emulator import load_owner_model
 
-    package = load_adapter_package(adapter_dir)  # validate before loading a large model
+    # validate the package in full against the owner's config.json before loading a large model
+    package = load_adapter_package(adapter_dir, model_config=read_model_config(model_dir))
     model = load_owner_model(model_dir)
     plug_in(model, package)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if (Path(adapter_dir) / PEFT_DIR).is_dir():
-            shutil.copytree(Path(adapter_dir) / PEFT_DIR, tmp / PEFT_DIR)
-        write_json(tmp / PLUGGED_MANIFEST, {
-            "format": PLUGGED_FORMAT, "version": 1, "mode": package.mode,
-            "mode_settings": package.manifest["mode_settings"], "adapter_blocks": adapter_blocks(package.manifest),
-            "base_fingerprint": package.manifest["base_fingerprint"],
-            "bundle_fingerprint": package.manifest["bundle_fingerprint"],
-            "training": package.manifest.get("training", {}),
-        })
+        for rel in PEFT_FILES:  # only the listed, checked files
+            if rel in package.manifest.files:
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(Path(adapter_dir) / rel, tmp / rel, follow_symlinks=False)
+        m = package.manifest
+        write_json(tmp / PLUGGED_MANIFEST, dump(PluggedManifest(
+            format=PLUGGED_FORMAT, version=1, mode=m.mode, mode_settings=m.mode_settings,
+            adapter_blocks=m.adapter_blocks, base_fingerprint=m.base_fingerprint,
+            bundle_fingerprint=m.bundle_fingerprint, training=m.training)))
     return Path(out_dir)
 
 
@@ -129,25 +122,28 @@ def load_model_dir(directory: str | Path, dtype: torch.dtype = torch.float32):
     A plugged model tuned with Houlsby adapters carries modules plain `from_pretrained` does not know;
     they are re-inserted here before the weights load.
     """
-    from offsite_ds.bundle import BUNDLE_FORMAT, load_bundle
+    from offsite_ds.bundle import BUNDLE_FORMAT, MAX_MANIFEST_BYTES, load_bundle
 
     path = Path(directory)
     if not (path / "config.json").is_file():
         raise OffsiteError(f"{path} is not a model directory (no config.json)")
-    manifest = {}
+    fmt, manifest = None, None
     if (path / PLUGGED_MANIFEST).is_file():
-        manifest = json.loads((path / PLUGGED_MANIFEST).read_text())
-    if manifest.get("format") == BUNDLE_FORMAT:
+        raw = decode_json((path / PLUGGED_MANIFEST).read_bytes()[:MAX_MANIFEST_BYTES], str(path / PLUGGED_MANIFEST))
+        fmt = raw.get("format") if isinstance(raw, dict) else None
+    if fmt == BUNDLE_FORMAT:
         bundle = load_bundle(path, dtype=dtype)
         return bundle.model, bundle.tokenizer
+    if fmt == PLUGGED_FORMAT:
+        manifest = parse_manifest(raw, PLUGGED_FORMAT, str(path))
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if manifest.get("format") == PLUGGED_FORMAT and manifest.get("mode") == "adapter":
+    if manifest is not None and manifest.mode == "adapter":
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        apply_mode(model, manifest["adapter_blocks"], "adapter", manifest["mode_settings"])
+        apply_mode(model, manifest.adapter_blocks, "adapter", manifest.mode_settings.model_dump())
         state = {}
         for file in sorted(path.glob("*.safetensors")):
-            state.update(read_safetensors(file))
+            state.update(read_safetensors(path, file.name))
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [m for m in missing if not _is_tied(model, m)]
         if missing or unexpected:

@@ -118,10 +118,10 @@ def test_distill_opt_zero3_two_ranks(tiny_model_dir, corpus_file, tmp_path):
     distilled, source = load_bundle(out), load_bundle(bundle)
     changed = differing_tensors(source.model.state_dict(), distilled.model.state_dict())
     assert changed and {name.split(".")[3] for name in changed} == {"2", "3"}
-    record = distilled.manifest["compression"]["distillation"]
+    record = distilled.manifest.compression.distillation
     assert record["steps"] == 12 and record["world_size"] == 2 and record["zero_stage"] == 3
     assert record["tokens"] == 12 * 2 * 32 * 2
-    assert distilled.manifest["base_fingerprint"] == source.manifest["base_fingerprint"]
+    assert distilled.manifest.base_fingerprint == source.manifest.base_fingerprint
     ids, _ = load_blocks(corpus_file, source.tokenizer, 32, max_blocks=8)
     assert held_out_kd(model_dir, out, ids) < 0.8 * held_out_kd(model_dir, bundle, ids)
 

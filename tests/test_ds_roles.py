@@ -103,8 +103,8 @@ def test_cli_distill_one_process_with_eval(tiny_model_dir, corpus_file, tmp_path
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["best_eval_loss"] is not None
     distilled = load_bundle(tmp_path / "distilled")
-    record = distilled.manifest["compression"]["distillation"]
-    assert distilled.manifest["compression"]["distilled"] is True
+    record = distilled.manifest.compression.distillation
+    assert distilled.manifest.compression.distilled is True
     assert record["steps"] == 6 and record["tokens"] == 6 * 2 * 32 and record["final_kd_loss"] > 0
     assert record["eval"]["eval_kd_loss"] > 0 and record["data_fingerprint"]
     assert "distilled emulator bundle" in capsys.readouterr().out

@@ -90,7 +90,7 @@ def test_best_adapter_is_kept_by_emulator_eval(tiny_model_dir, corpus_file, tmp_
     bundle_dir = make_bundle(tiny_model_dir("gpt2"), "1-2-1", tmp_path / "bundle")
     summary = tune(bundle_dir, corpus_file, tmp_path / "adapter", mode="full", cfg=_cfg(steps=6, eval_every=2),
                    seq_len=32, eval_data=corpus_file, max_eval_tokens=256)
-    training = load_adapter_package(tmp_path / "adapter").manifest["training"]
+    training = load_adapter_package(tmp_path / "adapter").manifest.training
     assert training["best_eval_loss"] == summary["best_eval_loss"]
     assert training["best_step"] == summary["best_step"] and training["best_step"] in (2, 4, 6)
 

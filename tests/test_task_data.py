@@ -147,5 +147,5 @@ def test_tune_cli_trains_on_a_task(tiny_model_dir, tmp_path):
                  "--batch-size", "2", "--seq-len", "128", "--max-examples", "8", "--no-progress"])
     assert code == 0
     package = load_adapter_package(tmp_path / "adapter")
-    assert package.manifest["training"]["steps"] == 2
+    assert package.manifest.training["steps"] == 2
     assert main(["tune", str(bundle), "--out", str(tmp_path / "x")]) == 2  # neither --data nor --task

@@ -16,13 +16,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
+    from offsite_ds.bundle import BUNDLE_FORMAT, read_manifest
     from offsite_ds.emulator import make_bundle
 
     out = make_bundle(args.model, args.layout, args.out, keep_ratio=args.keep_ratio, method=args.method,
                       prune_ratio=args.prune_ratio, quant_bits=args.bits)
-    manifest = json.loads((out / "offsite.json").read_text())
-    print(f"emulator bundle {out}: layout {manifest['layout']} of {manifest['base_depth']} blocks, "
-          f"blocks kept {manifest['block_map']}, fingerprint {manifest['fingerprint'][:12]}")
+    manifest = read_manifest(out, BUNDLE_FORMAT)
+    print(f"emulator bundle {out}: layout {manifest.layout} of {manifest.base_depth} blocks, "
+          f"blocks kept {manifest.block_map}, fingerprint {manifest.fingerprint[:12]}")
     return 0

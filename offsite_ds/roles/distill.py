@@ -20,6 +20,7 @@ import torch.nn as nn
 from offsite_ds.bundle import check_bundle, save_bundle
 from offsite_ds.data import load_blocks
 from offsite_ds.errors import ArtifactError, OffsiteError
+from offsite_ds.manifests import BundleManifest, dump
 from offsite_ds.families import block_prefix, family_of, get_path
 from offsite_ds.roles.base import Role
 from offsite_ds.roles.owner_run import prepare_owner_run
@@ -106,7 +107,7 @@ class DistillModel(nn.Module):
 class Distill(Role):
     name = "distill"
 
-    def __init__(self, model: DistillModel, source_manifest: dict, tokenizer, out_dir: str | Path,
+    def __init__(self, model: DistillModel, source_manifest: BundleManifest, tokenizer, out_dir: str | Path,
                  settings: dict, eval_blocks: torch.Tensor | None = None, eval_batch_size: int = 4):
         super().__init__(model)
         self.source_manifest, self.tokenizer = source_manifest, tokenizer
@@ -160,15 +161,15 @@ class Distill(Role):
         state = gathered_state_dict(model.emulator, to_rank=0)
         if dist_rank()[0] != 0:
             return
-        manifest = {k: v for k, v in self.source_manifest.items() if k not in BUNDLE_KEYS_REWRITTEN}
-        compression = dict(manifest.get("compression", {}))
+        manifest = {k: v for k, v in dump(self.source_manifest).items() if k not in BUNDLE_KEYS_REWRITTEN}
+        compression = dict(manifest["compression"])
         previous = compression.get("distillation")
         compression.update(distilled=True, distillation={
             **{k: v for k, v in summary.items() if k in ("steps", "tokens", "final_loss", "wall_seconds")},
             "final_kd_loss": final_kd, "final_lm_loss": final_lm,
             **({"eval": summary["eval"]} if summary.get("eval") else {}),
             **self.settings,
-            "source_bundle_fingerprint": self.source_manifest["fingerprint"],
+            "source_bundle_fingerprint": self.source_manifest.fingerprint,
             "dtype": str(next(iter(state.values())).dtype).removeprefix("torch."),
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **({"previous": previous} if previous else {}),
@@ -187,14 +188,14 @@ class _StateDictModel:
         self.model.save_pretrained(directory, state_dict=self.state, **kwargs)
 
 
-def _check_same_model(emulator: nn.Module, full: nn.Module, manifest: dict, where: Path) -> None:
+def _check_same_model(emulator: nn.Module, full: nn.Module, manifest: BundleManifest, where: Path) -> None:
     """The bundle's embeddings, adapter blocks, norm and head must be the full model's own (value for value).
 
     That is what makes both student and teacher read the hidden states of the full model's bottom
     blocks; it also refuses a bundle made from another model. Works sharded (gathers pair by pair).
     """
     family = family_of(full)
-    kept = set(range(len(manifest["block_map"]))) - set(manifest["adapter_positions"])
+    kept = set(range(len(manifest.block_map))) - set(manifest.adapter_positions)
     full_params = dict(full.named_parameters())
     pairs = []
     for name, param in emulator.named_parameters():
@@ -203,7 +204,7 @@ def _check_same_model(emulator: nn.Module, full: nn.Module, manifest: dict, wher
             position = int(name[len(family.blocks) + 1:].split(".", 1)[0])
             if position in kept:
                 continue
-            target = block_prefix(family, manifest["block_map"][position]) + name[len(block_prefix(family, position)):]
+            target = block_prefix(family, manifest.block_map[position]) + name[len(block_prefix(family, position)):]
         if target not in full_params:
             raise ArtifactError(f"{where}: tensor '{name}' has no counterpart '{target}' in the full model; "
                                 "distil with the model the bundle was made from")
@@ -214,7 +215,7 @@ def _check_same_model(emulator: nn.Module, full: nn.Module, manifest: dict, wher
                             "this model (distil with the model it was made from)")
 
 
-def build_distill_model(model_dir: str | Path, bundle_dir: str | Path, manifest: dict,
+def build_distill_model(model_dir: str | Path, bundle_dir: str | Path, manifest: BundleManifest,
                         ds_config: dict | None, kd_weight: float, lm_weight: float,
                         gradient_checkpointing: bool = False) -> DistillModel:
     """Load full model and emulator (sharded under ZeRO-3), keep the full middle as teacher, freeze all but the student."""
@@ -222,13 +223,13 @@ def build_distill_model(model_dir: str | Path, bundle_dir: str | Path, manifest:
     full = load_causal_lm(model_dir, dtype)
     family = family_of(full)
     blocks = get_path(full, family.blocks)
-    if family.name != manifest["family"] or len(blocks) != manifest["base_depth"]:
-        raise ArtifactError(f"{bundle_dir}: the bundle is for a {manifest['base_depth']}-block {manifest['family']} "
+    if family.name != manifest.family or len(blocks) != manifest.base_depth:
+        raise ArtifactError(f"{bundle_dir}: the bundle is for a {manifest.base_depth}-block {manifest.family} "
                             f"model, {model_dir} is a {len(blocks)}-block {family.name} model")
     emulator = load_causal_lm(bundle_dir, dtype)
-    if len(get_path(emulator, family.blocks)) != len(manifest["block_map"]):
+    if len(get_path(emulator, family.blocks)) != len(manifest.block_map):
         raise ArtifactError(f"{bundle_dir}: the model has a different number of blocks than its block_map")
-    bottom, kept, top = (int(x) for x in manifest["layout"].split("-"))
+    bottom, kept, top = manifest.layout_spec.bottom, manifest.layout_spec.kept, manifest.layout_spec.top
     _check_same_model(emulator, full, manifest, Path(bundle_dir))
     teacher = nn.ModuleList(blocks[bottom:len(blocks) - top])
     del full, blocks  # the rest of the full model is not needed: the emulator has the same outer parts

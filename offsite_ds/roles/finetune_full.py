@@ -18,14 +18,13 @@ from offsite_ds.data import load_blocks
 from offsite_ds.errors import OffsiteError
 from offsite_ds.evaluate import token_nll
 from offsite_ds.families import blocks_of, family_of
+from offsite_ds.manifests import FINETUNED_FORMAT, MANIFEST, FinetunedManifest, dump
 from offsite_ds.peft_modes import LORA_ADAPTER_NAME, apply_mode
 from offsite_ds.roles.base import Role
 from offsite_ds.roles.owner_run import prepare_owner_run
 from offsite_ds.train import TrainConfig, checkpoint_dir_beside, dist_rank, train
 from offsite_ds.zero3 import (enable_activation_checkpointing, gathered_state_dict, load_causal_lm, model_dtype)
 
-FINETUNED_FORMAT = "offsite-ds.finetuned-model"
-FINETUNED_MANIFEST = "offsite.json"
 
 
 def lora_layers(model: nn.Module) -> dict[str, tuple[float, bool]]:
@@ -84,12 +83,12 @@ class FinetuneFull(Role):
         with atomic_dir(self.out_dir) as tmp:
             model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
-            write_json(tmp / FINETUNED_MANIFEST, {
+            write_json(tmp / MANIFEST, dump(FinetunedManifest.model_validate({
                 "format": FINETUNED_FORMAT, "version": 1, "mode": "ft+lora" if layers else "ft",
                 "mode_settings": self.settings, **self.record,
                 "training": {**{k: v for k, v in summary.items() if k != "loss_history"},
                              "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-            })
+            })))
 
 
 def finetune(model_dir: str | Path, data: str | Path, out_dir: str | Path, lora: bool = False,

@@ -18,7 +18,6 @@ from offsite_ds.errors import OffsiteError
 from offsite_ds.evaluate import token_nll
 from offsite_ds.families import family_of
 from offsite_ds.peft_modes import apply_mode, lora_target_regex, rename_blocks, trainable_state
-from offsite_ds.plugin import adapter_blocks
 from offsite_ds.roles.base import Role
 from offsite_ds.train import TrainConfig, checkpoint_dir_beside, dist_rank, train
 
@@ -32,7 +31,7 @@ class TuneAdapter(Role):
         super().__init__(bundle.model)
         self.bundle, self.out_dir = bundle, Path(out_dir)
         self.mode = mode
-        self.settings = apply_mode(bundle.model, bundle.manifest["adapter_positions"], mode, settings)
+        self.settings = apply_mode(bundle.model, bundle.manifest.adapter_positions, mode, settings)
         self.eval_ids, self.seq_len, self.eval_batch_size = eval_ids, seq_len, eval_batch_size
         self.data_fingerprint = data_fingerprint
 
@@ -47,14 +46,13 @@ class TuneAdapter(Role):
             return
         family = family_of(model)
         manifest = self.bundle.manifest
-        position_to_original = {p: manifest["block_map"][p] for p in manifest["adapter_positions"]}
-        tensors = rename_blocks(trainable_state(model), family, position_to_original)
+        tensors = rename_blocks(trainable_state(model), family, manifest.position_to_original)
         peft_files = self._peft_export(tensors) if self.mode == "lora" else None
         save_adapter_package(tensors, {
-            "family": manifest["family"], "model_type": manifest.get("model_type"),
-            "base_depth": manifest["base_depth"], "base_fingerprint": manifest["base_fingerprint"],
-            "bundle_fingerprint": self.bundle.fingerprint, "layout": manifest["layout"],
-            "block_map": manifest["block_map"], "adapter_positions": manifest["adapter_positions"],
+            "family": manifest.family, "model_type": manifest.model_type,
+            "base_depth": manifest.base_depth, "base_fingerprint": manifest.base_fingerprint,
+            "bundle_fingerprint": self.bundle.fingerprint, "layout": manifest.layout,
+            "block_map": manifest.block_map, "adapter_positions": manifest.adapter_positions,
             "mode": self.mode, "mode_settings": self.settings,
             "training": {**{k: v for k, v in summary.items() if k != "loss_history"},
                          "data_fingerprint": self.data_fingerprint,
@@ -69,7 +67,7 @@ class TuneAdapter(Role):
         family = family_of(self.model)
         config = LoraConfig(r=int(self.settings["r"]), lora_alpha=float(self.settings["alpha"]),
                             lora_dropout=float(self.settings["dropout"]),
-                            target_modules=lora_target_regex(family, adapter_blocks(self.bundle.manifest),
+                            target_modules=lora_target_regex(family, self.bundle.manifest.adapter_blocks,
                                                              self.settings["targets"]),
                             fan_in_fan_out=family.name == "gpt2", bias="none", task_type="CAUSAL_LM")
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,0 +1,339 @@
+"""Typed manifests: one strict schema per artifact (`offsite.json` of bundles, packages, plugged models).
+
+The manifests cross the owner / data-owner boundary, so they are parsed strictly (pydantic v2 strict
+mode): unknown fields, wrong types, bools where ints belong, non-finite floats, out-of-range numbers and
+file names that could leave the artifact directory are refused with one line. Bounds that need the
+model (LoRA rank vs. the target's width, bottleneck vs. hidden size, target names) are checked in
+`offsite_ds.validate` against the model's config before anything is allocated. Code reads these typed
+fields (`manifest.adapter_blocks`, `manifest.layout`, `manifest.mode_settings.r`), never raw dict keys.
+"""
+from __future__ import annotations
+
+import json
+import re
+from functools import cached_property
+from typing import Annotated, Any, Literal
+
+from pydantic import (BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator, model_validator)
+
+from offsite_ds.errors import ArtifactError, OffsiteError
+from offsite_ds.families import Family, family_by_name
+from offsite_ds.sandwich import Layout
+
+MANIFEST = "offsite.json"
+BUNDLE_FORMAT = "offsite-ds.emulator-bundle"
+ADAPTER_FORMAT = "offsite-ds.adapter-package"
+PLUGGED_FORMAT = "offsite-ds.plugged-model"
+FINETUNED_FORMAT = "offsite-ds.finetuned-model"
+FORMAT_VERSION = 1
+MODES = ("full", "lora", "adapter", "bitfit")
+
+MAX_DEPTH = 1024  # blocks of any model we accept (the largest open models have ~130)
+MAX_FILES = 4096
+MAX_FILE_BYTES = 1 << 40
+MAX_RANK = 1 << 16  # an absolute cap on r / bottleneck before the model's own bound is known
+SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+                      "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
+                     "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+# a relative POSIX path of plain names: no '..', '.', '~', absolute paths, backslashes, NUL or odd characters
+_PATH_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+_TENSOR_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]{0,511}")
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}(\.[A-Za-z0-9_]{1,64}){0,7}")
+
+
+def check_relpath(rel: str) -> str:
+    """A file name inside an artifact: relative, normalised, at most 8 levels of plain names."""
+    parts = rel.split("/")
+    if len(rel) > 1024 or len(parts) > 8 or not all(_PATH_PART.fullmatch(p) for p in parts):
+        raise ValueError(f"file name {rel[:80]!r} is not a plain relative path inside the artifact")
+    return rel
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+Index = Annotated[int, Field(ge=0, lt=MAX_DEPTH)]
+Hex32 = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+ShortText = Annotated[str, Field(max_length=4096)]
+Positive = Annotated[float, Field(gt=0)]
+
+
+class FileEntry(Strict):
+    bytes: Annotated[int, Field(ge=0, le=MAX_FILE_BYTES)]
+    sha256: Sha256
+
+
+class TensorEntry(Strict):
+    shape: Annotated[list[Annotated[int, Field(ge=0, le=1 << 40)]], Field(max_length=8)]
+    dtype: Literal["float32", "float16", "bfloat16", "float64"]
+
+
+# --------------------------------------------------------------------------------- mode settings
+
+class LoraSettings(Strict):
+    r: Annotated[int, Field(ge=1, le=MAX_RANK)]
+    alpha: Annotated[float, Field(gt=0, le=1e6)]
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    targets: Annotated[list[str], Field(min_length=1, max_length=32)] | None = None
+
+    @field_validator("targets")
+    @classmethod
+    def _names(cls, targets):
+        if targets is not None:
+            bad = [t for t in targets if not _MODULE_NAME.fullmatch(t)]
+            if bad:
+                raise ValueError(f"{bad[0][:80]!r} is not a module name")
+            if len(set(targets)) != len(targets):
+                raise ValueError("targets repeat a module name")
+        return targets
+
+
+class BottleneckSettings(Strict):
+    bottleneck: Annotated[int, Field(ge=1, le=MAX_RANK)] | None = None  # None: the default for the model
+
+
+class NoSettings(Strict):
+    pass
+
+
+SETTINGS: dict[str, type[Strict]] = {"lora": LoraSettings, "adapter": BottleneckSettings, "full": NoSettings,
+                                     "bitfit": NoSettings}
+ModeSettings = LoraSettings | BottleneckSettings | NoSettings
+
+
+def _settings_of(mode, value, handler):
+    """Parse mode_settings with the class of the (already validated) mode: one clear error per field."""
+    if isinstance(value, Strict):
+        return value
+    if mode not in SETTINGS:
+        raise ValueError("cannot be checked without a valid 'mode'")
+    return SETTINGS[mode].model_validate(value)
+
+
+# --------------------------------------------------------------------------------- shared sections
+
+class Calibration(Strict):
+    corpus_fingerprint: ShortText
+    tokens: Annotated[int, Field(ge=0)]
+
+
+class Compression(Strict):
+    """How the emulator's middle was built; builder facts (select, shared, calibration, scores) included."""
+    method: Literal["drop", "prune", "quantize"]
+    kept: Annotated[int, Field(ge=1, le=MAX_DEPTH)]
+    middle: Annotated[int, Field(ge=1, le=MAX_DEPTH)]
+    distilled: bool = False
+    prune_ratio: Annotated[float, Field(gt=0, lt=1)] | None = None
+    bits: Annotated[int, Field(ge=2, le=16)] | None = None
+    select: Literal["uniform", "importance", "crash"] | None = None
+    shared: bool | None = None
+    calibration: Calibration | None = None
+    scores: Annotated[list[float], Field(max_length=MAX_DEPTH)] | None = None
+    distillation: dict[str, JsonValue] | None = None
+
+
+class Quality(Strict):
+    """The emulator's measured quality against the full model (filled by `emulate`)."""
+    emulator_ppl: Positive
+    full_ppl: Positive
+    ratio: Positive
+    tokens: Annotated[int, Field(ge=1)]
+    corpus_fingerprint: ShortText
+
+
+class ModelFacts(Strict):
+    """What bundle and package both say about the model and its split."""
+    version: Literal[1]
+    family: Annotated[str, Field(max_length=128)]
+    model_type: Annotated[str, Field(max_length=128)] | None = None
+    base_depth: Annotated[int, Field(ge=2, le=MAX_DEPTH)]
+    base_fingerprint: Hex32
+    layout: Annotated[str, Field(pattern=r"^\d{1,4}-\d{1,4}-\d{1,4}$")]
+    block_map: Annotated[list[Index], Field(min_length=1, max_length=MAX_DEPTH)]
+    adapter_positions: Annotated[list[Index], Field(max_length=MAX_DEPTH)]
+    files: Annotated[dict[str, FileEntry], Field(max_length=MAX_FILES)]
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, name):
+        try:
+            family_by_name(name)
+        except OffsiteError as exc:
+            raise ValueError(str(exc))
+        return name
+
+    @field_validator("files")
+    @classmethod
+    def _paths(cls, files):
+        for rel in files:
+            check_relpath(rel)
+        if MANIFEST in files:
+            raise ValueError(f"lists {MANIFEST} itself")
+        return files
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        family = self.family_spec
+        if self.model_type is not None and self.model_type not in family.model_types:
+            raise ValueError(f"model_type '{self.model_type}' is not of family '{family.name}'")
+        lay, n, base = self.layout_spec, len(self.block_map), self.base_depth
+        if lay.depth != n or lay.bottom + lay.top >= base or lay.kept > base - lay.bottom - lay.top or lay.kept < 1:
+            raise ValueError(f"layout {self.layout} does not fit block_map of {n} blocks in a {base}-block model")
+        if any(b >= base for b in self.block_map) or any(a >= b for a, b in zip(self.block_map, self.block_map[1:])):
+            raise ValueError(f"block_map must be strictly increasing block indices below base_depth {base}")
+        ends = list(range(lay.bottom)) + list(range(base - lay.top, base))
+        if [self.block_map[p] for p in self.adapter_position_list(lay)] != ends:
+            raise ValueError(f"block_map must keep the first {lay.bottom} and last {lay.top} blocks at the ends")
+        if self.adapter_positions != self.adapter_position_list(lay):
+            raise ValueError(f"adapter_positions must be {self.adapter_position_list(lay)} for layout {self.layout}")
+        return self
+
+    @staticmethod
+    def adapter_position_list(lay: Layout) -> list[int]:
+        return list(range(lay.bottom)) + list(range(lay.bottom + lay.kept, lay.depth))
+
+    @cached_property
+    def layout_spec(self) -> Layout:
+        return Layout(*(int(x) for x in self.layout.split("-")))
+
+    @cached_property
+    def family_spec(self) -> Family:
+        return family_by_name(self.family)
+
+    @property
+    def adapter_blocks(self) -> list[int]:
+        """Original indices of the adapter blocks."""
+        return [self.block_map[p] for p in self.adapter_positions]
+
+    @property
+    def position_to_original(self) -> dict[int, int]:
+        return {p: self.block_map[p] for p in self.adapter_positions}
+
+
+class BundleManifest(ModelFacts):
+    format: Literal["offsite-ds.emulator-bundle"]
+    compression: Compression
+    fingerprint: Hex32
+    share_map: Annotated[list[Index], Field(max_length=MAX_DEPTH)] | None = None
+    quality: Quality | None = None
+
+    @model_validator(mode="after")
+    def _bundle_consistent(self):
+        lay = self.layout_spec
+        if self.compression.kept != lay.kept or self.compression.middle != self.base_depth - lay.bottom - lay.top:
+            raise ValueError("compression.kept/middle disagree with layout and base_depth")
+        if self.share_map is not None:
+            s, n = self.share_map, len(self.block_map)
+            ok = (len(s) <= self.base_depth and all(x < n for x in s) and set(s) == set(range(n))
+                  and all(a <= b for a, b in zip(s, s[1:])) and s[:lay.bottom] == list(range(lay.bottom))
+                  and s[len(s) - lay.top:] == list(range(n - lay.top, n)))
+            if not ok:
+                raise ValueError("share_map must list every stored block, non-decreasing, adapter positions as "
+                                 "themselves, at most base_depth entries")
+        return self
+
+    @property
+    def executed_depth(self) -> int:
+        return len(self.share_map) if self.share_map is not None else len(self.block_map)
+
+
+class AdapterManifest(ModelFacts):
+    format: Literal["offsite-ds.adapter-package"]
+    bundle_fingerprint: Hex32
+    mode: Literal["full", "lora", "adapter", "bitfit"]
+    mode_settings: ModeSettings
+    tensors: Annotated[dict[str, TensorEntry], Field(min_length=1, max_length=1 << 16)]
+    training: dict[str, JsonValue] = {}
+
+    @field_validator("mode_settings", mode="wrap")
+    @classmethod
+    def _by_mode(cls, value, handler, info):
+        return _settings_of(info.data.get("mode"), value, handler)
+
+    @field_validator("tensors")
+    @classmethod
+    def _tensor_names(cls, tensors):
+        bad = [n for n in tensors if not _TENSOR_NAME.fullmatch(n)]
+        if bad:
+            raise ValueError(f"tensor name {bad[0][:80]!r} is not a parameter name")
+        return tensors
+
+
+class PluggedManifest(Strict):
+    format: Literal["offsite-ds.plugged-model"]
+    version: Literal[1]
+    mode: Literal["full", "lora", "adapter", "bitfit"]
+    mode_settings: ModeSettings
+    adapter_blocks: Annotated[list[Index], Field(max_length=MAX_DEPTH)]
+    base_fingerprint: Hex32
+    bundle_fingerprint: Hex32
+    training: dict[str, JsonValue] = {}
+
+    @field_validator("mode_settings", mode="wrap")
+    @classmethod
+    def _by_mode(cls, value, handler, info):
+        return _settings_of(info.data.get("mode"), value, handler)
+
+
+class FinetunedManifest(Strict):
+    format: Literal["offsite-ds.finetuned-model"]
+    version: Literal[1]
+    mode: Literal["ft", "ft+lora"]
+    mode_settings: LoraSettings | NoSettings
+    family: str
+    base_model: str
+    data_fingerprint: str | None = None
+    world_size: Annotated[int, Field(ge=1)]
+    seq_len: Annotated[int, Field(ge=1)]
+    training: dict[str, JsonValue] = {}
+
+
+MANIFEST_TYPES: dict[str, type[Strict]] = {BUNDLE_FORMAT: BundleManifest, ADAPTER_FORMAT: AdapterManifest,
+                                          PLUGGED_FORMAT: PluggedManifest, FINETUNED_FORMAT: FinetunedManifest}
+
+
+def describe_error(exc: ValidationError) -> str:
+    """The first problem of a ValidationError as one line: field path, what is wrong, what was given."""
+    err = exc.errors(include_url=False)[0]
+    loc = ".".join(str(p)[:60] for p in err["loc"]) or "(top level)"
+    msg = err["msg"].removeprefix("Value error, ")
+    given = "" if err["type"] in ("missing", "extra_forbidden") else f" (got {repr(err.get('input'))[:60]})"
+    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"field '{loc}': {msg}{given}{more}".replace("\n", " ")
+
+
+def parse_manifest(raw: Any, expected_format: str, where: str):
+    """Parse a decoded offsite.json into its typed class; any problem is one ArtifactError line."""
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"{where}: {MANIFEST} is not a JSON object; re-export the artifact")
+    fmt = raw.get("format")
+    if fmt != expected_format:
+        raise ArtifactError(f"{where}: format {str(fmt)[:60]!r} is not '{expected_format}'; pass the right artifact")
+    version = raw.get("version")
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise ArtifactError(f"{where}: format version {str(version)[:20]} is not supported (this offsite-ds reads "
+                            f"version {FORMAT_VERSION}); export it again with a matching offsite-ds")
+    try:
+        return MANIFEST_TYPES[expected_format].model_validate(raw)
+    except ValidationError as exc:
+        raise ArtifactError(f"{where}: {MANIFEST} {describe_error(exc)}; re-export the artifact")
+    except RecursionError:
+        raise ArtifactError(f"{where}: {MANIFEST} is nested too deeply; re-export the artifact")
+
+
+def decode_json(data: bytes, where: str) -> Any:
+    """json.loads with every way it can fail (bad UTF-8, huge ints, deep nesting) as one ArtifactError line."""
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError) as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+        raise ArtifactError(f"{where} is not valid JSON ({reason}); re-export it")
+
+
+def dump(manifest: Strict) -> dict:
+    """The manifest as plain JSON data (what is written to offsite.json)."""
+    return manifest.model_dump(mode="json", exclude_none=True)
