@@ -124,7 +124,7 @@ def read_safetensors(directory: Path, rel: str, expected: dict[str, tuple[list[i
         if missing:
             raise ArtifactError(f"{path}: missing tensor '{missing[0]}' (+{len(missing) - 1} more) listed in {MANIFEST}")
         if extra:
-            raise ArtifactError(f"{path}: unexpected tensor '{extra[0][:80]}' (+{len(extra) - 1} more) not in {MANIFEST}")
+            raise ArtifactError(f"{path}: unexpected tensor {extra[0][:80]!r} (+{len(extra) - 1} more) not in {MANIFEST}")
         for name, (shape, dtype) in expected.items():
             span = spans[name]
             if list(span.shape) != list(shape) or TORCH_DTYPE_NAMES.get(span.dtype) != dtype:
@@ -272,7 +272,7 @@ def _check_weights(directory: Path, weights: list[str], index: dict | None, meta
     for rel in weights:
         for name, span in safetensors_header(directory, rel).items():
             if name in spans:
-                raise ArtifactError(f"{directory}: tensor '{name[:80]}' appears in two shards")
+                raise ArtifactError(f"{directory}: tensor {name[:80]!r} appears in two shards")
             spans[name] = (rel, span)
     if index is not None:
         weight_map = index.get("weight_map")
@@ -284,7 +284,7 @@ def _check_weights(directory: Path, weights: list[str], index: dict | None, meta
                                                                           False) else set()
     for name, (rel, span) in spans.items():
         if name not in expected:
-            raise ArtifactError(f"{directory}/{rel}: tensor '{name[:80]}' is not a parameter of the model config.json "
+            raise ArtifactError(f"{directory}/{rel}: tensor {name[:80]!r} is not a parameter of the model config.json "
                                 "describes")
         if span.shape != expected[name] or span.dtype not in ("F32", "F16", "BF16"):
             raise ArtifactError(f"{directory}/{rel}: tensor '{name}' is {list(span.shape)} {span.dtype}, config.json "
@@ -303,8 +303,11 @@ def load_bundle(directory: str | Path, dtype: torch.dtype = torch.float32) -> Bu
 
     directory = Path(directory)
     manifest = check_bundle(directory)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, use_safetensors=True,
-                                                 local_files_only=True, trust_remote_code=False)
+    try:  # every input was checked above; a refusal by transformers itself is still one line
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, use_safetensors=True,
+                                                     local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise ArtifactError(f"{directory}: the model does not load ({type(exc).__name__}: {_first_line(exc)})")
     family = family_of(model)
     if family.name != manifest.family:
         raise ArtifactError(f"{directory}: manifest says family '{manifest.family}' but the model is '{family.name}'")
@@ -315,8 +318,15 @@ def load_bundle(directory: str | Path, dtype: torch.dtype = torch.float32) -> Bu
         for name, p in model.named_parameters():
             if p.is_floating_point() and not torch.isfinite(p).all():
                 raise ArtifactError(f"{directory}: weight '{name}' holds NaN or Inf values; refusing the bundle")
-    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+    try:  # tokenizers' Rust parser raises a bare Exception for JSON it does not accept
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+    except Exception as exc:
+        raise ArtifactError(f"{directory}: the tokenizer files do not load ({type(exc).__name__}: {_first_line(exc)})")
     return Bundle(directory, model.eval(), tokenizer, manifest)
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).splitlines() or [""])[0][:160]
 
 
 # ------------------------------------------------------------------------------------ AdapterPackage

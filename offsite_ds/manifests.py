@@ -299,7 +299,8 @@ MANIFEST_TYPES: dict[str, type[Strict]] = {BUNDLE_FORMAT: BundleManifest, ADAPTE
 def describe_error(exc: ValidationError) -> str:
     """The first problem of a ValidationError as one line: field path, what is wrong, what was given."""
     err = exc.errors(include_url=False)[0]
-    loc = ".".join(str(p)[:60] for p in err["loc"]) or "(top level)"
+    loc = ".".join(p[:60] if isinstance(p, str) and p.isprintable() else repr(p)[:60] for p in err["loc"])
+    loc = loc or "(top level)"
     msg = err["msg"].removeprefix("Value error, ")
     given = "" if err["type"] in ("missing", "extra_forbidden") else f" (got {repr(err.get('input'))[:60]})"
     more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""

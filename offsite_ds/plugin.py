@@ -6,6 +6,7 @@ with one line. LoRA (and BitFit, full) end merged into plain weights; Houlsby ad
 """
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from offsite_ds.bundle import (PEFT_FILES, AdapterPackage, Bundle, fingerprint_m
 from offsite_ds.errors import ArtifactError, OffsiteError
 from offsite_ds.families import family_of, get_path
 from offsite_ds.manifests import MANIFEST as PLUGGED_MANIFEST
-from offsite_ds.manifests import PLUGGED_FORMAT, PluggedManifest, decode_json, dump, parse_manifest
+from offsite_ds.artifact_files import read_json_listed
+from offsite_ds.manifests import PLUGGED_FORMAT, PluggedManifest, dump, parse_manifest
 from offsite_ds.peft_modes import apply_mode, canonical_name, merge_lora_, rename_blocks
 
 
@@ -128,8 +130,8 @@ def load_model_dir(directory: str | Path, dtype: torch.dtype = torch.float32):
     if not (path / "config.json").is_file():
         raise OffsiteError(f"{path} is not a model directory (no config.json)")
     fmt, manifest = None, None
-    if (path / PLUGGED_MANIFEST).is_file():
-        raw = decode_json((path / PLUGGED_MANIFEST).read_bytes()[:MAX_MANIFEST_BYTES], str(path / PLUGGED_MANIFEST))
+    if os.path.lexists(path / PLUGGED_MANIFEST):  # read without following links: it may be a hostile bundle
+        raw = read_json_listed(path, PLUGGED_MANIFEST, MAX_MANIFEST_BYTES)
         fmt = raw.get("format") if isinstance(raw, dict) else None
     if fmt == BUNDLE_FORMAT:
         bundle = load_bundle(path, dtype=dtype)

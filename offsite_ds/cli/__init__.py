@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(_load(args.command).run(args) or 0)
     except OffsiteError as exc:
-        print(f"offsite-ds {args.command}: error: {exc}", file=sys.stderr)
+        one_line = " ".join(str(exc).splitlines())  # names from an untrusted artifact may hold line breaks
+        print(f"offsite-ds {args.command}: error: {one_line}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:
         print(f"offsite-ds {args.command}: error: {exc.filename or exc}: no such file or directory",

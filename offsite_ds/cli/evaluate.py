@@ -19,6 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import math
+
     from offsite_ds.atomic import write_json
     from offsite_ds.data import load_texts
     from offsite_ds.errors import OffsiteError
@@ -33,6 +35,9 @@ def run(args: argparse.Namespace) -> int:
         results["perplexity"] = perplexity(model, tokenizer, load_texts(args.data, args.text_field),
                                            seq_len=args.seq_len, stride=args.stride, max_tokens=args.max_tokens,
                                            batch_size=args.batch_size)
+        if not math.isfinite(results["perplexity"]):
+            raise OffsiteError(f"the model's perplexity on {args.data} is {results['perplexity']} (its weights "
+                               "overflow or hold NaN); refusing to report it")
         print(f"perplexity {results['perplexity']:.3f} on {args.data}")
     if args.tasks:
         from offsite_ds.lm_eval_bridge import run_tasks
