@@ -92,9 +92,9 @@ def check_file(directory: Path, rel: str, size: int, sha256: str) -> None:
                                 "the file was altered or truncated")
         h = hashlib.sha256()
         with os.fdopen(fd, "rb", closefd=False) as f:
-            head = f.read(4)
+            head = f.read(8)
             h.update(head)
-            if not rel.endswith(".json") and head.startswith(PICKLE_MAGIC):
+            if _is_pickle(head, actual):
                 raise ArtifactError(f"{directory}: '{rel}' holds pickle data; only safetensors and JSON are accepted")
             while block := f.read(1 << 22):
                 h.update(block)
@@ -102,6 +102,13 @@ def check_file(directory: Path, rel: str, size: int, sha256: str) -> None:
         os.close(fd)
     if h.hexdigest() != sha256:
         raise ArtifactError(f"{directory}: checksum mismatch for '{rel}'; the file was altered or corrupted")
+
+
+def _is_pickle(head: bytes, size: int) -> bool:
+    """Pickle or torch-zip magic, unless the bytes are a plausible safetensors header length (which can
+    begin with the same two bytes: a 640-byte header is b'\\x80\\x02...')."""
+    plausible_header = len(head) == 8 and 8 + struct.unpack("<Q", head)[0] <= size
+    return head.startswith(PICKLE_MAGIC) and not plausible_header
 
 
 def check_tree(directory: Path, listed: set[str]) -> None:

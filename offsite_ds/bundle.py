@@ -23,8 +23,8 @@ from offsite_ds.artifact_files import (MAX_HEADER_BYTES, check_file, check_tree,
 from offsite_ds.atomic import atomic_dir, write_json
 from offsite_ds.errors import ArtifactError, OffsiteError
 from offsite_ds.families import Family
-from offsite_ds.manifests import (ADAPTER_FORMAT, BUNDLE_FORMAT, FORMAT_VERSION, MANIFEST, MAX_DEPTH,
-                                  SAFETENSORS_DTYPES, TORCH_DTYPE_NAMES, AdapterManifest, BundleManifest, dump,
+from offsite_ds.manifests import (ADAPTER_FORMAT, BUNDLE_FORMAT, FORMAT_VERSION, MANIFEST,
+                                  TORCH_DTYPE_NAMES, AdapterManifest, BundleManifest, decode_json, dump,
                                   parse_manifest)
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -188,7 +188,8 @@ def read_model_config(model_dir: str | Path) -> dict:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise OffsiteError(f"{model_dir} is not a Hugging Face model directory (no config.json); pass a local model dir")
-    return read_json_listed(Path(model_dir), "config.json", MAX_JSON_BYTES)
+    with open(path, "rb") as f:  # the owner's own directory: links allowed (a hub cache snapshot is all links)
+        return decode_json(f.read(MAX_JSON_BYTES + 1)[:MAX_JSON_BYTES], str(path))
 
 
 # ------------------------------------------------------------------------------------- EmulatorBundle

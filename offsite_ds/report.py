@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from offsite_ds.bundle import load_adapter_package, load_bundle
+from offsite_ds.bundle import load_adapter_package, load_bundle, read_model_config
 from offsite_ds.emulator import load_owner_model
 from offsite_ds.evaluate import perplexity
 from offsite_ds.plugin import apply_to_emulator, load_model_dir, plug_in
@@ -25,7 +25,7 @@ def perplexity_rows(model_dir: str | Path, bundle_dir: str | Path, adapter_dir: 
     With `plugged_dir` the plug-in row scores that exported directory (what the owner would serve);
     without it the package is plugged into the full model in memory.
     """
-    package = load_adapter_package(adapter_dir)
+    package = load_adapter_package(adapter_dir, model_config=read_model_config(model_dir))  # before any load
     bundle = load_bundle(bundle_dir)
     tokenizer = bundle.tokenizer
 

@@ -181,3 +181,32 @@ def test_bundle_fingerprint_still_guards_the_file_list(seeds, tmp_path):
 
     code, last = _run(s["llama-bundle"], tmp_path, edit, "eval")
     assert code == 2 and "fingerprint does not match" in last
+
+
+def test_sharded_bf16_bundle_is_accepted_and_its_index_checked(seeds, tmp_path):
+    """The streamed writer's format: model-0000i-of-0000n.safetensors + index, in the checkpoint dtype."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _, s = seeds
+
+    def reshard(art, secret):
+        model = AutoModelForCausalLM.from_pretrained(art).to(torch.bfloat16)
+        (art / "model.safetensors").unlink()
+        model.save_pretrained(art, max_shard_size="40KB")
+        assert len(list(art.glob("model-*-of-*.safetensors"))) > 1
+        fuzz.relist(art)
+
+    code, last = _run(s["opt-bundle"], tmp_path / "ok", reshard, "eval")
+    assert code == 0, last
+
+    def bad_index(art, secret):
+        reshard(art, secret)
+        index = json.loads((art / "model.safetensors.index.json").read_text())
+        name = sorted(index["weight_map"])[0]
+        index["weight_map"][name] = "model-00009-of-00009.safetensors"
+        (art / "model.safetensors.index.json").write_text(json.dumps(index))
+        fuzz.relist(art)
+
+    code, last = _run(s["opt-bundle"], tmp_path / "bad", bad_index, "eval")
+    assert code == 2 and "weight_map" in last, last
