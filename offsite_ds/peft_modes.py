@@ -182,8 +182,11 @@ def merge_lora_(model: nn.Module) -> None:
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
             try:
-                module.merge(safe_merge=True)
-            except ValueError as exc:  # PEFT's safe_merge refuses NaN/Inf in the merged weight
-                raise OffsiteError(f"merging LoRA into '{name}' gives non-finite weights ({str(exc).splitlines()[0]}); "
-                                   "the LoRA tensors overflow, refusing them")
+                module.merge(safe_merge=True)  # PEFT raises ValueError on NaN; Inf it lets through
+                finite = bool(torch.isfinite(module.get_base_layer().weight).all())
+            except ValueError:
+                finite = False
+            if not finite:
+                raise OffsiteError(f"merging LoRA into '{name}' gives non-finite weights: the LoRA tensors overflow; "
+                                   "refusing them")
             set_path(model, name, module.get_base_layer())
