@@ -210,3 +210,22 @@ def test_sharded_bf16_bundle_is_accepted_and_its_index_checked(seeds, tmp_path):
 
     code, last = _run(s["opt-bundle"], tmp_path / "bad", bad_index, "eval")
     assert code == 2 and "weight_map" in last, last
+
+
+def test_plugin_refuses_before_loading_the_model(seeds, tmp_path, monkeypatch):
+    """Bounds that need the model (r vs. the targets' width) are checked on its config.json alone."""
+    import offsite_ds.emulator
+    from offsite_ds.errors import ArtifactError
+    from offsite_ds.plugin import plugin
+
+    _, s = seeds
+    art = tmp_path / "artifact"
+    shutil.copytree(s["opt-lora"].path, art)
+    _settings("r", 33)(art, None)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the full model was loaded before the package was validated")
+
+    monkeypatch.setattr(offsite_ds.emulator, "load_owner_model", no_load)
+    with pytest.raises(ArtifactError, match="exceeds min"):
+        plugin(s["opt-lora"].model, art, tmp_path / "out")
