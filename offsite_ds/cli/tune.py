@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 32)")
     p.add_argument("--lora-dropout", type=float, default=None)
     p.add_argument("--lora-targets", default=None, help="comma-separated module names (default: the family's q/v)")
-    p.add_argument("--bottleneck", type=int, default=None, help="Houlsby adapter bottleneck (default 64)")
+    p.add_argument("--bottleneck", type=int, default=None, help="Houlsby adapter bottleneck, at most the hidden size (default min(64, hidden))")
     p.add_argument("--eval-data", default=None, help="validation corpus: emulator perplexity, best adapter kept")
     p.add_argument("--max-eval-tokens", type=int, default=None, help="cap the validation tokens (speed)")
     p.add_argument("--max-train-blocks", type=int, default=None, help="use only the first N packed blocks")
