@@ -24,7 +24,8 @@ import struct
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 for _k, _v in {"TRITON_INTERPRET": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
@@ -53,7 +54,6 @@ class Outcome:
     stdout: str
     problem: str | None = None  # why the case failed the contract, None when it held
     mutation: str = ""
-    counts: dict = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------------ seeds
@@ -261,7 +261,6 @@ def mutate_header(d, st, path: Path, ctx) -> str:
 
 def mutate_values(d, st, path: Path, ctx) -> str:
     """Tensor values: NaN/Inf refused; denormals and large finite values are a correct package."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     rel = weight_file(path)
@@ -319,7 +318,8 @@ def mutate_files(d, st, path: Path, ctx) -> str:
             if rel != "offsite.json" and p.is_file() and not p.is_symlink():
                 manifest["files"][rel] = {"bytes": p.stat().st_size, "sha256": sha(p)}
         save(path, manifest)
-        relist(path) if "fingerprint" in manifest else None
+        if "fingerprint" in manifest:
+            relist(path)
     return f"files {kind} {name}"
 
 
@@ -432,8 +432,6 @@ def judge(code: int, stderr: str, command: str) -> str | None:
 
 def case(seed: Seed, mutation, d, st, root: Path, data_file: Path) -> Outcome:
     """Copy the seed, mutate it, run the receiver's command on it, and judge the outcome."""
-    import uuid
-
     workdir = root / uuid.uuid4().hex[:12]
     workdir.mkdir()
     secret = workdir / SECRET
@@ -461,6 +459,7 @@ def case(seed: Seed, mutation, d, st, root: Path, data_file: Path) -> Outcome:
 
 def verify_plugged(package_dir: Path, out: Path) -> None:
     """A plugged model: typed manifest, finite weights, the package's full-mode tensors in place."""
+    import torch
     from safetensors.torch import load_file
 
     from offsite_ds.manifests import PLUGGED_FORMAT, PluggedManifest
@@ -470,8 +469,6 @@ def verify_plugged(package_dir: Path, out: Path) -> None:
     weights = {}
     for f in sorted(out.glob("*.safetensors")):
         weights.update(load_file(str(f)))
-    import torch
-
     assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point()), "non-finite weights"
     if manifest.mode in ("full", "bitfit"):
         package = load_file(str(package_dir / "adapter.safetensors"))
