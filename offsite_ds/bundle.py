@@ -278,3 +278,8 @@ def load_adapter_package(directory: str | Path) -> AdapterPackage:
     verify_files(directory, manifest)
     tensors = read_safetensors(directory / ADAPTER_WEIGHTS, expected=table)
     return AdapterPackage(directory, tensors, manifest)
+
+
+def adapter_blocks(manifest: dict) -> list[int]:
+    """Original indices of the adapter blocks a package or bundle covers (both sides read it here)."""
+    return [manifest["block_map"][p] for p in manifest["adapter_positions"]]

@@ -82,7 +82,7 @@ def row_models(model_dir: str | Path, bundle_dir: str | Path, package: AdapterPa
     """
     from transformers import AutoTokenizer
 
-    from offsite_ds.emulator import load_owner_model
+    from offsite_ds.runtime import load_model
     from offsite_ds.plugin import apply_to_emulator, load_model_dir, plug_in
 
     def emulator():
@@ -94,7 +94,7 @@ def row_models(model_dir: str | Path, bundle_dir: str | Path, package: AdapterPa
         return apply_to_emulator(bundle, package), bundle.tokenizer
 
     def full():
-        return load_owner_model(model_dir), AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        return load_model(model_dir), AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
 
     def plugged():
         model, tokenizer = full()

@@ -11,8 +11,8 @@ import re
 import torch
 import torch.nn as nn
 
-from offsite_ds.errors import OffsiteError
-from offsite_ds.families import Family, family_of, get_path
+from offsite_ds.errors import OffsiteError, UnsupportedModelError
+from offsite_ds.families import Family, fan_in_fan_out, family_of, get_path, out_features
 
 MODES = ("full", "lora", "adapter", "bitfit")
 DEFAULTS = {
@@ -47,15 +47,6 @@ def _adapter_hook(module: nn.Module, _inputs, output):
     return module.bottleneck_adapter(output)
 
 
-def _out_features(module: nn.Module) -> int:
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    weight = getattr(module, "weight", None)  # GPT-2's Conv1D stores weight as [in, out]
-    if weight is not None and weight.dim() == 2:
-        return weight.shape[1] if type(module).__name__ == "Conv1D" else weight.shape[0]
-    raise OffsiteError(f"cannot attach a bottleneck adapter to {type(module).__name__}")
-
-
 def insert_bottleneck_adapters(model: nn.Module, positions: list[int], bottleneck: int) -> None:
     """Attach an adapter after the attention and MLP output projections of each listed block (Houlsby)."""
     family = family_of(model)
@@ -68,7 +59,11 @@ def insert_bottleneck_adapters(model: nn.Module, positions: list[int], bottlenec
             if hasattr(proj, "bottleneck_adapter"):
                 continue
             ref = next(proj.parameters())
-            proj.bottleneck_adapter = BottleneckAdapter(_out_features(proj), bottleneck).to(ref.device, ref.dtype)
+            try:
+                width = out_features(proj)
+            except UnsupportedModelError:
+                raise OffsiteError(f"cannot attach a bottleneck adapter to {type(proj).__name__}")
+            proj.bottleneck_adapter = BottleneckAdapter(width, bottleneck).to(ref.device, ref.dtype)
             proj.register_forward_hook(_adapter_hook)
 
 
@@ -78,6 +73,20 @@ def lora_target_regex(family: Family, positions: list[int], targets: list[str] |
     pos = "|".join(str(p) for p in positions)
     names = "|".join(re.escape(t) for t in targets)
     return rf"{blocks}\.({pos})\.(.*\.)?({names})"
+
+
+def lora_config(model: nn.Module, positions: list[int], settings: dict, task_type: str | None = None):
+    """The one PEFT LoraConfig for resolved LoRA `settings` on blocks `positions` of `model`.
+
+    Used to inject LoRA for training and to write the PEFT export, so both describe the same adapter.
+    """
+    from peft import LoraConfig
+
+    family = family_of(model)
+    return LoraConfig(r=int(settings["r"]), lora_alpha=float(settings["alpha"]),
+                      lora_dropout=float(settings["dropout"]),
+                      target_modules=lora_target_regex(family, positions, settings["targets"] or family.lora_targets),
+                      fan_in_fan_out=fan_in_fan_out(model), bias="none", task_type=task_type)
 
 
 def resolve_settings(mode: str, settings: dict | None) -> dict:
@@ -124,14 +133,11 @@ def apply_mode(model: nn.Module, positions: list[int], mode: str = "full", setti
                 if ".bottleneck_adapter." in f".{name}":
                     p.requires_grad_(True)
     elif mode == "lora":
-        from peft import LoraConfig, inject_adapter_in_model
+        from peft import inject_adapter_in_model
 
         targets = list(settings["targets"] or family.lora_targets)
         settings["targets"] = targets
-        config = LoraConfig(r=int(settings["r"]), lora_alpha=float(settings["alpha"]),
-                            lora_dropout=float(settings["dropout"]),
-                            target_modules=lora_target_regex(family, positions, targets),
-                            fan_in_fan_out=family.name == "gpt2", bias="none")
+        config = lora_config(model, positions, settings)
         try:
             inject_adapter_in_model(config, model, adapter_name=LORA_ADAPTER_NAME)
         except ValueError as exc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from offsite_ds.bundle import load_adapter_package, load_bundle
-from offsite_ds.emulator import load_owner_model
+from offsite_ds.runtime import load_model
 from offsite_ds.evaluate import perplexity
 from offsite_ds.plugin import apply_to_emulator, load_model_dir, plug_in
 
@@ -37,7 +37,7 @@ def perplexity_rows(model_dir: str | Path, bundle_dir: str | Path, adapter_dir: 
     rows = {"Emulator zero-shot": score(bundle.model)}
     rows["OT Emulator"] = score(apply_to_emulator(bundle, package))
     del bundle
-    full = load_owner_model(model_dir)
+    full = load_model(model_dir)
     rows["Full zero-shot"] = score(full)
     if plugged_dir is not None:
         del full

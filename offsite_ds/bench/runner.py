@@ -26,10 +26,12 @@ from pathlib import Path
 
 import torch
 
+from offsite_ds.atomic import utc_stamp
 from offsite_ds.bench.settings import SETTINGS, SettingSkipped, count_params, meta_model, parse_settings, prepare
 from offsite_ds.bench.shapes import ModelShape, resolve_shape
 from offsite_ds.errors import DataError, LayoutError, OffsiteError
 from offsite_ds.roles.base import Role
+from offsite_ds.runtime import Runtime
 
 DEFAULT_SETTINGS = tuple(SETTINGS)
 DS_OFFLOAD_CONFIG = Path(__file__).resolve().parents[2] / "ds_configs" / "zero3_offload.json"
@@ -164,18 +166,6 @@ def _cuda_reset(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _zero3_offload(case: dict, cfg, model_config):
-    """The owner's ZeRO-3 path (as `offsite-ds finetune` takes it): one-rank process group, the ds config
-    filled from the run, and the HfDeepSpeedConfig that makes transformers build the model sharded.
-    Returns (filled config, the object to keep alive while the model is built and trained)."""
-    from offsite_ds.ds_config import build_ds_config
-    from offsite_ds.zero3 import activate_zero3, init_distributed
-
-    init_distributed()
-    ds_config = build_ds_config(case["ds_config"], cfg, model_config=model_config, total_steps=cfg.steps)
-    return ds_config, activate_zero3(ds_config)
-
-
 def measure(case: dict) -> dict:
     """Build, train and time one case; raises on OOM (the caller records it)."""
     from offsite_ds.bench.devices import describe_device
@@ -193,26 +183,25 @@ def measure(case: dict) -> dict:
     cfg = TrainConfig(steps=case["warmup"] + case["steps"], lr=case["lr"], warmup_steps=0, batch_size=b,
                       grad_accum=1, max_grad_norm=1.0, seed=case["seed"], progress=False, log_every=0,
                       eval_every=0, save_every=0, device=str(device), precision="auto",
-                      extra={"torch_adam": device.type != "cuda"})  # no CPU-Adam JIT build on a CPU try-out
+                      deepspeed=case["ds_config"] if offload else None,
+                      torch_adam=device.type != "cuda")  # no CPU-Adam JIT build on a CPU try-out
     dtype = WEIGHT_DTYPES[case["weights"]]
-    build_on, keep_alive = device, None
-    if offload:
-        from offsite_ds.zero3 import model_dtype
-
-        cfg.deepspeed, keep_alive = _zero3_offload(case, cfg, shape.config)
-        build_on, dtype = None, model_dtype(cfg.deepspeed)  # zero.Init places the shards itself
-    _cuda_reset(device)
-    prepared = prepare(setting, shape.config, case.get("layout"), build_on, dtype,
-                       {"r": case["lora_r"], "alpha": case["lora_alpha"]}, seed=case["seed"])
-    model = prepared.model
-    flops = flops_per_token(prepared.flop_plan, s)
-    role = BenchRole(model, device)
-    loader = random_loader(int(shape.config.vocab_size), b, s, case["seed"])
-    _cuda_reset(device)
-    try:
-        summary = train(role, loader, cfg)
-    finally:
-        del keep_alive
+    build_on = device
+    # the owner's ZeRO-3 path (as `offsite-ds finetune` takes it): a one-rank process group, the ds config
+    # filled from the run, the model built sharded while the Runtime is open
+    with Runtime.from_config(cfg) as runtime:
+        if offload:
+            runtime.configure(cfg, shape.config)
+            build_on, dtype = None, runtime.weight_dtype  # zero.Init places the shards itself
+        _cuda_reset(device)
+        prepared = prepare(setting, shape.config, case.get("layout"), build_on, dtype,
+                           {"r": case["lora_r"], "alpha": case["lora_alpha"]}, seed=case["seed"])
+        model = prepared.model
+        flops = flops_per_token(prepared.flop_plan, s)
+        role = BenchRole(model, device)
+        loader = random_loader(int(shape.config.vocab_size), b, s, case["seed"])
+        _cuda_reset(device)
+        summary = train(role, loader, cfg, runtime)
     peak_alloc = peak_reserved = None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -480,7 +469,7 @@ def run_suite(spec: BenchSpec, out_dir: str | Path | None = None, command: str |
     suite.on_record = keep
     suite.run()
     results["status"] = "complete"
-    results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    results["finished"] = utc_stamp()
     write_report(results, out)
     results["out_dir"] = str(out)
     return results

@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from offsite_ds.peft_modes import MODES
 from offsite_ds.report import ROWS, claims, format_claims, format_rows
 
 __all__ = ["ROWS", "DemoSettings", "claims", "format_table", "run_demo"]
@@ -133,7 +134,7 @@ def run_demo(model_dir: str | Path, train_file: str | Path, eval_files: dict[str
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = DemoSettings()
     p.add_argument("--layout", default=d.layout, help=f"emulator layout L-K-R of the 30-block model ({d.layout})")
-    p.add_argument("--mode", default=d.mode, choices=["full", "lora", "adapter", "bitfit"])
+    p.add_argument("--mode", default=d.mode, choices=MODES)
     p.add_argument("--steps", type=int, default=d.steps, help=f"tuning steps ({d.steps})")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--warmup", type=int, default=d.warmup)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from offsite_ds.runtime import Runtime
+
 
 class Role:
     """A training role. Subclasses set `name`, freeze what they must, and implement `export`.
@@ -10,13 +12,16 @@ class Role:
     `model` is the nn.Module the engine wraps (DeepSpeed or plain torch); the loop calls
     `compute_loss(engine, batch)` with the engine as a callable model, `evaluate(module)` every
     `eval_every` steps and at the end (on every rank), and `export(module, summary)` whenever the
-    evaluation improves (or at the end when `evaluate` returns None).
+    evaluation improves (or at the end when `evaluate` returns None). Per-micro-batch metrics returned
+    by `compute_loss` are averaged over each optimizer step by the loop (the summary's `final_metrics`).
+    `runtime` says which rank writes exports (a plain one-process Runtime when not given).
     """
 
     name = "train"
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, runtime: Runtime | None = None):
         self.model = model
+        self.runtime = runtime or Runtime()
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
