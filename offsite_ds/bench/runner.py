@@ -28,7 +28,7 @@ import torch
 
 from offsite_ds.atomic import utc_stamp
 from offsite_ds.bench.settings import SETTINGS, SettingSkipped, count_params, meta_model, parse_settings, prepare
-from offsite_ds.bench.shapes import ModelShape, resolve_shape
+from offsite_ds.bench.shapes import BenchModel, resolve_shape
 from offsite_ds.errors import DataError, LayoutError, OffsiteError
 from offsite_ds.roles.base import Role
 from offsite_ds.runtime import Runtime
@@ -86,7 +86,7 @@ class BenchSpec:
         parse_settings(self.settings)
 
 
-def parse_layouts(spec: str | None, shapes: list[ModelShape]) -> dict[str, str | None]:
+def parse_layouts(spec: str | None, shapes: list[BenchModel]) -> dict[str, str | None]:
     """`--layout 2-8-2` for every model, or `opt-1.3b=2-8-2,gpt2-xl=2-16-2`; unnamed models get the paper's."""
     chosen = {s.name: s.default_layout for s in shapes}
     if not spec:
@@ -312,7 +312,7 @@ def ft_fits(params: int, weights: str, gpu_bytes: int) -> tuple[bool, str]:
                    f"params x {FT_BYTES_PER_PARAM[weights]} B); the GPU has {gpu_bytes / 2**30:.0f} GiB")
 
 
-def ft_needs_offload(shape: ModelShape, spec: BenchSpec, device: torch.device) -> tuple[bool, str]:
+def ft_needs_offload(shape: BenchModel, spec: BenchSpec, device: torch.device) -> tuple[bool, str]:
     """Whether full fine-tuning of `shape` should run with ZeRO-3 CPU offload, and why."""
     if device.type != "cuda" or spec.ft_offload == "off":
         return False, ""
@@ -368,7 +368,7 @@ class Suite:
         runner = run_case_isolated if self.isolate else run_case_inline
         return runner(case)
 
-    def _measure_one(self, shape: ModelShape, case: dict, retry_offloaded: bool = True) -> dict:
+    def _measure_one(self, shape: BenchModel, case: dict, retry_offloaded: bool = True) -> dict:
         """One case; FT goes to ZeRO-3 offload when it cannot fit (by estimate, or by running out of memory)."""
         outcome: dict
         if case["setting"] == "ft":
@@ -391,7 +391,7 @@ class Suite:
             return retry
         return outcome
 
-    def _search_max(self, shape: ModelShape, case: dict) -> dict:
+    def _search_max(self, shape: BenchModel, case: dict) -> dict:
         """Double the batch from 1 until it runs out of memory (or reaches --max-batch); keep the largest."""
         best, tried, first_oom = None, [], None
         batch = 1
