@@ -170,14 +170,47 @@ def rename_blocks(names_to_tensors: dict[str, torch.Tensor], family: Family, ind
     return out
 
 
-@torch.no_grad()
-def merge_lora_(model: nn.Module) -> None:
-    """Fold LoRA into the base weights and drop the LoRA wrappers, restoring plain module names."""
+def lora_layers(model: nn.Module) -> dict[str, tuple[float, bool]]:
+    """Module name -> (scaling, fan_in_fan_out) of every LoRA-wrapped layer."""
     from peft.tuners.lora import LoraLayer
 
+    return {name: (float(m.scaling[LORA_ADAPTER_NAME]), bool(getattr(m, "fan_in_fan_out", False)))
+            for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+@torch.no_grad()
+def merge_lora_state(state: dict[str, torch.Tensor], layers: dict[str, tuple[float, bool]]) -> dict[str, torch.Tensor]:
+    """Fold LoRA into a gathered state dict: W + scaling * B @ A, plain module names, no LoRA tensors.
+
+    Works on the state dict rather than the live modules, so a sharded model needs no in-place merge.
+    """
+    merged = dict(state)
+    for name, (scaling, fan_in_fan_out) in layers.items():
+        base = merged.pop(f"{name}.base_layer.weight")
+        a = merged.pop(f"{name}.lora_A.{LORA_ADAPTER_NAME}.weight").float()
+        b = merged.pop(f"{name}.lora_B.{LORA_ADAPTER_NAME}.weight").float()
+        delta = (b @ a) * scaling
+        merged[f"{name}.weight"] = (base.float() + (delta.T if fan_in_fan_out else delta)).to(base.dtype)
+        if f"{name}.base_layer.bias" in merged:
+            merged[f"{name}.bias"] = merged.pop(f"{name}.base_layer.bias")
+    leftover = [k for k in merged if ".lora_" in k or ".base_layer." in k]
+    if leftover:
+        raise OffsiteError(f"LoRA tensor '{leftover[0]}' could not be merged; this is a bug in the export")
+    return merged
+
+
+@torch.no_grad()
+def merge_lora_(model: nn.Module) -> None:
+    """Fold LoRA into the live model's base weights and drop the LoRA wrappers (plain module names again).
+
+    The same merge as an exported state dict gets (`merge_lora_state`), loaded into the unwrapped layers.
+    """
     from offsite_ds.families import set_path
 
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLayer):
-            module.merge(safe_merge=True)
-            set_path(model, name, module.get_base_layer())
+    layers = lora_layers(model)
+    if not layers:
+        return
+    merged = merge_lora_state(model.state_dict(), layers)
+    for name in layers:
+        set_path(model, name, get_path(model, name).get_base_layer())
+    model.load_state_dict(merged, strict=True)

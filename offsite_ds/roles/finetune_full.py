@@ -14,10 +14,9 @@ import torch.nn as nn
 
 from offsite_ds.atomic import atomic_dir, utc_stamp, write_json
 from offsite_ds.data import load_blocks
-from offsite_ds.errors import OffsiteError
 from offsite_ds.evaluate import token_nll
 from offsite_ds.families import blocks_of, family_of
-from offsite_ds.peft_modes import LORA_ADAPTER_NAME, apply_mode
+from offsite_ds.peft_modes import apply_mode, lora_layers, merge_lora_state
 from offsite_ds.roles.base import Role
 from offsite_ds.runtime import Runtime
 from offsite_ds.train import TrainConfig, for_output, train
@@ -25,35 +24,6 @@ from offsite_ds.zero3 import enable_activation_checkpointing, gathered_state_dic
 
 FINETUNED_FORMAT = "offsite-ds.finetuned-model"
 FINETUNED_MANIFEST = "offsite.json"
-
-
-def lora_layers(model: nn.Module) -> dict[str, tuple[float, bool]]:
-    """Module name -> (scaling, fan_in_fan_out) of every LoRA-wrapped layer."""
-    from peft.tuners.lora import LoraLayer
-
-    return {name: (float(m.scaling[LORA_ADAPTER_NAME]), bool(getattr(m, "fan_in_fan_out", False)))
-            for name, m in model.named_modules() if isinstance(m, LoraLayer)}
-
-
-@torch.no_grad()
-def merge_lora_state(state: dict[str, torch.Tensor], layers: dict[str, tuple[float, bool]]) -> dict[str, torch.Tensor]:
-    """Fold LoRA into a gathered state dict: W + scaling * B @ A, plain module names, no LoRA tensors.
-
-    Works on the state dict rather than the live modules, so a sharded model needs no in-place merge.
-    """
-    merged = dict(state)
-    for name, (scaling, fan_in_fan_out) in layers.items():
-        base = merged.pop(f"{name}.base_layer.weight")
-        a = merged.pop(f"{name}.lora_A.{LORA_ADAPTER_NAME}.weight").float()
-        b = merged.pop(f"{name}.lora_B.{LORA_ADAPTER_NAME}.weight").float()
-        delta = (b @ a) * scaling
-        merged[f"{name}.weight"] = (base.float() + (delta.T if fan_in_fan_out else delta)).to(base.dtype)
-        if f"{name}.base_layer.bias" in merged:
-            merged[f"{name}.bias"] = merged.pop(f"{name}.base_layer.bias")
-    leftover = [k for k in merged if ".lora_" in k or ".base_layer." in k]
-    if leftover:
-        raise OffsiteError(f"LoRA tensor '{leftover[0]}' could not be merged; this is a bug in the export")
-    return merged
 
 
 class FinetuneFull(Role):
