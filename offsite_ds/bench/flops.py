@@ -147,7 +147,3 @@ def flops_per_token(plan: FlopPlan, seq_len: int, causal: bool = True) -> dict:
                     + out["head"] + out["other"])
     out["attention_context"] = "causal (s+1)/2" if causal else "full s"
     return out
-
-
-def model_flops_per_token(model: nn.Module, seq_len: int, causal: bool = True) -> dict:
-    return flops_per_token(plan_from_model(model), seq_len, causal)
