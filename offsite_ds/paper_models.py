@@ -11,25 +11,21 @@ from pathlib import Path
 
 from offsite_ds.errors import OffsiteError
 
+_OPT = dict(max_position_embeddings=2048, vocab_size=50272, do_layer_norm_before=True, activation_function="relu",
+            dropout=0.1, attention_dropout=0.0, activation_dropout=0.0, enable_bias=True, pad_token_id=1,
+            bos_token_id=2, eos_token_id=2, tie_word_embeddings=True)  # what OPT-1.3B and OPT-6.7B share
+
 # name -> (model_type, config fields, the paper's OT layout for it)
 PAPER_MODELS: dict[str, tuple[str, dict, str]] = {
-    "opt-1.3b": ("opt", dict(hidden_size=2048, num_hidden_layers=24, ffn_dim=8192, num_attention_heads=32,
-                             word_embed_proj_dim=2048, vocab_size=50272, max_position_embeddings=2048,
-                             do_layer_norm_before=True, activation_function="relu", dropout=0.1,
-                             attention_dropout=0.0, activation_dropout=0.0, enable_bias=True,
-                             pad_token_id=1, bos_token_id=2, eos_token_id=2, tie_word_embeddings=True),
-                 "2-8-2"),
+    "opt-1.3b": ("opt", dict(_OPT, hidden_size=2048, num_hidden_layers=24, ffn_dim=8192, num_attention_heads=32,
+                             word_embed_proj_dim=2048), "2-8-2"),
     "gpt2-xl": ("gpt2", dict(n_embd=1600, n_layer=48, n_head=25, n_positions=1024, vocab_size=50257,
                              activation_function="gelu_new", resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
                              layer_norm_epsilon=1e-5, bos_token_id=50256, eos_token_id=50256,
                              tie_word_embeddings=True),
                 "2-16-2"),
-    "opt-6.7b": ("opt", dict(hidden_size=4096, num_hidden_layers=32, ffn_dim=16384, num_attention_heads=32,
-                             word_embed_proj_dim=4096, vocab_size=50272, max_position_embeddings=2048,
-                             do_layer_norm_before=True, activation_function="relu", dropout=0.1,
-                             attention_dropout=0.0, activation_dropout=0.0, enable_bias=True,
-                             pad_token_id=1, bos_token_id=2, eos_token_id=2, tie_word_embeddings=True),
-                 "2-18-2"),
+    "opt-6.7b": ("opt", dict(_OPT, hidden_size=4096, num_hidden_layers=32, ffn_dim=16384, num_attention_heads=32,
+                             word_embed_proj_dim=4096), "2-18-2"),
     "bloom-7b1": ("bloom", dict(hidden_size=4096, n_layer=30, n_head=32, vocab_size=250880,
                                 layer_norm_epsilon=1e-5, apply_residual_connection_post_layernorm=False,
                                 hidden_dropout=0.0, attention_dropout=0.0, bos_token_id=1, eos_token_id=2,

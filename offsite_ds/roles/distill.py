@@ -21,7 +21,7 @@ from offsite_ds.bundle import check_bundle, save_bundle
 from offsite_ds.data import load_blocks
 from offsite_ds.errors import ArtifactError, OffsiteError
 from offsite_ds.families import block_prefix, family_of, get_path
-from offsite_ds.roles.base import Role
+from offsite_ds.roles.base import Role, owner_corpus
 from offsite_ds.runtime import Runtime
 from offsite_ds.train import TrainConfig, for_output, train
 from offsite_ds.zero3 import enable_activation_checkpointing, gathered_state_dict, tensors_equal
@@ -249,12 +249,9 @@ def distill(model_dir: str | Path, bundle_dir: str | Path, data: str | Path, out
     if kd_weight < 0 or lm_weight < 0 or kd_weight + lm_weight == 0:
         raise OffsiteError(f"--kd-weight {kd_weight} and --lm-weight {lm_weight} must be >= 0, not both 0")
     manifest = check_bundle(bundle_dir)  # validate the bundle before loading anything large
-    from transformers import AutoTokenizer
-
     with Runtime.from_config(cfg) as runtime:
-        runtime.prepare_model(cfg, model_dir, seq_len)
-        tokenizer = AutoTokenizer.from_pretrained(bundle_dir, local_files_only=True, trust_remote_code=False)
-        blocks, fingerprint = load_blocks(data, tokenizer, seq_len, text_field, max_train_blocks)
+        tokenizer, loader, fingerprint = owner_corpus(runtime, cfg, model_dir, bundle_dir, data, seq_len, text_field,
+                                                      max_train_blocks)
         eval_blocks = None
         if eval_data is not None:
             eval_blocks, _ = load_blocks(eval_data, tokenizer, seq_len, text_field, max_eval_blocks)
@@ -264,4 +261,4 @@ def distill(model_dir: str | Path, bundle_dir: str | Path, data: str | Path, out
                     "seq_len": seq_len, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
                     "world_size": runtime.world, "data_fingerprint": fingerprint, "zero_stage": runtime.zero_stage}
         role = Distill(model, manifest, tokenizer, out_dir, settings, eval_blocks, runtime=runtime)
-        return train(role, runtime.block_loader(blocks, cfg), cfg, runtime)
+        return train(role, loader, cfg, runtime)

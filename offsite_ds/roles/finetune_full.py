@@ -17,7 +17,7 @@ from offsite_ds.data import load_blocks
 from offsite_ds.evaluate import token_nll
 from offsite_ds.families import blocks_of, family_of
 from offsite_ds.peft_modes import apply_mode, lora_layers, merge_lora_state
-from offsite_ds.roles.base import Role
+from offsite_ds.roles.base import Role, owner_corpus
 from offsite_ds.runtime import Runtime
 from offsite_ds.train import TrainConfig, for_output, train
 from offsite_ds.zero3 import enable_activation_checkpointing, gathered_state_dict
@@ -68,12 +68,9 @@ def finetune(model_dir: str | Path, data: str | Path, out_dir: str | Path, lora:
              max_eval_tokens: int | None = None, gradient_checkpointing: bool = False) -> dict:
     """Owner's `finetune`: the full model (sharded under ZeRO-3) trained on a corpus -> plain HF dir at out_dir."""
     cfg = for_output(cfg or TrainConfig(), out_dir)
-    from transformers import AutoTokenizer
-
     with Runtime.from_config(cfg) as runtime:
-        runtime.prepare_model(cfg, model_dir, seq_len)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
-        blocks, fingerprint = load_blocks(data, tokenizer, seq_len, text_field, max_train_blocks)
+        tokenizer, loader, fingerprint = owner_corpus(runtime, cfg, model_dir, model_dir, data, seq_len, text_field,
+                                                      max_train_blocks)
         eval_ids = None
         if eval_data is not None:
             eval_blocks, _ = load_blocks(eval_data, tokenizer, seq_len, text_field)
@@ -92,4 +89,4 @@ def finetune(model_dir: str | Path, data: str | Path, out_dir: str | Path, lora:
                   "world_size": runtime.world, "seq_len": seq_len}
         role = FinetuneFull(model, tokenizer, out_dir, "lora" if lora else "full", settings, record, eval_ids,
                             seq_len, runtime=runtime)
-        return train(role, runtime.block_loader(blocks, cfg), cfg, runtime)
+        return train(role, loader, cfg, runtime)
