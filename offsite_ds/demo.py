@@ -70,14 +70,13 @@ def run_demo(model_dir: str | Path, train_file: str | Path, eval_files: dict[str
     `started` (a `time.perf_counter()` from before the model and corpus were prepared) adds that
     preparation and the whole command's wall time to the timings.
     """
-    from transformers import AutoConfig
-
     from offsite_ds.atomic import write_json
     from offsite_ds.data import load_texts, max_positions
     from offsite_ds.emulator import make_bundle
     from offsite_ds.plugin import plugin
     from offsite_ds.report import perplexity_rows
     from offsite_ds.roles.tune_adapter import tune
+    from offsite_ds.runtime import load_model_config
     from offsite_ds.train import TrainConfig
 
     s = settings or DemoSettings()
@@ -112,7 +111,7 @@ def run_demo(model_dir: str | Path, train_file: str | Path, eval_files: dict[str
         f"{', '.join(eval_files)}")
     t = time.perf_counter()
     texts = {split: load_texts(path) for split, path in eval_files.items()}
-    limit = max_positions(AutoConfig.from_pretrained(model_dir, local_files_only=True))
+    limit = max_positions(load_model_config(model_dir))
     rows = perplexity_rows(model_dir, bundle_dir, out / "adapter", texts, seq_len=min(s.eval_seq_len, limit or
                            s.eval_seq_len), max_tokens=s.eval_tokens, plugged_dir=plugged_dir)
     timings["evaluate_s"] = time.perf_counter() - t

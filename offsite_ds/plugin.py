@@ -151,8 +151,9 @@ def load_model_dir(directory: str | Path, dtype: torch.dtype = torch.float32):
         for p in model.parameters():
             p.requires_grad_(False)
         return model.eval(), tokenizer
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, local_files_only=True)
-    return model.eval(), tokenizer
+    from offsite_ds.runtime import load_model
+
+    return load_model(path, dtype), tokenizer
 
 
 def _is_tied(model, name: str) -> bool:

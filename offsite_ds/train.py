@@ -333,6 +333,35 @@ def _progress_bar(cfg: TrainConfig, role, total: int, start_step: int, runtime: 
     return tqdm(total=total, initial=start_step, desc=getattr(role, "name", "train"), dynamic_ncols=True)
 
 
+def _micro_step(role, engine, batch: dict, state: dict, window: _StepWindow, world: int) -> bool:
+    """Forward and backward one micro-batch; True when the optimizer stepped."""
+    batch = {k: v.to(engine.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    with engine.autocast():
+        loss, metrics = role.compute_loss(engine, batch)
+    if not torch.isfinite(loss):
+        raise OffsiteError(f"loss became {loss.item()} at step {state['step']}; lower --lr or check the data")
+    stepped = engine.backward_and_step(loss)
+    state["tokens"] += int(batch["attention_mask"].sum()) * world if "attention_mask" in batch else 0
+    window.add(loss, metrics)
+    return stepped
+
+
+def _record_step(state: dict, means: dict, engine, cfg: TrainConfig, bar, run) -> None:
+    """Count the optimizer step; progress bar, loss history and W&B get its mean loss and metrics."""
+    state["step"] += 1
+    state["last_loss"] = means.pop("loss")
+    state["last_metrics"] = means
+    log = {"loss": state["last_loss"], "lr": engine.lr(), "grad_norm": engine.last_grad_norm,
+           "tokens": state["tokens"], **means}
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{log['loss']:.4f}", lr=f"{log['lr']:.2e}")
+    if cfg.log_every and state["step"] % cfg.log_every == 0:
+        state["history"].append({"step": state["step"], "loss": round(log["loss"], 6)})
+    if run is not None:
+        run.log(log, step=state["step"])
+
+
 def _train(role, loader, cfg: TrainConfig, runtime: Runtime) -> dict:
     total = cfg.total_steps(len(loader))
     torch.manual_seed(cfg.seed)
@@ -344,40 +373,18 @@ def _train(role, loader, cfg: TrainConfig, runtime: Runtime) -> dict:
     state = _resume_state(engine, cfg, ckpt_root, runtime)
     run = _wandb_init(cfg, role, total) if (cfg.wandb and runtime.is_main) else None
     bar = _progress_bar(cfg, role, total, state["step"], runtime)
-    start = time.time()
-    window = _StepWindow()
-    summary_extra: dict = {}
+    start, window, summary_extra = time.time(), _StepWindow(), {}
     role.model.train()
     with _Preemption() as preempt:
         batches = loader.iterate(state["micro"])
         while state["step"] < total:
             micro, batch = next(batches)
-            batch = {k: v.to(engine.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            with engine.autocast():
-                loss, metrics = role.compute_loss(engine, batch)
-            if not torch.isfinite(loss):
-                raise OffsiteError(f"loss became {loss.item()} at step {state['step']}; lower --lr or check the data")
-            stepped = engine.backward_and_step(loss)
+            stepped = _micro_step(role, engine, batch, state, window, runtime.world)
             state["micro"] = micro + 1
-            state["tokens"] += int(batch["attention_mask"].sum()) * runtime.world if "attention_mask" in batch else 0
-            window.add(loss, metrics)
             if not stepped:
                 continue
-            state["step"] += 1
-            means = window.close()
-            state["last_loss"] = means.pop("loss")
-            state["last_metrics"] = means
-            log = {"loss": state["last_loss"], "lr": engine.lr(), "grad_norm": engine.last_grad_norm,
-                   "tokens": state["tokens"], **means}
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{log['loss']:.4f}", lr=f"{log['lr']:.2e}")
-            if cfg.log_every and state["step"] % cfg.log_every == 0:
-                state["history"].append({"step": state["step"], "loss": round(log["loss"], 6)})
-            if run is not None:
-                run.log(log, step=state["step"])
-            last = state["step"] == total
-            stop = preempt.agreed()
+            _record_step(state, window.close(), engine, cfg, bar, run)
+            last, stop = state["step"] == total, preempt.agreed()
             if (cfg.eval_every and state["step"] % cfg.eval_every == 0) or last:
                 summary_extra.update(_evaluate_and_keep_best(role, engine, state, run, start, total))
                 role.model.train()
