@@ -26,6 +26,7 @@ from offsite_ds.families import Family
 from offsite_ds.manifests import (ADAPTER_FORMAT, BUNDLE_FORMAT, FORMAT_VERSION, MANIFEST,
                                   TORCH_DTYPE_NAMES, AdapterManifest, BundleManifest, decode_json, dump,
                                   parse_manifest)
+from offsite_ds.zero3 import full_shape
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 PEFT_DIR = "peft"
@@ -65,7 +66,7 @@ def fingerprint_model(model: torch.nn.Module, sample_bytes: int = 1 << 16) -> st
     """
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        shape = tuple(getattr(tensor, "ds_shape", tensor.shape))
+        shape = tuple(full_shape(tensor))
         h.update(f"{name}|{shape}|{tensor.dtype}|".encode())
         if tensor.numel() == 0:
             continue
@@ -185,9 +186,9 @@ def meta_model(config: dict, dtype: torch.dtype, where: str) -> torch.nn.Module:
 
 def read_model_config(model_dir: str | Path) -> dict:
     """The owner's config.json read as JSON (bounded), before any model is loaded."""
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise OffsiteError(f"{model_dir} is not a Hugging Face model directory (no config.json); pass a local model dir")
+    from offsite_ds.runtime import require_model_dir
+
+    path = require_model_dir(model_dir) / "config.json"
     with open(path, "rb") as f:  # the owner's own directory: links allowed (a hub cache snapshot is all links)
         return decode_json(f.read(MAX_JSON_BYTES + 1)[:MAX_JSON_BYTES], str(path))
 
@@ -367,13 +368,13 @@ def save_adapter_package(tensors: dict[str, torch.Tensor], manifest: dict, out_d
 
 def block_linears(block: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """Name -> (in, out) of every linear layer inside a block (nn.Linear and GPT-2's Conv1D)."""
-    from transformers.pytorch_utils import Conv1D
+    from offsite_ds.families import is_transposed_linear
 
     out = {}
     for name, m in block.named_modules():
         if isinstance(m, torch.nn.Linear):
             out[name] = (m.in_features, m.out_features)
-        elif isinstance(m, Conv1D):
+        elif is_transposed_linear(m):  # stores [in, out]
             out[name] = tuple(m.weight.shape)
     return out
 

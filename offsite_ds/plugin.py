@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from offsite_ds.artifact_files import read_json_listed
 from offsite_ds.atomic import atomic_dir, write_json
 from offsite_ds.bundle import (PEFT_FILES, AdapterPackage, Bundle, fingerprint_model, load_adapter_package,
                                read_model_config, read_safetensors)
 from offsite_ds.errors import ArtifactError, OffsiteError
 from offsite_ds.families import family_of, get_path
 from offsite_ds.manifests import MANIFEST as PLUGGED_MANIFEST
-from offsite_ds.artifact_files import read_json_listed
 from offsite_ds.manifests import PLUGGED_FORMAT, PluggedManifest, dump, parse_manifest
 from offsite_ds.peft_modes import apply_mode, canonical_name, merge_lora_, rename_blocks
 
@@ -96,11 +96,11 @@ def apply_to_emulator(bundle: Bundle, package: AdapterPackage) -> torch.nn.Modul
 
 def plugin(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:
     """Owner's `plugin` command: validate, plug in, export a model dir that `from_pretrained` loads."""
-    from offsite_ds.emulator import load_owner_model
+    from offsite_ds.runtime import load_model
 
     # validate the package in full against the owner's config.json before loading a large model
     package = load_adapter_package(adapter_dir, model_config=read_model_config(model_dir))
-    model = load_owner_model(model_dir)
+    model = load_model(model_dir)
     plug_in(model, package)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     with atomic_dir(out_dir) as tmp:
@@ -126,9 +126,9 @@ def load_model_dir(directory: str | Path, dtype: torch.dtype = torch.float32):
     """
     from offsite_ds.bundle import BUNDLE_FORMAT, MAX_MANIFEST_BYTES, load_bundle
 
-    path = Path(directory)
-    if not (path / "config.json").is_file():
-        raise OffsiteError(f"{path} is not a model directory (no config.json)")
+    from offsite_ds.runtime import require_model_dir
+
+    path = require_model_dir(directory)
     fmt, manifest = None, None
     if os.path.lexists(path / PLUGGED_MANIFEST):  # read without following links: it may be a hostile bundle
         raw = read_json_listed(path, PLUGGED_MANIFEST, MAX_MANIFEST_BYTES)
@@ -154,8 +154,9 @@ def load_model_dir(directory: str | Path, dtype: torch.dtype = torch.float32):
         for p in model.parameters():
             p.requires_grad_(False)
         return model.eval(), tokenizer
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, local_files_only=True)
-    return model.eval(), tokenizer
+    from offsite_ds.runtime import load_model
+
+    return load_model(path, dtype), tokenizer
 
 
 def _is_tied(model, name: str) -> bool:

@@ -214,7 +214,7 @@ def test_sharded_bf16_bundle_is_accepted_and_its_index_checked(seeds, tmp_path):
 
 def test_plugin_refuses_before_loading_the_model(seeds, tmp_path, monkeypatch):
     """Bounds that need the model (r vs. the targets' width) are checked on its config.json alone."""
-    import offsite_ds.emulator
+    import offsite_ds.runtime
     from offsite_ds.errors import ArtifactError
     from offsite_ds.plugin import plugin
 
@@ -226,6 +226,6 @@ def test_plugin_refuses_before_loading_the_model(seeds, tmp_path, monkeypatch):
     def no_load(*args, **kwargs):
         raise AssertionError("the full model was loaded before the package was validated")
 
-    monkeypatch.setattr(offsite_ds.emulator, "load_owner_model", no_load)
+    monkeypatch.setattr(offsite_ds.runtime, "load_model", no_load)
     with pytest.raises(ArtifactError, match="exceeds min"):
         plugin(s["opt-lora"].model, art, tmp_path / "out")
