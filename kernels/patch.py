@@ -27,12 +27,15 @@ from offsite_ds.families import Family, family_of, get_path
 from offsite_ds.kernels.bias_activation import ACTIVATIONS, linear_bias_activation, reference_bias_activation
 from offsite_ds.kernels.layer_norm import layer_norm, reference_layer_norm, reference_rms_norm, rms_norm
 from offsite_ds.kernels.linear_cross_entropy import linear_cross_entropy
-from offsite_ds.kernels.lora_linear import lora_linear
+from offsite_ds.kernels.lora_linear import DEFAULT_GEMM, GEMMS, lora_linear
 from offsite_ds.kernels.runtime import INTERPRETING
 
 HANDLE_ATTR = "_offsite_kernels"
 IGNORE_INDEX = -100
 PARTS = ("loss", "norms", "mlp", "lora", "attention")
+# "mlp" (fused bias + activation) moves as many bytes as eager's cuBLAS epilogue + activation; it is kept
+# selectable but off by default until a GPU measurement (scripts/gpu_acceptance.sh) shows it faster.
+DEFAULT_PARTS = ("loss", "norms", "lora", "attention")
 
 
 @dataclass
@@ -61,11 +64,12 @@ class PatchHandle:
 
 
 def kernels_enabled(choice: str) -> bool:
-    """`--kernels auto|on|off`: auto = on when CUDA is present. 'on' refuses where no kernel can run."""
+    """`--kernels auto|on|off`: auto = on when CUDA is present (never for the interpreter, a debugging aid).
+    'on' refuses where no kernel can run."""
     if choice == "off":
         return False
     if choice == "auto":
-        return torch.cuda.is_available()
+        return torch.cuda.is_available() and not INTERPRETING
     if choice == "on":
         if torch.cuda.is_available() or INTERPRETING:
             return True
@@ -74,6 +78,24 @@ def kernels_enabled(choice: str) -> bool:
         raise OffsiteError(f"--kernels on: the Triton kernels need a CUDA GPU and {why}; use --kernels auto or off "
                            "(or set TRITON_INTERPRET=1 before starting, for the slow CPU interpreter)")
     raise OffsiteError(f"--kernels {choice}: choose auto, on or off")
+
+
+def patch_for_training(model: nn.Module, choice: str, zero3: bool = False) -> PatchHandle | None:
+    """What `tune --kernels CHOICE` does to the model before training; None when nothing is patched.
+
+    ZeRO-3 partitions every weight outside its module's forward, and the fused loss and LoRA kernels read
+    the head and base weights from outside (the probes too): under ZeRO-3, 'on' is refused and 'auto'
+    leaves the model alone (it says so).
+    """
+    if not kernels_enabled(choice):
+        return None
+    if zero3:
+        if choice == "on":
+            raise OffsiteError("--kernels on cannot run under ZeRO-3 (the fused loss/LoRA kernels read weights "
+                               "ZeRO-3 partitions); use --kernels off, or a ZeRO-2 config with --kernels on")
+        print("kernels: off under ZeRO-3 (the fused loss/LoRA kernels read partitioned weights)", flush=True)
+        return None
+    return patch(model)
 
 
 # ---------------------------------------------------------------- probes: does the module do our maths?
@@ -308,10 +330,10 @@ def _lora_forward(self, x, *args, **kwargs):
     x_lora = self.lora_dropout[name](x)
     return lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
                        self.scaling[name], weight_is_in_out=_is_conv1d(base),
-                       x_lora=None if x_lora is x else x_lora)
+                       x_lora=None if x_lora is x else x_lora, gemm=self._offsite_lora_gemm)
 
 
-def _patch_lora(model: nn.Module, handle: PatchHandle) -> None:
+def _patch_lora(model: nn.Module, handle: PatchHandle, gemm: str) -> None:
     lora_type = _lora_layer_type()
     if lora_type is None:
         return
@@ -324,15 +346,17 @@ def _patch_lora(model: nn.Module, handle: PatchHandle) -> None:
             continue
         x = _probe_input(module.base_layer, module.lora_A[module.active_adapters[0]].weight.shape[1])
         module._offsite_original_forward = module.forward
+        module._offsite_lora_gemm = gemm
         with torch.no_grad():
             expected = module(x)
             got = _lora_forward(module, x)  # the fused forward itself, reference backend on CPU
         if not _matches(expected, got):
-            del module._offsite_original_forward
+            del module._offsite_original_forward, module._offsite_lora_gemm
             handle.skipped[name] = "LoRA layer computes something else (probe mismatch): kept"
             continue
         _swap_forward(handle, module, _lora_forward)
-        handle._undo.append(lambda m=module: m.__dict__.pop("_offsite_original_forward", None))
+        handle._undo.append(lambda m=module: [m.__dict__.pop(k, None) for k in ("_offsite_original_forward",
+                                                                                "_offsite_lora_gemm")])
         handle.swapped[name] = "lora_linear"
 
 
@@ -399,14 +423,18 @@ def _patch_loss(model: nn.Module, family: Family, handle: PatchHandle) -> None:
 
 # ---------------------------------------------------------------- entry points
 
-def patch(model: nn.Module, parts: tuple[str, ...] | list[str] = PARTS) -> PatchHandle:
+def patch(model: nn.Module, parts: tuple[str, ...] | list[str] = DEFAULT_PARTS,
+          lora_gemm: str = DEFAULT_GEMM) -> PatchHandle:
     """Swap the kernels into `model` (in place) and return what was done; `unpatch(model)` reverts.
 
+    lora_gemm: "cublas" (cuBLAS + addmm_, the default) or "triton" (the fused GEMM; see lora_linear.py).
     Patching twice re-patches from scratch (picking up LoRA layers added since).
     """
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise OffsiteError(f"unknown kernel part(s) {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
+    if lora_gemm not in GEMMS:
+        raise OffsiteError(f"lora_gemm '{lora_gemm}': choose {' or '.join(GEMMS)}")
     unpatch(model)
     family = family_of(model)
     handle = PatchHandle()
@@ -419,7 +447,7 @@ def patch(model: nn.Module, parts: tuple[str, ...] | list[str] = PARTS) -> Patch
         if "mlp" in parts:
             _patch_mlp(model, family, handle)
         if "lora" in parts:
-            _patch_lora(model, handle)
+            _patch_lora(model, handle, lora_gemm)
         if "loss" in parts:
             _patch_loss(model, family, handle)
     if "attention" in parts:
@@ -445,4 +473,5 @@ def patched(model: nn.Module) -> PatchHandle | None:
     return model.__dict__.get(HANDLE_ATTR)
 
 
-__all__ = ["PARTS", "PatchHandle", "fused_causal_lm_loss", "kernels_enabled", "patch", "patched", "unpatch"]
+__all__ = ["DEFAULT_PARTS", "PARTS", "PatchHandle", "fused_causal_lm_loss", "kernels_enabled", "patch", "patch_for_training",
+           "patched", "unpatch"]

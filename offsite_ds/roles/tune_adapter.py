@@ -14,7 +14,6 @@ import torch
 
 from offsite_ds.bundle import Bundle, load_bundle, save_adapter_package
 from offsite_ds.data import BlockLoader, check_seq_len, load_blocks
-from offsite_ds.errors import OffsiteError
 from offsite_ds.evaluate import token_nll
 from offsite_ds.families import family_of
 from offsite_ds.peft_modes import apply_mode, lora_target_regex, rename_blocks, trainable_state
@@ -103,21 +102,12 @@ def tune(bundle_dir: str | Path, data: str | Path, out_dir: str | Path, mode: st
         eval_ids = eval_blocks.reshape(-1)[:max_eval_tokens] if max_eval_tokens else eval_blocks.reshape(-1)
     torch.manual_seed(cfg.seed)  # LoRA / bottleneck initialisation is part of the run: seed it too
     role = TuneAdapter(bundle, out_dir, mode, settings, eval_ids, seq_len, data_fingerprint=fingerprint)
-    if _kernels_wanted(kernels):
-        from offsite_ds.kernels import patch
+    if kernels != "off":
+        from offsite_ds.ds_config import is_zero3, load_ds_config
+        from offsite_ds.kernels import patch_for_training
 
-        patch(bundle.model)
+        zero3 = bool(cfg.deepspeed) and is_zero3(load_ds_config(cfg.deepspeed))
+        patch_for_training(bundle.model, kernels, zero3=zero3)
     cfg.checkpoint_dir = cfg.checkpoint_dir or checkpoint_dir_beside(out_dir)
     return train(role, train_loader, cfg)
 
-
-def _kernels_wanted(choice: str) -> bool:
-    if choice == "off":
-        return False
-    try:
-        from offsite_ds.kernels import kernels_enabled
-    except ImportError as exc:
-        if choice == "on":
-            raise OffsiteError(f"--kernels on: the Triton kernels are unavailable ({exc}); use --kernels off")
-        return False
-    return kernels_enabled(choice)
