@@ -86,11 +86,17 @@ def dist_rank() -> tuple[int, int]:
 
 
 def pick_device(cfg: TrainConfig) -> torch.device:
+    """cfg.device, else this rank's GPU (LOCAL_RANK), else the CPU; a GPU is made current, since Triton and
+    NCCL launch on the current device, not on the tensors'."""
     if cfg.device:
-        return torch.device(cfg.device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+        device = torch.device(cfg.device)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    return device
 
 
 def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
