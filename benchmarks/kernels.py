@@ -345,7 +345,13 @@ def bench_step(bench: Bench, batch: int, seq_len: int, smoke: bool) -> list[dict
     for mode in ("full", "lora"):
         shape = {"model": "tiny-opt" if smoke else "opt-1.3b", "layout": layout, "mode": mode, "batch": batch,
                  "seq_len": seq_len, "precision": "bf16 autocast" if dev.type == "cuda" else "fp32"}
-        for impl in ("eager", ours_label()):
+        for impl in ("eager", ours_label(), "liger", "cce"):
+            if impl in ("liger", "cce"):
+                from offsite_ds.kernels.linear_cross_entropy import library_available
+
+                if dev.type != "cuda" or not library_available(impl):
+                    rows.append(skipped("step", shape, impl, "needs CUDA and the library installed"))
+                    continue
             held = {}
 
             def prepare(impl=impl, mode=mode, held=held):
@@ -354,7 +360,9 @@ def bench_step(bench: Bench, batch: int, seq_len: int, smoke: bool) -> list[dict
                     model = AutoModelForCausalLM.from_config(config)
                 apply_mode(model, list(range(bottom)) + list(range(bottom + kept, bottom + kept + top)), mode)
                 model.train()
-                if impl != "eager":
+                if impl in ("liger", "cce"):  # the library's fused loss; the rest eager (--kernels liger|cce)
+                    patch(model, ("loss",), loss_impl=impl)
+                elif impl != "eager":
                     patch(model)
                 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
                 ids = torch.randint(0, config.vocab_size, (batch, seq_len), device=dev)

@@ -260,5 +260,44 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                                             int(chunk_bytes), vocab_chunk)
 
 
-__all__ = ["FrozenHeadCrossEntropy", "cast_frozen", "chunk_sizes", "linear_cross_entropy",
+LIBRARIES = {"liger": ("liger-kernel", "liger_kernel.transformers.functional"),
+             "cce": ("cut-cross-entropy", "cut_cross_entropy")}
+
+
+def library_available(name: str) -> bool:
+    """Whether the library kernel `name` (liger, cce) imports here."""
+    import importlib
+
+    try:
+        importlib.import_module(LIBRARIES[name][1])
+    except Exception:  # noqa: BLE001 - absent or broken (e.g. an ABI mismatch) both mean "not available"
+        return False
+    return True
+
+
+def library_linear_cross_entropy(name: str, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                 bias: torch.Tensor | None = None, ignore_index: int = -100,
+                                 reduction: str = "mean") -> torch.Tensor:
+    """The same loss through Liger-Kernel's fused linear cross-entropy or Apple's Cut Cross-Entropy (both
+    CUDA-only), in the compute dtype with the frozen head cast once (as ours)."""
+    hidden2, targets1 = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    dtype = compute_dtype(hidden2)
+    with autocast_off(hidden2):
+        h, w = hidden2.to(dtype), cast_frozen(weight, dtype)
+        b = None if bias is None else bias.to(dtype)
+        if name == "liger":
+            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+            return liger_fused_linear_cross_entropy(h, w, targets1, b, ignore_index=ignore_index, reduction=reduction)
+        if name == "cce":
+            if b is not None:
+                raise ValueError("Cut Cross-Entropy has no head bias")
+            from cut_cross_entropy import linear_cross_entropy as cce
+
+            return cce(h, w, targets1, ignore_index=ignore_index, reduction=reduction)
+    raise ValueError(f"library '{name}' is not one of {', '.join(LIBRARIES)}")
+
+
+__all__ = ["FrozenHeadCrossEntropy", "LIBRARIES", "cast_frozen", "chunk_sizes", "library_available",
+           "library_linear_cross_entropy", "linear_cross_entropy",
            "reference_linear_cross_entropy"]

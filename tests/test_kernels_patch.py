@@ -5,6 +5,7 @@ convergence check: tiny OPT and BLOOM emulators trained 20 steps patched and unp
 The Triton kernels run in the interpreter (conftest sets TRITON_INTERPRET=1).
 """
 import copy
+import importlib
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ import offsite_ds.attention as attention
 from offsite_ds.emulator import build_emulator
 from offsite_ds.errors import OffsiteError
 from offsite_ds.families import family_of, get_path
-from offsite_ds.kernels import PARTS, kernels_enabled, patch, patch_for_training, patched, unpatch
+from offsite_ds.kernels import PARTS, kernels_enabled, patch, patch_for_training, patched, resolve_kernels, unpatch
 from offsite_ds.peft_modes import apply_mode
 from offsite_ds.sandwich import emulator_adapter_positions, parse_layout
 from offsite_ds.tiny import byte_tokenizer, tiny_model
@@ -245,8 +246,53 @@ def test_kernels_enabled_choices():
     assert kernels_enabled("off") is False
     assert kernels_enabled("auto") is False, "auto never picks the interpreter (a debugging aid), GPU or not"
     assert kernels_enabled("on") is True  # the interpreter is active in tests
-    with pytest.raises(OffsiteError, match="auto, on or off"):
+    with pytest.raises(OffsiteError, match="choose auto, ours, liger, cce, off"):
         kernels_enabled("sometimes")
+    assert resolve_kernels("ours") == resolve_kernels("on") == "ours"
+    if not torch.cuda.is_available():
+        for lib, package in (("liger", "liger-kernel"), ("cce", "cut-cross-entropy")):
+            with pytest.raises(OffsiteError, match=f"--kernels {lib}: {package} runs on CUDA only"):
+                resolve_kernels(lib)
+
+
+def test_auto_prefers_the_measured_library_kernels(monkeypatch):
+    """On a GPU, auto takes the first importable of AUTO_ORDER (libraries until ours is measured faster)."""
+    patch_module = importlib.import_module("offsite_ds.kernels.patch")
+
+    monkeypatch.setattr(patch_module, "INTERPRETING", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(patch_module, "library_available", lambda name: name == "liger")
+    assert patch_module.AUTO_ORDER[0] != "ours" and resolve_kernels("auto") == "liger"
+    monkeypatch.setattr(patch_module, "library_available", lambda name: False)
+    assert resolve_kernels("auto") == "off"
+    with pytest.raises(OffsiteError, match="pip install cut-cross-entropy"):
+        resolve_kernels("cce")
+
+
+def test_library_loss_is_swapped_in_and_called(monkeypatch):
+    """--kernels liger|cce: the loss goes through the library's fused linear CE (stubbed here: both need
+    CUDA); the rest of the model stays eager."""
+    patch_module = importlib.import_module("offsite_ds.kernels.patch")
+    from offsite_ds.kernels import reference_linear_cross_entropy
+
+    calls = []
+
+    def fake(name, hidden, weight, targets, bias=None, ignore_index=-100, reduction="mean"):
+        calls.append(name)
+        return reference_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
+                                              bias, ignore_index, reduction)
+
+    monkeypatch.setattr(patch_module, "library_linear_cross_entropy", fake)
+    model = emulator("llama")
+    model.train()
+    data = batch()
+    ref, _ = loss_and_grads(model, data)
+    handle = patch(model, ("loss",), loss_impl="cce")
+    assert set(handle.swapped.values()) == {"cut-cross-entropy linear cross-entropy (frozen head)"}
+    out, _ = loss_and_grads(model, data)
+    assert calls == ["cce"] and out.logits is None
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-5)
+    unpatch(model)
 
 
 def test_without_gpu_or_interpreter_the_reference_path_runs():
