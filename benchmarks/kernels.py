@@ -126,15 +126,6 @@ def liger():
     return lk
 
 
-def cce():
-    """Apple's Cut Cross-Entropy `linear_cross_entropy`, or None when `cut-cross-entropy` is not installed."""
-    try:
-        from cut_cross_entropy import linear_cross_entropy as func
-    except ImportError:
-        return None
-    return func
-
-
 def compiled(fn, bench: Bench):
     if bench.smoke:
         return None
@@ -153,6 +144,7 @@ def ours_label() -> str:
 
 def bench_ce(bench: Bench, name: str, hidden: int, vocab: int, tokens: int, dtype) -> list[dict]:
     from offsite_ds.kernels import linear_cross_entropy
+    from offsite_ds.kernels.linear_cross_entropy import LIBRARIES, library_available, library_linear_cross_entropy
 
     dev = bench.device
     shape = {"model": name, "tokens": tokens, "hidden": hidden, "vocab": vocab, "dtype": str(dtype)}
@@ -183,30 +175,17 @@ def bench_ce(bench: Bench, name: str, hidden: int, vocab: int, tokens: int, dtyp
     rows.append(skipped("ce", shape, "torch.compile", "--cpu-smoke skips torch.compile") if comp is None else
                 bench.run("ce", shape, "torch.compile", lambda: (setattr(h, "grad", None), comp().backward()),
                           ("TFLOP/s", flops)))
-    lk = liger()
-    if lk is None:
-        rows.append(skipped("ce", shape, "liger", "liger-kernel is not installed"))
-    elif dev.type != "cuda":
-        rows.append(skipped("ce", shape, "liger", "Liger-Kernel needs CUDA"))
-    else:
-        loss_fn = lk.LigerFusedLinearCrossEntropyLoss()
+    for lib, (package, _) in LIBRARIES.items():  # Liger-Kernel's and Cut Cross-Entropy's fused linear CE
+        if not library_available(lib):
+            rows.append(skipped("ce", shape, lib, f"{package} is not installed"))
+        elif dev.type != "cuda":
+            rows.append(skipped("ce", shape, lib, f"{package} needs CUDA"))
+        else:
+            def lib_fn(lib=lib):
+                h.grad = None
+                library_linear_cross_entropy(lib, h, w, y).backward()
 
-        def liger_fn():
-            h.grad = None
-            loss_fn(w, h, y).backward()
-
-        rows.append(bench.run("ce", shape, "liger", liger_fn, ("TFLOP/s", flops)))
-    cut = cce()
-    if cut is None:
-        rows.append(skipped("ce", shape, "cce", "cut-cross-entropy is not installed"))
-    elif dev.type != "cuda":
-        rows.append(skipped("ce", shape, "cce", "Cut Cross-Entropy needs CUDA"))
-    else:
-        def cce_fn():
-            h.grad = None
-            cut(h, w, y).backward()
-
-        rows.append(bench.run("ce", shape, "cce", cce_fn, ("TFLOP/s", flops)))
+            rows.append(bench.run("ce", shape, lib, lib_fn, ("TFLOP/s", flops)))
     rows.append(bench.run("ce", shape, ours_label(), ours_fn, ("TFLOP/s", flops)))
     if rows[-1]["status"] == "ok":  # agreement with eager on this input: a fast wrong result is worthless
         try:

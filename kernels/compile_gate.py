@@ -117,9 +117,9 @@ def _drive_layer_norm(dtype, sweep: bool) -> None:
 
     for width in (_widths(2048, MAX_FUSED_COLUMNS) if sweep else [2048]):
         x = torch.zeros(4, width, dtype=dtype, requires_grad=True)
-        for weight, bias in ((None, None), (_param(width, False, dtype), None),
-                             (_param(width, False, dtype), _param(width, False, dtype)),
-                             (_param(width, True, dtype), _param(width, True, dtype)), (_param(width, True, dtype), None)):
+        frozen, trains = (lambda: _param(width, False, dtype)), (lambda: _param(width, True, dtype))
+        for weight, bias in ((None, None), (frozen(), None), (frozen(), frozen()), (trains(), trains()),
+                             (trains(), None)):
             _backward(layer_norm(x, weight, bias))
         for wdt in {dtype, torch.float32}:
             for trains in (False, True):
@@ -275,8 +275,8 @@ def compile_job(job: dict) -> dict:
 
     kernel, signature, constexprs, attrs, options = job["_compile"]
     start = time.perf_counter()
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", job["arch"], 32),
-                              options=options.__dict__)
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
+                              target=GPUTarget("cuda", job["arch"], 32), options=options.__dict__)
     seconds = time.perf_counter() - start
     ptx = compiled.asm["ptx"]
     usage = _resource_usage(compiled.asm["cubin"], job["arch"])

@@ -284,7 +284,8 @@ def cmd_parity(argv: list[str]) -> int:
         la = (torch.randn(8, 1023, device=dev, generator=g) * 0.03).requires_grad_(True)
         lb = (torch.randn(515, 8, device=dev, generator=g) * 0.03).requires_grad_(True)
         for gemm in ("cublas", "triton"):
-            check(f"lora_linear {gemm} odd", dtype, lambda x, a, b, gm=gemm: lora_linear(x, wl, None, a, b, 2.0, gemm=gm),
+            check(f"lora_linear {gemm} odd", dtype,
+                  lambda x, a, b, gm=gemm: lora_linear(x, wl, None, a, b, 2.0, gemm=gm),
                   lambda x, a, b: reference_lora_linear(x, wl.float(), None, a, b, 2.0), [xl, la, lb])
     # int64-sized: CE logits of one chunk over 2^31 elements; a LayerNorm over 2^31 elements
     dtype = torch.bfloat16
@@ -334,7 +335,8 @@ def cmd_patched(argv: list[str]) -> int:
     def model_for(name):
         if name == "opt-1.3b-2-8-2":
             model_type, fields, layout = BUILTIN["opt-1.3b"]
-            full = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **dict(fields, num_hidden_layers=12)))
+            config = AutoConfig.for_model(model_type, **dict(fields, num_hidden_layers=12))
+            full = AutoModelForCausalLM.from_config(config)
             return full, parse_layout("2-8-2", 12)
         return tiny_model(name, n_layers=6), parse_layout("1-2-1", 6)
 

@@ -78,3 +78,24 @@ def test_setup_builds_the_runs_inputs(tmp_path):
     assert driver.main(["setup", "--work", str(tmp_path)]) == 0
     assert (tmp_path / "bundle").is_dir() and (tmp_path / "model" / "config.json").is_file()
     assert (tmp_path / "corpus.txt").stat().st_size > 10000
+
+
+def test_every_planned_command_parses(tmp_path):
+    """The CLI and benchmark checks of the plan are valid command lines (a typo would only show on the GPU)."""
+    from offsite_ds.cli import build_parser
+
+    driver = load_driver()
+    spec = importlib.util.spec_from_file_location("kernel_bench", ROOT / "benchmarks" / "kernels.py")
+    kernel_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernel_bench)
+    parsed = 0
+    for check in driver.plan(tmp_path):
+        argv = check.argv
+        if argv[1:3] == ["-m", "offsite_ds"]:
+            args = build_parser(only=argv[3]).parse_args(argv[3:])
+            assert args.command == argv[3]
+            parsed += 1
+        elif argv[1].endswith("kernels.py"):
+            kernel_bench.parse_args(argv[2:])
+            parsed += 1
+    assert parsed == 8

@@ -384,6 +384,12 @@ def test_zero3_with_kernels_is_refused_or_skipped(tiny_model_dir, corpus_file, t
     with pytest.raises(OffsiteError, match="--kernels on cannot run under ZeRO-3"):
         tune(bundle, corpus_file, tmp_path / "out", cfg=cfg, seq_len=32, kernels="on")
     assert not (tmp_path / "out").exists()
+    from offsite_ds.cli import main
+
+    rc = main(["tune", str(bundle), "--data", str(corpus_file), "--out", str(tmp_path / "out"), "--kernels", "on",
+               "--deepspeed", "zero3", "--steps", "1", "--seq-len", "32", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "cannot run under ZeRO-3" in err and "\n" not in err
     model = emulator("opt")
     assert patch_for_training(model, "on", zero3=False) is not None
     unpatch(model)
