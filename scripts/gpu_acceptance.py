@@ -227,16 +227,16 @@ def cmd_parity(argv: list[str]) -> int:
     required to be bitwise equal."""
     p = argparse.ArgumentParser(prog="gpu_acceptance.py parity")
     p.add_argument("--json", required=True)
+    p.add_argument("--smoke", action="store_true", help="CPU (interpreter) check of this code: no int64 cases")
     args = p.parse_args(argv)
     import torch
     import torch.nn.functional as F
 
-    from offsite_ds.atomic import write_json
     from offsite_ds.kernels import (bias_activation, layer_norm, linear_cross_entropy, lora_linear,
                                     reference_bias_activation, reference_lora_linear, rms_norm)
     from offsite_ds.kernels.layer_norm import reference_rms_norm
 
-    dev = torch.device("cuda")
+    dev = torch.device("cpu" if args.smoke else "cuda")
     rows, failures = [], []
 
     def check(name, dtype, fn, ref_fn, inputs):
@@ -287,6 +287,8 @@ def cmd_parity(argv: list[str]) -> int:
             check(f"lora_linear {gemm} odd", dtype,
                   lambda x, a, b, gm=gemm: lora_linear(x, wl, None, a, b, 2.0, gemm=gm),
                   lambda x, a, b: reference_lora_linear(x, wl.float(), None, a, b, 2.0), [xl, la, lb])
+    if args.smoke:
+        return _write_parity(args.json, rows, failures)
     # int64-sized: CE logits of one chunk over 2^31 elements; a LayerNorm over 2^31 elements
     dtype = torch.bfloat16
     h = (torch.randn(8704, 1024, device=dev) * 0.5).to(dtype).requires_grad_(True)
@@ -305,8 +307,14 @@ def cmd_parity(argv: list[str]) -> int:
                  "ok": err <= TOLERANCE["bfloat16"]})
     if not rows[-1]["ok"]:
         failures.append(rows[-1]["case"])
+    return _write_parity(args.json, rows, failures)
+
+
+def _write_parity(path: str, rows: list[dict], failures: list[str]) -> int:
+    from offsite_ds.atomic import write_json
+
     headline = {"parity cases": f"{sum(r['ok'] for r in rows)}/{len(rows)} within tolerance and bitwise repeatable"}
-    write_json(args.json, {"rows": rows, "failures": failures, "headline": headline})
+    write_json(path, {"rows": rows, "failures": failures, "headline": headline})
     print("\n".join(f"{'ok ' if r['ok'] else 'BAD'} {r['case']} {r['dtype']} {r['max_rel_error']:.2e}" for r in rows))
     return 1 if failures else 0
 
@@ -317,6 +325,7 @@ def cmd_patched(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="gpu_acceptance.py patched")
     p.add_argument("--json", required=True)
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--smoke", action="store_true", help="CPU (interpreter) check of this code: tiny models only")
     args = p.parse_args(argv)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -329,7 +338,7 @@ def cmd_patched(argv: list[str]) -> int:
     from offsite_ds.sandwich import emulator_adapter_positions, parse_layout
     from offsite_ds.tiny import tiny_model
 
-    dev = torch.device("cuda")
+    dev = torch.device("cpu" if args.smoke else "cuda")
     rows, failures = [], []
 
     def model_for(name):
@@ -340,7 +349,7 @@ def cmd_patched(argv: list[str]) -> int:
             return full, parse_layout("2-8-2", 12)
         return tiny_model(name, n_layers=6), parse_layout("1-2-1", 6)
 
-    for name in ("opt", "bloom", "gpt2", "llama", "opt-1.3b-2-8-2"):
+    for name in ("opt", "bloom", "gpt2", "llama") + (() if args.smoke else ("opt-1.3b-2-8-2",)):
         for precision in ("fp32+autocast", "bf16"):
             losses = {}
             swapped = None
@@ -357,16 +366,18 @@ def cmd_patched(argv: list[str]) -> int:
                 gen = torch.Generator(device=dev).manual_seed(1)
                 history = []
                 for _ in range(args.steps):
-                    ids = torch.randint(0, emu.config.vocab_size, (2, 256), device=dev, generator=gen)
-                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision != "bf16"):
+                    ids = torch.randint(0, emu.config.vocab_size, (2, 32 if args.smoke else 256), device=dev,
+                                        generator=gen)
+                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision != "bf16"):
                         loss = emu(input_ids=ids, labels=ids).loss
                     loss.backward()
                     opt.step()
                     opt.zero_grad(set_to_none=True)
-                    history.append(float(loss))
+                    history.append(float(loss.detach()))
                 losses[kernels] = history
                 del emu, full, opt
-                torch.cuda.empty_cache()
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
             worst = max(abs(a - b) / max(1.0, abs(a)) for a, b in zip(losses[False], losses[True]))
             ok = worst <= 2e-2
             rows.append({"model": name, "precision": precision, "max_rel_loss_diff": worst, "swapped": swapped,

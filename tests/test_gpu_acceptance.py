@@ -99,3 +99,15 @@ def test_every_planned_command_parses(tmp_path):
             kernel_bench.parse_args(argv[2:])
             parsed += 1
     assert parsed == 8
+
+
+def test_parity_and_patched_checks_run_on_cpu_with_the_interpreter(tmp_path):
+    """The GPU checks' own code, run on CPU tensors through the interpreter (no int64-sized cases, tiny
+    models, 2 steps): every case within its tolerance and bitwise repeatable, headlines written."""
+    driver = load_driver()
+    assert driver.main(["parity", "--smoke", "--json", str(tmp_path / "parity.json")]) == 0
+    parity = json.loads((tmp_path / "parity.json").read_text())
+    assert len(parity["rows"]) == 24 and not parity["failures"] and "24/24" in parity["headline"]["parity cases"]
+    assert driver.main(["patched", "--smoke", "--steps", "2", "--json", str(tmp_path / "patched.json")]) == 0
+    patched = json.loads((tmp_path / "patched.json").read_text())
+    assert len(patched["rows"]) == 8 and all("lora_linear" in r["swapped"] for r in patched["rows"])
