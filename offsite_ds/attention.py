@@ -5,7 +5,11 @@ flash-attn imports and the model is on CUDA, else "sdpa"). BLOOM's HF attention 
 added to materialised scores, fp32 softmax, probabilities kept for backward); its attention modules get a
 forward that runs SDPA with the ALiBi + mask bias, or flash-attn with `alibi_slopes` when there is no
 padding and no KV cache. flash-attn's bias is -slope*|i-j|, BLOOM's slope*j: under a causal mask they
-differ by slope*i per query row, which softmax ignores, so both give the same attention.
+differ by slope*i per query row, which softmax ignores, so both give the same attention. Without
+flash-attn an unpadded batch gets one [1, heads, q, kv] bias (SDPA broadcasts it), not B of them.
+
+A model patched before it reaches the GPU (often: `patch` runs on the loaded CPU model) gets a one-shot
+forward pre-hook that switches it to flash_attention_2 at its first forward on CUDA.
 """
 from __future__ import annotations
 
