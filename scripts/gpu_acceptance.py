@@ -328,12 +328,12 @@ def cmd_patched(argv: list[str]) -> int:
     p.add_argument("--smoke", action="store_true", help="CPU (interpreter) check of this code: tiny models only")
     args = p.parse_args(argv)
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from offsite_ds.atomic import write_json
-    from offsite_ds.bench.shapes import BUILTIN
     from offsite_ds.emulator import build_emulator
     from offsite_ds.kernels import PARTS, patch
+    from offsite_ds.paper_models import paper_config
     from offsite_ds.peft_modes import apply_mode
     from offsite_ds.sandwich import emulator_adapter_positions, parse_layout
     from offsite_ds.tiny import tiny_model
@@ -343,8 +343,8 @@ def cmd_patched(argv: list[str]) -> int:
 
     def model_for(name):
         if name == "opt-1.3b-2-8-2":
-            model_type, fields, layout = BUILTIN["opt-1.3b"]
-            config = AutoConfig.for_model(model_type, **dict(fields, num_hidden_layers=12))
+            config = paper_config("opt-1.3b")
+            config.num_hidden_layers = 12  # the 2-8-2 emulator's blocks at OPT-1.3B's shapes
             full = AutoModelForCausalLM.from_config(config)
             return full, parse_layout("2-8-2", 12)
         return tiny_model(name, n_layers=6), parse_layout("1-2-1", 6)
