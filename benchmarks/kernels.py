@@ -1,14 +1,19 @@
 #!/usr/bin/env python
-"""Kernel micro-benchmarks: each fused kernel against torch eager, torch.compile and Liger-Kernel (where
-Liger has an equivalent), at the real shapes, plus the patched emulator training step.
+"""Kernel micro-benchmarks: each fused kernel against torch eager, torch.compile, Liger-Kernel and Apple's Cut
+Cross-Entropy (where they have an equivalent), at the real shapes, plus the patched emulator training step.
+
+Baselines are the ones a user would really run: the CE eager baseline includes the frozen fp32 head under
+bf16 autocast (how `tune` trains), LoRA is compared with PEFT's maths under autocast and with cuBLAS +
+`addmm_` (our default), and peak memory is measured after a warm-up call (compiling and autotuning excluded).
 
     python benchmarks/kernels.py                       # on a CUDA GPU: everything, batch 1 2 4 8 x 512 tokens
     python benchmarks/kernels.py --kernels ce --batch 1,8
     python benchmarks/kernels.py --cpu-smoke --out /tmp/k   # tiny shapes on CPU: checks that it runs
 
 Writes `kernels.json` (device, date, versions, command, every figure) and `kernels.md` (tables, targets)
-into --out (default benchmarks/results/<date>-kernels-<device>/). Each figure: median time (CUDA: triton's
-do_bench, L2 flushed between runs; CPU: wall clock), peak memory above the inputs (CUDA only), and
+into --out (default benchmarks/results/<date>-kernels-<device>/). Each figure: median and 20/80 percentile
+time (CUDA: triton's do_bench, L2 flushed between runs; CPU: wall clock), peak memory above the inputs after
+a warm-up call (CUDA only), and
 achieved TFLOP/s (matmul kernels, FLOPs counted for a frozen head/base: no weight gradient) or TB/s
 (memory-bound kernels, bytes that must move at least once). A case that runs out of memory is recorded as
 OOM; an implementation that is not installed is recorded as skipped with the reason.
@@ -55,18 +60,21 @@ class Bench:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def time_ms(self, fn) -> float:
+    def time_ms(self, fn) -> tuple[float, float, float]:
+        """(median, 20th, 80th percentile) milliseconds."""
         if self.device.type == "cuda":
             from triton.testing import do_bench
 
-            return float(do_bench(fn, warmup=25, rep=max(50, self.reps * 10), return_mode="median"))
-        fn()  # warm-up
+            median, p20, p80 = do_bench(fn, warmup=25, rep=max(50, self.reps * 10), quantiles=[0.5, 0.2, 0.8])
+            return float(median), float(p20), float(p80)
         times = []
         for _ in range(self.reps):
             start = time.perf_counter()
             fn()
             times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
+        times.sort()
+        pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
+        return statistics.median(times), pick(0.2), pick(0.8)
 
     def peak_mib(self, fn) -> float | None:
         if self.device.type != "cuda":
@@ -86,15 +94,18 @@ class Bench:
         try:
             if prepare is not None:
                 fn = prepare()
+            fn()  # warm-up: compiling, autotuning and caches stay out of both the peak and the times
+            self.sync()
             peak = self.peak_mib(fn)
-            ms = self.time_ms(fn)
+            ms, p20, p80 = self.time_ms(fn)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             return {**row, "status": "oom"}
         except Exception as exc:  # noqa: BLE001 - one failing implementation must not end the run
             return {**row, "status": "error", "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
                     "traceback": traceback.format_exc(limit=3)[-1500:]}
-        row.update(status="ok", median_ms=round(ms, 4), peak_mib=None if peak is None else round(peak, 1))
+        row.update(status="ok", median_ms=round(ms, 4), p20_ms=round(p20, 4), p80_ms=round(p80, 4),
+                   peak_mib=None if peak is None else round(peak, 1))
         if work is not None:
             unit, amount = work
             row["achieved"] = {"unit": unit, "value": float(f"{amount / (ms * 1e-3) / 1e12:.4g}")}
@@ -132,6 +143,7 @@ def ours_label() -> str:
 
 def bench_ce(bench: Bench, name: str, hidden: int, vocab: int, tokens: int, dtype) -> list[dict]:
     from offsite_ds.kernels import linear_cross_entropy
+    from offsite_ds.kernels.linear_cross_entropy import LIBRARIES, library_available, library_linear_cross_entropy
 
     dev = bench.device
     shape = {"model": name, "tokens": tokens, "hidden": hidden, "vocab": vocab, "dtype": str(dtype)}
@@ -148,24 +160,31 @@ def bench_ce(bench: Bench, name: str, hidden: int, vocab: int, tokens: int, dtyp
         h.grad = None
         linear_cross_entropy(h, w, y).backward()
 
-    rows = [bench.run("ce", shape, "eager", eager_fn, ("TFLOP/s", flops))]
+    w32 = w.float()  # what `tune` really holds: a frozen fp32 head, the matmul under bf16 autocast
+
+    def eager_autocast_fn():
+        h.grad = None
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+            logits = F.linear(h, w32)
+        F.cross_entropy(logits.float(), y).backward()
+
+    rows = [bench.run("ce", shape, "eager", eager_fn, ("TFLOP/s", flops)),
+            bench.run("ce", shape, "eager (fp32 head, autocast)", eager_autocast_fn, ("TFLOP/s", flops))]
     comp = compiled(lambda: F.cross_entropy(F.linear(h, w).float(), y), bench)
     rows.append(skipped("ce", shape, "torch.compile", "--cpu-smoke skips torch.compile") if comp is None else
                 bench.run("ce", shape, "torch.compile", lambda: (setattr(h, "grad", None), comp().backward()),
                           ("TFLOP/s", flops)))
-    lk = liger()
-    if lk is None:
-        rows.append(skipped("ce", shape, "liger", "liger-kernel is not installed"))
-    elif dev.type != "cuda":
-        rows.append(skipped("ce", shape, "liger", "Liger-Kernel needs CUDA"))
-    else:
-        loss_fn = lk.LigerFusedLinearCrossEntropyLoss()
+    for lib, (package, _) in LIBRARIES.items():  # Liger-Kernel's and Cut Cross-Entropy's fused linear CE
+        if not library_available(lib):
+            rows.append(skipped("ce", shape, lib, f"{package} is not installed"))
+        elif dev.type != "cuda":
+            rows.append(skipped("ce", shape, lib, f"{package} needs CUDA"))
+        else:
+            def lib_fn(lib=lib):
+                h.grad = None
+                library_linear_cross_entropy(lib, h, w, y).backward()
 
-        def liger_fn():
-            h.grad = None
-            loss_fn(w, h, y).backward()
-
-        rows.append(bench.run("ce", shape, "liger", liger_fn, ("TFLOP/s", flops)))
+            rows.append(bench.run("ce", shape, lib, lib_fn, ("TFLOP/s", flops)))
     rows.append(bench.run("ce", shape, ours_label(), ours_fn, ("TFLOP/s", flops)))
     if rows[-1]["status"] == "ok":  # agreement with eager on this input: a fast wrong result is worthless
         try:
@@ -266,14 +285,19 @@ def bench_lora(bench: Bench, name: str, hidden: int, tokens: int, dtype, rank: i
             torch.autograd.grad(forward(), [x, a, bb], dy)
         return fn
 
-    rows = [bench.run("lora", shape, "eager (PEFT maths)",
-                      step(lambda: reference_lora_linear(x, w, bias, a, bb, 2.0)), ("TFLOP/s", flops))]
+    def peft():  # what PEFT runs under `tune`'s autocast: base linear, then lora_B(lora_A(x)) * s, then add
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+            return F.linear(x, w, bias) + F.linear(F.linear(x, a), bb) * 2.0
+
+    rows = [bench.run("lora", shape, "eager (PEFT under autocast)", step(peft), ("TFLOP/s", flops))]
     comp = compiled(lambda: reference_lora_linear(x, w, bias, a, bb, 2.0), bench)
     rows.append(skipped("lora", shape, "torch.compile", "--cpu-smoke skips torch.compile") if comp is None
                 else bench.run("lora", shape, "torch.compile", step(comp), ("TFLOP/s", flops)))
     rows.append(skipped("lora", shape, "liger", "Liger-Kernel has no LoRA linear kernel"))
-    rows.append(bench.run("lora", shape, ours_label(), step(lambda: lora_linear(x, w, bias, a, bb, 2.0)),
-                          ("TFLOP/s", flops)))
+    rows.append(bench.run("lora", shape, "cuBLAS + addmm_ (default)",
+                          step(lambda: lora_linear(x, w, bias, a, bb, 2.0, gemm="cublas")), ("TFLOP/s", flops)))
+    rows.append(bench.run("lora", shape, ours_label(),  # the fused Triton GEMM: kept only if it beats the row above
+                          step(lambda: lora_linear(x, w, bias, a, bb, 2.0, gemm="triton")), ("TFLOP/s", flops)))
     return rows
 
 
@@ -299,7 +323,13 @@ def bench_step(bench: Bench, batch: int, seq_len: int, smoke: bool) -> list[dict
     for mode in ("full", "lora"):
         shape = {"model": "tiny-opt" if smoke else "opt-1.3b", "layout": layout, "mode": mode, "batch": batch,
                  "seq_len": seq_len, "precision": "bf16 autocast" if dev.type == "cuda" else "fp32"}
-        for impl in ("eager", ours_label()):
+        for impl in ("eager", ours_label(), "liger", "cce"):
+            if impl in ("liger", "cce"):
+                from offsite_ds.kernels.linear_cross_entropy import library_available
+
+                if dev.type != "cuda" or not library_available(impl):
+                    rows.append(skipped("step", shape, impl, "needs CUDA and the library installed"))
+                    continue
             held = {}
 
             def prepare(impl=impl, mode=mode, held=held):
@@ -308,7 +338,9 @@ def bench_step(bench: Bench, batch: int, seq_len: int, smoke: bool) -> list[dict
                     model = AutoModelForCausalLM.from_config(config)
                 apply_mode(model, list(range(bottom)) + list(range(bottom + kept, bottom + kept + top)), mode)
                 model.train()
-                if impl != "eager":
+                if impl in ("liger", "cce"):  # the library's fused loss; the rest eager (--kernels liger|cce)
+                    patch(model, ("loss",), loss_impl=impl)
+                elif impl != "eager":
                     patch(model)
                 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
                 ids = torch.randint(0, config.vocab_size, (batch, seq_len), device=dev)
@@ -472,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
         "format": FORMAT, "format_version": 1, "date": time.strftime("%Y-%m-%d", now),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", now), "command": " ".join(["python", "benchmarks/kernels.py",
                                                                                   *(sys.argv[1:] if argv is None else argv)]),
-        "device": info.to_json(), "versions": {**versions(), "liger-kernel": _liger_version()},
+        "device": info.to_json(), "versions": {**versions(), "liger-kernel": _version("liger-kernel"),
+                                               "cut-cross-entropy": _version("cut-cross-entropy")},
         "smoke": smoke, "ours": ours_label(), "seq_len": seq_len, "batches": batches, "results": [],
     }
     rows = results["results"]
@@ -504,11 +537,11 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if errors else 0
 
 
-def _liger_version() -> str | None:
+def _version(package: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version("liger-kernel")
+        return version(package)
     except PackageNotFoundError:
         return None
 

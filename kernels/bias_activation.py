@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from offsite_ds.kernels.runtime import INTERPRETING, choose_backend, next_power_of_2, tl, triton
+from offsite_ds.kernels.runtime import INTERPRETING, choose_backend, next_power_of_2, on_device, tl, triton
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
 _ACT_CODE = {"relu": 0, "gelu": 1, "gelu_tanh": 2}
@@ -100,9 +100,10 @@ class BiasActivationFunction(torch.autograd.Function):
         y = torch.empty_like(x)
         code = _ACT_CODE[kind]
         block_m, block_n, warps = _tile(n_cols)
-        _bias_activation_forward_kernel[_grid(n_rows, n_cols, block_m, block_n)](
-            x, bias if bias is not None else x, y, n_rows, n_cols, x.stride(0), y.stride(0),
-            ACT=code, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+        with on_device(x):
+            _bias_activation_forward_kernel[_grid(n_rows, n_cols, block_m, block_n)](
+                x, bias if bias is not None else x, y, n_rows, n_cols, x.stride(0), y.stride(0),
+                ACT=code, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
         ctx.save_for_backward(y if code == 0 else x, bias)
         ctx.code = code
         return y
@@ -114,10 +115,11 @@ class BiasActivationFunction(torch.autograd.Function):
         n_rows, n_cols = saved.shape
         dz = torch.empty_like(saved)
         block_m, block_n, warps = _tile(n_cols)
-        _bias_activation_backward_kernel[_grid(n_rows, n_cols, block_m, block_n)](
-            dy, saved, bias if bias is not None else saved, dz, n_rows, n_cols, dy.stride(0), saved.stride(0),
-            dz.stride(0), ACT=ctx.code, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=warps)
+        with on_device(dy):
+            _bias_activation_backward_kernel[_grid(n_rows, n_cols, block_m, block_n)](
+                dy, saved, bias if bias is not None else saved, dz, n_rows, n_cols, dy.stride(0), saved.stride(0),
+                dz.stride(0), ACT=ctx.code, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+                num_warps=warps)
         db = None
         if bias is not None and ctx.needs_input_grad[1]:
             db = dz.sum(0, dtype=torch.float32).to(bias.dtype)

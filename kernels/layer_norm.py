@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from offsite_ds.kernels.runtime import INTERPRETING, autocast_off, choose_backend, next_power_of_2, sm_count, tl, triton
+from offsite_ds.kernels.runtime import (INTERPRETING, autocast_off, choose_backend, next_power_of_2, on_device,
+                                        sm_count, tl, triton)
 
 MAX_FUSED_COLUMNS = 65536  # one row must fit one program's registers/shared memory
 
@@ -130,11 +131,12 @@ class NormFunction(torch.autograd.Function):
         rstd = torch.empty(n_rows, device=x.device, dtype=torch.float32)
         block_m, block_n, warps = _block_config(n_cols)
         grid = (triton.cdiv(n_rows, block_m),)
-        _norm_forward_kernel[grid](
-            x, y, weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
-            x.stride(0), y.stride(0), n_rows, n_cols, float(eps),
-            RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, CAST_XHAT=cast_normalized,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+        with on_device(x):
+            _norm_forward_kernel[grid](
+                x, y, weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
+                x.stride(0), y.stride(0), n_rows, n_cols, float(eps),
+                RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, CAST_XHAT=cast_normalized,
+                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.rms = rms
         ctx.has_bias = bias is not None
@@ -156,11 +158,12 @@ class NormFunction(torch.autograd.Function):
         dx = torch.empty_like(x)
         dw_partial = torch.empty(n_programs, n_cols, device=x.device, dtype=torch.float32) if compute_dw else x
         db_partial = torch.empty(n_programs, n_cols, device=x.device, dtype=torch.float32) if compute_db else x
-        _norm_backward_kernel[(n_programs,)](
-            dy, x, weight if weight is not None else x, mean, rstd, dx, dw_partial, db_partial,
-            dy.stride(0), x.stride(0), dx.stride(0), n_rows, n_cols,
-            RMS=ctx.rms, HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+        with on_device(dy):
+            _norm_backward_kernel[(n_programs,)](
+                dy, x, weight if weight is not None else x, mean, rstd, dx, dw_partial, db_partial,
+                dy.stride(0), x.stride(0), dx.stride(0), n_rows, n_cols,
+                RMS=ctx.rms, HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
+                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
         dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else None
         db = db_partial.sum(0).to(weight.dtype if weight is not None else x.dtype) if compute_db else None
         return (dx if want_dx else None), dw, db, None, None, None, None

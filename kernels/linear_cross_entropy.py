@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from offsite_ds.errors import DataError
 from offsite_ds.kernels.runtime import (INTERPRETING, autocast_off, choose_backend, compute_dtype, next_power_of_2,
-                                        tl, triton)
+                                        on_device, tl, triton)
 
 REDUCTIONS = ("mean", "sum")
 DEFAULT_CHUNK_BYTES = 128 * 2**20  # one token chunk's logits buffer; ~256 tokens at V=250,880 in bf16
@@ -79,23 +79,26 @@ def _cross_entropy_rows_kernel(
             tl.store(row_base + cols[None, :], g.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
-def _row_kernel_config(n_cols: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_V, num_warps): one row per program with wide column tiles on a GPU (H100 default,
-    not tuned on hardware); many rows per program under the interpreter, whose cost is per program."""
+def _row_kernel_config(n_cols: int, element_size: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_V, num_warps): one row per program with wide column tiles on a GPU - Liger-Kernel's
+    measured H100 choice for its cross-entropy row kernel (32K-column tiles in 32 warps at wide vocabularies;
+    16K for fp32 logits, which spill registers at 32K: scripts/compile_gate.py); many rows per program under
+    the interpreter, whose cost is per program."""
     if INTERPRETING:
         block_v = min(next_power_of_2(n_cols), 2048)
         return max(1, min(64, 16384 // block_v)), block_v, 4
-    block_v = min(next_power_of_2(n_cols), 8192)
-    return 1, block_v, 16 if block_v >= 8192 else 8
+    block_v = min(next_power_of_2(n_cols), 65536 // max(2, element_size))
+    return 1, block_v, 32 if block_v >= 32768 else 16 if block_v >= 8192 else 8
 
 
 def _launch_rows(logits, targets, lse, target_logit, scale, col_start, ignore_index, has_lse, write_grad):
     n_rows, n_cols = logits.shape
-    block_m, block_v, warps = _row_kernel_config(n_cols)
+    block_m, block_v, warps = _row_kernel_config(n_cols, logits.element_size())
     grid = (triton.cdiv(n_rows, block_m),)
-    _cross_entropy_rows_kernel[grid](
-        logits, logits.stride(0), targets, lse, target_logit, scale, n_rows, n_cols, col_start, ignore_index,
-        HAS_LSE=has_lse, WRITE_GRAD=write_grad, BLOCK_M=block_m, BLOCK_V=block_v, num_warps=warps)
+    with on_device(logits):
+        _cross_entropy_rows_kernel[grid](
+            logits, logits.stride(0), targets, lse, target_logit, scale, n_rows, n_cols, col_start, ignore_index,
+            HAS_LSE=has_lse, WRITE_GRAD=write_grad, BLOCK_M=block_m, BLOCK_V=block_v, num_warps=warps)
 
 
 def chunk_sizes(n_tokens: int, vocab: int, element_size: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -187,13 +190,35 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
         loss, grad_hidden = _fused_loss_and_grad(hidden, weight, targets, bias, ignore_index, reduction,
                                                  want_grad, chunk_bytes, vocab_chunk)
         ctx.save_for_backward(grad_hidden if want_grad else None)
+        ctx.applied_scale = 1.0
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
+        """Scale the gradient computed in forward by d(out)/d(loss): in fp32 (a bf16 1/3 is 0.33398), in place
+        (no second tokens x H tensor), not at all when it is 1 (one host read of a scalar per backward)."""
         (grad_hidden,) = ctx.saved_tensors
-        grad = None if grad_hidden is None else grad_hidden * grad_loss.to(grad_hidden.dtype)
-        return grad, None, None, None, None, None, None, None
+        if grad_hidden is None:
+            return (None,) * 8
+        scale = float(grad_loss)
+        if scale != ctx.applied_scale:  # a second backward (retain_graph) rescales from what the first left
+            grad_hidden.mul_(scale / ctx.applied_scale)  # a Python float: multiplied in fp32, rounded once
+            ctx.applied_scale = scale
+        return grad_hidden, None, None, None, None, None, None, None
+
+
+def cast_frozen(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`weight.to(dtype).contiguous()`, cached on the weight: the frozen head (V x H, 0.5 GB for BLOOM) would
+    otherwise be re-cast at every call. The key (data_ptr, _version) changes whenever the weight does."""
+    if weight.dtype == dtype and weight.is_contiguous():
+        return weight
+    key = (weight.data_ptr(), weight._version, dtype, weight.device)
+    cached = getattr(weight, "_offsite_cast", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    cast = weight.detach().to(dtype).contiguous()
+    weight._offsite_cast = (key, cast)
+    return cast
 
 
 def reference_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -229,10 +254,50 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     dtype = compute_dtype(hidden2)
     with autocast_off(hidden2):
         h = hidden2.to(dtype).contiguous()
-        w = weight.to(dtype).contiguous()  # under autocast this is the same cast F.linear would make
+        w = cast_frozen(weight, dtype)  # under autocast this is the same cast F.linear would make
         b = None if bias is None else bias.to(dtype).contiguous()
         return FrozenHeadCrossEntropy.apply(h, w, targets1.contiguous().long(), b, ignore_index, reduction,
                                             int(chunk_bytes), vocab_chunk)
 
 
-__all__ = ["FrozenHeadCrossEntropy", "chunk_sizes", "linear_cross_entropy", "reference_linear_cross_entropy"]
+LIBRARIES = {"liger": ("liger-kernel", "liger_kernel.transformers.functional"),
+             "cce": ("cut-cross-entropy", "cut_cross_entropy")}
+
+
+def library_available(name: str) -> bool:
+    """Whether the library kernel `name` (liger, cce) imports here."""
+    import importlib
+
+    try:
+        importlib.import_module(LIBRARIES[name][1])
+    except Exception:  # noqa: BLE001 - absent or broken (e.g. an ABI mismatch) both mean "not available"
+        return False
+    return True
+
+
+def library_linear_cross_entropy(name: str, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                 bias: torch.Tensor | None = None, ignore_index: int = -100,
+                                 reduction: str = "mean") -> torch.Tensor:
+    """The same loss through Liger-Kernel's fused linear cross-entropy or Apple's Cut Cross-Entropy (both
+    CUDA-only), in the compute dtype with the frozen head cast once (as ours)."""
+    hidden2, targets1 = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    dtype = compute_dtype(hidden2)
+    with autocast_off(hidden2):
+        h, w = hidden2.to(dtype), cast_frozen(weight, dtype)
+        b = None if bias is None else bias.to(dtype)
+        if name == "liger":
+            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+            return liger_fused_linear_cross_entropy(h, w, targets1, b, ignore_index=ignore_index, reduction=reduction)
+        if name == "cce":
+            if b is not None:
+                raise ValueError("Cut Cross-Entropy has no head bias")
+            from cut_cross_entropy import linear_cross_entropy as cce
+
+            return cce(h, w, targets1, ignore_index=ignore_index, reduction=reduction)
+    raise ValueError(f"library '{name}' is not one of {', '.join(LIBRARIES)}")
+
+
+__all__ = ["FrozenHeadCrossEntropy", "LIBRARIES", "cast_frozen", "chunk_sizes", "library_available",
+           "library_linear_cross_entropy", "linear_cross_entropy",
+           "reference_linear_cross_entropy"]

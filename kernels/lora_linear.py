@@ -1,13 +1,20 @@
-"""LoRA linear: frozen base matmul with the low-rank path fused into its epilogue.
+"""LoRA linear: frozen base matmul plus the low-rank path, with one output write.
 
-y = x W^T + b + s * (x A^T) B^T, with W (and b) frozen. Why fuse: PEFT runs the base linear, then
-lora_A, lora_B, a scale and an add, each a separate pass over the [tokens, out] output, and keeps the
-intermediates for backward. Here one Triton GEMM computes x W^T and, in the same tile, adds the rank-r
-product (u s) B^T before writing the output once; the backward is the same kernel the other way round:
-dx = dy W + (s dy B) A. Only A, B (and x) get gradients; the base weight never does (it is frozen; when it
-is not, the reference path runs so that no gradient is silently dropped).
+y = x W^T + b + s * (x A^T) B^T, with W (and b) frozen. PEFT runs the base linear, then lora_A, lora_B, a
+scale and an add, each a separate pass over the [tokens, out] output. Two ways to do better live here:
 
-The rank-r factors u = x A^T and du = s dy B, and the LoRA weight gradients, are small GEMMs left to cuBLAS.
+- `gemm="cublas"` (the default): cuBLAS for x W^T (+ b), then `addmm_` adds the rank-r product into that
+  output in place: two GEMM calls, no extra [tokens, out] tensor, no extra elementwise pass.
+- `gemm="triton"`: one Triton GEMM computes x W^T and adds (u s) B^T in the same tile before writing the
+  output once (saves one [tokens, out] read+write, but replaces cuBLAS for the big GEMM). It is kept
+  selectable, not the default, until a GPU measurement (benchmarks/kernels.py, run by
+  scripts/gpu_acceptance.sh) shows it beating cuBLAS + addmm_. fp32 always takes cuBLAS (an IEEE fp32 Triton
+  GEMM needs 256-288 KB of shared memory in these configs and is slower than cuBLAS's).
+
+The backward is the same maths the other way round: dx = dy W + (s dy B) A. Only A, B (and x) get
+gradients; the base weight never does (it is frozen; when it is not, the reference path runs so that no
+gradient is silently dropped). The LoRA branch runs in the compute dtype (autocast's, else x's), as under
+autocast; `reference_lora_linear` is that same maths in plain torch.
 """
 from __future__ import annotations
 
@@ -15,12 +22,15 @@ import torch
 import torch.nn.functional as F
 
 from offsite_ds.kernels.runtime import (INTERPRETING, autocast_off, choose_backend, compute_dtype, dot_precision,
-                                        next_power_of_2, tl, triton)
+                                        next_power_of_2, on_device, tl, triton)
+
+GEMMS = ("cublas", "triton")
+DEFAULT_GEMM = "cublas"  # until a GPU measurement says the fused Triton GEMM wins (module docstring)
 
 
 @triton.jit
 def _matmul_lowrank_kernel(
-    a_ptr, b_ptr, u_ptr, l_ptr, bias_ptr, c_ptr, M, N, K, R,
+    a_ptr, b_ptr, u_ptr, l_ptr, bias_ptr, c_ptr, M, N, K, R, M_BUCKET,
     stride_am, stride_ak, stride_bk, stride_bn, stride_um, stride_ur, stride_lr, stride_ln, stride_cm, stride_cn,
     HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -28,6 +38,8 @@ def _matmul_lowrank_kernel(
 ):
     """C[M, N] = A[M, K] @ B[K, N] (+ U[M, R] @ L[R, N]) (+ bias[N]); any strides (transposes are free).
 
+    M_BUCKET is unused by the maths: it is the autotuner's key for M (a power of two), so a new token
+    count re-uses the configuration tuned for its bucket instead of benchmarking every config again.
     UPCAST (interpreter only) converts operands to fp32 before tl.dot, which the interpreter needs for
     half types; on a GPU the half operands go to the tensor cores with fp32 accumulation.
     """
@@ -94,8 +106,13 @@ def _autotuned():
     global _tuned_kernel
     if _tuned_kernel is None:
         configs = [triton.Config(meta, num_stages=stages, num_warps=warps) for meta, stages, warps in H100_CONFIGS]
-        _tuned_kernel = triton.autotune(configs=configs, key=["M", "N", "K", "R"])(_matmul_lowrank_kernel)
+        _tuned_kernel = triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "R"])(_matmul_lowrank_kernel)
     return _tuned_kernel
+
+
+def m_bucket(m: int) -> int:
+    """The autotuner's bucket for M tokens: the next power of two (capped; beyond it the best tile is stable)."""
+    return min(next_power_of_2(m), 16384)
 
 
 def matmul_lowrank(a: torch.Tensor, b: torch.Tensor, u: torch.Tensor | None = None, low: torch.Tensor | None = None,
@@ -111,20 +128,21 @@ def matmul_lowrank(a: torch.Tensor, b: torch.Tensor, u: torch.Tensor | None = No
     u_ = u if has_low else a
     low_ = low if has_low else b
     bias_ = bias if bias is not None else a
-    args = (a, b, u_, low_, bias_, c, M, N, K, R,
+    args = (a, b, u_, low_, bias_, c, M, N, K, R, m_bucket(M),
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), u_.stride(0), u_.stride(1) if has_low else 0,
             low_.stride(0) if has_low else 0, low_.stride(1), c.stride(0), c.stride(1))
     common = dict(HAS_BIAS=bias is not None, HAS_LOWRANK=has_low, UPCAST=INTERPRETING,
                   PRECISION=dot_precision(a.dtype), BLOCK_R=max(16, next_power_of_2(R)))
-    if INTERPRETING:
-        meta = INTERPRETER_CONFIG
-        grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        _matmul_lowrank_kernel[grid](*args, **common, **meta)
-    else:
-        def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    with on_device(a):
+        if INTERPRETING:
+            meta = INTERPRETER_CONFIG
+            grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+            _matmul_lowrank_kernel[grid](*args, **common, **meta)
+        else:
+            def grid(meta):
+                return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-        _autotuned()[grid](*args, **common)
+            _autotuned()[grid](*args, **common)
     return c
 
 
@@ -137,14 +155,20 @@ class LoraLinearFunction(torch.autograd.Function):
     """Frozen base + LoRA over 2-D inputs already in the compute dtype; gradients for x, A, B (and bias)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, weight_is_in_out, x_lora):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, weight_is_in_out, x_lora, gemm):
         dtype = x.dtype
         a_c, b_c = lora_a.to(dtype), lora_b.to(dtype)
         xl = x if x_lora is None else x_lora
         u = torch.mm(xl, a_c.t())  # [M, R]
         w_kn = _weight_as_k_by_n(weight, weight_is_in_out)
-        out = matmul_lowrank(x, w_kn, u * scaling, b_c.t(), None if bias is None else bias.to(dtype))
+        bias_c = None if bias is None else bias.to(dtype)
+        if gemm == "triton":
+            out = matmul_lowrank(x, w_kn, u * scaling, b_c.t(), bias_c)
+        else:
+            out = torch.mm(x, w_kn) if bias_c is None else torch.addmm(bias_c, x, w_kn)
+            out.addmm_(u, b_c.t(), alpha=scaling)
         ctx.save_for_backward(xl, u, weight, lora_a, lora_b)
+        ctx.gemm = gemm
         ctx.scaling = scaling
         ctx.weight_is_in_out = weight_is_in_out
         ctx.separate_lora_input = x_lora is not None
@@ -163,36 +187,42 @@ class LoraLinearFunction(torch.autograd.Function):
         grad_a = torch.mm(du.t(), xl).to(lora_a.dtype) if ctx.needs_input_grad[3] else None
         w_nk = _weight_as_k_by_n(weight, ctx.weight_is_in_out).t()  # dx = dy @ W_kn^T
         grad_x = grad_x_lora = None
-        if ctx.separate_lora_input:
+        if ctx.separate_lora_input:  # dropout: two different inputs, nothing to fuse; cuBLAS for both
             if ctx.needs_input_grad[0]:
-                grad_x = matmul_lowrank(dy, w_nk)
+                grad_x = torch.mm(dy, w_nk)
             if ctx.needs_input_grad[7]:
                 grad_x_lora = torch.mm(du, a_c)
         elif ctx.needs_input_grad[0]:
-            grad_x = matmul_lowrank(dy, w_nk, du, a_c)
+            grad_x = matmul_lowrank(dy, w_nk, du, a_c) if ctx.gemm == "triton" else torch.mm(dy, w_nk).addmm_(du, a_c)
         grad_bias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
-        return grad_x, None, grad_bias, grad_a, grad_b, None, None, grad_x_lora
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None, grad_x_lora, None
 
 
 def reference_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                           lora_b: torch.Tensor, scaling: float, weight_is_in_out: bool = False,
                           x_lora: torch.Tensor | None = None) -> torch.Tensor:
-    """PEFT's maths: base(x) + lora_B(lora_A(x_lora)) * scaling, in the adapter dtype, cast back."""
+    """base(x) + lora_B(lora_A(x_lora)) * scaling with the LoRA branch in the compute dtype (autocast's, else
+    x's), as `lora_linear` computes it. PEFT differs only without autocast and with adapters in another dtype
+    than x (it runs the branch in the adapter dtype); the patch probe bounds that difference."""
+    dtype = compute_dtype(x)
     if weight_is_in_out:
         base = x @ weight if bias is None else torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight).view(
             *x.shape[:-1], weight.shape[1])
     else:
         base = F.linear(x, weight, bias)
     xl = x if x_lora is None else x_lora
-    low = F.linear(F.linear(xl.to(lora_a.dtype), lora_a), lora_b)
+    low = F.linear(F.linear(xl.to(dtype), lora_a.to(dtype)), lora_b.to(dtype))
     return (base + low * scaling).to(base.dtype)
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scaling: float, weight_is_in_out: bool = False,
-                x_lora: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+                x_lora: torch.Tensor | None = None, backend: str = "auto", gemm: str = DEFAULT_GEMM) -> torch.Tensor:
     """Frozen-base LoRA linear. weight [out, in] (nn.Linear) or [in, out] (Conv1D, weight_is_in_out);
-    lora_a [r, in], lora_b [out, r]; x_lora: the LoRA branch's input when it differs (dropout)."""
+    lora_a [r, in], lora_b [out, r]; x_lora: the LoRA branch's input when it differs (dropout);
+    gemm: "cublas" (cuBLAS + addmm_) or "triton" (the fused GEMM; half types only, fp32 takes cuBLAS)."""
+    if gemm not in GEMMS:
+        raise ValueError(f"gemm '{gemm}' is not one of {', '.join(GEMMS)}")
     base_trains = torch.is_grad_enabled() and weight.requires_grad
     if base_trains or x.numel() == 0 or choose_backend(backend, x, weight, lora_a, lora_b) == "reference":
         return reference_lora_linear(x, weight, bias, lora_a, lora_b, scaling, weight_is_in_out, x_lora)
@@ -207,8 +237,9 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         x2 = x.reshape(-1, in_features).to(dtype)
         xl2 = None if x_lora is None else x_lora.reshape(-1, in_features).to(dtype)
         out = LoraLinearFunction.apply(x2, weight.to(dtype), bias, lora_a, lora_b, float(scaling),
-                                       weight_is_in_out, xl2)
+                                       weight_is_in_out, xl2, "cublas" if dtype == torch.float32 else gemm)
     return out.view(*x.shape[:-1], out_features)
 
 
-__all__ = ["LoraLinearFunction", "lora_linear", "matmul_lowrank", "reference_lora_linear"]
+__all__ = ["DEFAULT_GEMM", "GEMMS", "LoraLinearFunction", "lora_linear", "m_bucket", "matmul_lowrank",
+           "reference_lora_linear"]

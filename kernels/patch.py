@@ -26,13 +26,17 @@ from offsite_ds.errors import OffsiteError
 from offsite_ds.families import Family, family_of, get_path
 from offsite_ds.kernels.bias_activation import ACTIVATIONS, linear_bias_activation, reference_bias_activation
 from offsite_ds.kernels.layer_norm import layer_norm, reference_layer_norm, reference_rms_norm, rms_norm
-from offsite_ds.kernels.linear_cross_entropy import linear_cross_entropy
-from offsite_ds.kernels.lora_linear import lora_linear
+from offsite_ds.kernels.linear_cross_entropy import (LIBRARIES, library_available, library_linear_cross_entropy,
+                                                     linear_cross_entropy)
+from offsite_ds.kernels.lora_linear import DEFAULT_GEMM, GEMMS, lora_linear
 from offsite_ds.kernels.runtime import INTERPRETING
 
 HANDLE_ATTR = "_offsite_kernels"
 IGNORE_INDEX = -100
 PARTS = ("loss", "norms", "mlp", "lora", "attention")
+# "mlp" (fused bias + activation) moves as many bytes as eager's cuBLAS epilogue + activation; it is kept
+# selectable but off by default until a GPU measurement (scripts/gpu_acceptance.sh) shows it faster.
+DEFAULT_PARTS = ("loss", "norms", "lora", "attention")
 
 
 @dataclass
@@ -60,20 +64,63 @@ class PatchHandle:
             self._undo.pop()()
 
 
+CHOICES = ("auto", "ours", "liger", "cce", "off", "on")  # "on": the older name of "ours"
+# What `auto` picks on a GPU, first importable wins. Ours are not in it: no GPU measurement has shown them
+# beating the library kernels yet (scripts/gpu_acceptance.sh measures both; put "ours" first once it does).
+AUTO_ORDER = ("cce", "liger")
+
+
 def kernels_enabled(choice: str) -> bool:
-    """`--kernels auto|on|off`: auto = on when CUDA is present. 'on' refuses where no kernel can run."""
+    """Whether `--kernels CHOICE` patches anything here. 'ours'/'on' refuse where no Triton kernel can run;
+    'auto' is off without CUDA and never picks the interpreter (a debugging aid)."""
+    return resolve_kernels(choice) != "off"
+
+
+def resolve_kernels(choice: str) -> str:
+    """`--kernels auto|ours|liger|cce|off` -> the implementation that runs here: ours, liger, cce or off."""
     if choice == "off":
-        return False
-    if choice == "auto":
-        return torch.cuda.is_available()
-    if choice == "on":
+        return "off"
+    if choice in ("on", "ours"):
         if torch.cuda.is_available() or INTERPRETING:
-            return True
+            return "ours"
         why = ("TRITON_INTERPRET=1 was set after triton was imported"
                if os.environ.get("TRITON_INTERPRET") == "1" else "this machine has no CUDA GPU")
-        raise OffsiteError(f"--kernels on: the Triton kernels need a CUDA GPU and {why}; use --kernels auto or off "
-                           "(or set TRITON_INTERPRET=1 before starting, for the slow CPU interpreter)")
-    raise OffsiteError(f"--kernels {choice}: choose auto, on or off")
+        raise OffsiteError(f"--kernels {choice}: the Triton kernels need a CUDA GPU and {why}; use --kernels auto or "
+                           "off (or set TRITON_INTERPRET=1 before starting, for the slow CPU interpreter)")
+    if choice in LIBRARIES:
+        package = LIBRARIES[choice][0]
+        if not torch.cuda.is_available():
+            raise OffsiteError(f"--kernels {choice}: {package} runs on CUDA only and this machine has no CUDA GPU; "
+                               "use --kernels auto or off")
+        if not library_available(choice):
+            raise OffsiteError(f"--kernels {choice}: {package} is not installed; pip install {package} "
+                               "(or: pip install offsite-ds[baselines])")
+        return choice
+    if choice == "auto":
+        if not torch.cuda.is_available() or INTERPRETING:
+            return "off"
+        return next((name for name in AUTO_ORDER if name == "ours" or library_available(name)), "off")
+    raise OffsiteError(f"--kernels {choice}: choose {', '.join(c for c in CHOICES if c != 'on')}")
+
+
+def patch_for_training(model: nn.Module, choice: str, zero3: bool = False) -> PatchHandle | None:
+    """What `tune --kernels CHOICE` does to the model before training; None when nothing is patched.
+
+    ours: every part of `patch`; liger/cce: the library's fused linear cross-entropy for the frozen-head loss
+    (the rest stays eager). ZeRO-3 partitions every weight outside its module's forward, and the fused loss
+    and LoRA read the head and base weights from outside (the probes too): under ZeRO-3 an explicit choice is
+    refused and 'auto' leaves the model alone (it says so).
+    """
+    impl = resolve_kernels(choice)
+    if impl == "off":
+        return None
+    if zero3:
+        if choice != "auto":
+            raise OffsiteError(f"--kernels {choice} cannot run under ZeRO-3 (the fused loss/LoRA kernels read weights "
+                               f"ZeRO-3 partitions); use --kernels off, or a ZeRO-2 config with --kernels {choice}")
+        print("kernels: off under ZeRO-3 (the fused loss/LoRA kernels read partitioned weights)", flush=True)
+        return None
+    return patch(model) if impl == "ours" else patch(model, ("loss",), loss_impl=impl)
 
 
 # ---------------------------------------------------------------- probes: does the module do our maths?
@@ -308,10 +355,10 @@ def _lora_forward(self, x, *args, **kwargs):
     x_lora = self.lora_dropout[name](x)
     return lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
                        self.scaling[name], weight_is_in_out=_is_conv1d(base),
-                       x_lora=None if x_lora is x else x_lora)
+                       x_lora=None if x_lora is x else x_lora, gemm=self._offsite_lora_gemm)
 
 
-def _patch_lora(model: nn.Module, handle: PatchHandle) -> None:
+def _patch_lora(model: nn.Module, handle: PatchHandle, gemm: str) -> None:
     lora_type = _lora_layer_type()
     if lora_type is None:
         return
@@ -324,15 +371,17 @@ def _patch_lora(model: nn.Module, handle: PatchHandle) -> None:
             continue
         x = _probe_input(module.base_layer, module.lora_A[module.active_adapters[0]].weight.shape[1])
         module._offsite_original_forward = module.forward
+        module._offsite_lora_gemm = gemm
         with torch.no_grad():
             expected = module(x)
             got = _lora_forward(module, x)  # the fused forward itself, reference backend on CPU
         if not _matches(expected, got):
-            del module._offsite_original_forward
+            del module._offsite_original_forward, module._offsite_lora_gemm
             handle.skipped[name] = "LoRA layer computes something else (probe mismatch): kept"
             continue
         _swap_forward(handle, module, _lora_forward)
-        handle._undo.append(lambda m=module: m.__dict__.pop("_offsite_original_forward", None))
+        handle._undo.append(lambda m=module: [m.__dict__.pop(k, None) for k in ("_offsite_original_forward",
+                                                                                "_offsite_lora_gemm")])
         handle.swapped[name] = "lora_linear"
 
 
@@ -347,11 +396,13 @@ def _causal_lm_forward(self, input_ids=None, *args, **kwargs):
             or (torch.is_grad_enabled() and (head.weight.requires_grad
                                              or (head.bias is not None and head.bias.requires_grad)))):
         return self._offsite_original_forward(input_ids, *args, **kwargs)
-    return fused_causal_lm_loss(self, head, input_ids, **kwargs)
+    return fused_causal_lm_loss(self, head, input_ids, impl=self.__dict__.get("_offsite_loss_impl", "ours"), **kwargs)
 
 
-def fused_causal_lm_loss(model: nn.Module, head: nn.Linear, input_ids=None, backend: str = "auto", **kwargs):
-    """Run the base model, then the frozen-head linear cross-entropy with HF's label shift."""
+def fused_causal_lm_loss(model: nn.Module, head: nn.Linear, input_ids=None, backend: str = "auto", impl: str = "ours",
+                         **kwargs):
+    """Run the base model, then the frozen-head linear cross-entropy (ours, or a library's) with HF's label
+    shift."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     labels = kwargs.pop("labels")
@@ -364,8 +415,11 @@ def fused_causal_lm_loss(model: nn.Module, head: nn.Linear, input_ids=None, back
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
     targets = shift_labels.to(hidden.device)
-    loss = linear_cross_entropy(hidden, head.weight, targets, head.bias, IGNORE_INDEX,
-                                "sum" if num_items is not None else "mean", backend=backend)
+    reduction = "sum" if num_items is not None else "mean"
+    if impl == "ours":
+        loss = linear_cross_entropy(hidden, head.weight, targets, head.bias, IGNORE_INDEX, reduction, backend=backend)
+    else:
+        loss = library_linear_cross_entropy(impl, hidden, head.weight, targets, head.bias, IGNORE_INDEX, reduction)
     if num_items is not None:
         loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
     return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=getattr(outputs, "past_key_values", None),
@@ -373,12 +427,15 @@ def fused_causal_lm_loss(model: nn.Module, head: nn.Linear, input_ids=None, back
                                   attentions=getattr(outputs, "attentions", None))
 
 
-def _patch_loss(model: nn.Module, family: Family, handle: PatchHandle) -> None:
+def _patch_loss(model: nn.Module, family: Family, handle: PatchHandle, impl: str = "ours") -> None:
     head = get_path(model, family.head)
     base = getattr(model, "base_model", None)
     where = family.head
     if type(head) is not nn.Linear or base is None or base is model:
         handle.skipped[where] = f"head {type(head).__name__} is not a plain Linear under a base model: loss kept"
+        return
+    if impl == "cce" and head.bias is not None:
+        handle.skipped[where] = "Cut Cross-Entropy has no head bias: loss kept"
         return
     vocab = head.weight.shape[0]
     gen = torch.Generator().manual_seed(4321)
@@ -391,22 +448,32 @@ def _patch_loss(model: nn.Module, family: Family, handle: PatchHandle) -> None:
                                  "(e.g. logit scaling or soft-capping; probe mismatch): loss kept")
         return
     model.__dict__["_offsite_head"] = head  # plain attribute: assigning a Module would register it (state dict)
+    model.__dict__["_offsite_loss_impl"] = impl
     model._offsite_original_forward = model.forward
     _swap_forward(handle, model, _causal_lm_forward)
-    handle._undo.append(lambda: [model.__dict__.pop(k, None) for k in ("_offsite_head", "_offsite_original_forward")])
-    handle.swapped["<causal-lm loss>"] = "linear_cross_entropy (frozen head)"
+    handle._undo.append(lambda: [model.__dict__.pop(k, None)
+                                 for k in ("_offsite_head", "_offsite_original_forward", "_offsite_loss_impl")])
+    handle.swapped["<causal-lm loss>"] = ("linear_cross_entropy (frozen head)" if impl == "ours"
+                                          else f"{LIBRARIES[impl][0]} linear cross-entropy (frozen head)")
 
 
 # ---------------------------------------------------------------- entry points
 
-def patch(model: nn.Module, parts: tuple[str, ...] | list[str] = PARTS) -> PatchHandle:
+def patch(model: nn.Module, parts: tuple[str, ...] | list[str] = DEFAULT_PARTS,
+          lora_gemm: str = DEFAULT_GEMM, loss_impl: str = "ours") -> PatchHandle:
     """Swap the kernels into `model` (in place) and return what was done; `unpatch(model)` reverts.
 
+    lora_gemm: "cublas" (cuBLAS + addmm_, the default) or "triton" (the fused GEMM; see lora_linear.py).
+    loss_impl: whose fused frozen-head linear cross-entropy the loss runs: "ours", "liger" or "cce".
     Patching twice re-patches from scratch (picking up LoRA layers added since).
     """
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise OffsiteError(f"unknown kernel part(s) {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
+    if lora_gemm not in GEMMS:
+        raise OffsiteError(f"lora_gemm '{lora_gemm}': choose {' or '.join(GEMMS)}")
+    if loss_impl not in ("ours", *LIBRARIES):
+        raise OffsiteError(f"loss_impl '{loss_impl}': choose ours, {', '.join(LIBRARIES)}")
     unpatch(model)
     family = family_of(model)
     handle = PatchHandle()
@@ -419,9 +486,9 @@ def patch(model: nn.Module, parts: tuple[str, ...] | list[str] = PARTS) -> Patch
         if "mlp" in parts:
             _patch_mlp(model, family, handle)
         if "lora" in parts:
-            _patch_lora(model, handle)
+            _patch_lora(model, handle, lora_gemm)
         if "loss" in parts:
-            _patch_loss(model, family, handle)
+            _patch_loss(model, family, handle, loss_impl)
     if "attention" in parts:
         from offsite_ds.attention import use_fast_attention
 
@@ -445,4 +512,5 @@ def patched(model: nn.Module) -> PatchHandle | None:
     return model.__dict__.get(HANDLE_ATTR)
 
 
-__all__ = ["PARTS", "PatchHandle", "fused_causal_lm_loss", "kernels_enabled", "patch", "patched", "unpatch"]
+__all__ = ["AUTO_ORDER", "CHOICES", "DEFAULT_PARTS", "PARTS", "PatchHandle", "fused_causal_lm_loss",
+           "kernels_enabled", "patch", "patch_for_training", "patched", "resolve_kernels", "unpatch"]

@@ -74,6 +74,12 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def on_device(x: torch.Tensor):
+    """Triton launches on torch.cuda.current_device(), not on the tensor's: make them the same, so a model on
+    cuda:N (or a rank whose LOCAL_RANK was never made current) never launches onto another GPU's memory."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
 def next_power_of_2(n: int) -> int:
     return triton.next_power_of_2(max(1, int(n)))
 
@@ -86,4 +92,4 @@ def sm_count(device: torch.device) -> int:
 
 
 __all__ = ["BACKENDS", "INTERPRETING", "autocast_off", "choose_backend", "compute_dtype", "dot_precision",
-           "interpreting", "next_power_of_2", "sm_count", "tl", "triton", "triton_runs_on"]
+           "interpreting", "next_power_of_2", "on_device", "sm_count", "tl", "triton", "triton_runs_on"]

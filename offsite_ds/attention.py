@@ -5,7 +5,11 @@ flash-attn imports and the model is on CUDA, else "sdpa"). BLOOM's HF attention 
 added to materialised scores, fp32 softmax, probabilities kept for backward); its attention modules get a
 forward that runs SDPA with the ALiBi + mask bias, or flash-attn with `alibi_slopes` when there is no
 padding and no KV cache. flash-attn's bias is -slope*|i-j|, BLOOM's slope*j: under a causal mask they
-differ by slope*i per query row, which softmax ignores, so both give the same attention.
+differ by slope*i per query row, which softmax ignores, so both give the same attention. Without
+flash-attn an unpadded batch gets one [1, heads, q, kv] bias (SDPA broadcasts it), not B of them.
+
+A model patched before it reaches the GPU (often: `patch` runs on the loaded CPU model) gets a one-shot
+forward pre-hook that switches it to flash_attention_2 at its first forward on CUDA.
 """
 from __future__ import annotations
 
@@ -86,6 +90,11 @@ def _alibi_forward(self, hidden_states, residual, alibi, attention_mask, layer_p
     else:
         kv_len = key.shape[2]
         bias = alibi.view(batch, self.num_heads, -1, kv_len).to(query.dtype) * self.beta
+        if self._offsite_state.get("no_padding", False):
+            # every row of the batch has the same ALiBi and causal mask: a [1, heads, q, kv] bias that SDPA
+            # broadcasts, not a B x heads x q x kv one
+            bias = bias[:1]
+            attention_mask = None if attention_mask is None else attention_mask[:1]
         if attention_mask is not None:
             if attention_mask.dtype == torch.bool:
                 attention_mask = torch.zeros_like(attention_mask, dtype=query.dtype).masked_fill_(
@@ -150,12 +159,37 @@ def use_fast_attention(model: nn.Module) -> AttentionPatch:
             module.forward = types.MethodType(_alibi_forward, module)
             patch.patched_modules.append(module)
     if patch.patched_modules:
-        patch.chosen = "sdpa(alibi)"
-        if flash_attn_func() is not None:  # only flash needs to know about padding; spare the sync otherwise
-            patch.chosen = "flash_attn(alibi) or sdpa(alibi)"
-            base = getattr(model, "base_model", model)
-            patch.hooks.append(base.register_forward_pre_hook(_padding_hook(state), with_kwargs=True))
+        patch.chosen = "flash_attn(alibi) or sdpa(alibi)" if flash_attn_func() is not None else "sdpa(alibi)"
+        # flash-attn and the batch-shared ALiBi bias both need to know whether the batch is padded
+        base = getattr(model, "base_model", model)
+        patch.hooks.append(base.register_forward_pre_hook(_padding_hook(state), with_kwargs=True))
+    elif chosen != "flash_attention_2" and _flash_later(model):
+        hook, handle = _choose_flash_on_cuda(patch)
+        handle.append(model.register_forward_pre_hook(hook, with_kwargs=True))
+        patch.hooks.append(handle[0])
     return patch
+
+
+def _flash_later(model: nn.Module) -> bool:
+    """flash-attn would be chosen but the model is not on CUDA yet (patched before being moved there)."""
+    return (flash_attn_func() is not None and torch.cuda.is_available() and _model_device(model).type != "cuda"
+            and getattr(model, "_supports_flash_attn", False))
+
+
+def _choose_flash_on_cuda(patch: AttentionPatch):
+    """Forward pre-hook: at the first forward on CUDA, switch to flash_attention_2 (then remove itself)."""
+    def hook(module, args, kwargs):
+        if _model_device(module).type != "cuda":
+            return
+        try:
+            module.set_attn_implementation("flash_attention_2")
+            patch.chosen = "flash_attention_2"
+        except (ValueError, ImportError):
+            pass
+        patch.hooks.remove(handle[0])
+        handle[0].remove()
+    handle: list = []
+    return hook, handle
 
 
 __all__ = ["AttentionPatch", "choose_attention", "flash_attn_func", "flash_can_run", "use_fast_attention"]

@@ -120,6 +120,8 @@ class Runtime:
             self.device = torch.device("cuda", self.local_rank)
         else:
             self.device = torch.device("cpu")
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # Triton and NCCL launch on the current device, not the tensors'
         self.precision = precision
         self.bf16 = bf16_wanted(precision, self.device.type)
         self.ds_config: dict | None = None

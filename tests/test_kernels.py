@@ -219,9 +219,10 @@ LORA_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype,gemm", [(torch.float32, "cublas"), (torch.bfloat16, "cublas"),
+                                        (torch.bfloat16, "triton")])  # fp32 always takes cuBLAS
 @pytest.mark.parametrize("shape,out_features,rank,in_out,dropout,has_bias", LORA_CASES)
-def test_lora_linear_matches_reference(shape, out_features, rank, in_out, dropout, has_bias, dtype):
+def test_lora_linear_matches_reference(shape, out_features, rank, in_out, dropout, has_bias, dtype, gemm):
     if dtype == torch.bfloat16 and shape[-1] > 300:
         shape = (1, 1, 255)  # interpreter time: the long-K bf16 case adds nothing the fp32 one does not cover
     gen = torch.Generator().manual_seed(8)
@@ -236,7 +237,7 @@ def test_lora_linear_matches_reference(shape, out_features, rank, in_out, dropou
     dy = torch.randn(*shape[:-1], out_features, generator=gen).to(dtype)
 
     def fused(x, a, b):
-        return lora_linear(x, w, bias, a, b, 2.0, in_out, x * keep if dropout else None)
+        return lora_linear(x, w, bias, a, b, 2.0, in_out, x * keep if dropout else None, gemm=gemm)
 
     def ref(x, a, b):
         return reference_lora_linear(x, w.float(), None if bias is None else bias.float(), a, b, 2.0, in_out,
@@ -268,3 +269,55 @@ def test_matmul_lowrank_odd_shapes_and_strides():
     bias = torch.randn(91, generator=gen)
     assert_matches(matmul_lowrank(a, b, u, low, bias), a @ b + u @ low + bias, torch.float32, "C")
     assert_matches(matmul_lowrank(a, b), a @ b, torch.float32, "C without low rank")
+
+
+def test_lora_branch_dtype_is_the_same_in_kernel_and_reference():
+    """bf16 activations with fp32 adapters, no autocast: both paths run the LoRA branch in bf16 (the
+    compute dtype), so they agree to bf16 rounding of one output, far tighter than branch-dtype differences."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 64, generator=gen).to(torch.bfloat16)
+    w = (torch.randn(48, 64, generator=gen) * 0.125).to(torch.bfloat16)
+    a, b = torch.randn(8, 64, generator=gen) * 0.125, torch.randn(48, 8, generator=gen) * 0.5
+    ref = reference_lora_linear(x, w, None, a, b, 2.0)
+    for gemm in ("cublas", "triton"):
+        got = lora_linear(x, w, None, a, b, 2.0, gemm=gemm)
+        assert got.dtype == ref.dtype == torch.bfloat16
+        diff = (got.float() - ref.float()).abs()
+        assert float(diff.max()) <= 2 ** -7 * float(ref.float().abs().max()), gemm
+
+
+def test_lora_autotune_buckets_the_token_count():
+    from offsite_ds.kernels.lora_linear import _autotuned, m_bucket
+
+    assert _autotuned().keys == ["M_BUCKET", "N", "K", "R"]
+    assert [m_bucket(m) for m in (1, 1000, 1024, 1025, 10 ** 6)] == [1, 1024, 1024, 2048, 16384]
+
+
+def test_cross_entropy_backward_scales_in_fp32():
+    """Gradient accumulation over 3 micro-batches scales the loss by 1/3: the scale must not be rounded to
+    bf16 (0.33398, a +0.2% bias on every gradient element); and a scale of 1 returns the saved gradient."""
+    gen = torch.Generator().manual_seed(12)
+    hidden = leaf(torch.randn(64, 32, generator=gen), torch.bfloat16)
+    weight = (torch.randn(300, 32, generator=gen) * 0.3).to(torch.bfloat16)
+    targets = torch.randint(0, 300, (64,), generator=gen)
+    (linear_cross_entropy(hidden, weight, targets) / 3).backward()
+    scaled = hidden.grad.float()
+    hidden.grad = None
+    linear_cross_entropy(hidden, weight, targets).backward()
+    plain = hidden.grad.float()
+    mask = plain.abs() > 1e-4
+    ratio = float((scaled[mask] / plain[mask]).mean() * 3)
+    assert abs(ratio - 1) < 5e-4, f"gradient scaled by {ratio / 3:.6f}, not 1/3"
+
+
+def test_frozen_head_cast_is_cached_until_the_weight_changes():
+    from offsite_ds.kernels.linear_cross_entropy import cast_frozen
+
+    weight = torch.randn(50, 8)
+    first = cast_frozen(weight, torch.bfloat16)
+    assert cast_frozen(weight, torch.bfloat16) is first, "the same frozen weight is cast once"
+    with torch.no_grad():
+        weight.add_(1.0)  # e.g. a checkpoint loaded into it: _version moves
+    second = cast_frozen(weight, torch.bfloat16)
+    assert second is not first and torch.equal(second, weight.to(torch.bfloat16))
+    assert cast_frozen(weight, torch.float32) is weight, "no cast, no copy"

@@ -5,6 +5,7 @@ convergence check: tiny OPT and BLOOM emulators trained 20 steps patched and unp
 The Triton kernels run in the interpreter (conftest sets TRITON_INTERPRET=1).
 """
 import copy
+import importlib
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ import offsite_ds.attention as attention
 from offsite_ds.emulator import build_emulator
 from offsite_ds.errors import OffsiteError
 from offsite_ds.families import family_of, get_path
-from offsite_ds.kernels import kernels_enabled, patch, patched, unpatch
+from offsite_ds.kernels import PARTS, kernels_enabled, patch, patch_for_training, patched, resolve_kernels, unpatch
 from offsite_ds.peft_modes import apply_mode
 from offsite_ds.sandwich import emulator_adapter_positions, parse_layout
 from offsite_ds.tiny import byte_tokenizer, tiny_model
@@ -66,7 +67,7 @@ def test_patch_keeps_loss_gradients_and_state_dict(family):
     names = list(model.state_dict())
     ref_out, ref_grads = loss_and_grads(model, data)
 
-    handle = patch(model)
+    handle = patch(model, PARTS)  # every part, the fused MLP (off by default) included
     assert EXPECTED[family] <= set(handle.swapped.values()), handle.swapped
     assert handle.attention is not None
     assert list(model.state_dict()) == names, "patching must not rename or add state-dict entries"
@@ -85,8 +86,14 @@ def test_patch_keeps_loss_gradients_and_state_dict(family):
     torch.testing.assert_close(again.loss, ref_out.loss, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["opt", "gpt2"])
-def test_patch_fuses_peft_lora_layers(family):
+def test_default_parts_leave_the_mlp_to_cublas():
+    handle = patch(emulator("opt"))
+    assert not any(k.startswith("linear+bias") for k in handle.swapped.values()), handle.swapped
+    assert "layer_norm" in handle.swapped.values()
+
+
+@pytest.mark.parametrize("family,gemm", [("opt", "cublas"), ("opt", "triton"), ("gpt2", "triton")])
+def test_patch_fuses_peft_lora_layers(family, gemm):
     """OPT's q/v nn.Linear and GPT-2's c_attn Conv1D (fan_in_fan_out) LoRA layers."""
     model = emulator(family, mode="lora")
     with torch.no_grad():  # PEFT starts B at zero; give the low-rank path something to carry
@@ -96,7 +103,7 @@ def test_patch_fuses_peft_lora_layers(family):
     model.train()
     data = batch()
     ref_out, ref_grads = loss_and_grads(model, data)
-    handle = patch(model)
+    handle = patch(model, lora_gemm=gemm)
     assert list(handle.swapped.values()).count("lora_linear") == 4 if family == "opt" else 2
     out, grads = loss_and_grads(model, data)
     torch.testing.assert_close(out.loss, ref_out.loss, rtol=1e-5, atol=1e-5)
@@ -237,10 +244,55 @@ def test_attention_choice_for_models_with_hf_support():
 
 def test_kernels_enabled_choices():
     assert kernels_enabled("off") is False
-    assert kernels_enabled("auto") is torch.cuda.is_available()
+    assert kernels_enabled("auto") is False, "auto never picks the interpreter (a debugging aid), GPU or not"
     assert kernels_enabled("on") is True  # the interpreter is active in tests
-    with pytest.raises(OffsiteError, match="auto, on or off"):
+    with pytest.raises(OffsiteError, match="choose auto, ours, liger, cce, off"):
         kernels_enabled("sometimes")
+    assert resolve_kernels("ours") == resolve_kernels("on") == "ours"
+    if not torch.cuda.is_available():
+        for lib, package in (("liger", "liger-kernel"), ("cce", "cut-cross-entropy")):
+            with pytest.raises(OffsiteError, match=f"--kernels {lib}: {package} runs on CUDA only"):
+                resolve_kernels(lib)
+
+
+def test_auto_prefers_the_measured_library_kernels(monkeypatch):
+    """On a GPU, auto takes the first importable of AUTO_ORDER (libraries until ours is measured faster)."""
+    patch_module = importlib.import_module("offsite_ds.kernels.patch")
+
+    monkeypatch.setattr(patch_module, "INTERPRETING", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(patch_module, "library_available", lambda name: name == "liger")
+    assert patch_module.AUTO_ORDER[0] != "ours" and resolve_kernels("auto") == "liger"
+    monkeypatch.setattr(patch_module, "library_available", lambda name: False)
+    assert resolve_kernels("auto") == "off"
+    with pytest.raises(OffsiteError, match="pip install cut-cross-entropy"):
+        resolve_kernels("cce")
+
+
+def test_library_loss_is_swapped_in_and_called(monkeypatch):
+    """--kernels liger|cce: the loss goes through the library's fused linear CE (stubbed here: both need
+    CUDA); the rest of the model stays eager."""
+    patch_module = importlib.import_module("offsite_ds.kernels.patch")
+    from offsite_ds.kernels import reference_linear_cross_entropy
+
+    calls = []
+
+    def fake(name, hidden, weight, targets, bias=None, ignore_index=-100, reduction="mean"):
+        calls.append(name)
+        return reference_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
+                                              bias, ignore_index, reduction)
+
+    monkeypatch.setattr(patch_module, "library_linear_cross_entropy", fake)
+    model = emulator("llama")
+    model.train()
+    data = batch()
+    ref, _ = loss_and_grads(model, data)
+    handle = patch(model, ("loss",), loss_impl="cce")
+    assert set(handle.swapped.values()) == {"cut-cross-entropy linear cross-entropy (frozen head)"}
+    out, _ = loss_and_grads(model, data)
+    assert calls == ["cce"] and out.logits is None
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-5)
+    unpatch(model)
 
 
 def test_without_gpu_or_interpreter_the_reference_path_runs():
@@ -260,9 +312,7 @@ def test_without_gpu_or_interpreter_the_reference_path_runs():
         "else:\n"
         "    raise SystemExit('--kernels on must refuse without CUDA or the interpreter')\n"
     )
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    if torch.cuda.is_available():
-        pytest.fail("this test describes a CPU-only machine; on a GPU machine the kernels path is the default")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": ""}  # a CPU-only machine, GPU or not
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "refused: --kernels on" in result.stdout and "no CUDA GPU" in result.stdout
@@ -312,10 +362,77 @@ def test_tune_with_kernels_on_matches_kernels_off(family, mode, tiny_model_dir, 
     history = {}
     for kernels in ("off", "on"):
         torch.manual_seed(0)  # LoRA's initialisation draws from the global generator
-        cfg = TrainConfig(steps=4, lr=3e-3, batch_size=2, seed=0, log_every=1)
+        # CPU and fp32 on any machine: the interpreted kernels are compared on CPU tensors at fp32 tolerance
+        cfg = TrainConfig(steps=4, lr=3e-3, batch_size=2, seed=0, log_every=1, device="cpu", precision="fp32")
         summary = tune(bundle, corpus_file, tmp_path / f"out-{kernels}", mode=mode, cfg=cfg, seq_len=32,
                        kernels=kernels)
         history[kernels] = [h["loss"] for h in summary["loss_history"]]
     assert len(history["on"]) == 4
     for step, (a, b) in enumerate(zip(history["off"], history["on"])):
         assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), f"step {step}: off {a:.6f} vs on {b:.6f}"
+
+
+def test_zero3_with_kernels_is_refused_or_skipped(tiny_model_dir, corpus_file, tmp_path, capsys):
+    """ZeRO-3 partitions the weights the fused loss/LoRA kernels read outside their modules: `tune --kernels on`
+    refuses before any work, auto leaves the model alone and says so."""
+    from offsite_ds.emulator import make_bundle
+    from offsite_ds.roles.tune_adapter import tune
+    from offsite_ds.train import TrainConfig
+
+    bundle = make_bundle(tiny_model_dir("opt"), "1-1-1", tmp_path / "bundle")
+    cfg = TrainConfig(steps=1, batch_size=2, deepspeed={"zero_optimization": {"stage": 3}})
+    with pytest.raises(OffsiteError, match="--kernels on cannot run under ZeRO-3"):
+        tune(bundle, corpus_file, tmp_path / "out", cfg=cfg, seq_len=32, kernels="on")
+    assert not (tmp_path / "out").exists()
+    from offsite_ds.cli import main
+
+    rc = main(["tune", str(bundle), "--data", str(corpus_file), "--out", str(tmp_path / "out"), "--kernels", "on",
+               "--deepspeed", "zero3", "--steps", "1", "--seq-len", "32", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "cannot run under ZeRO-3" in err and "\n" not in err
+    model = emulator("opt")
+    assert patch_for_training(model, "on", zero3=False) is not None
+    unpatch(model)
+    assert patch_for_training(model, "off", zero3=True) is None and patched(model) is None
+
+
+def test_bloom_bias_is_shared_across_an_unpadded_batch(monkeypatch):
+    """Without padding every row has the same ALiBi + causal bias: SDPA gets [1, heads, q, kv], not B x ..."""
+    model = tiny_model("bloom", n_layers=2)
+    data = batch(rows=3)
+    with torch.no_grad():
+        ref = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
+    shapes = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        shapes.append(tuple(attn_mask.shape))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    fast = attention.use_fast_attention(model)
+    with torch.no_grad():
+        got = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
+    assert shapes and all(s[0] == 1 for s in shapes), shapes
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    fast.undo()
+
+
+def test_flash_attention_is_chosen_when_the_model_reaches_cuda(monkeypatch):
+    """patch() often runs while the model is still on CPU: flash-attn must still be picked at the first
+    forward on CUDA (simulated: flash-attn and CUDA are not here)."""
+    model = tiny_model("opt", n_layers=2)
+    monkeypatch.setattr(attention, "_flash_func", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    fast = attention.use_fast_attention(model)
+    assert fast.chosen == "sdpa" and len(fast.hooks) == 1
+    chosen = []
+    monkeypatch.setattr(model, "set_attn_implementation", lambda name: chosen.append(name))
+    ids = batch()["input_ids"]
+    with torch.no_grad():
+        model(input_ids=ids)  # still on CPU: nothing changes
+        assert chosen == []
+        monkeypatch.setattr(attention, "_model_device", lambda m: torch.device("cuda"))
+        model(input_ids=ids)
+        model(input_ids=ids)
+    assert chosen == ["flash_attention_2"] and fast.chosen == "flash_attention_2" and not fast.hooks

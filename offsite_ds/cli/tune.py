@@ -28,8 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-data", default=None, help="validation corpus: emulator perplexity, best adapter kept")
     p.add_argument("--max-eval-tokens", type=int, default=None, help="cap the validation tokens (speed)")
     p.add_argument("--max-train-blocks", type=int, default=None, help="use only the first N packed blocks")
-    p.add_argument("--kernels", default="auto", choices=["auto", "on", "off"],
-                   help="Triton fused kernels (auto: on when CUDA is present)")
+    p.add_argument("--kernels", default="auto",
+                   help="fused kernels: auto (on CUDA: the library kernels measured best, else off), ours, liger, "
+                        "cce or off (see the README's kernel section)")
     add_train_arguments(p, lr=1e-4, batch_size=8, seq_len=512)
 
 

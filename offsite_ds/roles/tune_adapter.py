@@ -112,20 +112,11 @@ def tune(bundle_dir: str | Path, data: str | Path | None, out_dir: str | Path, m
     torch.manual_seed(cfg.seed)  # LoRA / bottleneck initialisation is part of the run: seed it too
     role = TuneAdapter(bundle, out_dir, mode, settings, eval_ids, seq_len, data_fingerprint=fingerprint,
                        runtime=runtime)
-    if _kernels_wanted(kernels):
-        from offsite_ds.kernels import patch
+    if kernels != "off":
+        from offsite_ds.ds_config import is_zero3, load_ds_config
+        from offsite_ds.kernels import patch_for_training
 
-        patch(bundle.model)
+        zero3 = runtime.deepspeed is not None and is_zero3(load_ds_config(runtime.deepspeed))
+        patch_for_training(bundle.model, kernels, zero3=zero3)
     return train(role, loader, cfg, runtime)
 
-
-def _kernels_wanted(choice: str) -> bool:
-    if choice == "off":
-        return False
-    try:
-        from offsite_ds.kernels import kernels_enabled
-    except ImportError as exc:
-        if choice == "on":
-            raise OffsiteError(f"--kernels on: the Triton kernels are unavailable ({exc}); use --kernels off")
-        return False
-    return kernels_enabled(choice)
