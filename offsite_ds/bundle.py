@@ -183,6 +183,19 @@ class Bundle:
     def fingerprint(self) -> str:
         return self.manifest["fingerprint"]
 
+    @property
+    def block_map(self) -> list[int]:
+        """Original block index of each position the loaded model RUNS (a shared bundle repeats kept blocks)."""
+        stored = self.manifest["block_map"]
+        return [stored[s] for s in self.manifest.get("share_map", range(len(stored)))]
+
+    @property
+    def adapter_positions(self) -> list[int]:
+        """Positions of the adapter blocks in the loaded model (a shared bundle runs at the original depth)."""
+        stored = set(self.manifest["adapter_positions"])
+        return [p for p, s in enumerate(self.manifest.get("share_map", range(len(self.manifest["block_map"]))))
+                if s in stored]
+
 
 def save_bundle(model, tokenizer, manifest: dict, out_dir: str | Path) -> Path:
     """Write an EmulatorBundle: a plain HF model dir (safetensors) + tokenizer + offsite.json."""
@@ -210,8 +223,26 @@ def check_bundle(directory: str | Path) -> dict:
     return manifest
 
 
+def check_share_map(manifest: dict, where: str) -> list[int] | None:
+    """A CRaSh bundle's position map: adapter positions run themselves, every stored block runs, in order."""
+    share_map = manifest.get("share_map")
+    if share_map is None:
+        return None
+    n_stored, adapters = len(manifest["block_map"]), set(manifest["adapter_positions"])
+    if (not isinstance(share_map, list) or not all(isinstance(s, int) and 0 <= s < n_stored for s in share_map)
+            or not n_stored <= len(share_map) <= manifest["base_depth"] or set(share_map) != set(range(n_stored))
+            or share_map != sorted(share_map) or any(share_map.count(a) != 1 for a in adapters)):
+        raise ArtifactError(f"{where}: share_map is not a valid position map of the {n_stored} stored blocks; "
+                            "re-export the bundle")
+    return share_map
+
+
 def load_bundle(directory: str | Path, dtype: torch.dtype = torch.float32) -> Bundle:
-    """Validate, then load the emulator model (safetensors only) and its tokenizer."""
+    """Validate, then load the emulator model (safetensors only) and its tokenizer.
+
+    The one loader of every bundle: a shared (CRaSh) bundle stores each kept block once plus `share_map`,
+    and is expanded here to its executed depth (plain `from_pretrained` would run the stored blocks only).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from offsite_ds.families import blocks_of, family_of
@@ -226,6 +257,11 @@ def load_bundle(directory: str | Path, dtype: torch.dtype = torch.float32) -> Bu
     if len(blocks_of(model)) != len(manifest["block_map"]):
         raise ArtifactError(f"{directory}: the model has {len(blocks_of(model))} blocks but block_map lists "
                             f"{len(manifest['block_map'])}; the bundle is inconsistent")
+    share_map = check_share_map(manifest, str(directory))
+    if share_map is not None:
+        from offsite_ds.emulator import share_blocks
+
+        share_blocks(model, share_map)
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
     return Bundle(directory, model.eval(), tokenizer, manifest)
 

@@ -93,7 +93,7 @@ def apply_to_emulator(bundle: Bundle, package: AdapterPackage) -> torch.nn.Modul
     """The 'OT Emulator' row: the shipped emulator carrying the tuned adapter blocks."""
     if package.manifest["bundle_fingerprint"] != bundle.fingerprint:
         raise ArtifactError(f"{package.path}: adapter was tuned on another emulator bundle than {bundle.path}")
-    mapping = {bundle.manifest["block_map"][p]: p for p in bundle.manifest["adapter_positions"]}
+    mapping = {bundle.block_map[p]: p for p in bundle.adapter_positions}
     install_adapter(bundle.model, package, mapping)
     if package.mode == "lora":
         merge_lora_(bundle.model)

@@ -1,0 +1,201 @@
+"""Emulator builders: CKA, the selection rules on constructed inputs, and each builder on tiny models."""
+import builtins
+import io
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import FAMILIES
+from offsite_ds.calibrate import (block_outputs, calibration_ids, cka_matrix, linear_cka, mean_nll, quality,
+                                  running_blocks)
+from offsite_ds.errors import LayoutError
+from offsite_ds.sandwich import (Layout, block_map_for, merge_adjacent, select_crash, select_important,
+                                 share_map_for)
+
+
+def test_linear_cka_identity_invariances_and_unrelated():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 16, generator=g)
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
+    assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)
+    assert linear_cka(x, 3.5 * x @ q) == pytest.approx(1.0, abs=1e-9)  # orthogonal + isotropic scaling
+    assert linear_cka(x, torch.randn(256, 16, generator=g)) < 0.2
+    stretched = x * torch.linspace(0.1, 10, 16)  # anisotropic scaling is NOT an invariance
+    assert linear_cka(x, stretched) < 0.99
+    m = cka_matrix(torch.stack([x, 2 * x, torch.randn(256, 16, generator=g)]))
+    assert m[0][1] == pytest.approx(1.0) and m[0][2] == m[2][0] < 0.2 and m[2][2] == 1.0
+
+
+def test_merge_order_on_a_constructed_matrix():
+    s = [[1.0, 0.9, 0.1, 0.1, 0.1],
+         [0.9, 1.0, 0.2, 0.1, 0.1],
+         [0.1, 0.2, 1.0, 0.6, 0.7],
+         [0.1, 0.1, 0.6, 1.0, 0.8],
+         [0.1, 0.1, 0.7, 0.8, 1.0]]
+    assert merge_adjacent(s, 5) == [[0], [1], [2], [3], [4]]
+    assert merge_adjacent(s, 4) == [[0, 1], [2], [3], [4]]  # 0.9 first
+    assert merge_adjacent(s, 3) == [[0, 1], [2], [3, 4]]  # then 0.8
+    assert merge_adjacent(s, 2) == [[0, 1], [2, 3, 4]]  # [2]-[3,4] average 0.65 beats [0,1]-[2] 0.15
+    assert merge_adjacent(s, 1) == [[0, 1, 2, 3, 4]]
+    kept, clusters = select_crash([10, 11, 12, 13, 14], 2, s)
+    assert clusters == [[10, 11], [12, 13, 14]]
+    assert kept == [10, 14]  # medoid of 12,13,14: 14 has mean CKA 0.75 to the others
+
+
+def test_ties_are_deterministic():
+    ones = [[1.0] * 4 for _ in range(4)]
+    assert merge_adjacent(ones, 2) == [[0, 1, 2], [3]]  # the leftmost pair merges on a tie
+    assert select_crash([5, 6, 7, 8], 2, ones)[0] == [5, 8]
+    assert select_important([5, 6, 7, 8, 9], 3, [0.0, 1.0, 1.0, 1.0, 0.0]) == [5, 6, 9]
+
+
+def test_importance_keeps_ends_and_the_most_important():
+    middle = [2, 3, 4, 5, 6, 7]
+    assert select_important(middle, 4, [0.0, 5.0, 1.0, 9.0, 2.0, 0.0]) == [2, 3, 5, 7]
+    assert select_important(middle, 1, [0.0] * 6) == [2]
+    with pytest.raises(LayoutError):
+        select_important(middle, 4, [1.0] * 5)
+
+
+def test_maps():
+    layout = Layout(2, 2, 1)
+    assert block_map_for(9, layout, [3, 6]) == [0, 1, 3, 6, 8]
+    assert share_map_for(9, layout, [[2, 3, 4], [5, 6, 7]]) == [0, 1, 2, 2, 2, 3, 3, 3, 4]
+    with pytest.raises(LayoutError):
+        block_map_for(9, layout, [6, 3])
+    with pytest.raises(LayoutError):
+        share_map_for(9, layout, [[2, 3], [5, 6, 7]])
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("public") / "public.txt"
+    path.write_text("a public corpus the owner may use . " * 60 + "numbers 1 2 3 and words . " * 40)
+    return path
+
+
+def _load(family, tiny_model_dir):
+    from offsite_ds.emulator import load_owner_model
+
+    model = load_owner_model(tiny_model_dir(family))
+    from transformers import AutoTokenizer
+
+    return model, AutoTokenizer.from_pretrained(tiny_model_dir(family))
+
+
+def test_running_blocks_equals_a_built_emulator(tiny_model_dir, calib_file):
+    from offsite_ds.emulator import build_emulator
+
+    model, tok = _load("llama", tiny_model_dir)
+    ids, _ = calibration_ids(calib_file, tok, 600)
+    emulator, block_map = build_emulator(model, Layout(2, 2, 2))
+    with running_blocks(model, block_map):
+        virtual = mean_nll(model, ids, 64)
+    assert virtual == pytest.approx(mean_nll(emulator, ids, 64), rel=1e-5)
+    assert model.config.num_hidden_layers == 8 and len(model.model.layers) == 8  # restored
+    whole = quality(model, model, None, ids, 64, "fp")
+    assert whole["ratio"] == 1.0 and whole["tokens"] == 600
+    reps = block_outputs(model, ids, 64, sample_tokens=100)
+    assert reps.shape == (9, 100, 32)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("select,share", [("importance", False), ("crash", False), ("crash", True)])
+def test_each_builder_makes_a_bundle(family, select, share, tiny_model_dir, calib_file, tmp_path):
+    from offsite_ds.bundle import load_bundle
+    from offsite_ds.emulator import make_bundle
+
+    warnings = []
+    out = make_bundle(tiny_model_dir(family), "2-2-2", tmp_path / "b", select=select, share=share,
+                      calib_data=calib_file, calib_tokens=512, guard_ratio=0.5, log=warnings.append)
+    manifest = json.loads((out / "offsite.json").read_text())
+    c = manifest["compression"]
+    assert c["select"] == select and c["shared"] is share
+    assert c["calibration"]["tokens"] == 512 and len(c["calibration"]["corpus_fingerprint"]) == 16
+    assert len(c["scores"]) == (4 if select == "importance" else 3) and all(math.isfinite(x) for x in c["scores"])
+    bm = manifest["block_map"]
+    assert bm[:3] == [0, 1, 2] if select == "importance" else bm[:2] == [0, 1]
+    assert len(bm) == 6 and bm == sorted(set(bm)) and bm[-2:] == [6, 7]
+    q = manifest["quality"]
+    assert q["ratio"] == pytest.approx(q["emulator_ppl"] / q["full_ppl"]) and q["tokens"] == 512
+    assert len(warnings) == 1 and "larger K" in warnings[0]  # guard 0.5x always trips
+    bundle = load_bundle(out)
+    assert len(bundle.block_map) == (8 if share else 6)
+    if share:
+        assert manifest["share_map"][:2] == [0, 1] and manifest["share_map"][-2:] == [4, 5]
+        assert bundle.adapter_positions == [0, 1, 6, 7]
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_shared_bundle_loads_tunes_and_plugs_in(family, tiny_model_dir, calib_file, corpus_file, tmp_path):
+    from offsite_ds.bundle import load_adapter_package, load_bundle
+    from offsite_ds.emulator import make_bundle
+    from offsite_ds.families import blocks_of
+    from offsite_ds.plugin import apply_to_emulator, plugin
+    from offsite_ds.roles.tune_adapter import tune
+    from offsite_ds.train import TrainConfig
+
+    model_dir = tiny_model_dir(family)
+    out = make_bundle(model_dir, "2-2-2", tmp_path / "b", select="crash", share=True, calib_data=calib_file,
+                      calib_tokens=512, guard_ratio=1e9)
+    share_map = json.loads((out / "offsite.json").read_text())["share_map"]
+    bundle = load_bundle(out)
+    blocks = blocks_of(bundle.model)
+    assert len(blocks) == 8
+    for p, s in enumerate(share_map):  # repeated positions: own module, the stored block's parameters
+        first = share_map.index(s)
+        assert all(a is b for a, b in zip(blocks[p].parameters(), blocks[first].parameters()))
+        assert p == first or blocks[p] is not blocks[first]
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    cached = bundle.model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True)
+    uncached = bundle.model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached), "each executed position keeps its own KV-cache slot"
+
+    tune(out, corpus_file, tmp_path / "a", cfg=TrainConfig(steps=3, lr=5e-3, batch_size=2, progress=False),
+         seq_len=32)
+    package = load_adapter_package(tmp_path / "a")
+    prefix = "model.decoder.layers." if family == "opt" else "model.layers."
+    assert {int(n[len(prefix):].split(".")[0]) for n in package.tensors} == {0, 1, 6, 7}
+    tuned = apply_to_emulator(load_bundle(out), package)
+    assert len(blocks_of(tuned)) == 8
+    plugged = plugin(model_dir, tmp_path / "a", tmp_path / "p")
+    assert (plugged / "config.json").is_file()
+
+
+def test_calibration_never_reads_the_data_owners_file(tiny_model_dir, calib_file, corpus_file, tmp_path,
+                                                      monkeypatch):
+    from offsite_ds.emulator import make_bundle
+
+    opened = []
+    real_open = builtins.open
+
+    def spy(file, *a, **kw):
+        opened.append(str(file))
+        return real_open(file, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", spy)
+    monkeypatch.setattr(io, "open", spy)  # pathlib reads through io.open
+    make_bundle(tiny_model_dir("gpt2"), "2-2-2", tmp_path / "b", select="importance", calib_data=calib_file,
+                calib_tokens=256, guard_ratio=1e9)
+    monkeypatch.undo()
+    assert str(calib_file) in opened
+    assert str(corpus_file) not in opened and not any("train.txt" in p for p in opened)
+
+
+def test_emulate_cli_builders_guard_and_errors(tiny_model_dir, calib_file, tmp_path, capsys):
+    from offsite_ds.cli import main
+
+    model_dir = str(tiny_model_dir("opt"))
+    assert main(["emulate", model_dir, "--layout", "2-2-2", "--out", str(tmp_path / "b"), "--select", "crash",
+                 "--share", "--calib-data", str(calib_file), "--calib-tokens", "256", "--guard-ratio", "0.9",
+                 "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert "shared over 8 positions" in out and "calibration tokens" in out
+    assert err.count("warning:") == 1 and "distil" in err
+    assert main(["emulate", model_dir, "--layout", "2-2-2", "--out", str(tmp_path / "c"), "--select",
+                 "importance"]) == 2
+    assert "--calib-data" in capsys.readouterr().err
+    assert main(["emulate", model_dir, "--layout", "2-2-2", "--out", str(tmp_path / "c"), "--share"]) == 2
+    assert "--select crash" in capsys.readouterr().err
