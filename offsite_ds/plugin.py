@@ -7,7 +7,9 @@ with one line. LoRA (and BitFit, full) end merged into plain weights; Houlsby ad
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -100,14 +102,35 @@ def apply_to_emulator(bundle: Bundle, package: AdapterPackage) -> torch.nn.Modul
     return bundle.model
 
 
-def plugin(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:
-    """Owner's `plugin` command: validate, plug in, export a model dir that `from_pretrained` loads."""
+def plugin(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, check_data: str | Path | None = None,
+           check_tokens: int | None = None, text_field: str = "text", log=None) -> Path:
+    """Owner's `plugin` command: validate, plug in, export a model dir that `from_pretrained` loads.
+
+    With `check_data` (the owner's public text) the full model and the plug-in are scored on its first
+    `check_tokens` tokens, recorded as `check` in the plugged manifest, and a plug-in worse than the
+    full model's zero-shot is reported through `log` (default: stderr) - the round trip did harm there.
+    """
     from offsite_ds.emulator import load_owner_model
 
     package = load_adapter_package(adapter_dir)  # validate before loading a large model
     model = load_owner_model(model_dir)
-    plug_in(model, package)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    check = None
+    if check_data is not None:
+        from offsite_ds.calibrate import DEFAULT_CALIB_TOKENS, calibration_ids, calibration_seq_len, mean_nll
+
+        ids, check = calibration_ids(check_data, tokenizer, check_tokens or DEFAULT_CALIB_TOKENS, text_field)
+        seq_len = calibration_seq_len(model)
+        check["full_ppl"] = math.exp(mean_nll(model, ids, seq_len))
+    plug_in(model, package)
+    if check is not None:
+        check["plugged_ppl"] = math.exp(mean_nll(model, ids, seq_len))
+        check["ratio"] = check["plugged_ppl"] / check["full_ppl"]
+        if check["plugged_ppl"] > check["full_ppl"]:
+            (log or (lambda line: print(line, file=sys.stderr)))(
+                f"warning: the plug-in's perplexity on {check_data} is {check['plugged_ppl']:.2f}, worse than the "
+                f"full model's zero-shot {check['full_ppl']:.2f}: the adapter did not transfer here - rebuild the "
+                "emulator (larger K, another --select, distillation) or serve the full model")
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -119,6 +142,7 @@ def plugin(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) 
             "base_fingerprint": package.manifest["base_fingerprint"],
             "bundle_fingerprint": package.manifest["bundle_fingerprint"],
             "training": package.manifest.get("training", {}),
+            **({"check": check} if check is not None else {}),
         })
     return Path(out_dir)
 

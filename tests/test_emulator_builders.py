@@ -199,3 +199,71 @@ def test_emulate_cli_builders_guard_and_errors(tiny_model_dir, calib_file, tmp_p
     assert "--calib-data" in capsys.readouterr().err
     assert main(["emulate", model_dir, "--layout", "2-2-2", "--out", str(tmp_path / "c"), "--share"]) == 2
     assert "--select crash" in capsys.readouterr().err
+
+
+def test_compare_emulators_end_to_end_and_resume(tiny_model_dir, calib_file, corpus_file, tmp_path, monkeypatch):
+    from offsite_ds import compare
+    from offsite_ds.cli import main
+
+    model_dir = tiny_model_dir("gpt2")
+    valid = tmp_path / "valid.txt"
+    valid.write_text(corpus_file.read_text()[:2000])
+    argv = ["compare-emulators", "--model", str(model_dir), "--calib-data", str(calib_file), "--train",
+            str(corpus_file), "--valid", str(valid), "--test", str(valid), "--out", str(tmp_path / "cmp"),
+            "--layout", "2-2-2", "--builders", "uniform,crash+share,importance+distill", "--steps", "2",
+            "--batch-size", "2", "--seq-len", "32", "--eval-seq-len", "32", "--eval-tokens", "256",
+            "--eval-every", "0", "--calib-tokens", "256", "--distill-steps", "2", "--ft", "--no-progress"]
+    assert main(argv) == 0
+    report = __import__("json").loads((tmp_path / "cmp" / "compare.json").read_text())
+    rows = report["tables"]["test"]
+    assert [r["builder"] for r in rows] == ["uniform", "crash+share", "importance+distill", "ceiling"]
+    for r in rows:
+        assert r["privacy gap"] == pytest.approx(r["OT Emulator"] - r["OT Plug-in"])
+        assert r["tuning gain"] == pytest.approx(r["Full zero-shot"] - r["OT Plug-in"])
+        assert r["FT"] == report["ft"]["ppl"]["test"] and r["owner s"] > 0 and r["data owner s"] > 0
+    by = {r["builder"]: r for r in rows}
+    assert by["ceiling"]["Emulator zero-shot"] == pytest.approx(by["ceiling"]["Full zero-shot"])
+    assert by["ceiling"]["emulator params"] > by["uniform"]["emulator params"] == by["crash+share"]["emulator params"]
+    assert by["crash+share"]["tune FLOPs/token"] > by["uniform"]["tune FLOPs/token"]  # shared: full depth runs
+    distilled = report["results"][2]
+    assert distilled["timings"]["distill_s"] > 0
+    md = (tmp_path / "cmp" / "compare.md").read_text().splitlines()
+    table = [line for line in md if line.startswith("| ")]
+    assert len(table) == 2 * (2 + 4) and all(line.count("|") == table[0].count("|") for line in table)
+    assert (tmp_path / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+    def boom(*a, **kw):
+        raise AssertionError("a finished builder ran again")
+
+    monkeypatch.setattr(compare, "run_builder", boom)
+    monkeypatch.setattr(compare, "run_ft", boom)
+    assert main(argv) == 0  # resumed: every builder's result.json is reused
+    assert main(argv[:-1] + ["--builders", "crash+share+distill", "--no-progress"]) == 2
+
+
+def test_plugin_check_warns_when_the_plug_in_got_worse(tiny_model_dir, corpus_file, tmp_path, capsys):
+    import random
+
+    from offsite_ds.cli import main
+    from offsite_ds.emulator import make_bundle
+    from offsite_ds.roles.tune_adapter import tune
+    from offsite_ds.train import TrainConfig
+
+    model_dir = tiny_model_dir("opt")
+    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "b")
+    tune(bundle, corpus_file, tmp_path / "a", cfg=TrainConfig(steps=8, lr=2e-2, batch_size=2, progress=False),
+         seq_len=32)
+    # owner text of uniformly random characters: the untrained model is near its best there, an adapter
+    # that learned English concentrates probability elsewhere, so the plug-in scores worse than zero-shot
+    noise = tmp_path / "noise.txt"
+    noise.write_text("".join(random.Random(0).choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(600)))
+    assert main(["plugin", str(model_dir), str(tmp_path / "a"), "--out", str(tmp_path / "p"), "--check-data",
+                 str(noise), "--check-tokens", "256"]) == 0
+    out, err = capsys.readouterr()
+    check = json.loads((tmp_path / "p" / "offsite.json").read_text())["check"]
+    assert check["tokens"] == 256 and check["plugged_ppl"] > check["full_ppl"]
+    assert f"plug-in {check['plugged_ppl']:.2f}, full model {check['full_ppl']:.2f}" in out
+    assert err.count("warning:") == 1 and "worse than the full model's zero-shot" in err
+    assert main(["plugin", str(model_dir), str(tmp_path / "a"), "--out", str(tmp_path / "p2"), "--check-data",
+                 str(corpus_file), "--check-tokens", "256"]) == 0
+    assert "warning" not in capsys.readouterr().err  # on text like the tuning data it improved: no warning
