@@ -21,7 +21,7 @@ from offsite_ds.errors import DataError
 from offsite_ds.evaluate import token_nll
 from offsite_ds.families import family_of, get_path, set_path
 
-DEFAULT_CALIB_TOKENS = 8192
+DEFAULT_CALIB_TOKENS = 2048  # importance (drop) runs the model once per middle block on these
 DEFAULT_SAMPLE_TOKENS = 2048
 DEFAULT_SEQ_LEN = 512
 IMPORTANCE_METRICS = ("drop", "cosine")
@@ -33,7 +33,13 @@ def calibration_ids(path: str | Path, tokenizer, max_tokens: int = DEFAULT_CALIB
     if max_tokens < 2:
         raise DataError(f"--calib-tokens {max_tokens} must be at least 2")
     texts = load_texts(path, text_field)
-    ids = tokenize_corpus(texts, tokenizer)[:max_tokens]
+    pieces, have = [], 0
+    for start in range(0, len(texts), 64):  # tokenise only as much of a large corpus as is used
+        pieces.append(tokenize_corpus(texts[start:start + 64], tokenizer))
+        have += pieces[-1].numel()
+        if have >= max_tokens:
+            break
+    ids = torch.cat(pieces)[:max_tokens]
     if ids.numel() < 2:
         raise DataError(f"{path}: the calibration text has {ids.numel()} tokens; give more text")
     return ids, {"corpus_fingerprint": corpus_fingerprint(texts), "tokens": int(ids.numel())}

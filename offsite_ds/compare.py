@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from offsite_ds.atomic import write_json, write_text
+from offsite_ds.calibrate import DEFAULT_CALIB_TOKENS
+from offsite_ds.cli.demo import DemoSettings
 from offsite_ds.errors import OffsiteError
 from offsite_ds.sandwich import SELECTIONS
 
@@ -27,30 +29,18 @@ COLUMNS = ("Full zero-shot", "Emulator zero-shot", "OT Emulator", "OT Plug-in")
 
 
 @dataclass
-class CompareSettings:
-    """One budget for every builder (the demo's data-owner budget by default)."""
+class CompareSettings(DemoSettings):
+    """The demo's data-owner budget (layout, mode, steps, lr, ...) for every builder, plus the owner's side."""
 
-    layout: str = "2-9-2"
     builders: tuple[str, ...] = ("uniform", "importance", "crash", "crash+share")
-    mode: str = "full"
     mode_settings: dict = field(default_factory=dict)
-    steps: int = 100
-    lr: float = 3e-4
-    warmup: int = 6
-    batch_size: int = 4
-    seq_len: int = 256
-    eval_seq_len: int = 512
-    eval_tokens: int | None = 8192
-    eval_every: int = 20
-    seed: int = 42
-    calib_tokens: int = 8192
+    calib_tokens: int = DEFAULT_CALIB_TOKENS
     importance: str = "drop"
     distill_steps: int = 100
     distill_lr: float = 1e-4
     ceiling: bool = True
     ft: bool = False
     ft_lr: float = 1e-4
-    progress: bool = True
 
 
 def parse_builder(spec: str) -> tuple[str, bool, bool]:
