@@ -32,6 +32,8 @@ def main() -> None:
     p.add_argument("--layouts", default="2-8-2,2-9-2")
     p.add_argument("--calib-tokens", type=int, default=2048)
     p.add_argument("--sample-tokens", type=int, default=2048)
+    p.add_argument("--drop", action="store_true",
+                   help="also score importance by dropping each middle block (one pass per block: slow on a CPU)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     t0 = time.perf_counter()
@@ -43,7 +45,7 @@ def main() -> None:
     first = parse_layout(args.layouts.split(",")[0], n)
     middle = middle_indices(n, first)
     t = time.perf_counter()
-    drop = calibrate.drop_importance(model, ids, middle, seq_len, progress=True)
+    drop = calibrate.drop_importance(model, ids, middle, seq_len, progress=True) if args.drop else None
     drop_s = time.perf_counter() - t
     t = time.perf_counter()
     reps = calibrate.block_outputs(model, ids, seq_len, args.sample_tokens)
@@ -63,9 +65,9 @@ def main() -> None:
         bottom, top = list(range(layout.bottom)), list(range(n - layout.top, n))
         kept_c, clusters = select_crash(middle, layout.kept, similarity)
         choices = {"uniform": select_kept(middle, layout.kept),
-                   "importance(drop)": select_important(middle, layout.kept, drop),
-                   "importance(cosine)": select_important(middle, layout.kept, cosine),
-                   "crash": kept_c}
+                   "importance(cosine)": select_important(middle, layout.kept, cosine), "crash": kept_c}
+        if drop is not None:
+            choices["importance(drop)"] = select_important(middle, layout.kept, drop)
         for name, kept in choices.items():
             rows.append({"layout": spec, "select": name, "kept": kept, "ratio": ratio(bottom + kept + top)})
         stored = bottom + kept_c + top

@@ -61,19 +61,22 @@ def model_configs(model: nn.Module) -> list:
 
 
 @contextlib.contextmanager
-def running_blocks(model: nn.Module, positions: list[int]) -> Iterator[nn.Module]:
+def running_blocks(model: nn.Module, positions: list[int],
+                   replace: dict[int, nn.Module] | None = None) -> Iterator[nn.Module]:
     """Run `model` with blocks[positions] (a block left out, or repeated) until the context ends.
 
-    The block list and the configs' depth are swapped, then restored; the KV cache is off meanwhile
-    because a repeated block's attention carries one layer_idx (caching would mix positions).
+    `replace` substitutes a module for block i (a compressed copy of a kept block, say). The block list
+    and the configs' depth are swapped, then restored; the KV cache is off meanwhile because a repeated
+    block's attention carries one layer_idx (caching would mix positions).
     """
+    replace = replace or {}
     from offsite_ds.emulator import set_depth
 
     family = family_of(model)
     blocks = get_path(model, family.blocks)
     configs = model_configs(model)
     saved = [(c.num_hidden_layers, getattr(c, "layer_types", None), getattr(c, "use_cache", None)) for c in configs]
-    set_path(model, family.blocks, nn.ModuleList(blocks[i] for i in positions))
+    set_path(model, family.blocks, nn.ModuleList(replace.get(i, blocks[i]) for i in positions))
     for config in configs:
         set_depth(config, positions)
         config.use_cache = False
@@ -223,18 +226,15 @@ def middle_similarity(model: nn.Module, ids: torch.Tensor, middle: list[int], se
 
 
 @torch.no_grad()
-def quality(full: nn.Module, emulator: nn.Module, emulator_positions: list[int] | None, ids: torch.Tensor,
-            seq_len: int, fingerprint: str) -> dict:
+def quality(full: nn.Module, emulator_positions: list[int], ids: torch.Tensor, seq_len: int, fingerprint: str,
+            replace: dict[int, nn.Module] | None = None) -> dict:
     """Zero-shot perplexity of the emulator and of the full model on the same calibration tokens.
 
-    `emulator_positions` runs the emulator with that block list (a shared emulator's expansion, or the
-    full model's blocks of an emulator that is not built); None runs `emulator` as it is.
+    The emulator is the full model run with the original blocks `emulator_positions` (a shared emulator
+    repeats some; `replace` holds compressed copies of kept blocks), so the model is never copied.
     """
-    full_ppl = math.exp(mean_nll(full, ids, seq_len))
-    if emulator_positions is None:
-        emulator_ppl = math.exp(mean_nll(emulator, ids, seq_len))
-    else:
-        with running_blocks(emulator, emulator_positions):
-            emulator_ppl = math.exp(mean_nll(emulator, ids, seq_len))
-    return {"emulator_ppl": emulator_ppl, "full_ppl": full_ppl, "ratio": emulator_ppl / full_ppl,
-            "tokens": int(ids.numel()), "corpus_fingerprint": fingerprint}
+    full_nll = mean_nll(full, ids, seq_len)
+    with running_blocks(full, emulator_positions, replace):
+        emulator_nll = mean_nll(full, ids, seq_len)
+    return {"emulator_ppl": math.exp(emulator_nll), "full_ppl": math.exp(full_nll),
+            "ratio": math.exp(emulator_nll - full_nll), "tokens": int(ids.numel()), "corpus_fingerprint": fingerprint}

@@ -140,11 +140,10 @@ def choose_blocks(model: PreTrainedModel, layout: Layout, select: str = "uniform
     if select == "importance":
         scores = calibrate.importance_scores(model, calib_ids, middle, seq_len, importance, sample, progress)
         kept = select_important(middle, layout.kept, scores)
-        return block_map_for(n_layers, layout, kept), None, {"scores": scores, "importance": importance}
+        return block_map_for(n_layers, layout, kept), None, {"scores": scores}
     similarity = calibrate.middle_similarity(model, calib_ids, middle, seq_len, sample)
     kept, clusters = select_crash(middle, layout.kept, similarity)
-    facts = {"scores": [similarity[i][i + 1] for i in range(len(middle) - 1)], "clusters": clusters,
-             "representative": "medoid (highest mean CKA to its cluster)"}
+    facts = {"scores": [similarity[i][i + 1] for i in range(len(middle) - 1)]}
     share_map = share_map_for(n_layers, layout, clusters) if share else None
     return block_map_for(n_layers, layout, kept), share_map, facts
 
@@ -233,8 +232,12 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
     if share_map is not None:
         manifest["share_map"] = share_map
     if calib_ids is not None:
-        manifest["quality"] = calibrate.quality(model, emulator, share_map, calib_ids,
-                                                calibrate.calibration_seq_len(model), calibration["corpus_fingerprint"])
+        executed = [block_map[s] for s in share_map] if share_map is not None else block_map
+        kept_middle = block_map[layout.bottom:layout.bottom + layout.kept]
+        compressed = dict(zip(kept_middle, get_path(emulator, family.blocks)[layout.bottom:layout.bottom + layout.kept]))
+        manifest["quality"] = calibrate.quality(model, executed, calib_ids, calibrate.calibration_seq_len(model),
+                                                calibration["corpus_fingerprint"],
+                                                replace=compressed if method != "drop" else None)
         warning = guard_warning(manifest["quality"], guard_ratio, str(layout), select)
         if warning:
             log(warning)

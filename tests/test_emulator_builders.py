@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import FAMILIES
-from offsite_ds.calibrate import (block_outputs, calibration_ids, cka_matrix, linear_cka, mean_nll, quality,
+from offsite_ds.calibrate import (block_outputs, calibration_ids, calibration_seq_len, cka_matrix, linear_cka, mean_nll, quality,
                                   running_blocks)
 from offsite_ds.errors import LayoutError
 from offsite_ds.sandwich import (Layout, block_map_for, merge_adjacent, select_crash, select_important,
@@ -95,7 +95,7 @@ def test_running_blocks_equals_a_built_emulator(tiny_model_dir, calib_file):
         virtual = mean_nll(model, ids, 64)
     assert virtual == pytest.approx(mean_nll(emulator, ids, 64), rel=1e-5)
     assert model.config.num_hidden_layers == 8 and len(model.model.layers) == 8  # restored
-    whole = quality(model, model, None, ids, 64, "fp")
+    whole = quality(model, list(range(8)), ids, 64, "fp")
     assert whole["ratio"] == 1.0 and whole["tokens"] == 600
     reps = block_outputs(model, ids, 64, sample_tokens=100)
     assert reps.shape == (9, 100, 32)
@@ -267,3 +267,20 @@ def test_plugin_check_warns_when_the_plug_in_got_worse(tiny_model_dir, corpus_fi
     assert main(["plugin", str(model_dir), str(tmp_path / "a"), "--out", str(tmp_path / "p2"), "--check-data",
                  str(corpus_file), "--check-tokens", "256"]) == 0
     assert "warning" not in capsys.readouterr().err  # on text like the tuning data it improved: no warning
+
+
+def test_guard_scores_the_compressed_middle(tiny_model_dir, calib_file, tmp_path):
+    from offsite_ds.bundle import load_bundle
+    from offsite_ds.emulator import make_bundle
+
+    ratios = {}
+    for method in ("drop", "quantize"):
+        out = make_bundle(tiny_model_dir("bloom"), "2-2-2", tmp_path / method, method=method, quant_bits=2,
+                          calib_data=calib_file, calib_tokens=256, guard_ratio=1e9)
+        q = json.loads((out / "offsite.json").read_text())["quality"]
+        bundle = load_bundle(out)  # the guard's figure is the shipped emulator's perplexity
+        ids, _ = calibration_ids(calib_file, bundle.tokenizer, 256)
+        seq_len = calibration_seq_len(bundle.model)
+        assert q["emulator_ppl"] == pytest.approx(math.exp(mean_nll(bundle.model, ids, seq_len)), rel=1e-4)
+        ratios[method] = q["ratio"]
+    assert ratios["drop"] != ratios["quantize"]
