@@ -66,14 +66,15 @@ def _train_config(s: CompareSettings, out: Path, steps: int, lr: float, eval_eve
 
 def emulator_cost(bundle_dir: Path, mode: str, mode_settings: dict, seq_len: int) -> dict:
     """Stored parameters of the emulator and the data owner's training FLOPs per token through it."""
-    from offsite_ds.bench.flops import model_flops_per_token
+    from offsite_ds.bench.flops import flops_per_token, plan_from_model
     from offsite_ds.bundle import load_bundle
     from offsite_ds.peft_modes import apply_mode
 
     bundle = load_bundle(bundle_dir)
     params = sum(p.numel() for p in {id(p): p for p in bundle.model.parameters()}.values())
     apply_mode(bundle.model, bundle.adapter_positions, mode, dict(mode_settings))
-    return {"emulator_params": params, "tune_flops_per_token": model_flops_per_token(bundle.model, seq_len)["total"]}
+    flops = flops_per_token(plan_from_model(bundle.model), seq_len)["total"]
+    return {"emulator_params": params, "tune_flops_per_token": flops}
 
 
 def run_builder(name: str, model_dir: Path, calib_data: Path, train_file: Path, eval_files: dict[str, Path],
@@ -242,7 +243,8 @@ def compare_emulators(model_dir: str | Path, calib_data: str | Path, train_file:
     jobs = list(s.builders) + ([CEILING] if s.ceiling else [])
     results = []
     for name in tqdm(jobs, desc="emulator builders", disable=not s.progress):
-        spec_layout = str(layout) if name != CEILING else f"{layout.bottom}-{depth - layout.bottom - layout.top}-{layout.top}"
+        whole = f"{layout.bottom}-{depth - layout.bottom - layout.top}-{layout.top}"  # the whole middle kept
+        spec_layout = whole if name == CEILING else str(layout)
         log(f"[compare] {name} ({spec_layout})")
         results.append(_cached(out / name.replace("+", "_"), lambda n=name, lay=spec_layout: run_builder(
             n, model_dir, calib_data, train_file, eval_files, out / n.replace("+", "_"), s, lay, log)))

@@ -233,8 +233,8 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
         manifest["share_map"] = share_map
     if calib_ids is not None:
         executed = [block_map[s] for s in share_map] if share_map is not None else block_map
-        kept_middle = block_map[layout.bottom:layout.bottom + layout.kept]
-        compressed = dict(zip(kept_middle, get_path(emulator, family.blocks)[layout.bottom:layout.bottom + layout.kept]))
+        middle = slice(layout.bottom, layout.bottom + layout.kept)
+        compressed = dict(zip(block_map[middle], get_path(emulator, family.blocks)[middle]))
         manifest["quality"] = calibrate.quality(model, executed, calib_ids, calibrate.calibration_seq_len(model),
                                                 calibration["corpus_fingerprint"],
                                                 replace=compressed if method != "drop" else None)

@@ -165,7 +165,7 @@ def select_crash(middle: list[int], kept: int, similarity: list[list[float]]) ->
 def block_map_for(n_layers: int, layout: Layout, kept_middle: list[int]) -> list[int]:
     """Emulator block map (stored position -> original index) for a chosen set of kept middle blocks."""
     middle = middle_indices(n_layers, layout)
-    if len(kept_middle) != layout.kept or kept_middle != sorted(set(kept_middle)) or not set(kept_middle) <= set(middle):
+    if len(kept_middle) != layout.kept or kept_middle != sorted(set(middle) & set(kept_middle)):
         raise LayoutError(f"kept blocks {kept_middle} are not {layout.kept} distinct middle blocks in order")
     return list(range(layout.bottom)) + list(kept_middle) + list(range(n_layers - layout.top, n_layers))
 

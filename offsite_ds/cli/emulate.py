@@ -1,4 +1,4 @@
-"""`offsite-ds emulate MODEL --layout L-K-R --out BUNDLE [--select uniform|importance|crash [--share]] [--calib-data FILE]`."""
+"""`offsite-ds emulate MODEL --layout L-K-R --out BUNDLE [--select importance|crash [--share] --calib-data PUBLIC]`."""
 from __future__ import annotations
 
 import argparse
