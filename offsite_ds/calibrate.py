@@ -105,11 +105,13 @@ def block_outputs(model: nn.Module, ids: torch.Tensor, seq_len: int, sample_toke
     """[depth + 1, n, hidden] float32: the first block's input, then every block's output, at n sampled tokens.
 
     Positions are sampled once (seeded) over the whole stream, so every block is seen on the same tokens.
+    Each window's first token is never sampled: it is the attention sink, whose hidden states are orders of
+    magnitude larger than the others' and would dominate CKA and cosine (measured on SmolLM2-135M).
     """
     blocks = get_path(model, family_of(model).blocks)
     windows = [(b, min(b + seq_len, ids.numel())) for b in range(0, ids.numel() - 1, seq_len)]
     windows = [w for w in windows if w[1] - w[0] >= 2]
-    total = sum(e - b for b, e in windows)
+    total = sum(e - b - 1 for b, e in windows)  # candidates: every position but each window's first
     g = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(total, generator=g)[:sample_tokens].sort().values
     captured: list[list[torch.Tensor]] = [[] for _ in range(len(blocks) + 1)]
@@ -132,13 +134,13 @@ def block_outputs(model: nn.Module, ids: torch.Tensor, seq_len: int, sample_toke
         by_len: dict[int, list[tuple[int, int, int]]] = {}
         for b, e in windows:
             by_len.setdefault(e - b, []).append((b, e, offset))
-            offset += e - b
+            offset += e - b - 1
         for length, group in by_len.items():
             for start in range(0, len(group), batch_size):
                 chunk = group[start:start + batch_size]
                 flat = []
                 for row, (_, _, off) in enumerate(chunk):
-                    mine = chosen[(chosen >= off) & (chosen < off + length)] - off
+                    mine = chosen[(chosen >= off) & (chosen < off + length - 1)] - off + 1
                     flat.append(mine + row * length)
                 picks.append(torch.cat(flat))
                 if picks[-1].numel() == 0:

@@ -284,3 +284,15 @@ def test_guard_scores_the_compressed_middle(tiny_model_dir, calib_file, tmp_path
         assert q["emulator_ppl"] == pytest.approx(math.exp(mean_nll(bundle.model, ids, seq_len)), rel=1e-4)
         ratios[method] = q["ratio"]
     assert ratios["drop"] != ratios["quantize"]
+
+
+def test_representations_skip_each_windows_first_token(tiny_model_dir, calib_file):
+    model, tok = _load("opt", tiny_model_dir)
+    ids, _ = calibration_ids(calib_file, tok, 130)
+    reps = block_outputs(model, ids, 64, sample_tokens=10_000)  # more than there are: every candidate
+    assert reps.shape[1] == 130 - 3  # windows of 64, 64, 2 tokens: their first tokens are left out
+    captured = []
+    handle = model.model.decoder.layers[0].register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    model(input_ids=ids[:64].unsqueeze(0))
+    handle.remove()
+    torch.testing.assert_close(reps[0, :63], captured[0][0, 1:])
