@@ -41,7 +41,11 @@ def test_merge_order_on_a_constructed_matrix():
     assert merge_adjacent(s, 1) == [[0, 1, 2, 3, 4]]
     kept, clusters = select_crash([10, 11, 12, 13, 14], 2, s)
     assert clusters == [[10, 11], [12, 13, 14]]
-    assert kept == [10, 14]  # medoid of 12,13,14: 14 has mean CKA 0.75 to the others
+    assert kept == [10, 14]  # the middle's first and last block
+    run = [[1.0 if i == j else 0.1 for j in range(5)] for i in range(5)]
+    for i, j in [(1, 2), (2, 3), (1, 3)]:
+        run[i][j] = run[j][i] = 0.9
+    assert select_crash([10, 11, 12, 13, 14], 3, run) == ([10, 13, 14], [[10], [11, 12, 13], [14]])  # a run's last
 
 
 def test_ties_are_deterministic():
