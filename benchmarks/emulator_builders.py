@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 
 from offsite_ds import calibrate
 from offsite_ds.atomic import write_json
-from offsite_ds.emulator import load_owner_model
+from offsite_ds.runtime import load_model
 from offsite_ds.families import depth_of
 from offsite_ds.sandwich import (middle_indices, parse_layout, select_crash, select_important, select_kept,
                                  share_map_for)
@@ -37,7 +37,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     args = p.parse_args()
     t0 = time.perf_counter()
-    model = load_owner_model(args.model)
+    model = load_model(args.model)
     tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     ids, record = calibrate.calibration_ids(args.calib_data, tok, args.calib_tokens)
     seq_len = calibrate.calibration_seq_len(model)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from offsite_ds.atomic import write_json, write_text
 from offsite_ds.calibrate import DEFAULT_CALIB_TOKENS
-from offsite_ds.cli.demo import DemoSettings
+from offsite_ds.demo import DemoSettings
 from offsite_ds.errors import OffsiteError
 from offsite_ds.sandwich import SELECTIONS
 

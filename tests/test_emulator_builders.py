@@ -81,9 +81,9 @@ def calib_file(tmp_path_factory):
 
 
 def _load(family, tiny_model_dir):
-    from offsite_ds.emulator import load_owner_model
+    from offsite_ds.runtime import load_model
 
-    model = load_owner_model(tiny_model_dir(family))
+    model = load_model(tiny_model_dir(family))
     from transformers import AutoTokenizer
 
     return model, AutoTokenizer.from_pretrained(tiny_model_dir(family))

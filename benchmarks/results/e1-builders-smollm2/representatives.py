@@ -1,11 +1,11 @@
 import math, json, torch
 from transformers import AutoTokenizer
 from offsite_ds import calibrate
-from offsite_ds.emulator import load_owner_model
+from offsite_ds.runtime import load_model
 from offsite_ds.sandwich import middle_indices, parse_layout, merge_adjacent, select_kept, share_map_for
 import os
 m = os.path.expanduser("~/.cache/offsite-ds/smollm2-135m")
-model = load_owner_model(m); tok = AutoTokenizer.from_pretrained(m)
+model = load_model(m); tok = AutoTokenizer.from_pretrained(m)
 ids, rec = calibrate.calibration_ids(os.path.expanduser("~/.cache/offsite-ds/enwiki/enwiki.train.txt"), tok, 1024)
 n = 30; middle = list(range(2, 28))
 reps = calibrate.block_outputs(model, ids, 512, 1024)
