@@ -150,6 +150,14 @@ def choose_blocks(model: PreTrainedModel, layout: Layout, select: str = "uniform
     return block_map_for(n_layers, layout, kept), share_map, facts
 
 
+def compress_(module: nn.Module, method: str, prune_ratio: float = 0.5, quant_bits: int = 8) -> None:
+    """Apply the ablation's compression of the kept middle (nothing for plain layer-drop)."""
+    if method == "prune":
+        magnitude_prune_(module, prune_ratio)
+    elif method == "quantize":
+        fake_quantize_(module, quant_bits)
+
+
 def build_emulator(model: PreTrainedModel, layout: Layout, method: str = "drop", prune_ratio: float = 0.5,
                    quant_bits: int = 8, block_map: list[int] | None = None) -> tuple[PreTrainedModel, list[int]]:
     """Emulator of `model` for `layout` (uniform unless `block_map` is given); returns it with its block map."""
@@ -163,11 +171,8 @@ def build_emulator(model: PreTrainedModel, layout: Layout, method: str = "drop",
     n_layers = len(get_path(model, family.blocks))
     block_map = block_map or emulator_block_map(n_layers, layout)
     emulator = select_blocks(model, block_map)
-    middle = get_path(emulator, family.blocks)[layout.bottom: layout.bottom + layout.kept]
-    if method == "prune":
-        magnitude_prune_(middle, prune_ratio)
-    elif method == "quantize":
-        fake_quantize_(middle, quant_bits)
+    compress_(get_path(emulator, family.blocks)[layout.bottom: layout.bottom + layout.kept], method, prune_ratio,
+              quant_bits)
     return emulator, block_map
 
 
@@ -198,7 +203,6 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
                                                            calib_tokens or calibrate.DEFAULT_CALIB_TOKENS, text_field)
     block_map, share_map, facts = choose_blocks(model, layout, select, share, calib_ids, importance=importance,
                                                 progress=progress)
-    emulator, block_map = build_emulator(model, layout, method, prune_ratio, quant_bits, block_map)
     compression = {"method": method, "kept": layout.kept, "middle": n_layers - layout.bottom - layout.top,
                    "distilled": False, "select": select, "shared": share_map is not None}
     if method == "prune":
@@ -220,16 +224,19 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
     }
     if share_map is not None:
         manifest["share_map"] = share_map
-    if calib_ids is not None:
+    if calib_ids is not None:  # the guard: the emulator is the full model run with its blocks (no copy)
         executed = [block_map[s] for s in share_map] if share_map is not None else block_map
-        middle = slice(layout.bottom, layout.bottom + layout.kept)
-        compressed = dict(zip(block_map[middle], get_path(emulator, family.blocks)[middle]))
+        blocks = get_path(model, family.blocks)
+        compressed = {}
+        for i in (block_map[layout.bottom:layout.bottom + layout.kept] if method != "drop" else []):
+            compressed[i] = copy.deepcopy(blocks[i])
+            compress_(compressed[i], method, prune_ratio, quant_bits)
         manifest["quality"] = calibrate.quality(model, executed, calib_ids, calibrate.calibration_seq_len(model),
-                                                calibration["corpus_fingerprint"],
-                                                replace=compressed if method != "drop" else None)
+                                                calibration["corpus_fingerprint"], replace=compressed)
         warning = guard_warning(manifest["quality"], guard_ratio, str(layout), select)
         if warning:
             log(warning)
+    emulator, _ = build_emulator(model, layout, method, prune_ratio, quant_bits, block_map)
     return save_bundle(emulator, tokenizer, manifest, out_dir)
 
 
