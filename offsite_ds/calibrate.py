@@ -21,7 +21,9 @@ from offsite_ds.errors import DataError
 from offsite_ds.evaluate import token_nll
 from offsite_ds.families import family_of, get_path, set_path
 
-DEFAULT_CALIB_TOKENS = 2048  # importance (drop) runs the model once per middle block on these
+# importance (drop) runs the model once per middle block on these; 1,024 tokens of the public Wikipedia sample
+# found SmolLM2-135M's critical blocks (11, 2, 24, 8: helper e2's study, benchmarks/results/2026-11-23-emulator-study-cpu)
+DEFAULT_CALIB_TOKENS = 1024
 DEFAULT_SAMPLE_TOKENS = 2048
 DEFAULT_SEQ_LEN = 512
 IMPORTANCE_METRICS = ("drop", "cosine")

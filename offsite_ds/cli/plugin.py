@@ -10,7 +10,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="directory for the plugged-in model")
     p.add_argument("--check-data", default=None,
                    help="the owner's public text: score the plug-in against the full model and warn when it got worse")
-    p.add_argument("--check-tokens", type=int, default=None, help="tokens of --check-data to score (2048)")
+    p.add_argument("--check-tokens", type=int, default=None, help="tokens of --check-data to score (1024)")
     p.add_argument("--text-field", default="text")
 
 
