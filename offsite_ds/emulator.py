@@ -121,8 +121,9 @@ def choose_blocks(model: PreTrainedModel, layout: Layout, select: str = "uniform
     """Which middle blocks the emulator keeps: (block_map, share_map or None, facts for the manifest).
 
     `uniform` is the paper's rule; `importance` keeps the K middle blocks whose removal hurts most on the
-    calibration text; `crash` clusters adjacent blocks by CKA and keeps each cluster's medoid, and with
-    `share` each dropped position runs its cluster's kept block. Only the owner's calibration ids are read.
+    calibration text; `crash` merges adjacent blocks into K runs by CKA and keeps one per run
+    (sandwich.cluster_representatives), and with `share` each dropped position runs its run's kept block.
+    Only the owner's calibration ids are read.
     """
     from offsite_ds import calibrate
 
