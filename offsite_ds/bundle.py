@@ -206,6 +206,22 @@ class Bundle:
     def fingerprint(self) -> str:
         return self.manifest.fingerprint
 
+    @property
+    def block_map(self) -> list[int]:
+        """Original block index of each position the loaded model RUNS (a shared bundle repeats kept blocks)."""
+        stored = self.manifest.block_map
+        return [stored[s] for s in self._positions()]
+
+    @property
+    def adapter_positions(self) -> list[int]:
+        """Positions of the adapter blocks in the loaded model (a shared bundle runs at the original depth)."""
+        stored = set(self.manifest.adapter_positions)
+        return [p for p, s in enumerate(self._positions()) if s in stored]
+
+    def _positions(self) -> list[int]:
+        """The stored block each executed position runs (the identity unless the bundle shares blocks)."""
+        return self.manifest.share_map or list(range(len(self.manifest.block_map)))
+
 
 def save_bundle(model, tokenizer, manifest: dict, out_dir: str | Path) -> Path:
     """Write an EmulatorBundle: a plain HF model dir (safetensors) + tokenizer + offsite.json (typed)."""
@@ -298,7 +314,11 @@ def _check_weights(directory: Path, weights: list[str], index: dict | None, meta
 
 
 def load_bundle(directory: str | Path, dtype: torch.dtype = torch.float32) -> Bundle:
-    """Validate, then load the emulator model (safetensors only) and its tokenizer."""
+    """Validate, then load the emulator model (safetensors only) and its tokenizer.
+
+    The one loader of every bundle: a shared (CRaSh) bundle stores each kept block once plus `share_map`,
+    and is expanded here to its executed depth (plain `from_pretrained` would run the stored blocks only).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from offsite_ds.families import blocks_of, family_of
@@ -320,6 +340,10 @@ def load_bundle(directory: str | Path, dtype: torch.dtype = torch.float32) -> Bu
         for name, p in model.named_parameters():
             if p.is_floating_point() and not torch.isfinite(p).all():
                 raise ArtifactError(f"{directory}: weight '{name}' holds NaN or Inf values; refusing the bundle")
+    if manifest.share_map is not None:  # validated with the manifest: expand the stored blocks
+        from offsite_ds.emulator import share_blocks
+
+        share_blocks(model, manifest.share_map)
     try:  # tokenizers' Rust parser raises a bare Exception for JSON it does not accept
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
     except Exception as exc:

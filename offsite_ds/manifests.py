@@ -263,6 +263,15 @@ class AdapterManifest(ModelFacts):
         return tensors
 
 
+class PlugCheck(Strict):
+    """The plug-in scored against the full model's zero-shot on the owner's public text (`plugin --check-data`)."""
+    corpus_fingerprint: ShortText
+    tokens: Annotated[int, Field(ge=1)]
+    full_ppl: Positive
+    plugged_ppl: Positive
+    ratio: Positive
+
+
 class PluggedManifest(Strict):
     format: Literal["offsite-ds.plugged-model"]
     version: Literal[1]
@@ -272,6 +281,7 @@ class PluggedManifest(Strict):
     base_fingerprint: Hex32
     bundle_fingerprint: Hex32
     training: dict[str, JsonValue] = {}
+    check: PlugCheck | None = None
 
     @field_validator("mode_settings", mode="wrap")
     @classmethod

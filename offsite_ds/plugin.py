@@ -6,8 +6,10 @@ with one line. LoRA (and BitFit, full) end merged into plain weights; Houlsby ad
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -20,7 +22,7 @@ from offsite_ds.bundle import (PEFT_FILES, AdapterPackage, Bundle, fingerprint_m
 from offsite_ds.errors import ArtifactError, OffsiteError
 from offsite_ds.families import family_of, get_path
 from offsite_ds.manifests import MANIFEST as PLUGGED_MANIFEST
-from offsite_ds.manifests import PLUGGED_FORMAT, PluggedManifest, dump, parse_manifest
+from offsite_ds.manifests import PLUGGED_FORMAT, PlugCheck, PluggedManifest, dump, parse_manifest
 from offsite_ds.peft_modes import apply_mode, canonical_name, merge_lora_, rename_blocks
 
 
@@ -87,22 +89,43 @@ def apply_to_emulator(bundle: Bundle, package: AdapterPackage) -> torch.nn.Modul
     """The 'OT Emulator' row: the shipped emulator carrying the tuned adapter blocks."""
     if package.manifest.bundle_fingerprint != bundle.fingerprint:
         raise ArtifactError(f"{package.path}: adapter was tuned on another emulator bundle than {bundle.path}")
-    mapping = {original: p for p, original in bundle.manifest.position_to_original.items()}
+    mapping = {bundle.block_map[p]: p for p in bundle.adapter_positions}
     install_adapter(bundle.model, package, mapping)
     if package.mode == "lora":
         merge_lora_(bundle.model)
     return bundle.model
 
 
-def plugin(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:
-    """Owner's `plugin` command: validate, plug in, export a model dir that `from_pretrained` loads."""
+def plugin(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, check_data: str | Path | None = None,
+           check_tokens: int | None = None, text_field: str = "text", log=None) -> Path:
+    """Owner's `plugin` command: validate, plug in, export a model dir that `from_pretrained` loads.
+
+    With `check_data` (the owner's public text) the full model and the plug-in are scored on its first
+    `check_tokens` tokens, recorded as `check` in the plugged manifest, and a plug-in worse than the
+    full model's zero-shot is reported through `log` (default: stderr) - the round trip did harm there.
+    """
     from offsite_ds.runtime import load_model
 
     # validate the package in full against the owner's config.json before loading a large model
     package = load_adapter_package(adapter_dir, model_config=read_model_config(model_dir))
     model = load_model(model_dir)
-    plug_in(model, package)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    check = None
+    if check_data is not None:
+        from offsite_ds.calibrate import DEFAULT_CALIB_TOKENS, calibration_ids, calibration_seq_len, mean_nll
+
+        ids, check = calibration_ids(check_data, tokenizer, check_tokens or DEFAULT_CALIB_TOKENS, text_field)
+        seq_len = calibration_seq_len(model)
+        check["full_ppl"] = math.exp(mean_nll(model, ids, seq_len))
+    plug_in(model, package)
+    if check is not None:
+        check["plugged_ppl"] = math.exp(mean_nll(model, ids, seq_len))
+        check["ratio"] = check["plugged_ppl"] / check["full_ppl"]
+        if check["plugged_ppl"] > check["full_ppl"]:
+            (log or (lambda line: print(line, file=sys.stderr)))(
+                f"warning: the plug-in's perplexity on {check_data} is {check['plugged_ppl']:.2f}, worse than the "
+                f"full model's zero-shot {check['full_ppl']:.2f}: the adapter did not transfer here - rebuild the "
+                "emulator (larger K, another --select, distillation) or serve the full model")
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -114,7 +137,8 @@ def plugin(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) 
         write_json(tmp / PLUGGED_MANIFEST, dump(PluggedManifest(
             format=PLUGGED_FORMAT, version=1, mode=m.mode, mode_settings=m.mode_settings,
             adapter_blocks=m.adapter_blocks, base_fingerprint=m.base_fingerprint,
-            bundle_fingerprint=m.bundle_fingerprint, training=m.training)))
+            bundle_fingerprint=m.bundle_fingerprint, training=m.training,
+            check=PlugCheck(**check) if check is not None else None)))
     return Path(out_dir)
 
 

@@ -89,3 +89,95 @@ def emulator_block_map(n_layers: int, layout: Layout) -> list[int]:
 def emulator_adapter_positions(layout: Layout) -> list[int]:
     """Emulator block positions that are adapter blocks (trainable on the data owner's side)."""
     return list(range(layout.bottom)) + list(range(layout.bottom + layout.kept, layout.depth))
+
+
+# ------------------------------------------------------------------------- calibrated selection rules
+# Pure functions of scores / similarity matrices (offsite_ds.calibrate measures them on the owner's text).
+
+SELECTIONS = ("uniform", "importance", "crash")
+
+
+def select_important(middle: list[int], kept: int, scores: list[float]) -> list[int]:
+    """Importance-aware drop: the middle's first and last block, plus the K-2 highest-scoring others.
+
+    `scores[i]` is how much removing `middle[i]` hurts (higher = more important). The two ends stay
+    because they meet the adapter blocks the data owner trains. Ties go to the lower index (deterministic).
+    """
+    n = len(middle)
+    if len(scores) != n:
+        raise LayoutError(f"{len(scores)} importance scores for {n} middle blocks")
+    if not 1 <= kept <= n:
+        raise LayoutError(f"cannot keep {kept} of {n} middle blocks")
+    if kept == 1:
+        return [middle[0]]
+    inner = sorted(range(1, n - 1), key=lambda i: (-scores[i], i))[: kept - 2]
+    return [middle[i] for i in sorted({0, n - 1, *inner})]
+
+
+def _linkage(similarity: list[list[float]], a: list[int], b: list[int]) -> float:
+    """Average linkage: the mean similarity over all pairs across two clusters."""
+    return sum(similarity[i][j] for i in a for j in b) / (len(a) * len(b))
+
+
+def merge_adjacent(similarity: list[list[float]], k: int) -> list[list[int]]:
+    """CRaSh clustering: agglomerative merging of ADJACENT blocks into k contiguous clusters.
+
+    Starting from one cluster per block, repeatedly merge the neighbouring pair with the highest
+    average-linkage similarity (CKA) until k remain; ties merge the leftmost pair. Only neighbours merge,
+    so every cluster is a run of consecutive blocks that one kept block can stand in for.
+    """
+    n = len(similarity)
+    if any(len(row) != n for row in similarity):
+        raise LayoutError("the similarity matrix must be square")
+    if not 1 <= k <= n:
+        raise LayoutError(f"cannot make {k} clusters of {n} middle blocks")
+    clusters = [[i] for i in range(n)]
+    while len(clusters) > k:
+        links = [_linkage(similarity, clusters[i], clusters[i + 1]) for i in range(len(clusters) - 1)]
+        best = max(range(len(links)), key=lambda i: (links[i], -i))
+        clusters[best:best + 2] = [clusters[best] + clusters[best + 1]]
+    return clusters
+
+
+def cluster_representatives(clusters: list[list[int]]) -> list[int]:
+    """The block kept for each run: its LAST block (the run's output is what the blocks after it read),
+    except that the middle's first block stays (it meets the bottom adapter blocks, as in the other rules).
+
+    Measured on SmolLM2-135M 2-9-2 (calibration perplexity ratio to the full model, 1,024 Wikipedia tokens,
+    benchmarks/results/e1-builders-smollm2): first/last block kept + each run's last 272x; + each run's first
+    429x; each run's last 2,192x, first 1,149x, medoid (highest mean CKA) 2,984x; uniform drop 73x.
+    """
+    if len(clusters) == 1:
+        return [clusters[0][0]]
+    return [clusters[0][0]] + [c[-1] for c in clusters[1:]]
+
+
+def select_crash(middle: list[int], kept: int, similarity: list[list[float]]) -> tuple[list[int], list[list[int]]]:
+    """CRaSh selection: K runs of adjacent middle blocks merged by CKA, one kept block each.
+
+    Returns the kept original indices and the runs (as original indices), in order.
+    """
+    if len(similarity) != len(middle):
+        raise LayoutError(f"a {len(similarity)}x{len(similarity)} similarity matrix for {len(middle)} middle blocks")
+    clusters = merge_adjacent(similarity, kept)
+    return [middle[i] for i in cluster_representatives(clusters)], [[middle[i] for i in c] for c in clusters]
+
+
+def block_map_for(n_layers: int, layout: Layout, kept_middle: list[int]) -> list[int]:
+    """Emulator block map (stored position -> original index) for a chosen set of kept middle blocks."""
+    middle = middle_indices(n_layers, layout)
+    if len(kept_middle) != layout.kept or kept_middle != sorted(set(middle) & set(kept_middle)):
+        raise LayoutError(f"kept blocks {kept_middle} are not {layout.kept} distinct middle blocks in order")
+    return list(range(layout.bottom)) + list(kept_middle) + list(range(n_layers - layout.top, n_layers))
+
+
+def share_map_for(n_layers: int, layout: Layout, clusters: list[list[int]]) -> list[int]:
+    """CRaSh sharing: for each ORIGINAL position, the stored block it runs (its cluster's kept block).
+
+    Adapter positions map to themselves; the emulator keeps the full depth with K middle blocks of weights.
+    """
+    if len(clusters) != layout.kept or [i for c in clusters for i in c] != middle_indices(n_layers, layout):
+        raise LayoutError("clusters must partition the middle, in order, into K runs")
+    shared = [layout.bottom + k for k, c in enumerate(clusters) for _ in c]
+    top = [layout.bottom + layout.kept + j for j in range(layout.top)]
+    return list(range(layout.bottom)) + shared + top

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("plan", "per-GPU memory estimates for each role before launching"),
     "bench": ("bench", "throughput / memory / MFU of FT, FT+LoRA, OT, OT+LoRA, OT+kernels"),
     "eval-table": ("eval_table", "the paper's five-row lm-eval table for a round trip"),
+    "compare-emulators": ("compare", "owner: build each emulator, tune the same adapter through each, one table"),
 }
 
 

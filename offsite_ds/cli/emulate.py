@@ -1,18 +1,39 @@
-"""`offsite-ds emulate MODEL --layout L-K-R --out BUNDLE`."""
+"""`offsite-ds emulate MODEL --layout L-K-R --out BUNDLE [--select importance|crash [--share] --calib-data PUBLIC]`."""
 from __future__ import annotations
 
 import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from offsite_ds.calibrate import DEFAULT_CALIB_TOKENS, IMPORTANCE_METRICS
+    from offsite_ds.emulator import GUARD_RATIO
+    from offsite_ds.sandwich import SELECTIONS
+
     p.add_argument("model", help="local Hugging Face model directory (the owner's full model)")
     p.add_argument("--layout", required=True, help="L-K-R, e.g. 2-8-2 (or L-*-R with --keep-ratio)")
     p.add_argument("--keep-ratio", type=float, default=None, help="keep this fraction of the middle instead of K")
     p.add_argument("--out", required=True, help="EmulatorBundle directory to write")
+    p.add_argument("--select", default="uniform", choices=SELECTIONS,
+                   help="which middle blocks to keep: uniform (the paper), importance (the K whose removal hurts "
+                        "most on --calib-data), crash (CKA clusters of adjacent blocks, one kept per cluster)")
+    p.add_argument("--share", action="store_true",
+                   help="--select crash: every dropped position runs its cluster's kept block (original depth, "
+                        "K blocks of weights; load it with offsite-ds tools, see the README)")
+    p.add_argument("--calib-data", default=None,
+                   help="the owner's PUBLIC calibration text (never the data owner's): scores blocks for "
+                        "importance/crash and measures the emulator-vs-full perplexity guard")
+    p.add_argument("--calib-tokens", type=int, default=DEFAULT_CALIB_TOKENS,
+                   help=f"calibration tokens read from --calib-data ({DEFAULT_CALIB_TOKENS})")
+    p.add_argument("--importance", default="drop", choices=IMPORTANCE_METRICS,
+                   help="--select importance: perplexity rise with the block dropped (drop) or 1 - cos(in, out)")
+    p.add_argument("--guard-ratio", type=float, default=GUARD_RATIO,
+                   help=f"warn when emulator/full perplexity on --calib-data exceeds this ({GUARD_RATIO:g})")
+    p.add_argument("--text-field", default="text", help="field holding the text in .json/.jsonl/.parquet data")
     p.add_argument("--method", default="drop", choices=["drop", "prune", "quantize"],
                    help="compression of the middle: uniform layer-drop (paper), or the ablation's prune/quantize")
     p.add_argument("--prune-ratio", type=float, default=0.5, help="--method prune: fraction of weights zeroed")
     p.add_argument("--bits", type=int, default=8, help="--method quantize: fake-quantisation bits")
+    p.add_argument("--no-progress", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -20,8 +41,15 @@ def run(args: argparse.Namespace) -> int:
     from offsite_ds.emulator import make_bundle
 
     out = make_bundle(args.model, args.layout, args.out, keep_ratio=args.keep_ratio, method=args.method,
-                      prune_ratio=args.prune_ratio, quant_bits=args.bits)
+                      prune_ratio=args.prune_ratio, quant_bits=args.bits, select=args.select, share=args.share,
+                      calib_data=args.calib_data, calib_tokens=args.calib_tokens, importance=args.importance,
+                      text_field=args.text_field, guard_ratio=args.guard_ratio, progress=not args.no_progress)
     manifest = read_manifest(out, BUNDLE_FORMAT)
-    print(f"emulator bundle {out}: layout {manifest.layout} of {manifest.base_depth} blocks, "
-          f"blocks kept {manifest.block_map}, fingerprint {manifest.fingerprint[:12]}")
+    shared = f", shared over {len(manifest.share_map)} positions" if manifest.share_map is not None else ""
+    print(f"emulator bundle {out}: layout {manifest.layout} of {manifest.base_depth} blocks ({args.select}"
+          f"{shared}), blocks kept {manifest.block_map}, fingerprint {manifest.fingerprint[:12]}")
+    if manifest.quality is not None:
+        q = manifest.quality
+        print(f"zero-shot perplexity on {q.tokens} calibration tokens: emulator {q.emulator_ppl:.2f}, "
+              f"full {q.full_ppl:.2f} (ratio {q.ratio:.2f})")
     return 0

@@ -250,6 +250,9 @@ def distill(model_dir: str | Path, bundle_dir: str | Path, data: str | Path, out
     if kd_weight < 0 or lm_weight < 0 or kd_weight + lm_weight == 0:
         raise OffsiteError(f"--kd-weight {kd_weight} and --lm-weight {lm_weight} must be >= 0, not both 0")
     manifest = check_bundle(bundle_dir)  # validate the bundle before loading anything large
+    if "share_map" in manifest:
+        raise OffsiteError(f"{bundle_dir} is a shared (CRaSh) bundle; distillation trains distinct kept blocks: "
+                           "distil an emulator built without --share")
     with Runtime.from_config(cfg) as runtime:
         tokenizer, loader, fingerprint = owner_corpus(runtime, cfg, model_dir, bundle_dir, data, seq_len, text_field,
                                                       max_train_blocks)

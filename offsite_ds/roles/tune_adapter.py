@@ -32,7 +32,7 @@ class TuneAdapter(Role):
         super().__init__(bundle.model, runtime)
         self.bundle, self.out_dir = bundle, Path(out_dir)
         self.mode = mode
-        self.settings = apply_mode(bundle.model, bundle.manifest.adapter_positions, mode, settings)
+        self.settings = apply_mode(bundle.model, bundle.adapter_positions, mode, settings)
         self.eval_ids, self.seq_len, self.eval_batch_size = eval_ids, seq_len, eval_batch_size
         self.data_fingerprint = data_fingerprint
 
@@ -47,7 +47,8 @@ class TuneAdapter(Role):
             return
         family = family_of(model)
         manifest = self.bundle.manifest
-        tensors = rename_blocks(trainable_state(model), family, manifest.position_to_original)
+        position_to_original = {p: self.bundle.block_map[p] for p in self.bundle.adapter_positions}
+        tensors = rename_blocks(trainable_state(model), family, position_to_original)
         peft_files = self._peft_export(tensors) if self.mode == "lora" else None
         save_adapter_package(tensors, {
             "family": manifest.family, "model_type": manifest.model_type,

@@ -1,0 +1,268 @@
+"""Compare emulator builders on one model: the same adapter, the same budget, the paper's rows for each.
+
+For every builder (`SELECT[+share][+distill]`, e.g. `uniform`, `importance`, `crash+share`, `uniform+distill`)
+the owner builds the emulator on its PUBLIC calibration corpus (and distils it there when asked), the
+data owner tunes the same adapter with the same budget on its corpus, the owner plugs it in, and the four
+perplexity rows are scored on the data owner's valid and test splits by report.perplexity_rows (the
+same evaluator as `report` and `demo`). A ceiling row tunes the same adapter blocks on the full model
+(the whole middle kept); an optional FT row fine-tunes the whole model on the same tokens.
+
+Each finished builder's result is written to OUT/<builder>/result.json and skipped on a rerun, so an
+interrupted comparison resumes where it stopped. The table is written as markdown, JSON and PNG.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from offsite_ds.atomic import write_json, write_text
+from offsite_ds.calibrate import DEFAULT_CALIB_TOKENS
+from offsite_ds.demo import DemoSettings
+from offsite_ds.errors import OffsiteError
+from offsite_ds.sandwich import SELECTIONS
+
+CEILING = "ceiling"
+FT = "FT"
+COLUMNS = ("Full zero-shot", "Emulator zero-shot", "OT Emulator", "OT Plug-in")
+
+
+@dataclass
+class CompareSettings(DemoSettings):
+    """The demo's data-owner budget (layout, mode, steps, lr, ...) for every builder, plus the owner's side."""
+
+    builders: tuple[str, ...] = ("uniform", "importance", "crash", "crash+share")
+    mode_settings: dict = field(default_factory=dict)
+    calib_tokens: int = DEFAULT_CALIB_TOKENS
+    importance: str = "drop"
+    distill_steps: int = 100
+    distill_lr: float = 1e-4
+    ceiling: bool = True
+    ft: bool = False
+    ft_lr: float = 1e-4
+
+
+def parse_builder(spec: str) -> tuple[str, bool, bool]:
+    """'crash+share+distill' -> ('crash', True, True); one clear line for anything else."""
+    select, *flags = spec.strip().split("+")
+    if select not in SELECTIONS or not set(flags) <= {"share", "distill"} or len(set(flags)) != len(flags):
+        raise OffsiteError(f"builder '{spec}' is not SELECT[+share][+distill] with SELECT one of "
+                           f"{', '.join(SELECTIONS)} (e.g. uniform, crash+share, importance+distill)")
+    if "share" in flags and select != "crash":
+        raise OffsiteError(f"builder '{spec}': +share needs the crash selection (crash+share)")
+    if "share" in flags and "distill" in flags:
+        raise OffsiteError(f"builder '{spec}': a shared emulator cannot be distilled; use crash+distill or crash+share")
+    return select, "share" in flags, "distill" in flags
+
+
+def _train_config(s: CompareSettings, out: Path, steps: int, lr: float, eval_every: int):
+    from offsite_ds.train import TrainConfig
+
+    return TrainConfig(steps=steps, lr=lr, warmup_steps=min(s.warmup, steps - 1), batch_size=s.batch_size,
+                       seed=s.seed, eval_every=eval_every, progress=s.progress, log_every=max(1, steps // 10),
+                       checkpoint_dir=str(out), precision="fp32", device="cpu")
+
+
+def emulator_cost(bundle_dir: Path, mode: str, mode_settings: dict, seq_len: int) -> dict:
+    """Stored parameters of the emulator and the data owner's training FLOPs per token through it."""
+    from offsite_ds.bench.flops import flops_per_token, plan_from_model
+    from offsite_ds.bundle import load_bundle
+    from offsite_ds.peft_modes import apply_mode
+
+    bundle = load_bundle(bundle_dir)
+    params = sum(p.numel() for p in {id(p): p for p in bundle.model.parameters()}.values())
+    apply_mode(bundle.model, bundle.adapter_positions, mode, dict(mode_settings))
+    flops = flops_per_token(plan_from_model(bundle.model), seq_len)["total"]
+    return {"emulator_params": params, "tune_flops_per_token": flops}
+
+
+def run_builder(name: str, model_dir: Path, calib_data: Path, train_file: Path, eval_files: dict[str, Path],
+                out: Path, s: CompareSettings, layout: str, log=print) -> dict:
+    """Owner builds (and distils), data owner tunes, owner plugs in; the rows and the costs of one builder."""
+    from offsite_ds.bundle import BUNDLE_FORMAT, read_manifest
+    from offsite_ds.data import load_texts
+    from offsite_ds.emulator import make_bundle
+    from offsite_ds.manifests import dump
+    from offsite_ds.plugin import plugin
+    from offsite_ds.report import perplexity_rows
+    from offsite_ds.roles.distill import distill
+    from offsite_ds.roles.tune_adapter import tune
+
+    select, share, distilled = parse_builder("uniform" if name == CEILING else name)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    bundle = make_bundle(model_dir, layout, out / "bundle", select=select, share=share, calib_data=calib_data,
+                         calib_tokens=s.calib_tokens, importance=s.importance, progress=s.progress, log=log)
+    timings["emulate_s"] = time.perf_counter() - t
+    if distilled:
+        t = time.perf_counter()
+        distill(model_dir, bundle, calib_data, out / "distilled",
+                cfg=_train_config(s, out / "distill.checkpoints", s.distill_steps, s.distill_lr, 0),
+                seq_len=s.seq_len, max_train_blocks=s.distill_steps * s.batch_size)
+        bundle = out / "distilled"
+        timings["distill_s"] = time.perf_counter() - t
+    valid = eval_files.get("valid", next(iter(eval_files.values())))
+    t = time.perf_counter()
+    summary = tune(bundle, train_file, out / "adapter", mode=s.mode, settings=dict(s.mode_settings),
+                   cfg=_train_config(s, out / "adapter.checkpoints", s.steps, s.lr, s.eval_every), seq_len=s.seq_len,
+                   eval_data=valid, max_train_blocks=s.steps * s.batch_size, max_eval_tokens=s.eval_tokens,
+                   kernels="off")
+    timings["tune_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    plugged = plugin(model_dir, out / "adapter", out / "plugged")
+    timings["plugin_s"] = time.perf_counter() - t
+    texts = {split: load_texts(path) for split, path in eval_files.items()}
+    rows = perplexity_rows(model_dir, bundle, out / "adapter", texts, seq_len=s.eval_seq_len,
+                           max_tokens=s.eval_tokens, plugged_dir=plugged)
+    manifest = read_manifest(bundle, BUNDLE_FORMAT)
+    return {"builder": name, "layout": layout, "rows": rows, "block_map": manifest.block_map,
+            "share_map": manifest.share_map, "quality": manifest.quality and dump(manifest.quality),
+            **emulator_cost(Path(bundle), s.mode, s.mode_settings, s.seq_len),
+            "owner_s": timings["emulate_s"] + timings.get("distill_s", 0.0) + timings["plugin_s"],
+            "data_owner_s": timings["tune_s"], "timings": timings,
+            "training": {k: summary.get(k) for k in ("steps", "tokens", "final_loss", "best_eval_loss", "best_step")}}
+
+
+def run_ft(model_dir: Path, train_file: Path, eval_files: dict[str, Path], out: Path, s: CompareSettings) -> dict:
+    """The paper's FT row: the whole model fine-tuned on exactly the data owner's tokens and steps."""
+    from offsite_ds.data import load_texts
+    from offsite_ds.evaluate import perplexity
+    from offsite_ds.plugin import load_model_dir
+    from offsite_ds.roles.finetune_full import finetune
+
+    t = time.perf_counter()
+    finetune(model_dir, train_file, out / "model", cfg=_train_config(s, out / "model.checkpoints", s.steps, s.ft_lr,
+                                                                     0),
+             seq_len=s.seq_len, max_train_blocks=s.steps * s.batch_size)
+    seconds = time.perf_counter() - t
+    model, tokenizer = load_model_dir(out / "model")
+    ppl = {split: perplexity(model, tokenizer, load_texts(path), seq_len=s.eval_seq_len, max_tokens=s.eval_tokens)
+           for split, path in eval_files.items()}
+    return {"builder": FT, "ppl": ppl, "wall_s": seconds}
+
+
+def _cached(out: Path, make) -> dict:
+    """Resume: a finished step's result.json is kept and reused; otherwise run it and store it atomically."""
+    import json
+
+    path = out / "result.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    result = make()
+    write_json(path, result)
+    return result
+
+
+def table_rows(results: list[dict], ft: dict | None, split: str) -> list[dict]:
+    """One flat row per builder for `split`: the four rows, FT, privacy gap, tuning gain, costs."""
+    out = []
+    for r in results:
+        ppl = {name: r["rows"][name][split] for name in COLUMNS}
+        out.append({"builder": r["builder"], "layout": r["layout"], **ppl,
+                    "FT": ft["ppl"][split] if ft else None,
+                    "privacy gap": ppl["OT Emulator"] - ppl["OT Plug-in"],
+                    "tuning gain": ppl["Full zero-shot"] - ppl["OT Plug-in"],
+                    "emulator params": r["emulator_params"], "tune FLOPs/token": r["tune_flops_per_token"],
+                    "owner s": r["owner_s"], "data owner s": r["data_owner_s"]})
+    return out
+
+
+def format_table(rows: list[dict], split: str) -> str:
+    def cell(v, millions: bool = False) -> str:
+        if v is None:
+            return "-"
+        if millions:
+            return f"{v / 1e6:.3g}M"
+        return f"{v:.3g}" if abs(v) >= 1e5 else f"{v:.2f}"
+
+    head = ["builder", "layout", *COLUMNS, "FT", "privacy gap", "tuning gain", "emulator params",
+            "tune FLOPs/token", "owner s", "data owner s"]
+    lines = [f"**{split}** perplexity (privacy gap = OT Emulator - OT Plug-in; tuning gain = Full zero-shot - "
+             "OT Plug-in)", "", "| " + " | ".join(head) + " |", "| --- | --- |" + " ---: |" * (len(head) - 2)]
+    for r in rows:
+        cells = [cell(r[h], millions=h in ("emulator params", "tune FLOPs/token")) for h in head[2:]]
+        lines.append(f"| {r['builder']} | {r['layout']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], split: str, path: Path) -> None:
+    """Grouped bars per builder (log scale): emulator zero-shot, OT Emulator, OT Plug-in; full and FT as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 3, 4))
+    width = 0.27
+    for k, name in enumerate(("Emulator zero-shot", "OT Emulator", "OT Plug-in")):
+        ax.bar([i + (k - 1) * width for i in range(len(rows))], [r[name] for r in rows], width, label=name)
+    ax.axhline(rows[0]["Full zero-shot"], color="k", ls="--", lw=1, label="Full zero-shot")
+    if rows[0]["FT"] is not None:
+        ax.axhline(rows[0]["FT"], color="g", ls=":", lw=1, label="FT")
+    ax.set_xticks(range(len(rows)), [r["builder"] for r in rows], rotation=20)
+    ax.set_yscale("log")
+    ax.set_ylabel(f"{split} perplexity (log)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def compare_emulators(model_dir: str | Path, calib_data: str | Path, train_file: str | Path,
+                      eval_files: dict[str, str | Path], out_dir: str | Path, settings: CompareSettings | None = None,
+                      log=print) -> dict:
+    """Run every builder (then the ceiling and FT rows) through the same budget; write the table.
+
+    `calib_data` is the owner's public corpus (calibration and distillation); `train_file`/`eval_files`
+    are the data owner's. Returns {"settings", "results", "ft", "tables"}; files in out_dir.
+    """
+    from tqdm.auto import tqdm
+    from transformers import AutoConfig
+
+    from offsite_ds.sandwich import parse_layout
+
+    s = settings or CompareSettings()
+    model_dir, calib_data, train_file, out = Path(model_dir), Path(calib_data), Path(train_file), Path(out_dir)
+    eval_files = {k: Path(v) for k, v in eval_files.items()}
+    for what, path in [("--calib-data", calib_data), ("--train", train_file), *eval_files.items()]:
+        if not path.is_file():
+            raise OffsiteError(f"{what} {path}: no such file")
+    if calib_data.resolve() in {train_file.resolve(), *(p.resolve() for p in eval_files.values())}:
+        raise OffsiteError("--calib-data is one of the data owner's files; calibrate on the owner's public corpus")
+    for name in s.builders:
+        parse_builder(name)
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    from offsite_ds.bench.shapes import depth_of_config
+
+    depth = depth_of_config(config)
+    layout = parse_layout(s.layout, depth)
+    jobs = list(s.builders) + ([CEILING] if s.ceiling else [])
+    results = []
+    for name in tqdm(jobs, desc="emulator builders", disable=not s.progress):
+        whole = f"{layout.bottom}-{depth - layout.bottom - layout.top}-{layout.top}"  # the whole middle kept
+        spec_layout = whole if name == CEILING else str(layout)
+        log(f"[compare] {name} ({spec_layout})")
+        results.append(_cached(out / name.replace("+", "_"), lambda n=name, lay=spec_layout: run_builder(
+            n, model_dir, calib_data, train_file, eval_files, out / n.replace("+", "_"), s, lay, log)))
+    ft = _cached(out / "ft", lambda: run_ft(model_dir, train_file, eval_files, out / "ft", s)) if s.ft else None
+    tables = {split: table_rows(results, ft, split) for split in eval_files}
+    markdown = "\n\n".join(format_table(rows, split) for split, rows in tables.items())
+    report = {"settings": asdict(s), "model": str(model_dir), "calib_data": str(calib_data),
+              "train": str(train_file), "eval": {k: str(v) for k, v in eval_files.items()},
+              "results": results, "ft": ft, "tables": tables}
+    write_json(out / "compare.json", report)
+    write_text(out / "compare.md", markdown + "\n")
+    report_split = "test" if "test" in tables else next(iter(tables))
+    plot(tables[report_split], report_split, out / "compare.png")
+    report["markdown"] = markdown
+    return report
+
+
+def best_builder(report: dict, split: str = "valid") -> str:
+    """The builder whose plug-in scores best on `split` (choose on valid, report on test)."""
+    rows = [r for r in report["tables"][split] if r["builder"] != CEILING]
+    return min(rows, key=lambda r: (r["OT Plug-in"] if math.isfinite(r["OT Plug-in"]) else math.inf))["builder"]
