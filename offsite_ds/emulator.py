@@ -6,6 +6,7 @@ the kept middle blocks exist for the paper's compression ablation (Figure 4).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -13,7 +14,8 @@ import torch.nn as nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from offsite_ds.errors import OffsiteError
-from offsite_ds.families import family_of, get_path, set_path
+from offsite_ds.families import block_prefix, family_of, get_path, set_path
+from offsite_ds.shards import DEFAULT_SHARD_BYTES, ModelCheckpoint, ShardWriter
 from offsite_ds.sandwich import Layout, emulator_adapter_positions, emulator_block_map, parse_layout
 
 METHODS = ("drop", "prune", "quantize")
@@ -57,47 +59,57 @@ def select_blocks(model: PreTrainedModel, block_map: list[int]) -> PreTrainedMod
 
 
 @torch.no_grad()
-def magnitude_prune_(module: nn.Module, ratio: float) -> None:
-    """Zero the `ratio` smallest-magnitude entries of every weight matrix (unstructured, per matrix)."""
-    for param in module.parameters():
-        if param.dim() < 2 or ratio <= 0:
-            continue
-        k = int(param.numel() * ratio)
-        if k == 0:
-            continue
-        threshold = param.abs().flatten().kthvalue(k).values
-        param.masked_fill_(param.abs() <= threshold, 0.0)
+def prune_tensor(tensor: torch.Tensor, ratio: float) -> torch.Tensor:
+    """`tensor` with its `ratio` smallest-magnitude entries zeroed (unstructured); vectors pass through."""
+    if tensor.dim() < 2 or ratio <= 0:
+        return tensor
+    k = int(tensor.numel() * ratio)
+    if k == 0:
+        return tensor
+    work = tensor if tensor.dtype == torch.float32 else tensor.float()  # kthvalue needs fp32 on CPU for bf16
+    threshold = work.abs().flatten().kthvalue(k).values
+    return work.masked_fill(work.abs() <= threshold, 0.0).to(tensor.dtype)
 
 
 @torch.no_grad()
-def fake_quantize_(module: nn.Module, bits: int) -> None:
-    """Symmetric per-output-channel quantise-dequantise of every weight matrix (stored back as floats)."""
+def quantize_tensor(tensor: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric per-output-channel quantise-dequantise of a weight matrix (returned as floats)."""
+    if tensor.dim() < 2:
+        return tensor
     qmax = 2 ** (bits - 1) - 1
-    for param in module.parameters():
-        if param.dim() < 2:
-            continue
-        scale = param.abs().amax(dim=tuple(range(1, param.dim())), keepdim=True).clamp(min=1e-12) / qmax
-        param.copy_((param / scale).round().clamp(-qmax, qmax) * scale)
+    work = tensor if tensor.dtype == torch.float32 else tensor.float()
+    scale = work.abs().amax(dim=tuple(range(1, work.dim())), keepdim=True).clamp(min=1e-12) / qmax
+    return ((work / scale).round().clamp(-qmax, qmax) * scale).to(tensor.dtype)
 
 
-def build_emulator(model: PreTrainedModel, layout: Layout, method: str = "drop", prune_ratio: float = 0.5,
-                   quant_bits: int = 8) -> tuple[PreTrainedModel, list[int]]:
-    """Emulator of `model` for `layout`; returns it with its block map (emulator position -> original index)."""
+def compression_transform(method: str, prune_ratio: float = 0.5, quant_bits: int = 8):
+    """The per-tensor form of a compression method (None for plain layer-drop), checked."""
     if method not in METHODS:
         raise OffsiteError(f"unknown compression method '{method}'; choose one of {', '.join(METHODS)}")
     if method == "prune" and not 0.0 < prune_ratio < 1.0:
         raise OffsiteError(f"--prune-ratio {prune_ratio} must be in (0, 1)")
     if method == "quantize" and not 2 <= quant_bits <= 16:
         raise OffsiteError(f"--bits {quant_bits} must be between 2 and 16")
+    if method == "prune":
+        return lambda t: prune_tensor(t, prune_ratio)
+    if method == "quantize":
+        return lambda t: quantize_tensor(t, quant_bits)
+    return None
+
+
+def build_emulator(model: PreTrainedModel, layout: Layout, method: str = "drop", prune_ratio: float = 0.5,
+                   quant_bits: int = 8) -> tuple[PreTrainedModel, list[int]]:
+    """Emulator of `model` for `layout`; returns it with its block map (emulator position -> original index)."""
+    transform = compression_transform(method, prune_ratio, quant_bits)
     family = family_of(model)
     n_layers = len(get_path(model, family.blocks))
     block_map = emulator_block_map(n_layers, layout)
     emulator = select_blocks(model, block_map)
     middle = get_path(emulator, family.blocks)[layout.bottom: layout.bottom + layout.kept]
-    if method == "prune":
-        magnitude_prune_(middle, prune_ratio)
-    elif method == "quantize":
-        fake_quantize_(middle, quant_bits)
+    if transform is not None:
+        with torch.no_grad():
+            for param in middle.parameters():
+                param.copy_(transform(param))
     return emulator, block_map
 
 
@@ -115,31 +127,110 @@ def load_owner_model(model_dir: str | Path, dtype: torch.dtype | None = None) ->
     return model.eval()
 
 
-def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, keep_ratio: float | None = None,
-                method: str = "drop", prune_ratio: float = 0.5, quant_bits: int = 8) -> Path:
-    """Model owner's `emulate`: full model dir -> EmulatorBundle dir."""
-    from offsite_ds.bundle import fingerprint_model, save_bundle
+def write_emulator(model_dir: str | Path | ModelCheckpoint, block_map: list[int], out_dir: str | Path, dtype: torch.dtype | None = None,
+                   transform: Callable[[int, str, torch.Tensor], torch.Tensor] | None = None,
+                   max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> torch.dtype:
+    """Write the emulator of `model_dir` for `block_map` into `out_dir`, streamed from the checkpoint.
 
-    model = load_owner_model(model_dir)
-    family = family_of(model)
-    n_layers = len(get_path(model, family.blocks))
+    Embeddings, head, final norm and the blocks in `block_map` are read one tensor at a time and written
+    in bounded shards, blocks renamed to their emulator positions, so memory stays at about one output
+    shard plus one input tensor whatever the model's size. `transform(position, name, tensor)` is applied
+    to every block parameter (the compression of the middle); floating tensors are written in `dtype`
+    (default: the checkpoint's own). Also writes config.json at the new depth, the generation config and
+    the tokenizer. Returns the dtype written.
+    """
+    checkpoint = model_dir if isinstance(model_dir, ModelCheckpoint) else ModelCheckpoint(model_dir)
+    depth = checkpoint.depth
+    if not block_map or list(block_map) != sorted(set(block_map)) or not 0 <= block_map[0] <= block_map[-1] < depth:
+        raise OffsiteError(f"block_map {block_map} must list strictly increasing block indices of the "
+                           f"{depth}-block model")
+    dtype = dtype or checkpoint.dtype()
+    position_of = {original: position for position, original in enumerate(block_map)}
+    out = Path(out_dir)
+    writer = ShardWriter(out, max_shard_bytes)
+    for original in checkpoint.stored:
+        where = checkpoint.block_of(original)
+        if where is not None and where[0] not in position_of:
+            continue
+        tensor, name = checkpoint.get(original), original
+        if where is not None:
+            position = position_of[where[0]]
+            name = f"{block_prefix(checkpoint.family, position)}{where[1]}"
+            if transform is not None and original in checkpoint.parameters:
+                tensor = transform(position, where[1], tensor)
+        writer.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+        del tensor
+    writer.close()
+    config = copy.deepcopy(checkpoint.config)
+    set_depth(config, list(block_map))
+    write_model_files(checkpoint, config, dtype, out)
+    return dtype
+
+
+def write_model_files(checkpoint: ModelCheckpoint, config, dtype: torch.dtype, out_dir: Path) -> None:
+    """Everything of a model dir but the weights: config.json (with `dtype`), generation config, tokenizer."""
+    from transformers import GenerationConfig
+
+    config.dtype = dtype
+    config.save_pretrained(out_dir)
+    try:
+        generation = GenerationConfig.from_pretrained(checkpoint.dir, local_files_only=True)
+    except OSError:
+        generation = GenerationConfig.from_model_config(config)
+    generation.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(checkpoint.dir, local_files_only=True).save_pretrained(out_dir)
+
+
+def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, keep_ratio: float | None = None,
+                method: str = "drop", prune_ratio: float = 0.5, quant_bits: int = 8,
+                dtype: torch.dtype | str | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Model owner's `emulate`: full model dir -> EmulatorBundle dir, streamed (the model is never loaded).
+
+    The bundle keeps the checkpoint's dtype (a bf16 model gives a bf16 bundle) unless `dtype` is given.
+    """
+    from offsite_ds.bundle import fingerprint_checkpoint, write_bundle
+
+    transform = compression_transform(method, prune_ratio, quant_bits)
+    dtype = parse_dtype(dtype)
+    checkpoint = ModelCheckpoint(model_dir)
+    n_layers = checkpoint.depth
     layout = parse_layout(layout_spec, n_layers, keep_ratio)
-    emulator, block_map = build_emulator(model, layout, method, prune_ratio, quant_bits)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    block_map = emulator_block_map(n_layers, layout)
+    middle = range(layout.bottom, layout.bottom + layout.kept)
     compression = {"method": method, "kept": layout.kept, "middle": n_layers - layout.bottom - layout.top,
                    "distilled": False}
     if method == "prune":
         compression["prune_ratio"] = prune_ratio
     if method == "quantize":
         compression["bits"] = quant_bits
+    dtype = dtype or checkpoint.dtype()
+
+    def write(tmp: Path) -> None:
+        per_tensor = None if transform is None else (
+            lambda position, _name, tensor: transform(tensor) if position in middle else tensor)
+        write_emulator(checkpoint, block_map, tmp, dtype, per_tensor, max_shard_bytes)
+
     manifest = {
-        "family": family.name,
-        "model_type": model.config.model_type,
+        "family": checkpoint.family.name,
+        "model_type": checkpoint.config.model_type,
         "base_depth": n_layers,
-        "base_fingerprint": fingerprint_model(model),
+        "base_fingerprint": fingerprint_checkpoint(checkpoint),
         "layout": str(layout),
         "block_map": block_map,
         "adapter_positions": emulator_adapter_positions(layout),
         "compression": compression,
+        "dtype": str(dtype).removeprefix("torch."),
     }
-    return save_bundle(emulator, tokenizer, manifest, out_dir)
+    return write_bundle(write, manifest, out_dir)
+
+
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """'bfloat16' / torch.bfloat16 / None (keep the checkpoint's) -> torch dtype, checked."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in DTYPE_NAMES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPE_NAMES:
+        return DTYPE_NAMES[dtype]
+    raise OffsiteError(f"--dtype {dtype} is not one of {', '.join(DTYPE_NAMES)}")

@@ -6,6 +6,7 @@ with one line. LoRA (and BitFit, full) end merged into plain weights; Houlsby ad
 """
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -14,11 +15,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from offsite_ds.atomic import atomic_dir, write_json
-from offsite_ds.bundle import (PEFT_DIR, AdapterPackage, Bundle, fingerprint_model, load_adapter_package,
-                               read_safetensors)
+from offsite_ds.bundle import (PEFT_DIR, AdapterPackage, Bundle, fingerprint_checkpoint, fingerprint_model,
+                               load_adapter_package, read_safetensors)
 from offsite_ds.errors import ArtifactError, OffsiteError
-from offsite_ds.families import family_of, get_path
+from offsite_ds.families import block_prefix, family_of, get_path
 from offsite_ds.peft_modes import apply_mode, canonical_name, merge_lora_, rename_blocks
+from offsite_ds.shards import DEFAULT_SHARD_BYTES, ModelCheckpoint, ShardWriter
 
 PLUGGED_FORMAT = "offsite-ds.plugged-model"
 PLUGGED_MANIFEST = "offsite.json"
@@ -100,25 +102,77 @@ def apply_to_emulator(bundle: Bundle, package: AdapterPackage) -> torch.nn.Modul
     return bundle.model
 
 
-def plugin(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:
-    """Owner's `plugin` command: validate, plug in, export a model dir that `from_pretrained` loads."""
-    from offsite_ds.emulator import load_owner_model
+def tuned_blocks(checkpoint: ModelCheckpoint, package: AdapterPackage) -> dict[str, torch.Tensor]:
+    """Every tensor of the adapter blocks after plug-in (merged LoRA, BitFit, full; Houlsby modules added).
 
-    package = load_adapter_package(adapter_dir)  # validate before loading a large model
-    model = load_owner_model(model_dir)
-    plug_in(model, package)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    Only the adapter blocks are built (in fp32, as the owner's model always loaded): the model is made on
+    the meta device at the adapter blocks' depth, those blocks alone get real memory and the checkpoint's
+    values, and the package is installed with the same `install_adapter` checks as the in-memory path.
+    """
+    from offsite_ds.emulator import set_depth
+
+    manifest = package.manifest
+    family = checkpoint.family
+    if family.name != manifest["family"]:
+        raise ArtifactError(f"{package.path}: adapter was tuned for family '{manifest['family']}', "
+                            f"this model is '{family.name}'")
+    blocks = adapter_blocks(manifest)
+    config = copy.deepcopy(checkpoint.config)
+    set_depth(config, blocks)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    modules = get_path(model, family.blocks)
+    for position, original in enumerate(blocks):
+        block = modules[position].to_empty(device="cpu")
+        names = block.state_dict()
+        block.load_state_dict({rest: checkpoint.get(f"{block_prefix(family, original)}{rest}").float()
+                               for rest in names}, strict=True)
+    install_adapter(model, package, {original: position for position, original in enumerate(blocks)})
+    if package.mode == "lora":
+        merge_lora_(model)
+    return {f"{block_prefix(family, original)}{rest}": tensor.detach()
+            for position, original in enumerate(blocks) for rest, tensor in modules[position].state_dict().items()}
+
+
+def plugin(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,
+           max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Owner's `plugin` command: validate, plug in, export a model dir that `from_pretrained` loads.
+
+    Streamed: the package is validated first, the base fingerprint is read from the shards, and the
+    checkpoint is copied tensor by tensor with only the adapter blocks' tensors replaced (each kept in
+    its stored dtype), so memory is about one output shard plus the adapter blocks, not the model.
+    """
+    from offsite_ds.emulator import write_model_files
+
+    package = load_adapter_package(adapter_dir)  # validate before touching a large model
+    manifest = package.manifest
+    checkpoint = ModelCheckpoint(model_dir)
+    if checkpoint.depth != manifest["base_depth"]:
+        raise ArtifactError(f"{package.path}: adapter was tuned for a {manifest['base_depth']}-block model, "
+                            f"this model has {checkpoint.depth}")
+    if fingerprint_checkpoint(checkpoint) != manifest["base_fingerprint"]:
+        raise ArtifactError(f"{package.path}: adapter was tuned against other weights (base fingerprint "
+                            f"{manifest['base_fingerprint'][:12]}... does not match this model's); plug it into "
+                            "the model its emulator was made from")
+    tuned = tuned_blocks(checkpoint, package)
+    dtype = checkpoint.dtype()
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        writer = ShardWriter(tmp, max_shard_bytes)
+        for name, source in checkpoint.stored.items():
+            stored = checkpoint.reader.dtype(source)
+            writer.add(name, tuned.pop(name).to(stored) if name in tuned else checkpoint.get(name))
+        for name, tensor in tuned.items():  # Houlsby modules: new tensors
+            writer.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+        writer.close()
+        write_model_files(checkpoint, copy.deepcopy(checkpoint.config), dtype, tmp)
         if (Path(adapter_dir) / PEFT_DIR).is_dir():
             shutil.copytree(Path(adapter_dir) / PEFT_DIR, tmp / PEFT_DIR)
         write_json(tmp / PLUGGED_MANIFEST, {
             "format": PLUGGED_FORMAT, "version": 1, "mode": package.mode,
-            "mode_settings": package.manifest["mode_settings"], "adapter_blocks": adapter_blocks(package.manifest),
-            "base_fingerprint": package.manifest["base_fingerprint"],
-            "bundle_fingerprint": package.manifest["bundle_fingerprint"],
-            "training": package.manifest.get("training", {}),
+            "mode_settings": manifest["mode_settings"], "adapter_blocks": adapter_blocks(manifest),
+            "base_fingerprint": manifest["base_fingerprint"],
+            "bundle_fingerprint": manifest["bundle_fingerprint"],
+            "training": manifest.get("training", {}),
         })
     return Path(out_dir)
 
