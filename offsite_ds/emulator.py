@@ -133,8 +133,8 @@ def write_emulator(model_dir: str | Path | ModelCheckpoint, block_map: list[int]
     """Write the emulator of `model_dir` for `block_map` into `out_dir`, streamed from the checkpoint.
 
     Embeddings, head, final norm and the blocks in `block_map` are read one tensor at a time and written
-    in bounded shards, blocks renamed to their emulator positions, so memory stays at about one output
-    shard plus one input tensor whatever the model's size. `transform(position, name, tensor)` is applied
+    straight to bounded shards, blocks renamed to their emulator positions, so memory stays at about one
+    tensor whatever the model's size. `transform(position, name, tensor)` is applied
     to every block parameter (the compression of the middle); floating tensors are written in `dtype`
     (default: the checkpoint's own). Also writes config.json at the new depth, the generation config and
     the tokenizer. Returns the dtype written.
@@ -146,24 +146,31 @@ def write_emulator(model_dir: str | Path | ModelCheckpoint, block_map: list[int]
                            f"{depth}-block model")
     dtype = dtype or checkpoint.dtype()
     position_of = {original: position for position, original in enumerate(block_map)}
-    out = Path(out_dir)
-    writer = ShardWriter(out, max_shard_bytes)
+    jobs = []  # (checkpoint name, emulator name, position or None), in storage order
     for original in checkpoint.stored:
         where = checkpoint.block_of(original)
-        if where is not None and where[0] not in position_of:
-            continue
-        tensor, name = checkpoint.get(original), original
-        if where is not None:
+        if where is None:
+            jobs.append((original, original, None))
+        elif where[0] in position_of:
             position = position_of[where[0]]
-            name = f"{block_prefix(checkpoint.family, position)}{where[1]}"
-            if transform is not None and original in checkpoint.parameters:
-                tensor = transform(position, where[1], tensor)
-        writer.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+            jobs.append((original, f"{block_prefix(checkpoint.family, position)}{where[1]}", position))
+
+    def out_dtype(original: str) -> torch.dtype:
+        stored = checkpoint.reader.dtype(checkpoint.source(original))
+        return dtype if stored.is_floating_point else stored
+
+    writer = ShardWriter(out_dir, [(name, checkpoint.shapes[original], out_dtype(original))
+                                   for original, name, _ in jobs], max_shard_bytes)
+    for original, name, position in jobs:
+        tensor = checkpoint.get(original)
+        if position is not None and transform is not None and original in checkpoint.parameters:
+            tensor = transform(position, checkpoint.block_of(original)[1], tensor)
+        writer.add(name, tensor.to(out_dtype(original)))
         del tensor
     writer.close()
     config = copy.deepcopy(checkpoint.config)
     set_depth(config, list(block_map))
-    write_model_files(checkpoint, config, dtype, out)
+    write_model_files(checkpoint, config, dtype, Path(out_dir))
     return dtype
 
 

@@ -140,7 +140,7 @@ def plugin(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,
 
     Streamed: the package is validated first, the base fingerprint is read from the shards, and the
     checkpoint is copied tensor by tensor with only the adapter blocks' tensors replaced (each kept in
-    its stored dtype), so memory is about one output shard plus the adapter blocks, not the model.
+    its stored dtype), so memory is about the adapter blocks plus one tensor, not the model.
     """
     from offsite_ds.emulator import write_model_files
 
@@ -157,12 +157,15 @@ def plugin(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,
     tuned = tuned_blocks(checkpoint, package)
     dtype = checkpoint.dtype()
     with atomic_dir(out_dir) as tmp:
-        writer = ShardWriter(tmp, max_shard_bytes)
-        for name, source in checkpoint.stored.items():
-            stored = checkpoint.reader.dtype(source)
-            writer.add(name, tuned.pop(name).to(stored) if name in tuned else checkpoint.get(name))
-        for name, tensor in tuned.items():  # Houlsby modules: new tensors
-            writer.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+        stored = {name: checkpoint.reader.dtype(source) for name, source in checkpoint.stored.items()}
+        added = {name: (dtype if t.is_floating_point() else t.dtype) for name, t in tuned.items() if name not in stored}
+        plan = [(name, checkpoint.shapes[name], dt) for name, dt in stored.items()]
+        writer = ShardWriter(tmp, plan + [(name, list(tuned[name].shape), dt) for name, dt in added.items()],
+                             max_shard_bytes)
+        for name, dt in stored.items():
+            writer.add(name, tuned[name].to(dt) if name in tuned else checkpoint.get(name))
+        for name, dt in added.items():  # Houlsby modules: new tensors
+            writer.add(name, tuned[name].to(dt))
         writer.close()
         write_model_files(checkpoint, copy.deepcopy(checkpoint.config), dtype, tmp)
         if (Path(adapter_dir) / PEFT_DIR).is_dir():

@@ -1,9 +1,10 @@
-"""Safetensors checkpoints tensor by tensor: read one tensor at a time, write bounded shards.
+"""Safetensors checkpoints tensor by tensor: read one tensor at a time, write one tensor at a time.
 
 Why not `safe_open`: it memory-maps each shard, and every page a read touches stays resident (and counted)
-for as long as the shard is open, so reading a 5 GB shard costs 5 GB of RSS. Here a tensor is read with
-one `readinto` straight into its own buffer, so the reader holds one tensor; the writer holds at most one
-output shard (`max_shard_bytes`) and writes it with no serialised copy. The format is the public one
+for as long as the shard is open, so reading a 5 GB shard costs 5 GB of RSS; and `save_file` serialises a
+whole shard in memory. Here a tensor is read with one `readinto` straight into its own buffer, and the
+writer, given the plan (names, shapes, dtypes: known before any weight is read), writes each shard's
+header first and then each tensor's bytes as it comes, so both hold one tensor at a time. The format is the public one
 (8-byte little-endian header length, a JSON header of dtype/shape/data_offsets, the raw bytes); the header
 is checked like any untrusted input. Sharded checkpoints follow Hugging Face's layout:
 `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json` (weight_map: tensor -> shard).
@@ -14,7 +15,6 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -138,86 +138,95 @@ class CheckpointReader:
         return max((self.dir / f).stat().st_size for f in self.files)
 
 
-def _write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]]) -> None:
-    """One safetensors file from (name, tensor) pairs, each tensor's bytes written in place (no copy)."""
+def _header_bytes(entries: list[tuple[str, list[int], torch.dtype]]) -> bytes:
+    """The safetensors header of tensors laid out back to back in `entries` order."""
     header, offset = {}, 0
-    for name, t in tensors:
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+    for name, shape, dtype in entries:
+        n = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     header["__metadata__"] = {"format": "pt"}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for _, t in tensors:
-            if t.numel():
-                f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B"))
-        f.flush()
-        os.fsync(f.fileno())
+    return struct.pack("<Q", len(raw)) + raw
 
 
 class ShardWriter:
-    """Collect tensors into shards of at most `max_shard_bytes` (a larger single tensor gets its own shard).
+    """Write a checkpoint whose tensors are known in advance (name, shape, dtype), one tensor at a time.
 
-    Shards are written under temporary names as they fill; `close()` names them `model-i-of-n` (or
-    `model.safetensors` when there is one) and writes the index. Use inside an `atomic_dir`.
+    The plan is split into shards of at most `max_shard_bytes` (a larger single tensor gets its own
+    shard); each shard's header is written first, then every tensor's bytes go straight to disk as it
+    is `add`ed, in plan order, so the writer holds no tensor at all. `close()` checks that everything
+    planned was written and writes the HF index (several shards) - the files are `model.safetensors` or
+    `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`. Use inside an `atomic_dir`.
     """
 
-    def __init__(self, out_dir: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+    def __init__(self, out_dir: str | Path, plan: list[tuple[str, list[int], torch.dtype]],
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES):
         if max_shard_bytes < 1:
             raise OffsiteError(f"max shard size {max_shard_bytes} must be positive")
-        self.dir, self.max = Path(out_dir), int(max_shard_bytes)
-        self.pending: list[tuple[str, torch.Tensor]] = []
-        self.pending_bytes = 0
-        self.written: list[tuple[Path, list[str]]] = []
-        self.total = 0
-        self.seen: set[str] = set()
+        if not plan:
+            raise OffsiteError("no tensors to write; the checkpoint would be empty")
+        if len({name for name, _, _ in plan}) != len(plan):
+            raise OffsiteError("a tensor name is planned twice; this is a bug in the caller")
+        self.dir = Path(out_dir)
+        shards: list[list[tuple[str, list[int], torch.dtype]]] = [[]]
+        size = 0
+        for name, shape, dtype in plan:
+            n = math.prod(shape) * dtype.itemsize
+            if shards[-1] and size + n > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, list(shape), dtype))
+            size += n
+        self.total = sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in plan)
+        self.files = [SINGLE] if len(shards) == 1 else [shard_name(i, len(shards)) for i in range(1, len(shards) + 1)]
+        self.queue = [(file, shard) for file, shard in zip(self.files, shards)]
+        self.weight_map = {name: file for file, shard in self.queue for name, _, _ in shard}
+        self.expected: list[tuple[str, list[int], torch.dtype]] = []
+        self.handle = None
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self.seen:
-            raise OffsiteError(f"tensor '{name}' written twice; this is a bug in the caller")
-        self.seen.add(name)
-        n = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + n > self.max:
-            self.flush()
-        self.pending.append((name, tensor.detach().cpu().contiguous()))
-        self.pending_bytes += n
-        self.total += n
+        """Write the next planned tensor (its name, shape and dtype must be the plan's)."""
+        if not self.expected:
+            self._next_file()
+        want = self.expected.pop(0)
+        if (name, list(tensor.shape), tensor.dtype) != want:
+            raise OffsiteError(f"tensor '{name}' {list(tensor.shape)} {tensor.dtype} is not the planned "
+                               f"'{want[0]}' {want[1]} {want[2]}; this is a bug in the caller")
+        if tensor.numel():
+            flat = tensor.detach().cpu().contiguous().reshape(-1)
+            self.handle.write(memoryview(flat.view(torch.uint8).numpy()).cast("B"))
 
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        path = self.dir / f".shard-{len(self.written):05d}.tmp"
-        _write_safetensors(path, self.pending)
-        self.written.append((path, [name for name, _ in self.pending]))
-        self.pending, self.pending_bytes = [], 0
+    def _next_file(self) -> None:
+        self._finish_file()
+        if not self.queue:
+            raise OffsiteError("more tensors than planned; this is a bug in the caller")
+        file, shard = self.queue.pop(0)
+        self.handle = open(self.dir / file, "wb")
+        self.handle.write(_header_bytes(shard))
+        self.expected = list(shard)
+
+    def _finish_file(self) -> None:
+        if self.handle is not None:
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+            self.handle.close()
+            self.handle = None
 
     def close(self) -> list[str]:
-        """Finish: final names, plus the index when there are several shards. Returns the file names."""
-        self.flush()
-        n = len(self.written)
-        if n == 0:
-            raise OffsiteError("no tensors were written; the checkpoint would be empty")
-        if n == 1:
-            os.replace(self.written[0][0], self.dir / SINGLE)
-            return [SINGLE]
-        weight_map, files = {}, []
-        for i, (path, names) in enumerate(self.written, start=1):
-            files.append(shard_name(i, n))
-            os.replace(path, self.dir / files[-1])
-            weight_map.update({name: files[-1] for name in names})
+        """Finish the last shard and write the index; returns the file names written."""
+        if self.expected or self.queue:
+            missing = (self.expected or self.queue[0][1])[0][0]
+            self._finish_file()
+            raise OffsiteError(f"tensor '{missing}' was planned but never written; this is a bug in the caller")
+        self._finish_file()
+        if len(self.files) == 1:
+            return list(self.files)
         from offsite_ds.atomic import write_json
 
-        write_json(self.dir / INDEX, {"metadata": {"total_size": self.total}, "weight_map": weight_map})
-        return files + [INDEX]
-
-
-def iter_tensors(reader: CheckpointReader, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for `names` (default: all, in storage order), one tensor in memory at a time."""
-    for name in names if names is not None else reader.names():
-        yield name, reader.get(name)
+        write_json(self.dir / INDEX, {"metadata": {"total_size": self.total}, "weight_map": self.weight_map})
+        return self.files + [INDEX]
 
 
 class ModelCheckpoint:

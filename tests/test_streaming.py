@@ -26,7 +26,7 @@ def _assert_same(got: dict, ref: dict):
 def test_shard_writer_round_trip_and_hostile_header(tmp_path):
     tensors = {f"t{i}": torch.randn(10, 7).to(dt) for i, dt in enumerate([torch.float32, torch.bfloat16] * 3)}
     tensors["flag"] = torch.tensor([True, False])
-    writer = ShardWriter(tmp_path, max_shard_bytes=300)
+    writer = ShardWriter(tmp_path, [(n, list(t.shape), t.dtype) for n, t in tensors.items()], max_shard_bytes=300)
     for name, t in tensors.items():
         writer.add(name, t)
     files = writer.close()
@@ -39,6 +39,10 @@ def test_shard_writer_round_trip_and_hostile_header(tmp_path):
         assert torch.equal(reader.read_flat(name, 3, 9), t.reshape(-1)[3:9])
     with safe_open(str(tmp_path / index["weight_map"]["t1"]), framework="pt") as f:  # readable by safetensors
         assert torch.equal(f.get_tensor("t1"), tensors["t1"])
+    other = ShardWriter(tmp_path / "x", [("a", [2], torch.float32), ("b", [2], torch.float32)])
+    (tmp_path / "x").mkdir()
+    with pytest.raises(OffsiteError, match="not the planned"):
+        other.add("b", torch.zeros(2))
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "model.safetensors").write_bytes((10 ** 9).to_bytes(8, "little") + b"{}")

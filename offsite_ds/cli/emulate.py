@@ -13,6 +13,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="compression of the middle: uniform layer-drop (paper), or the ablation's prune/quantize")
     p.add_argument("--prune-ratio", type=float, default=0.5, help="--method prune: fraction of weights zeroed")
     p.add_argument("--bits", type=int, default=8, help="--method quantize: fake-quantisation bits")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the bundle's weights (default: the checkpoint's own, e.g. bf16 stays bf16)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -21,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from offsite_ds.emulator import make_bundle
 
     out = make_bundle(args.model, args.layout, args.out, keep_ratio=args.keep_ratio, method=args.method,
-                      prune_ratio=args.prune_ratio, quant_bits=args.bits)
+                      prune_ratio=args.prune_ratio, quant_bits=args.bits, dtype=args.dtype)
     manifest = json.loads((out / "offsite.json").read_text())
     print(f"emulator bundle {out}: layout {manifest['layout']} of {manifest['base_depth']} blocks, "
           f"blocks kept {manifest['block_map']}, fingerprint {manifest['fingerprint'][:12]}")
