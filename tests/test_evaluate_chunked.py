@@ -43,3 +43,12 @@ def test_head_nll_applies_the_family_logit_transform():
     cap = lambda logits: torch.tanh(logits / 0.5) * 0.5  # noqa: E731 (Gemma-2 style soft-capping)
     ref = F.cross_entropy(cap(head(hidden).float()), targets, ignore_index=-100, reduction="sum")
     assert head_nll(hidden, targets, head, cap, chunk_bytes=50 * 4 * 3) == pytest.approx(float(ref), rel=1e-6)
+
+
+def test_lm_eval_batch_is_capped_so_its_logits_fit():
+    from offsite_ds.lm_eval_bridge import HFLM_LOGITS_BUDGET, fitting_batch_size
+
+    model = tiny_model("llama", n_layers=1, vocab=262_144)
+    assert fitting_batch_size(model, 4, 2048) == 1  # 4.3 GB of logits per 2048-token sequence
+    assert fitting_batch_size(model, 4, 128) == 4
+    assert fitting_batch_size(model, 64, 256) == HFLM_LOGITS_BUDGET // (8 * 262_144 * 256)
