@@ -127,16 +127,17 @@ def load_owner_model(model_dir: str | Path, dtype: torch.dtype | None = None) ->
     return model.eval()
 
 
-def write_emulator(model_dir: str | Path | ModelCheckpoint, block_map: list[int], out_dir: str | Path, dtype: torch.dtype | None = None,
+def write_emulator(model_dir: str | Path | ModelCheckpoint, block_map: list[int], out_dir: str | Path,
+                   dtype: torch.dtype | None = None,
                    transform: Callable[[int, str, torch.Tensor], torch.Tensor] | None = None,
                    max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> torch.dtype:
     """Write the emulator of `model_dir` for `block_map` into `out_dir`, streamed from the checkpoint.
 
     Embeddings, head, final norm and the blocks in `block_map` are read one tensor at a time and written
     straight to bounded shards, blocks renamed to their emulator positions, so memory stays at about one
-    tensor whatever the model's size. `transform(position, name, tensor)` is applied
-    to every block parameter (the compression of the middle); floating tensors are written in `dtype`
-    (default: the checkpoint's own). Also writes config.json at the new depth, the generation config and
+    tensor whatever the model's size. `transform(position, name, tensor)` is applied to every block
+    parameter (the compression of the middle); floating tensors are written in `dtype` (default: the
+    checkpoint's own). Also writes config.json at the new depth, the generation config and
     the tokenizer. Returns the dtype written.
     """
     checkpoint = model_dir if isinstance(model_dir, ModelCheckpoint) else ModelCheckpoint(model_dir)

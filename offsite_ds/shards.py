@@ -234,13 +234,12 @@ class ModelCheckpoint:
 
     The model is built on the meta device (shapes only, no memory) to learn its state-dict names, tied
     aliases and family; checkpoint names are matched to them the way `from_pretrained` does (exactly, or
-    with the base-model prefix that older checkpoints omit; keys the class declares ignorable are dropped).
-    Anything else - a stray or missing tensor, a wrong shape - is refused with one line.
+    with the base-model prefix that older checkpoints omit); tensors the model has no place for (old
+    buffers such as GPT-2's `attn.bias`) are left out, as `from_pretrained` leaves them. A missing tensor
+    or a wrong shape is refused with one line.
     """
 
     def __init__(self, model_dir: str | Path):
-        import re
-
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from offsite_ds.families import family_of
@@ -258,15 +257,13 @@ class ModelCheckpoint:
         self.shapes = {name: list(t.shape) for name, t in state.items()}
         self.parameters = {name for name, _ in self.skeleton.named_parameters(remove_duplicate=False)}
         prefix = self.skeleton.base_model_prefix
-        ignore = [re.compile(p) for p in (getattr(self.skeleton, "_keys_to_ignore_on_load_unexpected", None) or ())]
         self.stored: dict[str, str] = {}  # model name -> checkpoint name, in storage order
+        self.unused: list[str] = []  # checkpoint tensors the model has no place for (from_pretrained drops them)
         for name in self.reader.names():
             model_name = name if name in state else f"{prefix}.{name}" if f"{prefix}.{name}" in state else None
             if model_name is None:
-                if any(p.search(name) for p in ignore):
-                    continue
-                raise OffsiteError(f"{self.dir}: checkpoint tensor '{name}' is not part of a "
-                                   f"{self.config.model_type} model; the weights do not match config.json")
+                self.unused.append(name)
+                continue
             if self.reader.shape(name) != self.shapes[model_name]:
                 raise OffsiteError(f"{self.dir}: tensor '{name}' is {self.reader.shape(name)}, config.json implies "
                                    f"{self.shapes[model_name]}; the weights do not match config.json")

@@ -42,7 +42,8 @@ def _env() -> dict:
     return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def launch(*args: str, module: bool = True, timeout: int = 300, extra_env: dict | None = None, ranks: int = 2):
+def launch(*args: str, module: bool = True, timeout: int = 300, extra_env: dict | None = None,
+           ranks: int = 2):
     proc = subprocess.run(launcher_cmd(*args, module=module, ranks=ranks), capture_output=True, text=True, timeout=timeout,
                           env={**_env(), **(extra_env or {})})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]

@@ -13,7 +13,7 @@ from offsite_ds.errors import ArtifactError, OffsiteError
 from offsite_ds.plugin import load_model_dir, plug_in, plugin
 from offsite_ds.roles.tune_adapter import tune
 from offsite_ds.sandwich import Layout
-from offsite_ds.shards import INDEX, CheckpointReader, ShardWriter
+from offsite_ds.shards import INDEX, CheckpointReader, ModelCheckpoint, ShardWriter
 from offsite_ds.train import TrainConfig
 
 
@@ -117,3 +117,31 @@ def test_plugin_refuses_other_weights_before_writing(tiny_model_dir, corpus_file
     assert not (tmp_path / "plugged").exists()
     with pytest.raises(OffsiteError, match="no config.json"):
         make_bundle(tmp_path / "adapter", "2-2-2", tmp_path / "b2")
+
+
+def test_checkpoint_names_as_older_checkpoints_store_them(tiny_model_dir, tmp_path, monkeypatch):
+    """No base-model prefix (as GPT-2/OPT/BLOOM hub checkpoints) and stale buffers: read as from_pretrained does."""
+    import shutil
+
+    source = tiny_model_dir("gpt2")
+    reader = CheckpointReader(source)
+    tensors = {name.removeprefix("transformer."): reader.get(name) for name in reader.names()}
+    tensors["h.0.attn.bias"] = torch.ones(1, 1, 4, 4)  # the causal-mask buffer old checkpoints carry
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for file in source.iterdir():
+        if file.suffix != ".safetensors":
+            shutil.copy(file, legacy / file.name)
+    writer = ShardWriter(legacy, [(n, list(t.shape), t.dtype) for n, t in tensors.items()])
+    for name, t in tensors.items():
+        writer.add(name, t)
+    writer.close()
+    a = load_bundle(make_bundle(source, "2-2-2", tmp_path / "a")).model.state_dict()
+    b_dir = make_bundle(legacy, "2-2-2", tmp_path / "b")
+    _assert_same(load_bundle(b_dir).model.state_dict(), a)
+    assert json.loads((b_dir / "offsite.json").read_text())["base_fingerprint"] == \
+        json.loads((tmp_path / "a" / "offsite.json").read_text())["base_fingerprint"]
+    reader.entries.pop("transformer.h.3.mlp.c_fc.weight")  # a missing tensor is refused, not left random
+    monkeypatch.setattr("offsite_ds.shards.CheckpointReader", lambda _dir: reader)
+    with pytest.raises(OffsiteError, match="lacks tensor 'transformer.h.3.mlp.c_fc.weight'"):
+        ModelCheckpoint(source)
