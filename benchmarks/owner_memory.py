@@ -109,7 +109,7 @@ def main() -> None:
     p.add_argument("--layout", default="2-2-2")
     p.add_argument("--skip", default="", help="comma list of cases to skip: owner,eval")
     args = p.parse_args()
-    out, work = Path(args.out), Path(args.work)
+    out, work = Path(args.out).resolve(), Path(args.work).resolve()
     out.mkdir(parents=True, exist_ok=True)
     log = out / "log.txt"
     work.mkdir(parents=True, exist_ok=True)
