@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from offsite_ds.atomic import atomic_dir, write_json
 from offsite_ds.errors import ArtifactError
+from offsite_ds.zero3 import full_shape
 
 MANIFEST = "offsite.json"
 BUNDLE_FORMAT = "offsite-ds.emulator-bundle"
@@ -70,7 +71,7 @@ def fingerprint_model(model: torch.nn.Module, sample_bytes: int = 1 << 16) -> st
     """
     def entry(name, tensor):
         flat = tensor.detach().reshape(-1).cpu()
-        return (name, getattr(tensor, "ds_shape", tensor.shape), tensor.dtype, tensor.numel(),
+        return (name, full_shape(tensor), tensor.dtype, tensor.numel(),
                 lambda a, b: flat[a:b])
 
     return _fingerprint([entry(n, t) for n, t in model.state_dict().items()], sample_bytes)
@@ -79,7 +80,7 @@ def fingerprint_model(model: torch.nn.Module, sample_bytes: int = 1 << 16) -> st
 def fingerprint_checkpoint(checkpoint, sample_bytes: int = 1 << 16) -> str:
     """`fingerprint_model` of the model a directory holds, read from its shards (a few KB per tensor).
 
-    `checkpoint` is a shards.ModelCheckpoint; equal to fingerprint_model(load_owner_model(dir)).
+    `checkpoint` is a shards.ModelCheckpoint; equal to fingerprint_model(runtime.load_model(dir)).
     """
     reader = checkpoint.reader
 
@@ -322,3 +323,8 @@ def load_adapter_package(directory: str | Path) -> AdapterPackage:
     verify_files(directory, manifest)
     tensors = read_safetensors(directory / ADAPTER_WEIGHTS, expected=table)
     return AdapterPackage(directory, tensors, manifest)
+
+
+def adapter_blocks(manifest: dict) -> list[int]:
+    """Original indices of the adapter blocks a package or bundle covers (both sides read it here)."""
+    return [manifest["block_map"][p] for p in manifest["adapter_positions"]]

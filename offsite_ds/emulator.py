@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 
 from offsite_ds.errors import OffsiteError
 from offsite_ds.families import block_prefix, family_of, get_path, set_path
@@ -111,20 +111,6 @@ def build_emulator(model: PreTrainedModel, layout: Layout, method: str = "drop",
             for param in middle.parameters():
                 param.copy_(transform(param))
     return emulator, block_map
-
-
-def load_owner_model(model_dir: str | Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """Load the owner's full model from a local HF directory (never the hub, never pickle)."""
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise OffsiteError(f"{path} is not a Hugging Face model directory (no config.json); pass a local model dir")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, use_safetensors=True,
-                                                     local_files_only=True)
-    except OSError as exc:
-        raise OffsiteError(f"cannot load {path}: {str(exc).splitlines()[0]} (safetensors weights are required)")
-    family_of(model)  # refuse unsupported architectures early, with the family table's message
-    return model.eval()
 
 
 def write_emulator(model_dir: str | Path | ModelCheckpoint, block_map: list[int], out_dir: str | Path,

@@ -22,6 +22,7 @@ from offsite_ds.families import backbone_and_head, logit_transform
 CHUNK_BYTES = 64 << 20  # fp32 logits of one chunk of rows on the torch path
 
 
+@torch.no_grad()
 def head_nll(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, transform=None,
              chunk_bytes: int = CHUNK_BYTES) -> float:
     """Summed cross-entropy of `head(hidden)` against `targets` (-100 ignored), never holding all logits.

@@ -182,3 +182,25 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     if head is None or base is None or base is model:
         raise UnsupportedModelError(f"{type(model).__name__} has no separate base model and '{family_of(model).head}'")
     return base, head
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """GPT-2's Conv1D: a linear layer that stores its weight as [in, out] (LoRA's `fan_in_fan_out`)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def out_features(module: nn.Module) -> int:
+    """Output width of a linear layer, whichever way round it stores its weight."""
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    weight = getattr(module, "weight", None)
+    if weight is not None and weight.dim() == 2:
+        return weight.shape[1] if is_transposed_linear(module) else weight.shape[0]
+    raise UnsupportedModelError(f"{type(module).__name__} is not a linear layer")
+
+
+def fan_in_fan_out(model: nn.Module) -> bool:
+    """Whether the model's block linears store [in, out] weights (GPT-2), as PEFT's LoraConfig needs to know."""
+    return any(is_transposed_linear(m) for m in blocks_of(model).modules())

@@ -15,8 +15,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from offsite_ds.atomic import atomic_dir, write_json
-from offsite_ds.bundle import (PEFT_DIR, AdapterPackage, Bundle, fingerprint_checkpoint, fingerprint_model,
-                               load_adapter_package, read_safetensors)
+from offsite_ds.bundle import (PEFT_DIR, AdapterPackage, Bundle, adapter_blocks, fingerprint_checkpoint,
+                               fingerprint_model, load_adapter_package, read_safetensors)
 from offsite_ds.errors import ArtifactError, OffsiteError
 from offsite_ds.families import block_prefix, family_of, get_path
 from offsite_ds.peft_modes import apply_mode, canonical_name, merge_lora_, rename_blocks
@@ -24,11 +24,6 @@ from offsite_ds.shards import DEFAULT_SHARD_BYTES, ModelCheckpoint, ShardWriter
 
 PLUGGED_FORMAT = "offsite-ds.plugged-model"
 PLUGGED_MANIFEST = "offsite.json"
-
-
-def adapter_blocks(manifest: dict) -> list[int]:
-    """Original indices of the adapter blocks a package or bundle covers."""
-    return [manifest["block_map"][p] for p in manifest["adapter_positions"]]
 
 
 def install_adapter(model: torch.nn.Module, package: AdapterPackage, original_to_position: dict[int, int]) -> None:
@@ -188,9 +183,9 @@ def load_model_dir(directory: str | Path, dtype: torch.dtype = torch.float32):
     """
     from offsite_ds.bundle import BUNDLE_FORMAT, load_bundle
 
-    path = Path(directory)
-    if not (path / "config.json").is_file():
-        raise OffsiteError(f"{path} is not a model directory (no config.json)")
+    from offsite_ds.runtime import require_model_dir
+
+    path = require_model_dir(directory)
     manifest = {}
     if (path / PLUGGED_MANIFEST).is_file():
         manifest = json.loads((path / PLUGGED_MANIFEST).read_text())
@@ -213,8 +208,9 @@ def load_model_dir(directory: str | Path, dtype: torch.dtype = torch.float32):
         for p in model.parameters():
             p.requires_grad_(False)
         return model.eval(), tokenizer
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, local_files_only=True)
-    return model.eval(), tokenizer
+    from offsite_ds.runtime import load_model
+
+    return load_model(path, dtype), tokenizer
 
 
 def _is_tied(model, name: str) -> bool:

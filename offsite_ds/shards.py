@@ -240,16 +240,14 @@ class ModelCheckpoint:
     """
 
     def __init__(self, model_dir: str | Path):
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
         from offsite_ds.families import family_of
+        from offsite_ds.runtime import load_model_config, require_model_dir
 
-        self.dir = Path(model_dir)
-        if not (self.dir / "config.json").is_file():
-            raise OffsiteError(f"{self.dir} is not a Hugging Face model directory (no config.json); "
-                               "pass a local model dir")
+        self.dir = require_model_dir(model_dir)
         self.reader = CheckpointReader(self.dir)
-        self.config = AutoConfig.from_pretrained(self.dir, local_files_only=True)
+        self.config = load_model_config(self.dir)
         with torch.device("meta"):
             self.skeleton = AutoModelForCausalLM.from_config(self.config)
         self.family = family_of(self.skeleton)

@@ -8,10 +8,11 @@ from transformers import AutoModelForCausalLM
 
 from conftest import FAMILIES
 from offsite_ds.bundle import fingerprint_model, load_adapter_package, load_bundle
-from offsite_ds.emulator import build_emulator, load_owner_model, make_bundle
+from offsite_ds.emulator import build_emulator, make_bundle
 from offsite_ds.errors import ArtifactError, OffsiteError
 from offsite_ds.plugin import load_model_dir, plug_in, plugin
 from offsite_ds.roles.tune_adapter import tune
+from offsite_ds.runtime import load_model
 from offsite_ds.sandwich import Layout
 from offsite_ds.shards import INDEX, CheckpointReader, ModelCheckpoint, ShardWriter
 from offsite_ds.train import TrainConfig
@@ -55,7 +56,7 @@ def test_streamed_bundle_equals_in_memory_emulator(family, method, tiny_model_di
     model_dir = tiny_model_dir(family)
     bundle = make_bundle(model_dir, "2-2-2", tmp_path / "b", method=method, max_shard_bytes=20_000)
     manifest = json.loads((bundle / "offsite.json").read_text())
-    full = load_owner_model(model_dir)
+    full = load_model(model_dir)
     assert manifest["base_fingerprint"] == fingerprint_model(full)  # from the shards == from the model
     assert manifest["dtype"] == "float32" and INDEX in manifest["files"]  # sharded, every file listed
     emulator, block_map = build_emulator(full, Layout(2, 2, 2), method)
@@ -76,7 +77,7 @@ def test_streamed_plugin_equals_in_memory_plug_in(family, mode, tiny_model_dir, 
     plugged = plugin(model_dir, tmp_path / "adapter", tmp_path / "plugged", max_shard_bytes=20_000)
     assert (plugged / INDEX).is_file()
     model, _ = load_model_dir(plugged)
-    _assert_same(model.state_dict(), plug_in(load_owner_model(model_dir), package).state_dict())
+    _assert_same(model.state_dict(), plug_in(load_model(model_dir), package).state_dict())
 
 
 def test_bf16_checkpoint_stays_bf16_through_the_round_trip(corpus_file, tmp_path):
@@ -91,7 +92,7 @@ def test_bf16_checkpoint_stays_bf16_through_the_round_trip(corpus_file, tmp_path
     assert manifest["dtype"] == "bfloat16"
     reader = CheckpointReader(bundle)
     assert {reader.dtype(n) for n in reader.names()} == {torch.bfloat16}
-    assert manifest["base_fingerprint"] == fingerprint_model(load_owner_model(model_dir))
+    assert manifest["base_fingerprint"] == fingerprint_model(load_model(model_dir))
     assert json.loads((bundle / "config.json").read_text())["dtype"] == "bfloat16"
     fp32 = make_bundle(model_dir, "1-2-1", tmp_path / "fp32", dtype="float32")
     assert json.loads((fp32 / "offsite.json").read_text())["dtype"] == "float32"
