@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,29 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def _fingerprint(entries, sample_bytes: int) -> str:
+    """The hash behind both fingerprints: per tensor (sorted by name) its name, shape, dtype and two ends.
+
+    Floating tensors are hashed as float32 (the dtype the owner's commands load in), so a bf16 checkpoint
+    and the same weights loaded in fp32 have one identity. `entries` are (name, shape, dtype, numel,
+    read(start, stop) -> flat elements as hashed).
+    """
+    h = hashlib.sha256()
+    for name, shape, dtype, numel, read in sorted(entries, key=lambda e: e[0]):
+        hashed = torch.float32 if dtype.is_floating_point else dtype
+        h.update(f"{name}|{tuple(shape)}|{hashed}|".encode())
+        if numel == 0:
+            continue
+        size = 1 if hashed == torch.bool else hashed.itemsize
+        k = sample_bytes // size
+        parts = [read(0, min(numel, k))] + ([read(numel - k, numel)] if numel * size > sample_bytes else [])
+        for part in parts:
+            part = part.to(hashed).contiguous()
+            raw = part.view(torch.uint8) if part.dtype != torch.bool else part.to(torch.uint8)
+            h.update(raw.numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
 @torch.no_grad()
 def fingerprint_model(model: torch.nn.Module, sample_bytes: int = 1 << 16) -> str:
     """A cheap identity of a model's weights: names, shapes, dtypes and a hash of each tensor's ends.
@@ -64,19 +88,27 @@ def fingerprint_model(model: torch.nn.Module, sample_bytes: int = 1 << 16) -> st
     Hashing every byte of a 7B model takes minutes; the two ends of each tensor identify a checkpoint
     just as well for the purpose (refusing an adapter tuned against other weights).
     """
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        shape = tuple(full_shape(tensor))
-        h.update(f"{name}|{shape}|{tensor.dtype}|".encode())
-        if tensor.numel() == 0:
-            continue
-        flat = tensor.detach().reshape(-1).cpu().contiguous()
-        raw = flat.view(torch.uint8) if flat.dtype != torch.bool else flat.to(torch.uint8)
-        n = raw.numel()
-        h.update(raw[: min(n, sample_bytes)].numpy().tobytes())
-        if n > sample_bytes:
-            h.update(raw[-sample_bytes:].numpy().tobytes())
-    return h.hexdigest()[:32]
+    def entry(name, tensor):
+        flat = tensor.detach().reshape(-1).cpu()
+        return (name, full_shape(tensor), tensor.dtype, tensor.numel(),
+                lambda a, b: flat[a:b])
+
+    return _fingerprint([entry(n, t) for n, t in model.state_dict().items()], sample_bytes)
+
+
+def fingerprint_checkpoint(checkpoint, sample_bytes: int = 1 << 16) -> str:
+    """`fingerprint_model` of the model a directory holds, read from its shards (a few KB per tensor).
+
+    `checkpoint` is a shards.ModelCheckpoint; equal to fingerprint_model(runtime.load_model(dir)).
+    """
+    reader = checkpoint.reader
+
+    def entry(name):
+        source = checkpoint.source(name)
+        return (name, checkpoint.shapes[name], reader.dtype(source), math.prod(reader.shape(source)),
+                lambda a, b: reader.read_flat(source, a, b))
+
+    return _fingerprint([entry(n) for n in checkpoint.state_names()], sample_bytes)
 
 
 def describe_files(directory: Path) -> dict[str, dict]:
@@ -225,10 +257,21 @@ class Bundle:
 
 def save_bundle(model, tokenizer, manifest: dict, out_dir: str | Path) -> Path:
     """Write an EmulatorBundle: a plain HF model dir (safetensors) + tokenizer + offsite.json (typed)."""
-    with atomic_dir(out_dir) as tmp:
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+
+    return write_bundle(write, manifest, out_dir)
+
+
+def write_bundle(write: Callable[[Path], None], manifest: dict, out_dir: str | Path) -> Path:
+    """Atomically write an EmulatorBundle whose model files `write(tmp_dir)` produces, then its offsite.json.
+
+    The manifest lists every file `write` left (weights, shards and their index, config, tokenizer).
+    """
+    with atomic_dir(out_dir) as tmp:
+        write(tmp)
         files = describe_files(tmp)
         full = BundleManifest.model_validate({"format": BUNDLE_FORMAT, "version": FORMAT_VERSION, **manifest,
                                               "files": files, "fingerprint": files_fingerprint(files)})

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import itertools
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -15,7 +16,8 @@ import torch.nn as nn
 from transformers import AutoTokenizer, PreTrainedModel
 
 from offsite_ds.errors import OffsiteError
-from offsite_ds.families import family_of, get_path, set_path
+from offsite_ds.families import block_prefix, family_of, get_path, set_path
+from offsite_ds.shards import DEFAULT_SHARD_BYTES, ModelCheckpoint, ShardWriter
 from offsite_ds.sandwich import (SELECTIONS, Layout, block_map_for, emulator_adapter_positions, emulator_block_map,
                                  middle_indices, parse_layout, select_crash, select_important, select_kept,
                                  share_map_for)
@@ -36,7 +38,7 @@ def _renumber_layer_idx(block: nn.Module, position: int) -> None:
 
 
 def set_depth(config, block_map: list[int]) -> None:
-    """Set a config to the chosen blocks (indices of its current ones), per-layer lists such as `layer_types` too."""
+    """Shrink a config to the chosen blocks, including per-layer lists such as `layer_types`."""
     config.num_hidden_layers = len(block_map)
     layer_types = getattr(config, "layer_types", None)
     if isinstance(layer_types, (list, tuple)) and len(layer_types) > max(block_map):
@@ -66,27 +68,27 @@ def select_blocks(model: PreTrainedModel, block_map: list[int]) -> PreTrainedMod
 
 
 @torch.no_grad()
-def magnitude_prune_(module: nn.Module, ratio: float) -> None:
-    """Zero the `ratio` smallest-magnitude entries of every weight matrix (unstructured, per matrix)."""
-    for param in module.parameters():
-        if param.dim() < 2 or ratio <= 0:
-            continue
-        k = int(param.numel() * ratio)
-        if k == 0:
-            continue
-        threshold = param.abs().flatten().kthvalue(k).values
-        param.masked_fill_(param.abs() <= threshold, 0.0)
+def prune_tensor(tensor: torch.Tensor, ratio: float) -> torch.Tensor:
+    """`tensor` with its `ratio` smallest-magnitude entries zeroed (unstructured); vectors pass through."""
+    if tensor.dim() < 2 or ratio <= 0:
+        return tensor
+    k = int(tensor.numel() * ratio)
+    if k == 0:
+        return tensor
+    work = tensor if tensor.dtype == torch.float32 else tensor.float()  # kthvalue needs fp32 on CPU for bf16
+    threshold = work.abs().flatten().kthvalue(k).values
+    return work.masked_fill(work.abs() <= threshold, 0.0).to(tensor.dtype)
 
 
 @torch.no_grad()
-def fake_quantize_(module: nn.Module, bits: int) -> None:
-    """Symmetric per-output-channel quantise-dequantise of every weight matrix (stored back as floats)."""
+def quantize_tensor(tensor: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric per-output-channel quantise-dequantise of a weight matrix (returned as floats)."""
+    if tensor.dim() < 2:
+        return tensor
     qmax = 2 ** (bits - 1) - 1
-    for param in module.parameters():
-        if param.dim() < 2:
-            continue
-        scale = param.abs().amax(dim=tuple(range(1, param.dim())), keepdim=True).clamp(min=1e-12) / qmax
-        param.copy_((param / scale).round().clamp(-qmax, qmax) * scale)
+    work = tensor if tensor.dtype == torch.float32 else tensor.float()
+    scale = work.abs().amax(dim=tuple(range(1, work.dim())), keepdim=True).clamp(min=1e-12) / qmax
+    return ((work / scale).round().clamp(-qmax, qmax) * scale).to(tensor.dtype)
 
 
 def share_blocks(model: PreTrainedModel, share_map: list[int]) -> None:
@@ -115,6 +117,17 @@ def share_blocks(model: PreTrainedModel, share_map: list[int]) -> None:
     set_path(model, family.blocks, nn.ModuleList(shells))
 
 
+def check_builder(select: str, share: bool, has_calibration: bool) -> None:
+    """Refuse a builder choice that cannot run, before anything is loaded."""
+    if select not in SELECTIONS:
+        raise OffsiteError(f"unknown --select '{select}'; choose one of {', '.join(SELECTIONS)}")
+    if share and select != "crash":
+        raise OffsiteError("--share repeats each CRaSh cluster's kept block; use it with --select crash")
+    if select != "uniform" and not has_calibration:
+        raise OffsiteError(f"--select {select} scores blocks on the owner's public text: pass --calib-data FILE "
+                           "(never the data owner's corpus)")
+
+
 def choose_blocks(model: PreTrainedModel, layout: Layout, select: str = "uniform", share: bool = False,
                   calib_ids: torch.Tensor | None = None, seq_len: int | None = None, importance: str = "drop",
                   sample_tokens: int | None = None, progress: bool = False) -> tuple[list[int], list[int] | None, dict]:
@@ -127,17 +140,11 @@ def choose_blocks(model: PreTrainedModel, layout: Layout, select: str = "uniform
     """
     from offsite_ds import calibrate
 
-    if select not in SELECTIONS:
-        raise OffsiteError(f"unknown --select '{select}'; choose one of {', '.join(SELECTIONS)}")
-    if share and select != "crash":
-        raise OffsiteError("--share repeats each CRaSh cluster's kept block; use it with --select crash")
+    check_builder(select, share, calib_ids is not None)
     n_layers = len(get_path(model, family_of(model).blocks))
     middle = middle_indices(n_layers, layout)
     if select == "uniform":
         return block_map_for(n_layers, layout, select_kept(middle, layout.kept)), None, {}
-    if calib_ids is None:
-        raise OffsiteError(f"--select {select} scores blocks on the owner's public text: pass --calib-data FILE "
-                           "(never the data owner's corpus)")
     seq_len = seq_len or calibrate.calibration_seq_len(model)
     sample = sample_tokens or calibrate.DEFAULT_SAMPLE_TOKENS
     if select == "importance":
@@ -151,23 +158,34 @@ def choose_blocks(model: PreTrainedModel, layout: Layout, select: str = "uniform
     return block_map_for(n_layers, layout, kept), share_map, facts
 
 
-def compress_(module: nn.Module, method: str, prune_ratio: float = 0.5, quant_bits: int = 8) -> None:
-    """Apply the ablation's compression of the kept middle (nothing for plain layer-drop)."""
-    if method == "prune":
-        magnitude_prune_(module, prune_ratio)
-    elif method == "quantize":
-        fake_quantize_(module, quant_bits)
-
-
-def build_emulator(model: PreTrainedModel, layout: Layout, method: str = "drop", prune_ratio: float = 0.5,
-                   quant_bits: int = 8, block_map: list[int] | None = None) -> tuple[PreTrainedModel, list[int]]:
-    """Emulator of `model` for `layout` (uniform unless `block_map` is given); returns it with its block map."""
+def compression_transform(method: str, prune_ratio: float = 0.5, quant_bits: int = 8):
+    """The per-tensor form of a compression method (None for plain layer-drop), checked."""
     if method not in METHODS:
         raise OffsiteError(f"unknown compression method '{method}'; choose one of {', '.join(METHODS)}")
     if method == "prune" and not 0.0 < prune_ratio < 1.0:
         raise OffsiteError(f"--prune-ratio {prune_ratio} must be in (0, 1)")
     if method == "quantize" and not 2 <= quant_bits <= 16:
         raise OffsiteError(f"--bits {quant_bits} must be between 2 and 16")
+    if method == "prune":
+        return lambda t: prune_tensor(t, prune_ratio)
+    if method == "quantize":
+        return lambda t: quantize_tensor(t, quant_bits)
+    return None
+
+
+@torch.no_grad()
+def compress_(module: nn.Module, method: str, prune_ratio: float = 0.5, quant_bits: int = 8) -> None:
+    """Apply the ablation's compression to a module's parameters in place (nothing for plain layer-drop)."""
+    transform = compression_transform(method, prune_ratio, quant_bits)
+    if transform is not None:
+        for param in module.parameters():
+            param.copy_(transform(param))
+
+
+def build_emulator(model: PreTrainedModel, layout: Layout, method: str = "drop", prune_ratio: float = 0.5,
+                   quant_bits: int = 8, block_map: list[int] | None = None) -> tuple[PreTrainedModel, list[int]]:
+    """Emulator of `model` for `layout` (uniform unless `block_map` is given); returns it with its block map."""
+    compression_transform(method, prune_ratio, quant_bits)  # checks the settings before any copy
     family = family_of(model)
     n_layers = len(get_path(model, family.blocks))
     block_map = block_map or emulator_block_map(n_layers, layout)
@@ -177,33 +195,98 @@ def build_emulator(model: PreTrainedModel, layout: Layout, method: str = "drop",
     return emulator, block_map
 
 
-def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, keep_ratio: float | None = None,
-                method: str = "drop", prune_ratio: float = 0.5, quant_bits: int = 8, select: str = "uniform",
-                share: bool = False, calib_data: str | Path | None = None, calib_tokens: int | None = None,
-                importance: str = "drop", text_field: str = "text", guard_ratio: float | None = None,
-                progress: bool = False, log=None) -> Path:
-    """Model owner's `emulate`: full model dir -> EmulatorBundle dir.
+def write_emulator(model_dir: str | Path | ModelCheckpoint, block_map: list[int], out_dir: str | Path,
+                   dtype: torch.dtype | None = None,
+                   transform: Callable[[int, str, torch.Tensor], torch.Tensor] | None = None,
+                   max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> torch.dtype:
+    """Write the emulator of `model_dir` for `block_map` into `out_dir`, streamed from the checkpoint.
 
-    With `calib_data` (the owner's PUBLIC corpus) the builders that need it score blocks on it, and the
-    guard measures the emulator's and the full model's zero-shot perplexity on it, records both as
-    `quality`, and warns through `log` (default: stderr) when their ratio exceeds `guard_ratio`.
+    Embeddings, head, final norm and the blocks in `block_map` are read one tensor at a time and written
+    straight to bounded shards, blocks renamed to their emulator positions, so memory stays at about one
+    tensor whatever the model's size. `transform(position, name, tensor)` is applied to every block
+    parameter (the compression of the middle); floating tensors are written in `dtype` (default: the
+    checkpoint's own). Also writes config.json at the new depth, the generation config and
+    the tokenizer. Returns the dtype written.
     """
-    from offsite_ds import calibrate
-    from offsite_ds.bundle import fingerprint_model, save_bundle
-    from offsite_ds.runtime import load_model
+    checkpoint = model_dir if isinstance(model_dir, ModelCheckpoint) else ModelCheckpoint(model_dir)
+    depth = checkpoint.depth
+    if not block_map or list(block_map) != sorted(set(block_map)) or not 0 <= block_map[0] <= block_map[-1] < depth:
+        raise OffsiteError(f"block_map {block_map} must list strictly increasing block indices of the "
+                           f"{depth}-block model")
+    dtype = dtype or checkpoint.dtype()
+    position_of = {original: position for position, original in enumerate(block_map)}
+    jobs = []  # (checkpoint name, emulator name, position or None), in storage order
+    for original in checkpoint.stored:
+        where = checkpoint.block_of(original)
+        if where is None:
+            jobs.append((original, original, None))
+        elif where[0] in position_of:
+            position = position_of[where[0]]
+            jobs.append((original, f"{block_prefix(checkpoint.family, position)}{where[1]}", position))
+
+    def out_dtype(original: str) -> torch.dtype:
+        stored = checkpoint.reader.dtype(checkpoint.source(original))
+        return dtype if stored.is_floating_point else stored
+
+    writer = ShardWriter(out_dir, [(name, checkpoint.shapes[original], out_dtype(original))
+                                   for original, name, _ in jobs], max_shard_bytes)
+    for original, name, position in jobs:
+        tensor = checkpoint.get(original)
+        if position is not None and transform is not None and original in checkpoint.parameters:
+            tensor = transform(position, checkpoint.block_of(original)[1], tensor)
+        writer.add(name, tensor.to(out_dtype(original)))
+        del tensor
+    writer.close()
+    config = copy.deepcopy(checkpoint.config)
+    set_depth(config, list(block_map))
+    write_model_files(checkpoint, config, dtype, Path(out_dir))
+    return dtype
+
+
+def write_model_files(checkpoint: ModelCheckpoint, config, dtype: torch.dtype, out_dir: Path) -> None:
+    """Everything of a model dir but the weights: config.json (with `dtype`), generation config, tokenizer."""
+    from transformers import GenerationConfig
+
+    config.dtype = dtype
+    config.save_pretrained(out_dir)
+    try:
+        generation = GenerationConfig.from_pretrained(checkpoint.dir, local_files_only=True)
+    except OSError:
+        generation = GenerationConfig.from_model_config(config)
+    generation.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(checkpoint.dir, local_files_only=True).save_pretrained(out_dir)
+
+
+def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, keep_ratio: float | None = None,
+                method: str = "drop", prune_ratio: float = 0.5, quant_bits: int = 8,
+                dtype: torch.dtype | str | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                select: str = "uniform", share: bool = False, calib_data: str | Path | None = None,
+                calib_tokens: int | None = None, importance: str = "drop", text_field: str = "text",
+                guard_ratio: float | None = None, progress: bool = False, log=None) -> Path:
+    """Model owner's `emulate`: full model dir -> EmulatorBundle dir, its weights streamed from the checkpoint.
+
+    The bundle keeps the checkpoint's dtype (a bf16 model gives a bf16 bundle) unless `dtype` is given.
+    Uniform layer-drop without `calib_data` never loads the model. With `calib_data` (the owner's PUBLIC
+    corpus) the model is loaded once to score blocks for the builders that need it and for the guard,
+    which measures the emulator's and the full model's zero-shot perplexity on it, records both as
+    `quality`, and warns through `log` (default: stderr) when their ratio exceeds `guard_ratio`; the
+    weights are still written tensor by tensor from the checkpoint.
+    """
+    from offsite_ds.bundle import fingerprint_checkpoint, write_bundle
 
     log = log or (lambda line: print(line, file=sys.stderr))
-    model = load_model(model_dir)
-    family = family_of(model)
-    n_layers = len(get_path(model, family.blocks))
+    transform = compression_transform(method, prune_ratio, quant_bits)
+    dtype = parse_dtype(dtype)
+    check_builder(select, share, calib_data is not None)
+    checkpoint = ModelCheckpoint(model_dir)
+    n_layers = checkpoint.depth
     layout = parse_layout(layout_spec, n_layers, keep_ratio)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    calib_ids, calibration = None, None
+    block_map, share_map, facts, quality = emulator_block_map(n_layers, layout), None, {}, None
+    calibration = None
     if calib_data is not None:
-        calib_ids, calibration = calibrate.calibration_ids(calib_data, tokenizer,
-                                                           calib_tokens or calibrate.DEFAULT_CALIB_TOKENS, text_field)
-    block_map, share_map, facts = choose_blocks(model, layout, select, share, calib_ids, importance=importance,
-                                                progress=progress)
+        block_map, share_map, facts, calibration, quality = _calibrated_choice(
+            model_dir, layout, method, prune_ratio, quant_bits, select, share, calib_data, calib_tokens, importance,
+            text_field, progress)
     compression = {"method": method, "kept": layout.kept, "middle": n_layers - layout.bottom - layout.top,
                    "distilled": False, "select": select, "shared": share_map is not None}
     if method == "prune":
@@ -213,32 +296,61 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
     if calibration is not None:
         compression["calibration"] = calibration
     compression.update(facts)
+    dtype = dtype or checkpoint.dtype()
+    middle = range(layout.bottom, layout.bottom + layout.kept)
+
+    def write(tmp: Path) -> None:
+        per_tensor = None if transform is None else (
+            lambda position, _name, tensor: transform(tensor) if position in middle else tensor)
+        write_emulator(checkpoint, block_map, tmp, dtype, per_tensor, max_shard_bytes)
+
     manifest = {
-        "family": family.name,
-        "model_type": model.config.model_type,
+        "family": checkpoint.family.name,
+        "model_type": checkpoint.config.model_type,
         "base_depth": n_layers,
-        "base_fingerprint": fingerprint_model(model),
+        "base_fingerprint": fingerprint_checkpoint(checkpoint),
         "layout": str(layout),
         "block_map": block_map,
         "adapter_positions": emulator_adapter_positions(layout),
         "compression": compression,
+        "dtype": str(dtype).removeprefix("torch."),
     }
     if share_map is not None:
         manifest["share_map"] = share_map
-    if calib_ids is not None:  # the guard: the emulator is the full model run with its blocks (no copy)
-        executed = [block_map[s] for s in share_map] if share_map is not None else block_map
-        blocks = get_path(model, family.blocks)
-        compressed = {}
-        for i in (block_map[layout.bottom:layout.bottom + layout.kept] if method != "drop" else []):
-            compressed[i] = copy.deepcopy(blocks[i])
-            compress_(compressed[i], method, prune_ratio, quant_bits)
-        manifest["quality"] = calibrate.quality(model, executed, calib_ids, calibrate.calibration_seq_len(model),
-                                                calibration["corpus_fingerprint"], replace=compressed)
-        warning = guard_warning(manifest["quality"], guard_ratio, str(layout), select)
+    if quality is not None:
+        manifest["quality"] = quality
+        warning = guard_warning(quality, guard_ratio, str(layout), select)
         if warning:
             log(warning)
-    emulator, _ = build_emulator(model, layout, method, prune_ratio, quant_bits, block_map)
-    return save_bundle(emulator, tokenizer, manifest, out_dir)
+    return write_bundle(write, manifest, out_dir)
+
+
+def _calibrated_choice(model_dir, layout: Layout, method: str, prune_ratio: float, quant_bits: int, select: str,
+                       share: bool, calib_data, calib_tokens: int | None, importance: str, text_field: str,
+                       progress: bool) -> tuple[list[int], list[int] | None, dict, dict, dict]:
+    """Load the model once (fp32) to choose the blocks on the owner's calibration text and measure the guard.
+
+    The guard's emulator is the full model run with the chosen blocks (compressed copies of the kept
+    middle for prune/quantize), so no emulator is built here; the model is released before writing.
+    """
+    from offsite_ds import calibrate
+    from offsite_ds.runtime import load_model
+
+    model = load_model(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    calib_ids, calibration = calibrate.calibration_ids(calib_data, tokenizer,
+                                                       calib_tokens or calibrate.DEFAULT_CALIB_TOKENS, text_field)
+    block_map, share_map, facts = choose_blocks(model, layout, select, share, calib_ids, importance=importance,
+                                                progress=progress)
+    executed = [block_map[s] for s in share_map] if share_map is not None else block_map
+    blocks = get_path(model, family_of(model).blocks)
+    compressed = {}
+    for i in (block_map[layout.bottom:layout.bottom + layout.kept] if method != "drop" else []):
+        compressed[i] = copy.deepcopy(blocks[i])
+        compress_(compressed[i], method, prune_ratio, quant_bits)
+    quality = calibrate.quality(model, executed, calib_ids, calibrate.calibration_seq_len(model),
+                                calibration["corpus_fingerprint"], replace=compressed)
+    return block_map, share_map, facts, calibration, quality
 
 
 def guard_warning(quality: dict, threshold: float | None, layout: str, select: str) -> str | None:
@@ -250,3 +362,15 @@ def guard_warning(quality: dict, threshold: float | None, layout: str, select: s
             f"{quality['ratio']:.1f}x the full model's ({quality['emulator_ppl']:.1f} vs {quality['full_ppl']:.1f}; "
             f"guard {threshold:g}x): an adapter tuned through it may not transfer - use a larger K, another "
             "--select (importance, crash --share), or distil it (offsite-ds distill)")
+
+
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """'bfloat16' / torch.bfloat16 / None (keep the checkpoint's) -> torch dtype, checked."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in DTYPE_NAMES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPE_NAMES:
+        return DTYPE_NAMES[dtype]
+    raise OffsiteError(f"--dtype {dtype} is not one of {', '.join(DTYPE_NAMES)}")

@@ -2,6 +2,11 @@
 
 Each token is scored once, with up to seq_len-1 tokens of context (the HF perplexity recipe), so the
 number is comparable across models of the same tokenizer whatever their depth.
+
+Memory does not grow with vocabulary x tokens: the model runs up to its final hidden states, and the
+head scores them a chunk of rows at a time (the frozen-head linear-cross-entropy kernel on CUDA, chunks
+of at most `CHUNK_BYTES` of fp32 logits elsewhere). A 262k-token vocabulary at 4 x 2048 tokens would
+otherwise hold 8.6 GB of fp32 logits.
 """
 from __future__ import annotations
 
@@ -12,6 +17,38 @@ import torch.nn.functional as F
 
 from offsite_ds.data import check_seq_len, max_positions, tokenize_corpus
 from offsite_ds.errors import DataError
+from offsite_ds.families import backbone_and_head, logit_transform
+
+CHUNK_BYTES = 64 << 20  # fp32 logits of one chunk of rows on the torch path
+
+
+@torch.no_grad()
+def head_nll(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, transform=None,
+             chunk_bytes: int = CHUNK_BYTES) -> float:
+    """Summed cross-entropy of `head(hidden)` against `targets` (-100 ignored), never holding all logits.
+
+    Same maths as HF's loss (head output upcast to fp32, then any family logit transform); rows are
+    scored in chunks of `chunk_bytes` of logits, or by the fused kernel on CUDA where it applies.
+    """
+    keep = targets != -100
+    hidden, targets = hidden[keep], targets[keep]
+    if targets.numel() == 0:
+        return 0.0
+    weight = getattr(head, "weight", None)
+    if (hidden.is_cuda and transform is None and isinstance(head, torch.nn.Linear)
+            and not hasattr(weight, "ds_id")):  # a ZeRO-3 partitioned head must run through its own forward
+        from offsite_ds.kernels.linear_cross_entropy import linear_cross_entropy
+
+        return float(linear_cross_entropy(hidden, weight, targets, head.bias, reduction="sum"))
+    vocab = getattr(head, "out_features", None) or getattr(weight, "ds_shape", weight.shape)[0]
+    rows = max(1, chunk_bytes // (4 * vocab))
+    total = 0.0
+    for i in range(0, targets.numel(), rows):
+        logits = head(hidden[i:i + rows]).float()
+        if transform is not None:
+            logits = transform(logits)
+        total += float(F.cross_entropy(logits, targets[i:i + rows], reduction="sum"))
+    return total
 
 
 def _windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
@@ -36,6 +73,8 @@ def token_nll(model: torch.nn.Module, ids: torch.Tensor, seq_len: int, stride: i
     if not 0 < stride <= seq_len:
         raise DataError(f"--stride {stride} must be between 1 and --seq-len {seq_len}")
     device = next(model.parameters()).device
+    backbone, head = backbone_and_head(model)
+    transform = logit_transform(model.config)
     was_training = model.training
     model.eval()
     windows = _windows(ids.numel(), seq_len, stride)
@@ -52,10 +91,9 @@ def token_nll(model: torch.nn.Module, ids: torch.Tensor, seq_len: int, stride: i
             labels = inputs.clone()
             for row, (_, _, scored) in enumerate(chunk):
                 labels[row, : length - scored] = -100
-            logits = model(input_ids=inputs).logits[:, :-1].float()
+            hidden = backbone(input_ids=inputs)[0][:, :-1]
             target = labels[:, 1:]
-            nll += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
-                                         ignore_index=-100, reduction="sum"))
+            nll += head_nll(hidden.reshape(-1, hidden.size(-1)), target.reshape(-1), head, transform)
             count += int((target != -100).sum())
     if was_training:
         model.train()

@@ -5,8 +5,10 @@ norm and the head, and which linear layers bottleneck adapters and LoRA attach t
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn as nn
 
 from offsite_ds.errors import UnsupportedModelError
@@ -153,6 +155,33 @@ def depth_of(model: nn.Module) -> int:
 def block_prefix(family: Family, index: int) -> str:
     """State-dict name prefix of block `index`, e.g. 'model.decoder.layers.3.'."""
     return f"{family.blocks}.{index}."
+
+
+def logit_transform(config) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """What a family's forward does to `lm_head`'s output before the loss (None: nothing).
+
+    Scoring from hidden states through the head in chunks must apply the same step the model's own
+    forward applies: Gemma-2's final soft-capping, Cohere's logit scale, Granite's logit divisor.
+    """
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        return lambda logits: torch.tanh(logits / cap) * cap
+    scale = getattr(config, "logit_scale", None)
+    if getattr(config, "model_type", "") == "cohere" and scale is not None:
+        return lambda logits: logits * scale
+    divisor = getattr(config, "logits_scaling", None)
+    if getattr(config, "model_type", "") == "granite" and divisor:
+        return lambda logits: logits / divisor
+    return None
+
+
+def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(the base model, whose output is the final-normed hidden state; the LM head) of a causal LM."""
+    head = get_path(model, family_of(model).head)
+    base = getattr(model, "base_model", None)
+    if head is None or base is None or base is model:
+        raise UnsupportedModelError(f"{type(model).__name__} has no separate base model and '{family_of(model).head}'")
+    return base, head
 
 
 def is_transposed_linear(module: nn.Module) -> bool:

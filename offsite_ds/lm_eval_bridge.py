@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -268,6 +269,25 @@ def summarise_results(raw: dict) -> dict:
     return out
 
 
+HFLM_LOGITS_BUDGET = 4 << 30  # bytes of fp32 logits (+ their log-softmax) one HFLM batch may hold
+
+
+def fitting_batch_size(model: torch.nn.Module, requested: int, max_length: int | None,
+                       budget: int = HFLM_LOGITS_BUDGET) -> int:
+    """The largest batch <= `requested` whose HFLM logits fit `budget`.
+
+    lm-eval's HFLM is its own code: it materialises [batch, length, vocabulary] fp32 logits and their
+    log-softmax (8 bytes per entry), e.g. 4.3 GB per 2048-token sequence at a 262,144-token vocabulary,
+    so the batch is capped instead.
+    """
+    from offsite_ds.data import max_positions
+
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+    length = max_length or min(max_positions(model.config) or 2048, 2048)  # typical task lengths, unless given
+    per_sequence = 8 * vocab * length
+    return max(1, min(requested, budget // per_sequence)) if per_sequence else requested
+
+
 def run_tasks(model: torch.nn.Module, tokenizer, tasks: str | list[str] | dict,
               include_path: str | Path | list | None = None, limit: int | float | None = None,
               batch_size: int = 1, num_fewshot: int | None = None, bootstrap_iters: int = 1000,
@@ -289,8 +309,12 @@ def run_tasks(model: torch.nn.Module, tokenizer, tasks: str | list[str] | dict,
     task_objects = tasks if isinstance(tasks, dict) else load_tasks(tasks, include_path)
     was_training = model.training
     model.eval()
+    fitting = fitting_batch_size(model, batch_size, max_length)
+    if fitting < batch_size:
+        print(f"lm-eval batch size {batch_size} -> {fitting}: its logits of a {model.config.vocab_size}-token "
+              f"vocabulary would exceed {HFLM_LOGITS_BUDGET >> 30} GiB", file=sys.stderr)
     with quiet_lm_eval():
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=fitting, max_length=max_length)
         raw = simple_evaluate(model=lm, tasks=list(task_objects.values()), limit=limit, num_fewshot=num_fewshot,
                               bootstrap_iters=bootstrap_iters, log_samples=False,
                               task_manager=TaskManager(include_defaults=False))

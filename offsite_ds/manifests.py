@@ -220,6 +220,7 @@ class BundleManifest(ModelFacts):
     fingerprint: Hex32
     share_map: Annotated[list[Index], Field(max_length=MAX_DEPTH)] | None = None
     quality: Quality | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # of the weights (the checkpoint's own by default)
 
     @model_validator(mode="after")
     def _bundle_consistent(self):

@@ -6,6 +6,7 @@ with one line. LoRA (and BitFit, full) end merged into plain weights; Houlsby ad
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import shutil
@@ -17,13 +18,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from offsite_ds.artifact_files import read_json_listed
 from offsite_ds.atomic import atomic_dir, write_json
-from offsite_ds.bundle import (PEFT_FILES, AdapterPackage, Bundle, fingerprint_model, load_adapter_package,
-                               read_model_config, read_safetensors)
+from offsite_ds.bundle import (PEFT_FILES, AdapterPackage, Bundle, fingerprint_checkpoint, fingerprint_model,
+                               load_adapter_package, read_model_config, read_safetensors)
 from offsite_ds.errors import ArtifactError, OffsiteError
-from offsite_ds.families import family_of, get_path
+from offsite_ds.families import block_prefix, family_of, get_path
 from offsite_ds.manifests import MANIFEST as PLUGGED_MANIFEST
 from offsite_ds.manifests import PLUGGED_FORMAT, PlugCheck, PluggedManifest, dump, parse_manifest
 from offsite_ds.peft_modes import apply_mode, canonical_name, merge_lora_, rename_blocks
+from offsite_ds.shards import DEFAULT_SHARD_BYTES, ModelCheckpoint, ShardWriter
 
 
 def install_adapter(model: torch.nn.Module, package: AdapterPackage, original_to_position: dict[int, int]) -> None:
@@ -96,50 +98,112 @@ def apply_to_emulator(bundle: Bundle, package: AdapterPackage) -> torch.nn.Modul
     return bundle.model
 
 
-def plugin(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, check_data: str | Path | None = None,
+def tuned_blocks(checkpoint: ModelCheckpoint, package: AdapterPackage) -> dict[str, torch.Tensor]:
+    """Every tensor of the adapter blocks after plug-in (merged LoRA, BitFit, full; Houlsby modules added).
+
+    Only the adapter blocks are built (in fp32, as the owner's model always loaded): the model is made on
+    the meta device at the adapter blocks' depth, those blocks alone get real memory and the checkpoint's
+    values, and the package is installed with the same `install_adapter` checks as the in-memory path.
+    """
+    from offsite_ds.emulator import set_depth
+
+    manifest = package.manifest
+    family = checkpoint.family
+    if family.name != manifest.family:
+        raise ArtifactError(f"{package.path}: adapter was tuned for family '{manifest.family}', "
+                            f"this model is '{family.name}'")
+    blocks = manifest.adapter_blocks
+    config = copy.deepcopy(checkpoint.config)
+    set_depth(config, blocks)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    modules = get_path(model, family.blocks)
+    for position, original in enumerate(blocks):
+        block = modules[position].to_empty(device="cpu")
+        names = block.state_dict()
+        block.load_state_dict({rest: checkpoint.get(f"{block_prefix(family, original)}{rest}").float()
+                               for rest in names}, strict=True)
+    install_adapter(model, package, {original: position for position, original in enumerate(blocks)})
+    if package.mode == "lora":
+        merge_lora_(model)
+    return {f"{block_prefix(family, original)}{rest}": tensor.detach()
+            for position, original in enumerate(blocks) for rest, tensor in modules[position].state_dict().items()}
+
+
+def plugin(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,
+           max_shard_bytes: int = DEFAULT_SHARD_BYTES, check_data: str | Path | None = None,
            check_tokens: int | None = None, text_field: str = "text", log=None) -> Path:
     """Owner's `plugin` command: validate, plug in, export a model dir that `from_pretrained` loads.
 
-    With `check_data` (the owner's public text) the full model and the plug-in are scored on its first
-    `check_tokens` tokens, recorded as `check` in the plugged manifest, and a plug-in worse than the
-    full model's zero-shot is reported through `log` (default: stderr) - the round trip did harm there.
+    Streamed: the package is validated in full against the owner's config.json first, the base
+    fingerprint is read from the shards, and the checkpoint is copied tensor by tensor with only the
+    adapter blocks' tensors replaced (each kept in its stored dtype), so memory is about the adapter
+    blocks plus one tensor, not the model. With `check_data` (the owner's public text) the full model
+    and the written plug-in are scored on its first `check_tokens` tokens (this loads both, one after
+    the other), recorded as `check` in the plugged manifest, and a plug-in worse than the full model's
+    zero-shot is reported through `log` (default: stderr) - the round trip did harm there.
     """
-    from offsite_ds.runtime import load_model
+    from offsite_ds.emulator import write_model_files
 
-    # validate the package in full against the owner's config.json before loading a large model
     package = load_adapter_package(adapter_dir, model_config=read_model_config(model_dir))
-    model = load_model(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    check = None
-    if check_data is not None:
-        from offsite_ds.calibrate import DEFAULT_CALIB_TOKENS, calibration_ids, calibration_seq_len, mean_nll
-
-        ids, check = calibration_ids(check_data, tokenizer, check_tokens or DEFAULT_CALIB_TOKENS, text_field)
-        seq_len = calibration_seq_len(model)
-        check["full_ppl"] = math.exp(mean_nll(model, ids, seq_len))
-    plug_in(model, package)
-    if check is not None:
-        check["plugged_ppl"] = math.exp(mean_nll(model, ids, seq_len))
-        check["ratio"] = check["plugged_ppl"] / check["full_ppl"]
-        if check["plugged_ppl"] > check["full_ppl"]:
-            (log or (lambda line: print(line, file=sys.stderr)))(
-                f"warning: the plug-in's perplexity on {check_data} is {check['plugged_ppl']:.2f}, worse than the "
-                f"full model's zero-shot {check['full_ppl']:.2f}: the adapter did not transfer here - rebuild the "
-                "emulator (larger K, another --select, distillation) or serve the full model")
+    manifest = package.manifest
+    checkpoint = ModelCheckpoint(model_dir)
+    if checkpoint.depth != manifest.base_depth:
+        raise ArtifactError(f"{package.path}: adapter was tuned for a {manifest.base_depth}-block model, "
+                            f"this model has {checkpoint.depth}")
+    if fingerprint_checkpoint(checkpoint) != manifest.base_fingerprint:
+        raise ArtifactError(f"{package.path}: adapter was tuned against other weights (base fingerprint "
+                            f"{manifest.base_fingerprint[:12]}... does not match this model's); plug it into "
+                            "the model its emulator was made from")
+    tuned = tuned_blocks(checkpoint, package)
+    dtype = checkpoint.dtype()
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        stored = {name: checkpoint.reader.dtype(source) for name, source in checkpoint.stored.items()}
+        added = {name: (dtype if t.is_floating_point() else t.dtype) for name, t in tuned.items() if name not in stored}
+        plan = [(name, checkpoint.shapes[name], dt) for name, dt in stored.items()]
+        writer = ShardWriter(tmp, plan + [(name, list(tuned[name].shape), dt) for name, dt in added.items()],
+                             max_shard_bytes)
+        for name, dt in stored.items():
+            writer.add(name, tuned[name].to(dt) if name in tuned else checkpoint.get(name))
+        for name, dt in added.items():  # Houlsby modules: new tensors
+            writer.add(name, tuned[name].to(dt))
+        writer.close()
+        del tuned
+        write_model_files(checkpoint, copy.deepcopy(checkpoint.config), dtype, tmp)
         for rel in PEFT_FILES:  # only the listed, checked files
-            if rel in package.manifest.files:
+            if rel in manifest.files:
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(Path(adapter_dir) / rel, tmp / rel, follow_symlinks=False)
-        m = package.manifest
-        write_json(tmp / PLUGGED_MANIFEST, dump(PluggedManifest(
-            format=PLUGGED_FORMAT, version=1, mode=m.mode, mode_settings=m.mode_settings,
-            adapter_blocks=m.adapter_blocks, base_fingerprint=m.base_fingerprint,
-            bundle_fingerprint=m.bundle_fingerprint, training=m.training,
-            check=PlugCheck(**check) if check is not None else None)))
+        plugged = PluggedManifest(
+            format=PLUGGED_FORMAT, version=1, mode=manifest.mode, mode_settings=manifest.mode_settings,
+            adapter_blocks=manifest.adapter_blocks, base_fingerprint=manifest.base_fingerprint,
+            bundle_fingerprint=manifest.bundle_fingerprint, training=manifest.training)
+        write_json(tmp / PLUGGED_MANIFEST, dump(plugged))
+        if check_data is not None:
+            check = plug_check(model_dir, tmp, check_data, check_tokens, text_field, log)
+            write_json(tmp / PLUGGED_MANIFEST, dump(plugged.model_copy(update={"check": check})))
     return Path(out_dir)
+
+
+def plug_check(model_dir: str | Path, plugged_dir: str | Path, check_data: str | Path, check_tokens: int | None,
+               text_field: str = "text", log=None) -> PlugCheck:
+    """Score the full model and the plugged one on the owner's public text; warn when the plug-in is worse."""
+    from offsite_ds.calibrate import DEFAULT_CALIB_TOKENS, calibration_ids, calibration_seq_len, mean_nll
+    from offsite_ds.runtime import load_model
+
+    model = load_model(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    ids, facts = calibration_ids(check_data, tokenizer, check_tokens or DEFAULT_CALIB_TOKENS, text_field)
+    seq_len = calibration_seq_len(model)
+    full_ppl = math.exp(mean_nll(model, ids, seq_len))
+    del model
+    plugged_ppl = math.exp(mean_nll(load_model_dir(plugged_dir)[0], ids, seq_len))
+    if plugged_ppl > full_ppl:
+        (log or (lambda line: print(line, file=sys.stderr)))(
+            f"warning: the plug-in's perplexity on {check_data} is {plugged_ppl:.2f}, worse than the full model's "
+            f"zero-shot {full_ppl:.2f}: the adapter did not transfer here - rebuild the emulator (larger K, another "
+            "--select, distillation) or serve the full model")
+    return PlugCheck(**facts, full_ppl=full_ppl, plugged_ppl=plugged_ppl, ratio=plugged_ppl / full_ppl)
 
 
 def load_model_dir(directory: str | Path, dtype: torch.dtype = torch.float32):

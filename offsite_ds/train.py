@@ -167,6 +167,7 @@ class DeepSpeedEngine:
         import deepspeed
 
         self.cfg, self.device = cfg, runtime.device
+        self.rank, self.world = runtime.rank, runtime.world
         # the Runtime's config, filled once (already, when the model was built sharded); a copy: the engine adds keys
         ds_config = copy.deepcopy(runtime.configure(cfg, model_config=getattr(model, "config", None)))
         schedule = cosine_with_warmup(total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
@@ -203,10 +204,57 @@ class DeepSpeedEngine:
         self.engine.save_checkpoint(str(directory.parent), tag=directory.name, client_state=client_state)
 
     def load_checkpoint(self, directory: Path) -> dict:
-        _, client_state = self.engine.load_checkpoint(str(directory.parent), tag=directory.name)
+        """Resume; a checkpoint saved on another number of ranks goes through DeepSpeed's universal format.
+
+        A cluster job rarely gets the same allocation back: ZeRO partitions are per rank, so a checkpoint
+        of N ranks is converted once (ds_to_universal, on rank 0, into `<checkpoint>/universal`) and loaded
+        on M ranks with `checkpoint.load_universal`, each rank taking its new partition.
+        """
+        saved = saved_world_size(directory)
+        load_dir, tag = directory.parent, directory.name
+        if saved is not None and saved != self.world:
+            universal = directory / UNIVERSAL_DIR
+            if self.rank == 0 and not (universal / "zero").is_dir():
+                to_universal(directory, universal)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.barrier()
+            load_dir, tag = directory, UNIVERSAL_DIR
+            self.engine._config.load_universal_checkpoint = True  # the runtime form of checkpoint.load_universal
+        try:
+            _, client_state = self.engine.load_checkpoint(str(load_dir), tag=tag)
+        finally:
+            self.engine._config.load_universal_checkpoint = False  # later saves stay ordinary checkpoints
         if client_state is None:
             raise OffsiteError(f"DeepSpeed could not load checkpoint {directory}; remove --resume to start afresh")
         return client_state
+
+
+UNIVERSAL_DIR = "universal"
+
+
+def saved_world_size(directory: Path) -> int | None:
+    """Number of data-parallel ranks a DeepSpeed ZeRO checkpoint was saved on (None: no ZeRO files)."""
+    import re
+
+    ranks = {int(m.group(1)) for p in directory.glob("*optim_states.pt")
+             if (m := re.search(r"zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$", p.name))}
+    return len(ranks) or None
+
+
+def to_universal(directory: Path, out: Path) -> None:
+    """DeepSpeed's ds_to_universal on one checkpoint directory (atomic: `out` appears complete or not at all)."""
+    import argparse
+    import shutil
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(directory), output_folder=str(tmp), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with contextlib.redirect_stdout(sys.stderr):
+        ds_to_universal(args)
+    os.replace(tmp, out)
 
 
 # --------------------------------------------------------------------------------------- checkpoints

@@ -30,20 +30,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launcher_cmd(*args: str, module: bool = True) -> list[str]:
-    """`deepspeed --num_gpus 2 [--module] ...`, with a free port so parallel test runs do not collide."""
+def launcher_cmd(*args: str, module: bool = True, ranks: int = 2) -> list[str]:
+    """`deepspeed --num_gpus N [--module] ...`, with a free port so parallel test runs do not collide."""
     exe = Path(sys.executable).with_name("deepspeed")
     runner = [str(exe)] if exe.is_file() else [sys.executable, "-m", "deepspeed.launcher.runner"]
-    return [*runner, "--num_gpus", "2", "--master_port", str(_free_port()), *(["--module"] if module else []),
-            *args]
+    return [*runner, "--num_gpus", str(ranks), "--master_port", str(_free_port()),
+            *(["--module"] if module else []), *args]
 
 
 def _env() -> dict:
     return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def launch(*args: str, module: bool = True, timeout: int = 300, extra_env: dict | None = None):
-    proc = subprocess.run(launcher_cmd(*args, module=module), capture_output=True, text=True, timeout=timeout,
+def launch(*args: str, module: bool = True, timeout: int = 300, extra_env: dict | None = None,
+           ranks: int = 2):
+    proc = subprocess.run(launcher_cmd(*args, module=module, ranks=ranks), capture_output=True, text=True, timeout=timeout,
                           env={**_env(), **(extra_env or {})})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return proc
@@ -217,3 +218,45 @@ def test_sigterm_then_resume_continues_exactly(opt_ft_run, tiny_model_dir, corpu
     assert 2 <= step < int(FT_STEPS)
     launch(*args, "--resume", "--summary-json", str(tmp_path / "summary.json"))
     assert _losses(tmp_path / "summary.json") == _losses(opt_ft_run / "summary.json")
+
+
+RESUME_PROBE = r'''
+"""`offsite_ds` with a probe: the module's weights right after the checkpoint was loaded."""
+import os, sys
+import torch
+from offsite_ds import train as T
+
+original = T.DeepSpeedEngine.load_checkpoint
+
+def probed(self, directory):
+    state = original(self, directory)
+    torch.save({k: v.detach().clone() for k, v in self.module.state_dict().items()}, os.environ["PROBE_OUT"])
+    return state
+
+T.DeepSpeedEngine.load_checkpoint = probed
+from offsite_ds.cli import main
+sys.exit(main())
+'''
+
+
+def test_resume_on_another_world_size_two_ranks_to_one(tiny_model_dir, corpus_file, tmp_path):
+    """A ZeRO-2 FT checkpoint of 2 ranks resumes on 1 rank through DeepSpeed's universal checkpoint."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    args = ["finetune", str(tiny_model_dir("bloom")), "--data", str(corpus_file), "--out", str(tmp_path / "ft"),
+            "--lr", "1e-3", "--deepspeed", "zero2", *TRAIN]
+    launch("offsite_ds", *args, "--steps", "3", "--save-every", "2")
+    ck = tmp_path / "ft.checkpoints"
+    assert json.loads((ck / "latest.json").read_text())["step"] == 2
+    probe = tmp_path / "probe.py"
+    probe.write_text(RESUME_PROBE)
+    proc = launch(str(probe), *args, "--steps", "4", "--resume", "--summary-json", str(tmp_path / "s.json"),
+                  module=False, ranks=1, extra_env={"PROBE_OUT": str(tmp_path / "loaded.pt")})
+    assert "resumed from" in proc.stderr and (ck / "step00000002" / "universal" / "zero").is_dir()
+    loaded = torch.load(tmp_path / "loaded.pt")
+    saved = get_fp32_state_dict_from_zero_checkpoint(str(ck), tag="step00000002")
+    assert set(saved) <= set(loaded)
+    for name, tensor in saved.items():  # the 2-rank partitions, reassembled on the one rank
+        assert torch.equal(loaded[name].float(), tensor), name
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["steps"] == 4 and [h["step"] for h in summary["loss_history"]] == [1, 2, 3, 4]

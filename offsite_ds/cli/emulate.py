@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="compression of the middle: uniform layer-drop (paper), or the ablation's prune/quantize")
     p.add_argument("--prune-ratio", type=float, default=0.5, help="--method prune: fraction of weights zeroed")
     p.add_argument("--bits", type=int, default=8, help="--method quantize: fake-quantisation bits")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the bundle's weights (default: the checkpoint's own, e.g. bf16 stays bf16)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -43,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     out = make_bundle(args.model, args.layout, args.out, keep_ratio=args.keep_ratio, method=args.method,
                       prune_ratio=args.prune_ratio, quant_bits=args.bits, select=args.select, share=args.share,
                       calib_data=args.calib_data, calib_tokens=args.calib_tokens, importance=args.importance,
-                      text_field=args.text_field, guard_ratio=args.guard_ratio, progress=not args.no_progress)
+                      text_field=args.text_field, guard_ratio=args.guard_ratio, progress=not args.no_progress,
+                      dtype=args.dtype)
     manifest = read_manifest(out, BUNDLE_FORMAT)
     shared = f", shared over {len(manifest.share_map)} positions" if manifest.share_map is not None else ""
     print(f"emulator bundle {out}: layout {manifest.layout} of {manifest.base_depth} blocks ({args.select}"

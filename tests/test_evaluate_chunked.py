@@ -1,0 +1,54 @@
+"""Perplexity scored from hidden states through the head in chunks equals the full-logits computation."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import FAMILIES
+from offsite_ds.evaluate import _windows, head_nll, token_nll
+from offsite_ds.tiny import tiny_model
+
+
+@torch.no_grad()
+def _full_logits_nll(model, ids, seq_len, stride):
+    """Today's recipe before chunking: the model's own logits, all of them, fp32 cross-entropy."""
+    nll, count, prev = 0.0, 0, 0
+    for begin, end, scored in _windows(ids.numel(), seq_len, stride):
+        inputs = ids[begin:end][None]
+        labels = inputs.clone()
+        labels[0, : end - begin - scored] = -100
+        logits = model(input_ids=inputs).logits[:, :-1].float()
+        nll += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+                                     ignore_index=-100, reduction="sum"))
+        count += int((labels[:, 1:] != -100).sum())
+    return nll, count
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chunked_head_equals_full_logits(family, monkeypatch):
+    import offsite_ds.evaluate as ev
+
+    model = tiny_model(family, n_layers=2)
+    ids = torch.randint(0, 256, (150,))
+    monkeypatch.setattr(ev, "CHUNK_BYTES", 258 * 4 * 7)  # 7 rows per chunk: many chunks
+    nll, count = token_nll(model, ids, seq_len=40, stride=25, batch_size=2)
+    ref_nll, ref_count = _full_logits_nll(model, ids, 40, 25)
+    assert count == ref_count
+    assert nll == pytest.approx(ref_nll, rel=1e-5)
+
+
+def test_head_nll_applies_the_family_logit_transform():
+    head = torch.nn.Linear(8, 50, bias=False)
+    hidden, targets = torch.randn(30, 8), torch.randint(0, 50, (30,))
+    targets[::4] = -100
+    cap = lambda logits: torch.tanh(logits / 0.5) * 0.5  # noqa: E731 (Gemma-2 style soft-capping)
+    ref = F.cross_entropy(cap(head(hidden).float()), targets, ignore_index=-100, reduction="sum")
+    assert head_nll(hidden, targets, head, cap, chunk_bytes=50 * 4 * 3) == pytest.approx(float(ref), rel=1e-6)
+
+
+def test_lm_eval_batch_is_capped_so_its_logits_fit():
+    from offsite_ds.lm_eval_bridge import HFLM_LOGITS_BUDGET, fitting_batch_size
+
+    model = tiny_model("llama", n_layers=1, vocab=262_144)
+    assert fitting_batch_size(model, 4, 2048) == 1  # 4.3 GB of logits per 2048-token sequence
+    assert fitting_batch_size(model, 4, 128) == 4
+    assert fitting_batch_size(model, 64, 256) == HFLM_LOGITS_BUDGET // (8 * 262_144 * 256)
