@@ -8,10 +8,10 @@ from offsite_ds.kernels.bias_activation import bias_activation, linear_bias_acti
 from offsite_ds.kernels.layer_norm import layer_norm, reference_layer_norm, reference_rms_norm, rms_norm
 from offsite_ds.kernels.linear_cross_entropy import linear_cross_entropy, reference_linear_cross_entropy
 from offsite_ds.kernels.lora_linear import lora_linear, matmul_lowrank, reference_lora_linear
-from offsite_ds.kernels.patch import (DEFAULT_PARTS, PARTS, PatchHandle, kernels_enabled, patch, patch_for_training,
-                                     patched, resolve_kernels, unpatch)
+from offsite_ds.kernels.patch import (DEFAULT_PARTS, PARTS, PatchHandle, kernels_enabled, kernels_for_training, patch,
+                                     patch_for_training, patched, resolve_kernels, unpatch)
 
-__all__ = ["DEFAULT_PARTS", "PARTS", "PatchHandle", "bias_activation", "kernels_enabled", "layer_norm",
+__all__ = ["DEFAULT_PARTS", "PARTS", "PatchHandle", "bias_activation", "kernels_enabled", "kernels_for_training", "layer_norm",
            "linear_bias_activation", "linear_cross_entropy", "lora_linear", "matmul_lowrank", "patch",
            "patch_for_training", "patched", "reference_bias_activation", "reference_layer_norm",
            "reference_linear_cross_entropy", "reference_lora_linear", "reference_rms_norm", "resolve_kernels",

@@ -103,22 +103,27 @@ def resolve_kernels(choice: str) -> str:
     raise OffsiteError(f"--kernels {choice}: choose {', '.join(c for c in CHOICES if c != 'on')}")
 
 
-def patch_for_training(model: nn.Module, choice: str, zero3: bool = False) -> PatchHandle | None:
-    """What `tune --kernels CHOICE` does to the model before training; None when nothing is patched.
+def kernels_for_training(choice: str, zero3: bool = False) -> str:
+    """`tune --kernels CHOICE` resolved before any work: ours, liger, cce or off.
 
-    ours: every part of `patch`; liger/cce: the library's fused linear cross-entropy for the frozen-head loss
-    (the rest stays eager). ZeRO-3 partitions every weight outside its module's forward, and the fused loss
-    and LoRA read the head and base weights from outside (the probes too): under ZeRO-3 an explicit choice is
-    refused and 'auto' leaves the model alone (it says so).
+    ZeRO-3 partitions every weight outside its module's forward, and the fused loss and LoRA read the head
+    and base weights from outside (the probes too): under ZeRO-3 an explicit choice is refused with one line
+    and 'auto' is off (it says so).
     """
     impl = resolve_kernels(choice)
-    if impl == "off":
-        return None
-    if zero3:
+    if impl != "off" and zero3:
         if choice != "auto":
             raise OffsiteError(f"--kernels {choice} cannot run under ZeRO-3 (the fused loss/LoRA kernels read weights "
                                f"ZeRO-3 partitions); use --kernels off, or a ZeRO-2 config with --kernels {choice}")
         print("kernels: off under ZeRO-3 (the fused loss/LoRA kernels read partitioned weights)", flush=True)
+        return "off"
+    return impl
+
+
+def patch_for_training(model: nn.Module, impl: str) -> PatchHandle | None:
+    """Apply what `kernels_for_training` chose: ours = every default part of `patch`; liger/cce = that
+    library's fused linear cross-entropy for the frozen-head loss, the rest eager; off = nothing (None)."""
+    if impl == "off":
         return None
     return patch(model) if impl == "ours" else patch(model, ("loss",), loss_impl=impl)
 
@@ -513,4 +518,5 @@ def patched(model: nn.Module) -> PatchHandle | None:
 
 
 __all__ = ["AUTO_ORDER", "CHOICES", "DEFAULT_PARTS", "PARTS", "PatchHandle", "fused_causal_lm_loss",
-           "kernels_enabled", "patch", "patch_for_training", "patched", "resolve_kernels", "unpatch"]
+           "kernels_enabled", "kernels_for_training", "patch", "patch_for_training", "patched", "resolve_kernels",
+           "unpatch"]

@@ -19,7 +19,8 @@ import offsite_ds.attention as attention
 from offsite_ds.emulator import build_emulator
 from offsite_ds.errors import OffsiteError
 from offsite_ds.families import family_of, get_path
-from offsite_ds.kernels import PARTS, kernels_enabled, patch, patch_for_training, patched, resolve_kernels, unpatch
+from offsite_ds.kernels import (PARTS, kernels_enabled, kernels_for_training, patch, patch_for_training, patched,
+                               resolve_kernels, unpatch)
 from offsite_ds.peft_modes import apply_mode
 from offsite_ds.sandwich import emulator_adapter_positions, parse_layout
 from offsite_ds.tiny import byte_tokenizer, tiny_model
@@ -380,6 +381,7 @@ def test_zero3_with_kernels_is_refused_or_skipped(tiny_model_dir, corpus_file, t
     from offsite_ds.train import TrainConfig
 
     bundle = make_bundle(tiny_model_dir("opt"), "1-1-1", tmp_path / "bundle")
+    master = os.environ.get("MASTER_ADDR")
     cfg = TrainConfig(steps=1, batch_size=2, deepspeed={"zero_optimization": {"stage": 3}})
     with pytest.raises(OffsiteError, match="--kernels on cannot run under ZeRO-3"):
         tune(bundle, corpus_file, tmp_path / "out", cfg=cfg, seq_len=32, kernels="on")
@@ -390,10 +392,12 @@ def test_zero3_with_kernels_is_refused_or_skipped(tiny_model_dir, corpus_file, t
                "--deepspeed", "zero3", "--steps", "1", "--seq-len", "32", "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "cannot run under ZeRO-3" in err and "\n" not in err
+    assert "MASTER_ADDR" not in os.environ or os.environ["MASTER_ADDR"] == master, "refused before any set-up"
+    assert kernels_for_training("on", zero3=False) == "ours" and kernels_for_training("off", zero3=True) == "off"
     model = emulator("opt")
-    assert patch_for_training(model, "on", zero3=False) is not None
+    assert patch_for_training(model, "ours") is not None
     unpatch(model)
-    assert patch_for_training(model, "off", zero3=True) is None and patched(model) is None
+    assert patch_for_training(model, "off") is None and patched(model) is None
 
 
 def test_bloom_bias_is_shared_across_an_unpadded_batch(monkeypatch):

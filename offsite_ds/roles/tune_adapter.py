@@ -90,6 +90,12 @@ def tune(bundle_dir: str | Path, data: str | Path | None, out_dir: str | Path, m
     if (data is None) == (task is None):
         raise OffsiteError("pass exactly one of --data FILE (a corpus) or --task TASK (task-format examples)")
     cfg = for_output(cfg or TrainConfig(), out_dir)
+    if kernels != "off":  # resolved (and a refusal raised) before any work; "off", "ours", "liger" or "cce" after
+        from offsite_ds.ds_config import is_zero3, load_ds_config
+        from offsite_ds.kernels import kernels_for_training
+
+        kernels = kernels_for_training(kernels, zero3=cfg.deepspeed is not None
+                                       and is_zero3(load_ds_config(cfg.deepspeed)))
     if runtime is None:
         with Runtime.from_config(cfg) as own:
             return tune(bundle_dir, data, out_dir, mode, settings, cfg, seq_len, eval_data, text_field, kernels,
@@ -114,10 +120,8 @@ def tune(bundle_dir: str | Path, data: str | Path | None, out_dir: str | Path, m
     role = TuneAdapter(bundle, out_dir, mode, settings, eval_ids, seq_len, data_fingerprint=fingerprint,
                        runtime=runtime)
     if kernels != "off":
-        from offsite_ds.ds_config import is_zero3, load_ds_config
         from offsite_ds.kernels import patch_for_training
 
-        zero3 = runtime.deepspeed is not None and is_zero3(load_ds_config(runtime.deepspeed))
-        patch_for_training(bundle.model, kernels, zero3=zero3)
+        patch_for_training(bundle.model, kernels)
     return train(role, loader, cfg, runtime)
 
