@@ -32,7 +32,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 
 ARCHS = (90, 80)
 TIERS = ("ci", "all")

@@ -1,8 +1,8 @@
-import math, json, torch
+import math, json
 from transformers import AutoTokenizer
 from offsite_ds import calibrate
 from offsite_ds.runtime import load_model
-from offsite_ds.sandwich import middle_indices, parse_layout, merge_adjacent, select_kept, share_map_for
+from offsite_ds.sandwich import merge_adjacent
 import os
 m = os.path.expanduser("~/.cache/offsite-ds/smollm2-135m")
 model = load_model(m); tok = AutoTokenizer.from_pretrained(m)
