@@ -25,14 +25,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from offsite_ds.paper_models import mlp_dims
+
 ROOT = Path(__file__).resolve().parents[1]
 FORMAT = "offsite-ds-kernel-bench"
 KERNELS = ("ce", "layer_norm", "rms_norm", "bias_act", "lora", "step")
-SHAPES = {  # name -> hidden, vocab, MLP width, MLP activation (from the public configs)
-    "opt-1.3b": (2048, 50272, 8192, "relu"),
-    "opt-6.7b": (4096, 50272, 16384, "relu"),
-    "bloom-7b1": (4096, 250880, 16384, "gelu_tanh"),
-}
+# name -> hidden, vocab, MLP width, MLP activation (from the one table of the paper's models)
+SHAPES = {name: mlp_dims(name) for name in ("opt-1.3b", "opt-6.7b", "bloom-7b1")}
 SMOKE_SHAPES = {"tiny-opt": (32, 1000, 128, "relu"), "tiny-bloom": (32, 5000, 128, "gelu_tanh")}
 TARGETS = {
     "ce_vs_liger_speed": 1.2,  # frozen-head linear CE at V=250,880: >= 1.2x faster than Liger's

@@ -5,9 +5,15 @@ import contextlib
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def utc_stamp(when: time.struct_time | None = None) -> str:
+    """The one timestamp format artifacts and results record (ISO 8601, UTC, seconds)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", when or time.gmtime())
 
 
 def write_text(path: str | Path, text: str) -> None:

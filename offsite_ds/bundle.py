@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from offsite_ds.atomic import atomic_dir, write_json
 from offsite_ds.errors import ArtifactError
+from offsite_ds.zero3 import full_shape
 
 MANIFEST = "offsite.json"
 BUNDLE_FORMAT = "offsite-ds.emulator-bundle"
@@ -45,7 +46,7 @@ def fingerprint_model(model: torch.nn.Module, sample_bytes: int = 1 << 16) -> st
     """
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        shape = tuple(getattr(tensor, "ds_shape", tensor.shape))
+        shape = tuple(full_shape(tensor))
         h.update(f"{name}|{shape}|{tensor.dtype}|".encode())
         if tensor.numel() == 0:
             continue
@@ -278,3 +279,8 @@ def load_adapter_package(directory: str | Path) -> AdapterPackage:
     verify_files(directory, manifest)
     tensors = read_safetensors(directory / ADAPTER_WEIGHTS, expected=table)
     return AdapterPackage(directory, tensors, manifest)
+
+
+def adapter_blocks(manifest: dict) -> list[int]:
+    """Original indices of the adapter blocks a package or bundle covers (both sides read it here)."""
+    return [manifest["block_map"][p] for p in manifest["adapter_positions"]]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -84,23 +83,6 @@ def hidden_size_of(model_config) -> int | None:
     return None
 
 
-def world_size() -> int:
-    import torch
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", 1))
-
-
-def bf16_wanted(precision: str) -> bool:
-    """bf16 on CUDA unless fp32 was asked; on CPU only when asked (it is slow there, but it works)."""
-    import torch
-
-    if precision not in ("auto", "fp32", "bf16"):
-        raise OffsiteError(f"--precision {precision} must be auto, fp32 or bf16")
-    return precision == "bf16" or (precision == "auto" and torch.cuda.is_available())
-
-
 class _Filler:
     """Walks dotted keys: fills "auto", checks that concrete values agree with the run's settings."""
 
@@ -133,17 +115,20 @@ def remaining_autos(config, prefix: str = "") -> list[str]:
     return [prefix.rstrip(".")] if config == "auto" else []
 
 
-def build_ds_config(source: str | Path | dict, cfg, model_config=None, total_steps: int | None = None,
-                    torch_adam: bool | None = None, world: int | None = None) -> dict:
+def build_ds_config(source: str | Path | dict, cfg, model_config=None, world: int | None = None,
+                    bf16: bool | None = None, announce: bool = True) -> dict:
     """The ds config `source` with every "auto" filled from `cfg` (a TrainConfig) and the model's config.
 
-    Idempotent: filling an already filled config checks it again and changes nothing. `torch_adam`
-    (default: cfg.extra["torch_adam"]) swaps DeepSpeed's fused/CPU Adam for torch's AdamW through the
-    optimizer's own `torch_adam` switch - no JIT op build, for CPU tests and try-outs.
+    Idempotent: filling an already filled config checks it again and changes nothing. `world` and `bf16`
+    are the Runtime's facts (defaults: this process's view). `cfg.torch_adam` swaps DeepSpeed's
+    fused/CPU Adam for torch's AdamW through the optimizer's own `torch_adam` switch - no JIT op build,
+    for CPU tests and try-outs. `announce`: print notes (rank 0 only).
     """
+    from offsite_ds.runtime import bf16_wanted, default_device_type, rank_and_world
+
     config = load_ds_config(source)
     stage = zero_stage(config)
-    world = world or world_size()
+    world = world or rank_and_world()[1]
     filler = _Filler(config)
     filler.fill("train_micro_batch_size_per_gpu", cfg.batch_size, "--batch-size")
     filler.fill("gradient_accumulation_steps", cfg.grad_accum, "--grad-accum")
@@ -154,7 +139,7 @@ def build_ds_config(source: str | Path | dict, cfg, model_config=None, total_ste
     filler.fill("optimizer.params.betas", ADAM_BETAS, "the AdamW betas")
     filler.fill("optimizer.params.eps", ADAM_EPS, "the AdamW eps")
     filler.fill("optimizer.params.weight_decay", cfg.weight_decay, "--weight-decay")
-    bf16 = bf16_wanted(cfg.precision)
+    bf16 = bf16_wanted(cfg.precision, default_device_type()) if bf16 is None else bf16
     filler.fill("bf16.enabled", bf16, f"--precision {cfg.precision}", must_match=cfg.precision != "auto")
     filler.fill("fp16.enabled", False, "offsite-ds (fp16 is not used; bf16 or fp32)")
     if config.get("fp16", {}).get("enabled") is True:
@@ -173,11 +158,10 @@ def build_ds_config(source: str | Path | dict, cfg, model_config=None, total_ste
     if "scheduler" in config:
         # deepspeed.initialize prefers the loop's client scheduler; drop the section so the config says what runs
         config.pop("scheduler")
-        if int(os.environ.get("RANK", 0)) == 0:
+        if announce:
             print("offsite-ds: the DeepSpeed config's 'scheduler' is ignored: the training loop's linear warm-up + "
-                  "cosine schedule (--lr, --warmup-steps) is the one schedule", file=sys.stderr)
-    torch_adam = bool(cfg.extra.get("torch_adam", False)) if torch_adam is None else torch_adam
-    if torch_adam and "optimizer" in config:
+                  "cosine schedule (--lr, --warmup) is the one schedule", file=sys.stderr)
+    if cfg.torch_adam and "optimizer" in config:
         if config["optimizer"].get("type", "").lower() not in ("adam", "adamw"):
             raise OffsiteError(f"--torch-adam replaces Adam/AdamW, but the config's optimizer is "
                                f"{config['optimizer'].get('type')!r}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 
 from offsite_ds.errors import OffsiteError
 from offsite_ds.families import family_of, get_path, set_path
@@ -101,26 +101,13 @@ def build_emulator(model: PreTrainedModel, layout: Layout, method: str = "drop",
     return emulator, block_map
 
 
-def load_owner_model(model_dir: str | Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """Load the owner's full model from a local HF directory (never the hub, never pickle)."""
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise OffsiteError(f"{path} is not a Hugging Face model directory (no config.json); pass a local model dir")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, use_safetensors=True,
-                                                     local_files_only=True)
-    except OSError as exc:
-        raise OffsiteError(f"cannot load {path}: {str(exc).splitlines()[0]} (safetensors weights are required)")
-    family_of(model)  # refuse unsupported architectures early, with the family table's message
-    return model.eval()
-
-
 def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, keep_ratio: float | None = None,
                 method: str = "drop", prune_ratio: float = 0.5, quant_bits: int = 8) -> Path:
     """Model owner's `emulate`: full model dir -> EmulatorBundle dir."""
     from offsite_ds.bundle import fingerprint_model, save_bundle
+    from offsite_ds.runtime import load_model
 
-    model = load_owner_model(model_dir)
+    model = load_model(model_dir)
     family = family_of(model)
     n_layers = len(get_path(model, family.blocks))
     layout = parse_layout(layout_spec, n_layers, keep_ratio)

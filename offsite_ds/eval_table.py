@@ -17,14 +17,19 @@ from pathlib import Path
 import torch
 
 from offsite_ds.atomic import write_json, write_text
-from offsite_ds.bundle import BUNDLE_FORMAT, AdapterPackage, load_adapter_package, load_bundle, read_manifest
-from offsite_ds.errors import ArtifactError, OffsiteError
+from offsite_ds.bundle import AdapterPackage, load_bundle
+from offsite_ds.errors import OffsiteError
 from offsite_ds.lm_eval_bridge import load_tasks, place_model, run_tasks
+from offsite_ds.report import BASELINE_ROW, CLAIMS, check_round_trip
+from offsite_ds.report import ROWS as ROUND_TRIP_ROWS
 
-ROWS = ("Full zero-shot", "Emulator zero-shot", "FT", "OT Emulator", "OT Plug-in")
+ROWS = (*ROUND_TRIP_ROWS[:2], BASELINE_ROW, *ROUND_TRIP_ROWS[2:])  # the paper's order
 ROW_FILES = {row: row.lower().replace(" ", "_").replace("-", "_") + ".json" for row in ROWS}
 PRIVACY_GAP = "Privacy gap (Plug-in − OT Emulator)"
 TUNING_GAIN = "Tuning gain (Plug-in − Full zero-shot)"
+# each gap is one of the paper's claims (report.CLAIMS), with the sentence the table states it in
+GAPS = {PRIVACY_GAP: (CLAIMS["plug-in < OT emulator"], "plug-in beats the tuned emulator (privacy)"),
+        TUNING_GAIN: (CLAIMS["plug-in < full zero-shot"], "plug-in beats full zero-shot (tuning helps)")}
 PAPER_NAMES = {"openbookqa": "OpenBookQA", "piqa": "PIQA", "arc_easy": "ARC-E", "arc_challenge": "ARC-C",
                "hellaswag": "HellaSwag", "sciq": "SciQ", "webqs": "WebQs", "race": "RACE", "wikitext": "WikiText"}
 COMPRESSION_NAMES = {"drop": "Layer-drop", "prune": "Prune", "quantize": "Quantize"}
@@ -82,7 +87,7 @@ def row_models(model_dir: str | Path, bundle_dir: str | Path, package: AdapterPa
     """
     from transformers import AutoTokenizer
 
-    from offsite_ds.emulator import load_owner_model
+    from offsite_ds.runtime import load_model
     from offsite_ds.plugin import apply_to_emulator, load_model_dir, plug_in
 
     def emulator():
@@ -94,7 +99,7 @@ def row_models(model_dir: str | Path, bundle_dir: str | Path, package: AdapterPa
         return apply_to_emulator(bundle, package), bundle.tokenizer
 
     def full():
-        return load_owner_model(model_dir), AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        return load_model(model_dir), AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
 
     def plugged():
         model, tokenizer = full()
@@ -105,18 +110,7 @@ def row_models(model_dir: str | Path, bundle_dir: str | Path, package: AdapterPa
     yield "OT Plug-in", plugged  # before Full zero-shot: a package that does not fit the model fails early
     yield "Full zero-shot", full
     if ft_dir is not None:
-        yield "FT", lambda: load_model_dir(ft_dir)
-
-
-def _precheck(bundle_dir: str | Path, adapter_dir: str | Path) -> tuple[dict, AdapterPackage]:
-    """The package, validated, and the bundle's manifest, checked against it before any model loads (the
-    bundle's weights are validated when it loads)."""
-    bundle_manifest = read_manifest(bundle_dir, BUNDLE_FORMAT)
-    package = load_adapter_package(adapter_dir)
-    if package.manifest["bundle_fingerprint"] != bundle_manifest.get("fingerprint"):
-        raise ArtifactError(f"{adapter_dir}: adapter was tuned on another emulator bundle than {bundle_dir}; "
-                            "pass the bundle it was tuned on")
-    return bundle_manifest, package
+        yield BASELINE_ROW, lambda: load_model_dir(ft_dir)
 
 
 def eval_table(model_dir: str | Path, bundle_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,
@@ -127,7 +121,7 @@ def eval_table(model_dir: str | Path, bundle_dir: str | Path, adapter_dir: str |
 
     if not options.tasks and options.ppl_data is None:
         raise OffsiteError("nothing to evaluate: pass --tasks NAME[,NAME...] and/or --ppl-data FILE")
-    bundle_manifest, package = _precheck(bundle_dir, adapter_dir)
+    bundle_manifest, package = check_round_trip(bundle_dir, adapter_dir)
     tasks = load_tasks(options.tasks, options.include_path) if options.tasks else None
     texts = load_texts(options.ppl_data, options.text_field) if options.ppl_data is not None else None
     out = Path(out_dir)
@@ -183,7 +177,7 @@ def build_table(rows: dict[str, dict], title: str, options: EvalOptions | None =
     stderr = {r: {c["key"]: rows[r].get("tasks", {}).get(c["key"], {}).get("stderr", {}).get(c["metric"])
                   for c in columns} for r in ordered}
     gaps = {}
-    for gap, (a, b) in ((PRIVACY_GAP, ("OT Plug-in", "OT Emulator")), (TUNING_GAIN, ("OT Plug-in", "Full zero-shot"))):
+    for gap, ((a, b), _) in GAPS.items():
         if a in grid and b in grid:
             gaps[gap] = {c["key"]: None if grid[a][c["key"]] is None or grid[b][c["key"]] is None
                          else grid[a][c["key"]] - grid[b][c["key"]] for c in columns}
@@ -230,8 +224,7 @@ def format_table(table: dict) -> str:
         lines.append(f"Standard error of an accuracy above (lm-eval): up to ±{100 * worst:.1f} pp; "
                      "gaps smaller than about twice that are noise.")
     rows = table["rows"]
-    for claim, (a, b) in (("plug-in beats the tuned emulator (privacy)", ("OT Plug-in", "OT Emulator")),
-                          ("plug-in beats full zero-shot (tuning helps)", ("OT Plug-in", "Full zero-shot"))):
+    for (a, b), claim in GAPS.values():
         if a in rows and b in rows:
             pairs = [(rows[a][c["key"]], rows[b][c["key"]], c) for c in columns]
             pairs = [p for p in pairs if p[0] is not None and p[1] is not None]

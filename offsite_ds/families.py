@@ -153,3 +153,25 @@ def depth_of(model: nn.Module) -> int:
 def block_prefix(family: Family, index: int) -> str:
     """State-dict name prefix of block `index`, e.g. 'model.decoder.layers.3.'."""
     return f"{family.blocks}.{index}."
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """GPT-2's Conv1D: a linear layer that stores its weight as [in, out] (LoRA's `fan_in_fan_out`)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def out_features(module: nn.Module) -> int:
+    """Output width of a linear layer, whichever way round it stores its weight."""
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    weight = getattr(module, "weight", None)
+    if weight is not None and weight.dim() == 2:
+        return weight.shape[1] if is_transposed_linear(module) else weight.shape[0]
+    raise UnsupportedModelError(f"{type(module).__name__} is not a linear layer")
+
+
+def fan_in_fan_out(model: nn.Module) -> bool:
+    """Whether the model's block linears store [in, out] weights (GPT-2), as PEFT's LoraConfig needs to know."""
+    return any(is_transposed_linear(m) for m in blocks_of(model).modules())

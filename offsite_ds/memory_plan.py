@@ -14,13 +14,12 @@ CUDA context and communication buffers are covered by a fixed overhead and a hea
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from pathlib import Path
 
 from offsite_ds.errors import OffsiteError
+from offsite_ds.paper_models import PAPER_MODELS, paper_config, paper_layout, read_model_config
 from offsite_ds.sandwich import Layout, parse_layout
 
 GiB = 1 << 30
@@ -28,19 +27,7 @@ BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor for CPU memory
 RUNTIME_OVERHEAD = 1.5 * GiB  # CUDA context, NCCL and allocator reserve per GPU (assumed, not measured)
 ROLES = ("distill", "ft", "ft-lora", "tune")
 
-# The paper's models and layouts, as configs (no download needed to plan for them).
-KNOWN_MODELS: dict[str, tuple[dict, str]] = {
-    "opt-1.3b": ({"model_type": "opt", "vocab_size": 50272, "hidden_size": 2048, "num_hidden_layers": 24,
-                  "ffn_dim": 8192, "num_attention_heads": 32, "word_embed_proj_dim": 2048,
-                  "max_position_embeddings": 2048}, "2-8-2"),
-    "gpt2-xl": ({"model_type": "gpt2", "vocab_size": 50257, "n_embd": 1600, "n_layer": 48, "n_head": 25,
-                 "n_positions": 1024}, "2-16-2"),
-    "opt-6.7b": ({"model_type": "opt", "vocab_size": 50272, "hidden_size": 4096, "num_hidden_layers": 32,
-                  "ffn_dim": 16384, "num_attention_heads": 32, "word_embed_proj_dim": 4096,
-                  "max_position_embeddings": 2048}, "2-18-2"),
-    "bloom-7b1": ({"model_type": "bloom", "vocab_size": 250880, "hidden_size": 4096, "n_layer": 30, "n_head": 32},
-                  "2-12-2"),
-}
+KNOWN_MODELS = PAPER_MODELS  # the paper's models: plan for them by name, no download
 
 
 @dataclass(frozen=True)
@@ -67,24 +54,7 @@ class ModelShape:
 
 
 def _config_from(spec: str):
-    from transformers import AutoConfig
-
-    if spec in KNOWN_MODELS:
-        values, _ = KNOWN_MODELS[spec]
-        return AutoConfig.for_model(**values)
-    path = Path(spec)
-    if path.is_dir() and (path / "config.json").is_file():
-        path = path / "config.json"
-    if path.is_file():
-        try:
-            values = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise OffsiteError(f"{path}: not valid JSON ({exc.msg})")
-        if "model_type" not in values:
-            raise OffsiteError(f"{path}: no model_type; pass a Hugging Face config.json")
-        return AutoConfig.for_model(**values)
-    raise OffsiteError(f"unknown model '{spec}': pass one of {', '.join(KNOWN_MODELS)} or a local config.json / "
-                       "model directory")
+    return paper_config(spec) if spec in PAPER_MODELS else read_model_config(spec, PAPER_MODELS)
 
 
 @lru_cache(maxsize=16)
@@ -114,7 +84,7 @@ def model_shape(spec: str) -> ModelShape:
         heads=int(model.config.num_attention_heads), vocab=int(model.config.vocab_size), total_params=total,
         block_params=sum(p.numel() for p in blocks[0].parameters()), largest_layer_params=largest,
         lora_params_per_block=lora, eager_attention=attn == "eager",
-        default_layout=KNOWN_MODELS[spec][1] if spec in KNOWN_MODELS else None)
+        default_layout=paper_layout(spec))
 
 
 # ------------------------------------------------------------------------------------ model states

@@ -11,8 +11,8 @@ import re
 import torch
 import torch.nn as nn
 
-from offsite_ds.errors import OffsiteError
-from offsite_ds.families import Family, family_of, get_path
+from offsite_ds.errors import OffsiteError, UnsupportedModelError
+from offsite_ds.families import Family, fan_in_fan_out, family_of, get_path, out_features
 
 MODES = ("full", "lora", "adapter", "bitfit")
 DEFAULTS = {
@@ -47,15 +47,6 @@ def _adapter_hook(module: nn.Module, _inputs, output):
     return module.bottleneck_adapter(output)
 
 
-def _out_features(module: nn.Module) -> int:
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    weight = getattr(module, "weight", None)  # GPT-2's Conv1D stores weight as [in, out]
-    if weight is not None and weight.dim() == 2:
-        return weight.shape[1] if type(module).__name__ == "Conv1D" else weight.shape[0]
-    raise OffsiteError(f"cannot attach a bottleneck adapter to {type(module).__name__}")
-
-
 def insert_bottleneck_adapters(model: nn.Module, positions: list[int], bottleneck: int) -> None:
     """Attach an adapter after the attention and MLP output projections of each listed block (Houlsby)."""
     family = family_of(model)
@@ -68,7 +59,11 @@ def insert_bottleneck_adapters(model: nn.Module, positions: list[int], bottlenec
             if hasattr(proj, "bottleneck_adapter"):
                 continue
             ref = next(proj.parameters())
-            proj.bottleneck_adapter = BottleneckAdapter(_out_features(proj), bottleneck).to(ref.device, ref.dtype)
+            try:
+                width = out_features(proj)
+            except UnsupportedModelError:
+                raise OffsiteError(f"cannot attach a bottleneck adapter to {type(proj).__name__}")
+            proj.bottleneck_adapter = BottleneckAdapter(width, bottleneck).to(ref.device, ref.dtype)
             proj.register_forward_hook(_adapter_hook)
 
 
@@ -78,6 +73,20 @@ def lora_target_regex(family: Family, positions: list[int], targets: list[str] |
     pos = "|".join(str(p) for p in positions)
     names = "|".join(re.escape(t) for t in targets)
     return rf"{blocks}\.({pos})\.(.*\.)?({names})"
+
+
+def lora_config(model: nn.Module, positions: list[int], settings: dict, task_type: str | None = None):
+    """The one PEFT LoraConfig for resolved LoRA `settings` on blocks `positions` of `model`.
+
+    Used to inject LoRA for training and to write the PEFT export, so both describe the same adapter.
+    """
+    from peft import LoraConfig
+
+    family = family_of(model)
+    return LoraConfig(r=int(settings["r"]), lora_alpha=float(settings["alpha"]),
+                      lora_dropout=float(settings["dropout"]),
+                      target_modules=lora_target_regex(family, positions, settings["targets"] or family.lora_targets),
+                      fan_in_fan_out=fan_in_fan_out(model), bias="none", task_type=task_type)
 
 
 def resolve_settings(mode: str, settings: dict | None) -> dict:
@@ -124,14 +133,11 @@ def apply_mode(model: nn.Module, positions: list[int], mode: str = "full", setti
                 if ".bottleneck_adapter." in f".{name}":
                     p.requires_grad_(True)
     elif mode == "lora":
-        from peft import LoraConfig, inject_adapter_in_model
+        from peft import inject_adapter_in_model
 
         targets = list(settings["targets"] or family.lora_targets)
         settings["targets"] = targets
-        config = LoraConfig(r=int(settings["r"]), lora_alpha=float(settings["alpha"]),
-                            lora_dropout=float(settings["dropout"]),
-                            target_modules=lora_target_regex(family, positions, targets),
-                            fan_in_fan_out=family.name == "gpt2", bias="none")
+        config = lora_config(model, positions, settings)
         try:
             inject_adapter_in_model(config, model, adapter_name=LORA_ADAPTER_NAME)
         except ValueError as exc:
@@ -164,14 +170,47 @@ def rename_blocks(names_to_tensors: dict[str, torch.Tensor], family: Family, ind
     return out
 
 
-@torch.no_grad()
-def merge_lora_(model: nn.Module) -> None:
-    """Fold LoRA into the base weights and drop the LoRA wrappers, restoring plain module names."""
+def lora_layers(model: nn.Module) -> dict[str, tuple[float, bool]]:
+    """Module name -> (scaling, fan_in_fan_out) of every LoRA-wrapped layer."""
     from peft.tuners.lora import LoraLayer
 
+    return {name: (float(m.scaling[LORA_ADAPTER_NAME]), bool(getattr(m, "fan_in_fan_out", False)))
+            for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+@torch.no_grad()
+def merge_lora_state(state: dict[str, torch.Tensor], layers: dict[str, tuple[float, bool]]) -> dict[str, torch.Tensor]:
+    """Fold LoRA into a gathered state dict: W + scaling * B @ A, plain module names, no LoRA tensors.
+
+    Works on the state dict rather than the live modules, so a sharded model needs no in-place merge.
+    """
+    merged = dict(state)
+    for name, (scaling, fan_in_fan_out) in layers.items():
+        base = merged.pop(f"{name}.base_layer.weight")
+        a = merged.pop(f"{name}.lora_A.{LORA_ADAPTER_NAME}.weight").float()
+        b = merged.pop(f"{name}.lora_B.{LORA_ADAPTER_NAME}.weight").float()
+        delta = (b @ a) * scaling
+        merged[f"{name}.weight"] = (base.float() + (delta.T if fan_in_fan_out else delta)).to(base.dtype)
+        if f"{name}.base_layer.bias" in merged:
+            merged[f"{name}.bias"] = merged.pop(f"{name}.base_layer.bias")
+    leftover = [k for k in merged if ".lora_" in k or ".base_layer." in k]
+    if leftover:
+        raise OffsiteError(f"LoRA tensor '{leftover[0]}' could not be merged; this is a bug in the export")
+    return merged
+
+
+@torch.no_grad()
+def merge_lora_(model: nn.Module) -> None:
+    """Fold LoRA into the live model's base weights and drop the LoRA wrappers (plain module names again).
+
+    The same merge as an exported state dict gets (`merge_lora_state`), loaded into the unwrapped layers.
+    """
     from offsite_ds.families import set_path
 
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLayer):
-            module.merge(safe_merge=True)
-            set_path(model, name, module.get_base_layer())
+    layers = lora_layers(model)
+    if not layers:
+        return
+    merged = merge_lora_state(model.state_dict(), layers)
+    for name in layers:
+        set_path(model, name, get_path(model, name).get_base_layer())
+    model.load_state_dict(merged, strict=True)

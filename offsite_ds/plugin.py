@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from offsite_ds.atomic import atomic_dir, write_json
-from offsite_ds.bundle import (PEFT_DIR, AdapterPackage, Bundle, fingerprint_model, load_adapter_package,
+from offsite_ds.bundle import (PEFT_DIR, AdapterPackage, Bundle, adapter_blocks, fingerprint_model, load_adapter_package,
                                read_safetensors)
 from offsite_ds.errors import ArtifactError, OffsiteError
 from offsite_ds.families import family_of, get_path
@@ -22,11 +22,6 @@ from offsite_ds.peft_modes import apply_mode, canonical_name, merge_lora_, renam
 
 PLUGGED_FORMAT = "offsite-ds.plugged-model"
 PLUGGED_MANIFEST = "offsite.json"
-
-
-def adapter_blocks(manifest: dict) -> list[int]:
-    """Original indices of the adapter blocks a package or bundle covers."""
-    return [manifest["block_map"][p] for p in manifest["adapter_positions"]]
 
 
 def install_adapter(model: torch.nn.Module, package: AdapterPackage, original_to_position: dict[int, int]) -> None:
@@ -102,10 +97,10 @@ def apply_to_emulator(bundle: Bundle, package: AdapterPackage) -> torch.nn.Modul
 
 def plugin(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:
     """Owner's `plugin` command: validate, plug in, export a model dir that `from_pretrained` loads."""
-    from offsite_ds.emulator import load_owner_model
+    from offsite_ds.runtime import load_model
 
     package = load_adapter_package(adapter_dir)  # validate before loading a large model
-    model = load_owner_model(model_dir)
+    model = load_model(model_dir)
     plug_in(model, package)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     with atomic_dir(out_dir) as tmp:
@@ -131,9 +126,9 @@ def load_model_dir(directory: str | Path, dtype: torch.dtype = torch.float32):
     """
     from offsite_ds.bundle import BUNDLE_FORMAT, load_bundle
 
-    path = Path(directory)
-    if not (path / "config.json").is_file():
-        raise OffsiteError(f"{path} is not a model directory (no config.json)")
+    from offsite_ds.runtime import require_model_dir
+
+    path = require_model_dir(directory)
     manifest = {}
     if (path / PLUGGED_MANIFEST).is_file():
         manifest = json.loads((path / PLUGGED_MANIFEST).read_text())
@@ -156,8 +151,9 @@ def load_model_dir(directory: str | Path, dtype: torch.dtype = torch.float32):
         for p in model.parameters():
             p.requires_grad_(False)
         return model.eval(), tokenizer
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, local_files_only=True)
-    return model.eval(), tokenizer
+    from offsite_ds.runtime import load_model
+
+    return load_model(path, dtype), tokenizer
 
 
 def _is_tied(model, name: str) -> bool:

@@ -8,12 +8,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from offsite_ds.bundle import load_adapter_package, load_bundle
-from offsite_ds.emulator import load_owner_model
+from offsite_ds.bundle import BUNDLE_FORMAT, AdapterPackage, load_adapter_package, load_bundle, read_manifest
+from offsite_ds.errors import ArtifactError
 from offsite_ds.evaluate import perplexity
 from offsite_ds.plugin import apply_to_emulator, load_model_dir, plug_in
+from offsite_ds.runtime import load_model
 
-ROWS = ("Full zero-shot", "Emulator zero-shot", "OT Emulator", "OT Plug-in")
+ROWS = ("Full zero-shot", "Emulator zero-shot", "OT Emulator", "OT Plug-in")  # one round trip's rows
+BASELINE_ROW = "FT"  # the owner's fine-tuned baseline, when one is evaluated beside them
+# the paper's two claims: the plug-in row beats the other row of each pair
+CLAIMS = {"plug-in < full zero-shot": ("OT Plug-in", "Full zero-shot"),
+          "plug-in < OT emulator": ("OT Plug-in", "OT Emulator")}
+
+
+def check_round_trip(bundle_dir: str | Path, adapter_dir: str | Path) -> tuple[dict, AdapterPackage]:
+    """The package, validated, and the bundle's manifest, checked against it before any model loads (the
+    bundle's weights are validated when it loads)."""
+    bundle_manifest = read_manifest(bundle_dir, BUNDLE_FORMAT)
+    package = load_adapter_package(adapter_dir)
+    if package.manifest["bundle_fingerprint"] != bundle_manifest.get("fingerprint"):
+        raise ArtifactError(f"{adapter_dir}: adapter was tuned on another emulator bundle than {bundle_dir}; "
+                            "pass the bundle it was tuned on")
+    return bundle_manifest, package
 
 
 def perplexity_rows(model_dir: str | Path, bundle_dir: str | Path, adapter_dir: str | Path,
@@ -25,7 +41,7 @@ def perplexity_rows(model_dir: str | Path, bundle_dir: str | Path, adapter_dir: 
     With `plugged_dir` the plug-in row scores that exported directory (what the owner would serve);
     without it the package is plugged into the full model in memory.
     """
-    package = load_adapter_package(adapter_dir)
+    _, package = check_round_trip(bundle_dir, adapter_dir)
     bundle = load_bundle(bundle_dir)
     tokenizer = bundle.tokenizer
 
@@ -37,7 +53,7 @@ def perplexity_rows(model_dir: str | Path, bundle_dir: str | Path, adapter_dir: 
     rows = {"Emulator zero-shot": score(bundle.model)}
     rows["OT Emulator"] = score(apply_to_emulator(bundle, package))
     del bundle
-    full = load_owner_model(model_dir)
+    full = load_model(model_dir)
     rows["Full zero-shot"] = score(full)
     if plugged_dir is not None:
         del full
@@ -50,10 +66,7 @@ def perplexity_rows(model_dir: str | Path, bundle_dir: str | Path, adapter_dir: 
 def claims(rows: dict[str, dict[str, float]]) -> dict[str, bool]:
     """The paper's two claims, on every split: the plug-in beats zero-shot and the tuned emulator."""
     splits = list(rows["OT Plug-in"])
-    return {
-        "plug-in < full zero-shot": all(rows["OT Plug-in"][s] < rows["Full zero-shot"][s] for s in splits),
-        "plug-in < OT emulator": all(rows["OT Plug-in"][s] < rows["OT Emulator"][s] for s in splits),
-    }
+    return {claim: all(rows[a][s] < rows[b][s] for s in splits) for claim, (a, b) in CLAIMS.items()}
 
 
 def format_rows(rows: dict[str, dict[str, float]], labels: dict[str, str] | None = None) -> str:

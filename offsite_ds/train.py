@@ -15,20 +15,23 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from offsite_ds.atomic import write_json
 from offsite_ds.errors import OffsiteError
+from offsite_ds.runtime import Runtime
 
 CHECKPOINT_POINTER = "latest.json"
 EXIT_PREEMPTED = 143
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
+    """The run's settings (immutable: derive a variant with `dataclasses.replace`)."""
+
     steps: int | None = None  # optimizer steps; None -> derived from epochs
     epochs: float = 1.0
     lr: float = 1e-4
@@ -52,7 +55,7 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     progress: bool = True
     device: str | None = None
-    extra: dict = field(default_factory=dict)  # role settings recorded in logs
+    torch_adam: bool = False  # DeepSpeed engine: torch's AdamW instead of the fused/CPU Adam (no JIT op build)
 
     def total_steps(self, micro_batches_per_epoch: int) -> int:
         if self.steps is not None:
@@ -69,6 +72,11 @@ def checkpoint_dir_beside(out_dir: str | Path) -> str:
     return str(Path(out_dir).with_name(Path(out_dir).name + ".checkpoints"))
 
 
+def for_output(cfg: TrainConfig, out_dir: str | Path) -> TrainConfig:
+    """`cfg` for a run writing `out_dir`: its checkpoint dir defaults to OUT.checkpoints (a copy; cfg is frozen)."""
+    return replace(cfg, checkpoint_dir=cfg.checkpoint_dir or checkpoint_dir_beside(out_dir))
+
+
 def cosine_with_warmup(total: int, warmup: int, min_ratio: float = 0.0):
     """LR multiplier: linear warm-up, then cosine decay to `min_ratio` at `total`."""
     def factor(step: int) -> float:
@@ -79,39 +87,20 @@ def cosine_with_warmup(total: int, warmup: int, min_ratio: float = 0.0):
     return factor
 
 
-def dist_rank() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def pick_device(cfg: TrainConfig) -> torch.device:
-    if cfg.device:
-        return torch.device(cfg.device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
-def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
-    if cfg.precision not in ("auto", "fp32", "bf16"):
-        raise OffsiteError(f"--precision {cfg.precision} must be auto, fp32 or bf16")
-    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-
-
 # ------------------------------------------------------------------------------------------ engines
 
 class TorchEngine:
     """One device, plain torch: AdamW + cosine, accumulation, clipping, bf16 autocast on CUDA."""
 
-    def __init__(self, model, params, cfg: TrainConfig, total_steps: int, device: torch.device):
+    def __init__(self, model, params, cfg: TrainConfig, total_steps: int, runtime: Runtime):
+        device = runtime.device
         self.module, self.cfg, self.device = model.to(device), cfg, device
         self.params = list(params)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            betas=(0.9, 0.999), fused=device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, cosine_with_warmup(total_steps, cfg.warmup_steps, cfg.min_lr_ratio))
-        self.bf16 = use_bf16(cfg, device)
+        self.bf16 = runtime.autocast_bf16
         self.micro = 0
         self.last_grad_norm = float("nan")
 
@@ -172,14 +161,14 @@ class TorchEngine:
 class DeepSpeedEngine:
     """A DeepSpeed engine (ZeRO 0-3, offload) behind the same interface; it owns accumulation."""
 
-    def __init__(self, model, params, cfg: TrainConfig, total_steps: int, device: torch.device):
+    def __init__(self, model, params, cfg: TrainConfig, total_steps: int, runtime: Runtime):
+        import copy
+
         import deepspeed
 
-        from offsite_ds.ds_config import build_ds_config  # fills "auto" values from cfg and the model shape
-
-        self.cfg, self.device = cfg, device
-        ds_config = build_ds_config(cfg.deepspeed, cfg, model_config=getattr(model, "config", None),
-                                    total_steps=total_steps)
+        self.cfg, self.device = cfg, runtime.device
+        # the Runtime's config, filled once (already, when the model was built sharded); a copy: the engine adds keys
+        ds_config = copy.deepcopy(runtime.configure(cfg, model_config=getattr(model, "config", None)))
         schedule = cosine_with_warmup(total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
         optimizer = None
         if "optimizer" not in ds_config:
@@ -292,79 +281,116 @@ def threading_main() -> bool:
 
 # ----------------------------------------------------------------------------------------- the loop
 
-def train(role, loader, cfg: TrainConfig) -> dict:
+def train(role, loader, cfg: TrainConfig, runtime: Runtime | None = None) -> dict:
     """Train `role` on `loader` (object with len() micro-batches per epoch and iterate(start_step)).
 
-    Returns a summary: steps, tokens, final and best losses, wall time. Exports via `role.export`
-    whenever the evaluation improves (or once at the end when the role has no evaluation).
+    Returns a summary: steps, tokens, final and best losses, the role's final metrics, wall time.
+    Exports via `role.export` whenever the evaluation improves (or once at the end when the role has no
+    evaluation). `runtime` defaults to the one `cfg` asks for (and is then closed at the end).
     """
-    rank, world = dist_rank()
-    device = pick_device(cfg)
-    total = cfg.total_steps(len(loader))
-    torch.manual_seed(cfg.seed)
-    params = [p for p in role.trainable_parameters()]
-    if not params:
-        raise OffsiteError("nothing to train: the role left no parameter trainable")
-    engine_cls = DeepSpeedEngine if cfg.deepspeed else TorchEngine
-    engine = engine_cls(role.model, params, cfg, total, device)
-    ckpt_root = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    if runtime is not None:
+        return _train(role, loader, cfg, runtime)
+    with Runtime.from_config(cfg) as own:
+        return _train(role, loader, cfg, own)
 
+
+class _StepWindow:
+    """Means of the loss and the role's metrics over one optimizer step's micro-batches."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.n = 0
+
+    def add(self, loss: torch.Tensor, metrics: dict) -> None:
+        for key, value in {"loss": loss.detach(), **metrics}.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+        self.n += 1
+
+    def close(self) -> dict[str, float]:
+        means = {k: v / self.n for k, v in self.sums.items()}
+        self.sums, self.n = {}, 0
+        return means
+
+
+def _resume_state(engine, cfg: TrainConfig, ckpt_root: Path | None, runtime: Runtime) -> dict:
     state = {"step": 0, "micro": 0, "tokens": 0, "best_eval": None, "best_step": None, "last_loss": None,
-             "history": []}
+             "last_metrics": {}, "history": []}
     if cfg.resume:
         found = latest_checkpoint(ckpt_root) if ckpt_root else None
         if found is None:
             raise OffsiteError(f"--resume: no checkpoint under {ckpt_root}; run without --resume to start afresh")
         state.update(engine.load_checkpoint(found))
-        if rank == 0:
+        if runtime.is_main:
             print(f"resumed from {found} at step {state['step']}", file=sys.stderr)
+    return state
 
-    run = _wandb_init(cfg, role, total) if (cfg.wandb and rank == 0) else None
-    bar = None
-    if cfg.progress and rank == 0:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, initial=state["step"], desc=getattr(role, "name", "train"), dynamic_ncols=True)
-    start = time.time()
-    window_loss, window_n = 0.0, 0
-    summary_extra: dict = {}
+def _progress_bar(cfg: TrainConfig, role, total: int, start_step: int, runtime: Runtime):
+    if not (cfg.progress and runtime.is_main):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start_step, desc=getattr(role, "name", "train"), dynamic_ncols=True)
+
+
+def _micro_step(role, engine, batch: dict, state: dict, window: _StepWindow, world: int) -> bool:
+    """Forward and backward one micro-batch; True when the optimizer stepped."""
+    batch = {k: v.to(engine.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    with engine.autocast():
+        loss, metrics = role.compute_loss(engine, batch)
+    if not torch.isfinite(loss):
+        raise OffsiteError(f"loss became {loss.item()} at step {state['step']}; lower --lr or check the data")
+    stepped = engine.backward_and_step(loss)
+    state["tokens"] += int(batch["attention_mask"].sum()) * world if "attention_mask" in batch else 0
+    window.add(loss, metrics)
+    return stepped
+
+
+def _record_step(state: dict, means: dict, engine, cfg: TrainConfig, bar, run) -> None:
+    """Count the optimizer step; progress bar, loss history and W&B get its mean loss and metrics."""
+    state["step"] += 1
+    state["last_loss"] = means.pop("loss")
+    state["last_metrics"] = means
+    log = {"loss": state["last_loss"], "lr": engine.lr(), "grad_norm": engine.last_grad_norm,
+           "tokens": state["tokens"], **means}
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{log['loss']:.4f}", lr=f"{log['lr']:.2e}")
+    if cfg.log_every and state["step"] % cfg.log_every == 0:
+        state["history"].append({"step": state["step"], "loss": round(log["loss"], 6)})
+    if run is not None:
+        run.log(log, step=state["step"])
+
+
+def _train(role, loader, cfg: TrainConfig, runtime: Runtime) -> dict:
+    total = cfg.total_steps(len(loader))
+    torch.manual_seed(cfg.seed)
+    params = list(role.trainable_parameters())
+    if not params:
+        raise OffsiteError("nothing to train: the role left no parameter trainable")
+    engine = (DeepSpeedEngine if runtime.deepspeed else TorchEngine)(role.model, params, cfg, total, runtime)
+    ckpt_root = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    state = _resume_state(engine, cfg, ckpt_root, runtime)
+    run = _wandb_init(cfg, role, total) if (cfg.wandb and runtime.is_main) else None
+    bar = _progress_bar(cfg, role, total, state["step"], runtime)
+    start, window, summary_extra = time.time(), _StepWindow(), {}
     role.model.train()
     with _Preemption() as preempt:
         batches = loader.iterate(state["micro"])
         while state["step"] < total:
             micro, batch = next(batches)
-            batch = {k: v.to(engine.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            with engine.autocast():
-                loss, metrics = role.compute_loss(engine, batch)
-            if not torch.isfinite(loss):
-                raise OffsiteError(f"loss became {loss.item()} at step {state['step']}; lower --lr or check the data")
-            stepped = engine.backward_and_step(loss)
+            stepped = _micro_step(role, engine, batch, state, window, runtime.world)
             state["micro"] = micro + 1
-            state["tokens"] += int(batch["attention_mask"].sum()) * world if "attention_mask" in batch else 0
-            window_loss += float(loss.detach())
-            window_n += 1
             if not stepped:
                 continue
-            state["step"] += 1
-            state["last_loss"] = window_loss / window_n
-            log = {"loss": state["last_loss"], "lr": engine.lr(), "grad_norm": engine.last_grad_norm,
-                   "tokens": state["tokens"], **{k: float(v) for k, v in metrics.items()}}
-            window_loss, window_n = 0.0, 0
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{log['loss']:.4f}", lr=f"{log['lr']:.2e}")
-            if cfg.log_every and state["step"] % cfg.log_every == 0:
-                state["history"].append({"step": state["step"], "loss": round(log["loss"], 6)})
-            if run is not None:
-                run.log(log, step=state["step"])
-            last = state["step"] == total
-            stop = preempt.agreed()
+            _record_step(state, window.close(), engine, cfg, bar, run)
+            last, stop = state["step"] == total, preempt.agreed()
             if (cfg.eval_every and state["step"] % cfg.eval_every == 0) or last:
                 summary_extra.update(_evaluate_and_keep_best(role, engine, state, run, start, total))
                 role.model.train()
             if ckpt_root is not None and ((cfg.save_every and state["step"] % cfg.save_every == 0 and not last)
                                           or stop):
-                save_checkpoint(engine, ckpt_root, state["step"], state, rank, cfg.keep_checkpoints)
+                save_checkpoint(engine, ckpt_root, state["step"], state, runtime.rank, cfg.keep_checkpoints)
             if stop:
                 if bar is not None:
                     bar.close()
@@ -379,9 +405,11 @@ def train(role, loader, cfg: TrainConfig) -> dict:
 
 
 def _summary(state: dict, start: float, total: int, extra: dict) -> dict:
+    metrics = state.get("last_metrics") or {}  # the role's own per-step metrics, when it reports any
     return {"steps": state["step"], "total_steps": total, "tokens": state["tokens"],
             "final_loss": state["last_loss"], "best_eval_loss": state["best_eval"], "best_step": state["best_step"],
-            "wall_seconds": round(time.time() - start, 2), "loss_history": state["history"], **extra}
+            "wall_seconds": round(time.time() - start, 2), "loss_history": state["history"],
+            **({"final_metrics": metrics} if metrics else {}), **extra}
 
 
 def _evaluate_and_keep_best(role, engine, state, run, start, total) -> dict:

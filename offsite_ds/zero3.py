@@ -3,7 +3,7 @@
 With transformers 5 the only working way to build a partitioned model is an `HfDeepSpeedConfig`
 that stays alive while `from_pretrained`/`from_config` run (they then open `deepspeed.zero.Init`
 themselves, with weight init disabled); a bare `deepspeed.zero.Init` around the constructor crashes in
-`_init_weights`. Outside `forward` a partitioned parameter is an empty tensor (`numel()==0`, the real
+`_init_weights`. The Runtime (offsite_ds/runtime.py) owns that object and the loader. Outside `forward` a partitioned parameter is an empty tensor (`numel()==0`, the real
 shape in `ds_shape`), so any read of weights - comparison, fingerprint, export - gathers them with
 `deepspeed.zero.GatheredParameters` (a collective: every rank calls it, in the same order), and only
 rank 0 keeps a CPU copy for export.
@@ -11,98 +11,11 @@ rank 0 keeps a CPU copy for export.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 import torch
 
-from offsite_ds.ds_config import is_zero3
-from offsite_ds.errors import OffsiteError
-
-
-def init_distributed() -> None:
-    """Join the process group the launcher set up (no-op for one plain process without a launcher)."""
-    import warnings
-
-    # torch 2.13 deprecates the collective names DeepSpeed calls on every step; one warning per call is noise
-    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return
-    if "RANK" not in os.environ and "LOCAL_RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
-        # one process, no launcher: give it a one-rank group so DeepSpeed's collectives still work
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    import deepspeed
-
-    deepspeed.init_distributed(verbose=False)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return int(os.environ.get("RANK", 0))
-
-
-def barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def activate_zero3(ds_config: dict | None):
-    """Return the HfDeepSpeedConfig that makes transformers build models sharded, or None (not ZeRO-3).
-
-    The caller MUST keep the returned object referenced for as long as models are built or saved:
-    transformers holds it only through a weak reference.
-    """
-    if not is_zero3(ds_config):
-        return None
-    init_distributed()
-    from transformers.integrations import HfDeepSpeedConfig
-
-    return HfDeepSpeedConfig(ds_config)
-
-
-def zero3_active() -> bool:
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    return bool(is_deepspeed_zero3_enabled())
-
-
-def model_dtype(ds_config: dict | None) -> torch.dtype:
-    """The dtype weights are built in: bf16 when the engine trains in bf16, fp32 otherwise."""
-    if ds_config and ds_config.get("bf16", {}).get("enabled") is True:
-        return torch.bfloat16
-    return torch.float32
-
-
-def load_causal_lm(model_dir: str | Path, dtype: torch.dtype = torch.float32):
-    """Load a local HF causal LM (safetensors only); sharded when an HfDeepSpeedConfig for ZeRO-3 is alive."""
-    from transformers import AutoModelForCausalLM
-
-    from offsite_ds.families import family_of
-
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise OffsiteError(f"{path} is not a Hugging Face model directory (no config.json); pass a local model dir")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, local_files_only=True,
-                                                     trust_remote_code=False)
-    except OSError as exc:
-        raise OffsiteError(f"cannot load {path}: {str(exc).splitlines()[0]} (safetensors weights are required)")
-    family_of(model)
-    return model
+from offsite_ds.runtime import rank_and_world
 
 
 def enable_activation_checkpointing(model) -> None:
@@ -159,7 +72,7 @@ def gathered_state_dict(model: torch.nn.Module, to_rank: int | None = 0) -> dict
     and gets the dict (others get None), so memory for the whole model is needed on one rank's host
     only, and only at export. `to_rank=None` returns it on every rank.
     """
-    keep = to_rank is None or rank() == to_rank
+    keep = to_rank is None or rank_and_world()[0] == to_rank
     out: dict[str, torch.Tensor] = {}
     copies: dict[int, torch.Tensor] = {}
     for prefix, module in model.named_modules(remove_duplicate=False):

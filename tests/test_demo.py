@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from offsite_ds.cli import main
-from offsite_ds.cli.demo import ROWS, DemoSettings, claims, format_table, run_demo
+from offsite_ds.demo import DemoSettings, format_table, run_demo
+from offsite_ds.report import ROWS, claims
 
 FAST = dict(layout="2-2-2", steps=4, lr=1e-3, warmup=1, batch_size=2, seq_len=32, eval_seq_len=32,
             eval_tokens=256, progress=False)

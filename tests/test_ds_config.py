@@ -74,7 +74,7 @@ def test_a_concrete_value_that_disagrees_is_refused():
 def test_torch_adam_switch_and_scheduler_section():
     config = load_ds_config("zero3")
     config["scheduler"] = {"type": "WarmupCosineLR", "params": {"total_num_steps": "auto"}}
-    filled = build_ds_config(config, _cfg(extra={"torch_adam": True}), tiny_config("opt"), world=1)
+    filled = build_ds_config(config, _cfg(torch_adam=True), tiny_config("opt"), world=1)
     assert filled["optimizer"]["params"]["torch_adam"] is True
     assert "scheduler" not in filled  # the loop's warm-up + cosine is the one schedule
     assert "torch_adam" not in build_ds_config("zero3", _cfg(), tiny_config("opt"), world=1)["optimizer"]["params"]

@@ -65,7 +65,11 @@ PROBE = r'''
 import json, os, sys
 import torch
 from offsite_ds.roles import distill as D
-from offsite_ds.zero3 import full_numel, gathered, rank
+from offsite_ds.runtime import rank_and_world
+from offsite_ds.zero3 import full_numel, gathered
+
+def rank():
+    return rank_and_world()[0]
 
 def snapshot(teacher):
     snap, local = {}, {}
@@ -79,9 +83,9 @@ def snapshot(teacher):
 
 original = D.train
 
-def probed(role, loader, cfg):
+def probed(role, loader, cfg, *args, **kwargs):
     before, local = snapshot(role.model.teacher)
-    summary = original(role, loader, cfg)
+    summary = original(role, loader, cfg, *args, **kwargs)
     after, _ = snapshot(role.model.teacher)
     if rank() == 0:
         torch.save({"before": before, "after": after, "local": local}, os.environ["PROBE_OUT"])

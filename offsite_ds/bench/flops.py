@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from offsite_ds.errors import OffsiteError
 from offsite_ds.families import family_of, get_path
+from offsite_ds.zero3 import full_numel
 
 
 @dataclass
@@ -76,7 +77,7 @@ def block_cost(block: nn.Module, attn_prefix: str, attn_out: str) -> BlockCost:
         if p.dim() < 2:
             cost.other_trainable = cost.other_trainable or (p.requires_grad and not _is_lora(name))
             continue
-        n = int(getattr(p, "ds_numel", 0) or p.numel())  # ZeRO-3 partitions look empty; ds_numel is the truth
+        n = full_numel(p)  # ZeRO-3 partitions look empty
         in_proj = name.startswith(attn_prefix + ".") and not name.startswith(attn_out + ".")
         if _is_lora(name):
             cost.lora += n
@@ -100,7 +101,7 @@ def plan_from_model(model: nn.Module) -> FlopPlan:
     head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // heads
     head_module = get_path(model, family.head)
     head_weight = head_module.weight
-    head_n = int(getattr(head_weight, "ds_numel", 0) or head_weight.numel())
+    head_n = full_numel(head_weight)
     upstream, other = False, 0
     for path in family.embeddings:
         module = get_path(model, path)
@@ -108,7 +109,7 @@ def plan_from_model(model: nn.Module) -> FlopPlan:
             continue
         upstream = upstream or any(p.requires_grad for p in module.parameters())
         if isinstance(module, nn.Linear) and module.weight is not head_weight:
-            other += int(getattr(module.weight, "ds_numel", 0) or module.weight.numel())
+            other += full_numel(module.weight)
     return FlopPlan(costs, heads * head_dim, head_n, bool(head_weight.requires_grad), upstream, other)
 
 
@@ -146,7 +147,3 @@ def flops_per_token(plan: FlopPlan, seq_len: int, causal: bool = True) -> dict:
                     + out["head"] + out["other"])
     out["attention_context"] = "causal (s+1)/2" if causal else "full s"
     return out
-
-
-def model_flops_per_token(model: nn.Module, seq_len: int, causal: bool = True) -> dict:
-    return flops_per_token(plan_from_model(model), seq_len, causal)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from offsite_ds.atomic import write_json
+from offsite_ds.atomic import utc_stamp, write_json
 
 FORMAT = "offsite-ds-bench"
 FORMAT_VERSION = 1
@@ -92,7 +92,7 @@ def new_results(spec, device: torch.device, command: str | None, isolate: bool) 
     now = time.gmtime()
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "status": "running",
-        "date": time.strftime("%Y-%m-%d", now), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", now),
+        "date": time.strftime("%Y-%m-%d", now), "started": utc_stamp(now),
         "command": command, "device": describe_device(device, spec.peak_tflops).to_json(),
         "versions": versions(), "spec": dataclasses.asdict(spec),
         "isolation": "one process per case" if isolate else "one process",

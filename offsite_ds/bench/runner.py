@@ -26,10 +26,12 @@ from pathlib import Path
 
 import torch
 
+from offsite_ds.atomic import utc_stamp
 from offsite_ds.bench.settings import SETTINGS, SettingSkipped, count_params, meta_model, parse_settings, prepare
-from offsite_ds.bench.shapes import ModelShape, resolve_shape
+from offsite_ds.bench.shapes import BenchModel, resolve_shape
 from offsite_ds.errors import DataError, LayoutError, OffsiteError
 from offsite_ds.roles.base import Role
+from offsite_ds.runtime import Runtime
 
 DEFAULT_SETTINGS = tuple(SETTINGS)
 DS_OFFLOAD_CONFIG = Path(__file__).resolve().parents[2] / "ds_configs" / "zero3_offload.json"
@@ -84,7 +86,7 @@ class BenchSpec:
         parse_settings(self.settings)
 
 
-def parse_layouts(spec: str | None, shapes: list[ModelShape]) -> dict[str, str | None]:
+def parse_layouts(spec: str | None, shapes: list[BenchModel]) -> dict[str, str | None]:
     """`--layout 2-8-2` for every model, or `opt-1.3b=2-8-2,gpt2-xl=2-16-2`; unnamed models get the paper's."""
     chosen = {s.name: s.default_layout for s in shapes}
     if not spec:
@@ -164,18 +166,6 @@ def _cuda_reset(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _zero3_offload(case: dict, cfg, model_config):
-    """The owner's ZeRO-3 path (as `offsite-ds finetune` takes it): one-rank process group, the ds config
-    filled from the run, and the HfDeepSpeedConfig that makes transformers build the model sharded.
-    Returns (filled config, the object to keep alive while the model is built and trained)."""
-    from offsite_ds.ds_config import build_ds_config
-    from offsite_ds.zero3 import activate_zero3, init_distributed
-
-    init_distributed()
-    ds_config = build_ds_config(case["ds_config"], cfg, model_config=model_config, total_steps=cfg.steps)
-    return ds_config, activate_zero3(ds_config)
-
-
 def measure(case: dict) -> dict:
     """Build, train and time one case; raises on OOM (the caller records it)."""
     from offsite_ds.bench.devices import describe_device
@@ -193,26 +183,25 @@ def measure(case: dict) -> dict:
     cfg = TrainConfig(steps=case["warmup"] + case["steps"], lr=case["lr"], warmup_steps=0, batch_size=b,
                       grad_accum=1, max_grad_norm=1.0, seed=case["seed"], progress=False, log_every=0,
                       eval_every=0, save_every=0, device=str(device), precision="auto",
-                      extra={"torch_adam": device.type != "cuda"})  # no CPU-Adam JIT build on a CPU try-out
+                      deepspeed=case["ds_config"] if offload else None,
+                      torch_adam=device.type != "cuda")  # no CPU-Adam JIT build on a CPU try-out
     dtype = WEIGHT_DTYPES[case["weights"]]
-    build_on, keep_alive = device, None
-    if offload:
-        from offsite_ds.zero3 import model_dtype
-
-        cfg.deepspeed, keep_alive = _zero3_offload(case, cfg, shape.config)
-        build_on, dtype = None, model_dtype(cfg.deepspeed)  # zero.Init places the shards itself
-    _cuda_reset(device)
-    prepared = prepare(setting, shape.config, case.get("layout"), build_on, dtype,
-                       {"r": case["lora_r"], "alpha": case["lora_alpha"]}, seed=case["seed"])
-    model = prepared.model
-    flops = flops_per_token(prepared.flop_plan, s)
-    role = BenchRole(model, device)
-    loader = random_loader(int(shape.config.vocab_size), b, s, case["seed"])
-    _cuda_reset(device)
-    try:
-        summary = train(role, loader, cfg)
-    finally:
-        del keep_alive
+    build_on = device
+    # the owner's ZeRO-3 path (as `offsite-ds finetune` takes it): a one-rank process group, the ds config
+    # filled from the run, the model built sharded while the Runtime is open
+    with Runtime.from_config(cfg) as runtime:
+        if offload:
+            runtime.configure(cfg, shape.config)
+            build_on, dtype = None, runtime.weight_dtype  # zero.Init places the shards itself
+        _cuda_reset(device)
+        prepared = prepare(setting, shape.config, case.get("layout"), build_on, dtype,
+                           {"r": case["lora_r"], "alpha": case["lora_alpha"]}, seed=case["seed"])
+        model = prepared.model
+        flops = flops_per_token(prepared.flop_plan, s)
+        role = BenchRole(model, device)
+        loader = random_loader(int(shape.config.vocab_size), b, s, case["seed"])
+        _cuda_reset(device)
+        summary = train(role, loader, cfg, runtime)
     peak_alloc = peak_reserved = None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -323,7 +312,7 @@ def ft_fits(params: int, weights: str, gpu_bytes: int) -> tuple[bool, str]:
                    f"params x {FT_BYTES_PER_PARAM[weights]} B); the GPU has {gpu_bytes / 2**30:.0f} GiB")
 
 
-def ft_needs_offload(shape: ModelShape, spec: BenchSpec, device: torch.device) -> tuple[bool, str]:
+def ft_needs_offload(shape: BenchModel, spec: BenchSpec, device: torch.device) -> tuple[bool, str]:
     """Whether full fine-tuning of `shape` should run with ZeRO-3 CPU offload, and why."""
     if device.type != "cuda" or spec.ft_offload == "off":
         return False, ""
@@ -379,7 +368,7 @@ class Suite:
         runner = run_case_isolated if self.isolate else run_case_inline
         return runner(case)
 
-    def _measure_one(self, shape: ModelShape, case: dict, retry_offloaded: bool = True) -> dict:
+    def _measure_one(self, shape: BenchModel, case: dict, retry_offloaded: bool = True) -> dict:
         """One case; FT goes to ZeRO-3 offload when it cannot fit (by estimate, or by running out of memory)."""
         outcome: dict
         if case["setting"] == "ft":
@@ -402,7 +391,7 @@ class Suite:
             return retry
         return outcome
 
-    def _search_max(self, shape: ModelShape, case: dict) -> dict:
+    def _search_max(self, shape: BenchModel, case: dict) -> dict:
         """Double the batch from 1 until it runs out of memory (or reaches --max-batch); keep the largest."""
         best, tried, first_oom = None, [], None
         batch = 1
@@ -480,7 +469,7 @@ def run_suite(spec: BenchSpec, out_dir: str | Path | None = None, command: str |
     suite.on_record = keep
     suite.run()
     results["status"] = "complete"
-    results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    results["finished"] = utc_stamp()
     write_report(results, out)
     results["out_dir"] = str(out)
     return results

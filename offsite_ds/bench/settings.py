@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from offsite_ds.bench.flops import FlopPlan, plan_from_model
 from offsite_ds.errors import OffsiteError
+from offsite_ds.zero3 import full_numel
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class Prepared:
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     """Unique parameters (tied weights once); ZeRO-3 partitioned ones by their full size."""
-    return sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in model.parameters()
+    return sum(full_numel(p) for p in model.parameters()
                if p.requires_grad or not trainable_only)
 
 

@@ -7,133 +7,23 @@ and test, each measured on the artifacts that crossed the boundary (the shipped 
 adapter package, the exported plugged-in model directory).
 
 `--model/--train/--valid/--test` swap in another local model and corpus (the tests use a tiny one).
+The demo itself lives in offsite_ds/demo.py; this module is its command line.
 """
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from offsite_ds.report import ROWS, claims, format_claims, format_rows
-
-__all__ = ["ROWS", "DemoSettings", "claims", "format_table", "run_demo"]
-
-
-def format_table(rows: dict[str, dict], corpus: str = "PTB") -> str:
-    return format_rows(rows, {s: f"{corpus} {s} ppl" for s in rows["OT Plug-in"]})
-
-
-@dataclass
-class DemoSettings:
-    """What the demo runs; the defaults take about 8 minutes on an idle 2-core CPU (15 is the limit).
-
-    2-9-2 compresses SmolLM2's 26-block middle to 9 blocks (35% kept, the paper's OPT-1.3B 2-8-2 keeps
-    40% of 20); it is the smallest K whose uniform selection keeps blocks 8, 11 and 24, the middle blocks
-    SmolLM2 can least do without (2-8-2 drops them, its emulator scores ~200k perplexity and an adapter
-    tuned through it did not transfer). The training subset is steps x batch_size blocks of PTB train.
-    """
-
-    layout: str = "2-9-2"
-    mode: str = "full"
-    steps: int = 100
-    lr: float = 3e-4
-    warmup: int = 6
-    batch_size: int = 4
-    seq_len: int = 256
-    eval_seq_len: int = 512
-    eval_tokens: int = 8192
-    eval_every: int = 20
-    seed: int = 42
-    progress: bool = True
-
-
-def _machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
-
-
-def run_demo(model_dir: str | Path, train_file: str | Path, eval_files: dict[str, str | Path],
-             out_dir: str | Path, settings: DemoSettings | None = None, log=print) -> dict:
-    """Owner emulates, data owner tunes, owner plugs in; returns rows, claims, timings and settings.
-
-    The training subset is exactly the blocks the steps consume (each block seen once), so the data
-    owner's cost is set by `steps`; the emulator's validation score picks the adapter it ships.
-    """
-    from transformers import AutoConfig
-
-    from offsite_ds.atomic import write_json
-    from offsite_ds.data import load_texts, max_positions
-    from offsite_ds.emulator import make_bundle
-    from offsite_ds.plugin import plugin
-    from offsite_ds.report import perplexity_rows
-    from offsite_ds.roles.tune_adapter import tune
-    from offsite_ds.train import TrainConfig
-
-    s = settings or DemoSettings()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-
-    log(f"[owner] emulator {s.layout} of {model_dir}")
-    t = time.perf_counter()
-    bundle_dir = make_bundle(model_dir, s.layout, out / "bundle")
-    timings["emulate_s"] = time.perf_counter() - t
-
-    valid_name = "valid" if "valid" in eval_files else next(iter(eval_files))
-    log(f"[data owner] tune the adapter ({s.mode}) for {s.steps} steps of {s.batch_size}x{s.seq_len} tokens "
-        f"on the first {s.steps * s.batch_size} blocks of {train_file}")
-    t = time.perf_counter()
-    cfg = TrainConfig(steps=s.steps, lr=s.lr, warmup_steps=s.warmup, batch_size=s.batch_size, seed=s.seed,
-                      eval_every=s.eval_every, progress=s.progress, log_every=max(1, s.steps // 10),
-                      checkpoint_dir=str(out / "adapter.checkpoints"), precision="fp32", device="cpu")
-    summary = tune(bundle_dir, train_file, out / "adapter", mode=s.mode, cfg=cfg, seq_len=s.seq_len,
-                   eval_data=eval_files[valid_name], max_train_blocks=s.steps * s.batch_size,
-                   max_eval_tokens=s.eval_tokens, kernels="off")
-    timings["tune_s"] = time.perf_counter() - t
-
-    log("[owner] validate the adapter package and plug it into the full model")
-    t = time.perf_counter()
-    plugged_dir = plugin(model_dir, out / "adapter", out / "plugged")
-    timings["plugin_s"] = time.perf_counter() - t
-
-    log(f"[owner] perplexity of the four rows on the first {s.eval_tokens} tokens of "
-        f"{', '.join(eval_files)}")
-    t = time.perf_counter()
-    texts = {split: load_texts(path) for split, path in eval_files.items()}
-    limit = max_positions(AutoConfig.from_pretrained(model_dir, local_files_only=True))
-    rows = perplexity_rows(model_dir, bundle_dir, out / "adapter", texts, seq_len=min(s.eval_seq_len, limit or
-                           s.eval_seq_len), max_tokens=s.eval_tokens, plugged_dir=plugged_dir)
-    timings["evaluate_s"] = time.perf_counter() - t
-    timings["total_s"] = time.perf_counter() - start
-
-    result = {
-        "rows": rows, "claims": claims(rows), "settings": asdict(s), "timings": timings,
-        "training": {k: summary.get(k) for k in ("steps", "tokens", "final_loss", "best_eval_loss", "best_step",
-                                                 "loss_history")},
-        "model": str(model_dir), "train": str(train_file), "eval": {k: str(v) for k, v in eval_files.items()},
-        "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": _machine(),
-    }
-    write_json(out / "demo.json", result)
-    return result
+from offsite_ds.demo import DemoSettings, demo_inputs, format_table, run_demo
+from offsite_ds.peft_modes import MODES
+from offsite_ds.report import format_claims
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = DemoSettings()
     p.add_argument("--layout", default=d.layout, help=f"emulator layout L-K-R of the 30-block model ({d.layout})")
-    p.add_argument("--mode", default=d.mode, choices=["full", "lora", "adapter", "bitfit"])
+    p.add_argument("--mode", default=d.mode, choices=MODES)
     p.add_argument("--steps", type=int, default=d.steps, help=f"tuning steps ({d.steps})")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--warmup", type=int, default=d.warmup)
@@ -157,41 +47,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from offsite_ds.demo_assets import cache_root, penn_treebank_file, smollm2_dir
+    from offsite_ds.demo_assets import cache_root
     from offsite_ds.errors import OffsiteError
 
     start = time.perf_counter()
     if args.steps < 1 or args.batch_size < 1 or args.eval_tokens < 0:
         raise OffsiteError("--steps and --batch-size must be >= 1 and --eval-tokens >= 0")
-    model_dir = Path(args.model) if args.model else smollm2_dir(args.cache_dir)  # converts once, ~30 s
-    files = {split: getattr(args, split) for split in ("train", "valid", "test")}
-    if not all(files.values()) and any(files.values()):
-        raise OffsiteError("pass all of --train, --valid and --test, or none of them (Penn Treebank)")
-    corpus = "PTB" if not any(files.values()) else "eval"
-    if corpus == "PTB":
-        files = {split: penn_treebank_file(split, args.cache_dir) for split in files}
-    for split, path in files.items():
-        if not Path(path).is_file():
-            raise OffsiteError(f"--{split} {path}: no such file")
-    prepare_s = time.perf_counter() - start
+    model_dir, files, corpus = demo_inputs(args.model, args.train, args.valid, args.test, args.cache_dir)
     settings = DemoSettings(layout=args.layout, mode=args.mode, steps=args.steps, lr=args.lr, warmup=args.warmup,
                             batch_size=args.batch_size, seq_len=args.seq_len, eval_seq_len=args.eval_seq_len,
                             eval_tokens=args.eval_tokens or None, eval_every=args.eval_every, seed=args.seed,
                             progress=not args.no_progress)
     out = Path(args.out) if args.out else cache_root(args.cache_dir) / "demo"
-    result = run_demo(model_dir, files["train"], {"valid": files["valid"], "test": files["test"]}, out, settings)
-    total = time.perf_counter() - start  # includes the one-time model conversion when it happened
-    result["timings"]["prepare_s"] = prepare_s
-    result["timings"]["demo_total_s"] = total
-    from offsite_ds.atomic import write_json
-
-    write_json(out / "demo.json", result)
+    result = run_demo(model_dir, files["train"], {"valid": files["valid"], "test": files["test"]}, out, settings,
+                      started=start)
     print()
     print(format_table(result["rows"], corpus))
     print()
     print(format_claims(result["rows"]))
     t = result["timings"]
     print(f"\n{result['date']} on {result['machine']}")
-    print(f"wall time {total / 60:.1f} min (model and corpus {prepare_s:.0f}s, emulate {t['emulate_s']:.0f}s, tune {t['tune_s']:.0f}s, "
-          f"plugin {t['plugin_s']:.0f}s, evaluate {t['evaluate_s']:.0f}s); artifacts and demo.json in {out}")
+    print(f"wall time {t['demo_total_s'] / 60:.1f} min (model and corpus {t['prepare_s']:.0f}s, emulate "
+          f"{t['emulate_s']:.0f}s, tune {t['tune_s']:.0f}s, plugin {t['plugin_s']:.0f}s, evaluate "
+          f"{t['evaluate_s']:.0f}s); artifacts and demo.json in {out}")
     return 0 if all(result["claims"].values()) else 1

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from offsite_ds.cli.distill import add_scale_arguments, finish
-from offsite_ds.cli.train_args import add_train_arguments, train_config_from_args
+from offsite_ds.cli.train_args import add_scale_arguments, add_train_arguments, finish, train_config_from_args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,7 +30,6 @@ def run(args: argparse.Namespace) -> int:
     from offsite_ds.roles.finetune_full import finetune
 
     cfg = train_config_from_args(args)
-    cfg.extra["torch_adam"], cfg.log_every = args.torch_adam, args.log_every
     targets = [t.strip() for t in args.lora_targets.split(",")] if args.lora_targets else None
     settings = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout, "targets": targets}
     summary = finetune(args.model, args.data, args.out, lora=args.lora, lora_settings=settings, cfg=cfg,

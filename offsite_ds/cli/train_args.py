@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from offsite_ds.train import TrainConfig
 
@@ -42,4 +43,32 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
                        max_grad_norm=args.max_grad_norm, seed=args.seed, eval_every=args.eval_every,
                        save_every=args.save_every, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                        deepspeed=args.deepspeed, precision=args.precision, wandb=args.wandb,
-                       wandb_project=args.wandb_project, progress=not args.no_progress)
+                       wandb_project=args.wandb_project, progress=not args.no_progress,
+                       torch_adam=getattr(args, "torch_adam", False), log_every=getattr(args, "log_every", 10))
+
+
+def add_scale_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of the owner's large-model commands (distill, finetune)."""
+    g = p.add_argument_group("scale")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute block activations in backward (less memory, ~1/3 more compute)")
+    g.add_argument("--torch-adam", action="store_true",
+                   help="torch AdamW instead of DeepSpeed's fused/CPU Adam (no JIT op build: CPU try-outs, tests)")
+    g.add_argument("--log-every", type=int, default=10, help="record the loss every N optimizer steps in the summary")
+    g.add_argument("--summary-json", default=None, help="also write the training summary here (rank 0)")
+
+
+def finish(args: argparse.Namespace, summary: dict, what: str) -> int:
+    """Rank 0 prints the summary line (and writes --summary-json) of an owner's training command."""
+    from offsite_ds.atomic import write_json
+    from offsite_ds.runtime import rank_and_world
+
+    if rank_and_world()[0] != 0:
+        return 0
+    if args.summary_json:
+        write_json(args.summary_json, summary)
+    final = summary["final_loss"]
+    print(f"{what} {args.out}: {summary['steps']} steps, {summary['tokens']} tokens, "
+          f"final loss {final:.4f}" if final is not None else f"{what} {args.out}: no step taken")
+    print(json.dumps({k: v for k, v in summary.items() if k != "loss_history"}), flush=True)
+    return 0

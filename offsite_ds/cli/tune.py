@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from offsite_ds.cli.train_args import add_train_arguments, train_config_from_args
+from offsite_ds.peft_modes import MODES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder of local lm-eval YAML tasks for --task (repeatable)")
     p.add_argument("--max-examples", type=int, default=None, help="use only the first N task examples")
     p.add_argument("--out", required=True, help="AdapterPackage directory to write (the best adapter)")
-    p.add_argument("--mode", default="full", choices=["full", "lora", "adapter", "bitfit"],
+    p.add_argument("--mode", default="full", choices=MODES,
                    help="what trains inside the adapter blocks")
     p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default 4)")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 32)")
@@ -41,31 +42,14 @@ def mode_settings(args: argparse.Namespace) -> dict:
     return {}
 
 
-def task_train_loader(args: argparse.Namespace, cfg):
-    """--task: the task's examples as the training loader (tokenised with the bundle's tokenizer)."""
-    from transformers import AutoTokenizer
-
-    from offsite_ds.task_data import task_loader
-    from offsite_ds.train import dist_rank
-
-    tokenizer = AutoTokenizer.from_pretrained(args.bundle, local_files_only=True)
-    rank, world = dist_rank()
-    return task_loader(args.task, tokenizer, cfg.batch_size, split=args.task_split, include_path=args.include_path,
-                       max_length=args.seq_len, limit=args.max_examples, seed=cfg.seed, rank=rank, world_size=world)
-
-
 def run(args: argparse.Namespace) -> int:
-    from offsite_ds.errors import OffsiteError
     from offsite_ds.roles.tune_adapter import tune
 
-    if (args.data is None) == (args.task is None):
-        raise OffsiteError("pass exactly one of --data FILE (a corpus) or --task TASK (task-format examples)")
-    cfg = train_config_from_args(args)
-    loader = task_train_loader(args, cfg) if args.task is not None else None
-    summary = tune(args.bundle, args.data, args.out, mode=args.mode, settings=mode_settings(args), cfg=cfg,
-                   seq_len=args.seq_len, eval_data=args.eval_data, text_field=args.text_field,
-                   kernels=args.kernels, max_train_blocks=args.max_train_blocks,
-                   max_eval_tokens=args.max_eval_tokens, train_loader=loader)
+    summary = tune(args.bundle, args.data, args.out, mode=args.mode, settings=mode_settings(args),
+                   cfg=train_config_from_args(args), seq_len=args.seq_len, eval_data=args.eval_data,
+                   text_field=args.text_field, kernels=args.kernels, max_train_blocks=args.max_train_blocks,
+                   max_eval_tokens=args.max_eval_tokens, task=args.task, task_split=args.task_split,
+                   include_path=args.include_path, max_examples=args.max_examples)
     best = summary.get("best_eval_loss")
     extra = f", best emulator eval loss {best:.4f} at step {summary['best_step']}" if best is not None else ""
     print(f"adapter package {args.out}: {summary['steps']} steps, {summary['tokens']} tokens, "

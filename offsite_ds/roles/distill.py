@@ -11,20 +11,20 @@ EmulatorBundle whose manifest records the distillation.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from offsite_ds.atomic import utc_stamp
 from offsite_ds.bundle import check_bundle, save_bundle
 from offsite_ds.data import load_blocks
 from offsite_ds.errors import ArtifactError, OffsiteError
 from offsite_ds.families import block_prefix, family_of, get_path
-from offsite_ds.roles.base import Role
-from offsite_ds.roles.owner_run import prepare_owner_run
-from offsite_ds.train import TrainConfig, checkpoint_dir_beside, dist_rank, train
-from offsite_ds.zero3 import (enable_activation_checkpointing, gathered_state_dict, load_causal_lm, model_dtype, tensors_equal)
+from offsite_ds.roles.base import Role, owner_corpus
+from offsite_ds.runtime import Runtime
+from offsite_ds.train import TrainConfig, for_output, train
+from offsite_ds.zero3 import enable_activation_checkpointing, gathered_state_dict, tensors_equal
 
 DEFAULT_KD_WEIGHT = 30.0
 DEFAULT_LM_WEIGHT = 1.0
@@ -107,24 +107,18 @@ class Distill(Role):
     name = "distill"
 
     def __init__(self, model: DistillModel, source_manifest: dict, tokenizer, out_dir: str | Path,
-                 settings: dict, eval_blocks: torch.Tensor | None = None, eval_batch_size: int = 4):
-        super().__init__(model)
+                 settings: dict, eval_blocks: torch.Tensor | None = None, eval_batch_size: int = 4,
+                 runtime: Runtime | None = None):
+        super().__init__(model, runtime)
         self.source_manifest, self.tokenizer = source_manifest, tokenizer
         self.out_dir, self.settings = Path(out_dir), settings
         self.eval_blocks, self.eval_batch_size = eval_blocks, eval_batch_size
-        self._window: list[tuple[float, float]] = []  # (kd, lm) of the current optimizer step's micro-batches
-        self.last_kd = self.last_lm = None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.student.parameters() if p.requires_grad]
 
     def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
-        self._window.append((float(out["kd_loss"]), float(out["lm_loss"])))
-        if len(self._window) >= self.settings["grad_accum"]:
-            self.last_kd = sum(k for k, _ in self._window) / len(self._window)
-            self.last_lm = sum(m for _, m in self._window) / len(self._window)
-            self._window = []
         return out["loss"], {"kd_loss": float(out["kd_loss"]), "lm_loss": float(out["lm_loss"])}
 
     @torch.no_grad()
@@ -155,10 +149,11 @@ class Distill(Role):
 
     def export(self, model: nn.Module, summary: dict) -> None:
         """Gather the emulator (collective: every rank calls this) and write the new bundle on rank 0."""
-        final_kd = self._mean_over_ranks(self.last_kd)
-        final_lm = self._mean_over_ranks(self.last_lm)
+        step_metrics = summary.get("final_metrics", {})  # this rank's means over the last optimizer step
+        final_kd = self._mean_over_ranks(step_metrics.get("kd_loss"))
+        final_lm = self._mean_over_ranks(step_metrics.get("lm_loss"))
         state = gathered_state_dict(model.emulator, to_rank=0)
-        if dist_rank()[0] != 0:
+        if not self.runtime.is_main:
             return
         manifest = {k: v for k, v in self.source_manifest.items() if k not in BUNDLE_KEYS_REWRITTEN}
         compression = dict(manifest.get("compression", {}))
@@ -170,7 +165,7 @@ class Distill(Role):
             **self.settings,
             "source_bundle_fingerprint": self.source_manifest["fingerprint"],
             "dtype": str(next(iter(state.values())).dtype).removeprefix("torch."),
-            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "exported_at": utc_stamp(),
             **({"previous": previous} if previous else {}),
         })
         manifest["compression"] = compression
@@ -215,17 +210,17 @@ def _check_same_model(emulator: nn.Module, full: nn.Module, manifest: dict, wher
 
 
 def build_distill_model(model_dir: str | Path, bundle_dir: str | Path, manifest: dict,
-                        ds_config: dict | None, kd_weight: float, lm_weight: float,
+                        runtime: Runtime | None, kd_weight: float, lm_weight: float,
                         gradient_checkpointing: bool = False) -> DistillModel:
     """Load full model and emulator (sharded under ZeRO-3), keep the full middle as teacher, freeze all but the student."""
-    dtype = model_dtype(ds_config)
-    full = load_causal_lm(model_dir, dtype)
+    runtime = runtime or Runtime()
+    full = runtime.load_model(model_dir)
     family = family_of(full)
     blocks = get_path(full, family.blocks)
     if family.name != manifest["family"] or len(blocks) != manifest["base_depth"]:
         raise ArtifactError(f"{bundle_dir}: the bundle is for a {manifest['base_depth']}-block {manifest['family']} "
                             f"model, {model_dir} is a {len(blocks)}-block {family.name} model")
-    emulator = load_causal_lm(bundle_dir, dtype)
+    emulator = runtime.load_model(bundle_dir)
     if len(get_path(emulator, family.blocks)) != len(manifest["block_map"]):
         raise ArtifactError(f"{bundle_dir}: the model has a different number of blocks than its block_map")
     bottom, kept, top = (int(x) for x in manifest["layout"].split("-"))
@@ -250,25 +245,20 @@ def distill(model_dir: str | Path, bundle_dir: str | Path, data: str | Path, out
             max_train_blocks: int | None = None, max_eval_blocks: int | None = None,
             gradient_checkpointing: bool = False) -> dict:
     """Owner's `distill`: full model + layer-drop bundle + corpus -> a distilled EmulatorBundle at out_dir."""
-    cfg = cfg or TrainConfig()
+    cfg = for_output(cfg or TrainConfig(), out_dir)
     if kd_weight < 0 or lm_weight < 0 or kd_weight + lm_weight == 0:
         raise OffsiteError(f"--kd-weight {kd_weight} and --lm-weight {lm_weight} must be >= 0, not both 0")
     manifest = check_bundle(bundle_dir)  # validate the bundle before loading anything large
-    run = prepare_owner_run(model_dir, bundle_dir, data, cfg, seq_len, text_field, max_train_blocks)
-    tokenizer, loader, fingerprint, world, keep_alive = (run.tokenizer, run.loader, run.data_fingerprint,
-                                                         run.world, run.keep_alive)
-    eval_blocks = None
-    if eval_data is not None:
-        eval_blocks, _ = load_blocks(eval_data, tokenizer, seq_len, text_field, max_eval_blocks)
-    model = build_distill_model(model_dir, bundle_dir, manifest, cfg.deepspeed or None, kd_weight, lm_weight,
-                                gradient_checkpointing)
-    settings = {"kd_weight": kd_weight, "lm_weight": lm_weight, "lr": cfg.lr, "warmup_steps": cfg.warmup_steps,
-                "seq_len": seq_len, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "world_size": world,
-                "data_fingerprint": fingerprint,
-                "zero_stage": cfg.deepspeed.get("zero_optimization", {}).get("stage", 0) if cfg.deepspeed else None}
-    role = Distill(model, manifest, tokenizer, out_dir, settings, eval_blocks)
-    cfg.checkpoint_dir = cfg.checkpoint_dir or checkpoint_dir_beside(out_dir)
-    try:
-        return train(role, loader, cfg)
-    finally:
-        del keep_alive
+    with Runtime.from_config(cfg) as runtime:
+        tokenizer, loader, fingerprint = owner_corpus(runtime, cfg, model_dir, bundle_dir, data, seq_len, text_field,
+                                                      max_train_blocks)
+        eval_blocks = None
+        if eval_data is not None:
+            eval_blocks, _ = load_blocks(eval_data, tokenizer, seq_len, text_field, max_eval_blocks)
+        model = build_distill_model(model_dir, bundle_dir, manifest, runtime, kd_weight, lm_weight,
+                                    gradient_checkpointing)
+        settings = {"kd_weight": kd_weight, "lm_weight": lm_weight, "lr": cfg.lr, "warmup_steps": cfg.warmup_steps,
+                    "seq_len": seq_len, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+                    "world_size": runtime.world, "data_fingerprint": fingerprint, "zero_stage": runtime.zero_stage}
+        role = Distill(model, manifest, tokenizer, out_dir, settings, eval_blocks, runtime=runtime)
+        return train(role, loader, cfg, runtime)

@@ -7,62 +7,32 @@ that `from_pretrained`, `offsite-ds eval` and lm-eval load as they are.
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from offsite_ds.atomic import atomic_dir, write_json
+from offsite_ds.atomic import atomic_dir, utc_stamp, write_json
 from offsite_ds.data import load_blocks
-from offsite_ds.errors import OffsiteError
 from offsite_ds.evaluate import token_nll
 from offsite_ds.families import blocks_of, family_of
-from offsite_ds.peft_modes import LORA_ADAPTER_NAME, apply_mode
-from offsite_ds.roles.base import Role
-from offsite_ds.roles.owner_run import prepare_owner_run
-from offsite_ds.train import TrainConfig, checkpoint_dir_beside, dist_rank, train
-from offsite_ds.zero3 import (enable_activation_checkpointing, gathered_state_dict, load_causal_lm, model_dtype)
+from offsite_ds.peft_modes import apply_mode, lora_layers, merge_lora_state
+from offsite_ds.roles.base import Role, owner_corpus
+from offsite_ds.runtime import Runtime
+from offsite_ds.train import TrainConfig, for_output, train
+from offsite_ds.zero3 import enable_activation_checkpointing, gathered_state_dict
 
 FINETUNED_FORMAT = "offsite-ds.finetuned-model"
 FINETUNED_MANIFEST = "offsite.json"
-
-
-def lora_layers(model: nn.Module) -> dict[str, tuple[float, bool]]:
-    """Module name -> (scaling, fan_in_fan_out) of every LoRA-wrapped layer."""
-    from peft.tuners.lora import LoraLayer
-
-    return {name: (float(m.scaling[LORA_ADAPTER_NAME]), bool(getattr(m, "fan_in_fan_out", False)))
-            for name, m in model.named_modules() if isinstance(m, LoraLayer)}
-
-
-@torch.no_grad()
-def merge_lora_state(state: dict[str, torch.Tensor], layers: dict[str, tuple[float, bool]]) -> dict[str, torch.Tensor]:
-    """Fold LoRA into a gathered state dict: W + scaling * B @ A, plain module names, no LoRA tensors.
-
-    Works on the state dict rather than the live modules, so a sharded model needs no in-place merge.
-    """
-    merged = dict(state)
-    for name, (scaling, fan_in_fan_out) in layers.items():
-        base = merged.pop(f"{name}.base_layer.weight")
-        a = merged.pop(f"{name}.lora_A.{LORA_ADAPTER_NAME}.weight").float()
-        b = merged.pop(f"{name}.lora_B.{LORA_ADAPTER_NAME}.weight").float()
-        delta = (b @ a) * scaling
-        merged[f"{name}.weight"] = (base.float() + (delta.T if fan_in_fan_out else delta)).to(base.dtype)
-        if f"{name}.base_layer.bias" in merged:
-            merged[f"{name}.bias"] = merged.pop(f"{name}.base_layer.bias")
-    leftover = [k for k in merged if ".lora_" in k or ".base_layer." in k]
-    if leftover:
-        raise OffsiteError(f"LoRA tensor '{leftover[0]}' could not be merged; this is a bug in the export")
-    return merged
 
 
 class FinetuneFull(Role):
     name = "finetune"
 
     def __init__(self, model: nn.Module, tokenizer, out_dir: str | Path, mode: str, settings: dict,
-                 record: dict, eval_ids: torch.Tensor | None = None, seq_len: int = 512, eval_batch_size: int = 4):
-        super().__init__(model)
+                 record: dict, eval_ids: torch.Tensor | None = None, seq_len: int = 512, eval_batch_size: int = 4,
+                 runtime: Runtime | None = None):
+        super().__init__(model, runtime)
         self.tokenizer, self.out_dir = tokenizer, Path(out_dir)
         self.mode, self.settings, self.record = mode, settings, record
         self.eval_ids, self.seq_len, self.eval_batch_size = eval_ids, seq_len, eval_batch_size
@@ -77,7 +47,7 @@ class FinetuneFull(Role):
         """Gather (collective: every rank calls this), merge LoRA, write a plain HF dir on rank 0."""
         layers = lora_layers(model) if self.mode == "lora" else {}
         state = gathered_state_dict(model, to_rank=0)
-        if dist_rank()[0] != 0:
+        if not self.runtime.is_main:
             return
         if layers:
             state = merge_lora_state(state, layers)
@@ -88,7 +58,7 @@ class FinetuneFull(Role):
                 "format": FINETUNED_FORMAT, "version": 1, "mode": "ft+lora" if layers else "ft",
                 "mode_settings": self.settings, **self.record,
                 "training": {**{k: v for k, v in summary.items() if k != "loss_history"},
-                             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                             "exported_at": utc_stamp()},
             })
 
 
@@ -97,29 +67,26 @@ def finetune(model_dir: str | Path, data: str | Path, out_dir: str | Path, lora:
              eval_data: str | Path | None = None, text_field: str = "text", max_train_blocks: int | None = None,
              max_eval_tokens: int | None = None, gradient_checkpointing: bool = False) -> dict:
     """Owner's `finetune`: the full model (sharded under ZeRO-3) trained on a corpus -> plain HF dir at out_dir."""
-    cfg = cfg or TrainConfig()
-    run = prepare_owner_run(model_dir, model_dir, data, cfg, seq_len, text_field, max_train_blocks)
-    tokenizer, loader, fingerprint, world, keep_alive = (run.tokenizer, run.loader, run.data_fingerprint,
-                                                         run.world, run.keep_alive)
-    eval_ids = None
-    if eval_data is not None:
-        eval_blocks, _ = load_blocks(eval_data, tokenizer, seq_len, text_field)
-        eval_ids = eval_blocks.reshape(-1)[:max_eval_tokens] if max_eval_tokens else eval_blocks.reshape(-1)
-    model = load_causal_lm(model_dir, model_dtype(cfg.deepspeed or None))
-    settings: dict = {}
-    torch.manual_seed(cfg.seed)  # LoRA's initial A matrices: the same on every run (and rank)
-    if lora:
-        settings = apply_mode(model, list(range(len(blocks_of(model)))), "lora", lora_settings)
-    else:
-        for p in model.parameters():
-            p.requires_grad_(True)
-    if gradient_checkpointing:
-        enable_activation_checkpointing(model)
-    record = {"family": family_of(model).name, "base_model": str(model_dir), "data_fingerprint": fingerprint,
-              "world_size": world, "seq_len": seq_len}
-    role = FinetuneFull(model, tokenizer, out_dir, "lora" if lora else "full", settings, record, eval_ids, seq_len)
-    cfg.checkpoint_dir = cfg.checkpoint_dir or checkpoint_dir_beside(out_dir)
-    try:
-        return train(role, loader, cfg)
-    finally:
-        del keep_alive
+    cfg = for_output(cfg or TrainConfig(), out_dir)
+    with Runtime.from_config(cfg) as runtime:
+        tokenizer, loader, fingerprint = owner_corpus(runtime, cfg, model_dir, model_dir, data, seq_len, text_field,
+                                                      max_train_blocks)
+        eval_ids = None
+        if eval_data is not None:
+            eval_blocks, _ = load_blocks(eval_data, tokenizer, seq_len, text_field)
+            eval_ids = eval_blocks.reshape(-1)[:max_eval_tokens] if max_eval_tokens else eval_blocks.reshape(-1)
+        model = runtime.load_model(model_dir)
+        settings: dict = {}
+        torch.manual_seed(cfg.seed)  # LoRA's initial A matrices: the same on every run (and rank)
+        if lora:
+            settings = apply_mode(model, list(range(len(blocks_of(model)))), "lora", lora_settings)
+        else:
+            for p in model.parameters():
+                p.requires_grad_(True)
+        if gradient_checkpointing:
+            enable_activation_checkpointing(model)
+        record = {"family": family_of(model).name, "base_model": str(model_dir), "data_fingerprint": fingerprint,
+                  "world_size": runtime.world, "seq_len": seq_len}
+        role = FinetuneFull(model, tokenizer, out_dir, "lora" if lora else "full", settings, record, eval_ids,
+                            seq_len, runtime=runtime)
+        return train(role, loader, cfg, runtime)

@@ -7,20 +7,20 @@ from __future__ import annotations
 
 import math
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from offsite_ds.bundle import Bundle, load_bundle, save_adapter_package
-from offsite_ds.data import BlockLoader, check_seq_len, load_blocks
+from offsite_ds.atomic import utc_stamp
+from offsite_ds.bundle import Bundle, adapter_blocks, load_bundle, save_adapter_package
+from offsite_ds.data import check_seq_len, load_blocks
 from offsite_ds.errors import OffsiteError
 from offsite_ds.evaluate import token_nll
 from offsite_ds.families import family_of
-from offsite_ds.peft_modes import apply_mode, lora_target_regex, rename_blocks, trainable_state
-from offsite_ds.plugin import adapter_blocks
+from offsite_ds.peft_modes import apply_mode, lora_config, rename_blocks, trainable_state
 from offsite_ds.roles.base import Role
-from offsite_ds.train import TrainConfig, checkpoint_dir_beside, dist_rank, train
+from offsite_ds.runtime import Runtime
+from offsite_ds.train import TrainConfig, for_output, train
 
 
 class TuneAdapter(Role):
@@ -28,8 +28,8 @@ class TuneAdapter(Role):
 
     def __init__(self, bundle: Bundle, out_dir: str | Path, mode: str = "full", settings: dict | None = None,
                  eval_ids: torch.Tensor | None = None, seq_len: int = 512, eval_batch_size: int = 4,
-                 data_fingerprint: str | None = None):
-        super().__init__(bundle.model)
+                 data_fingerprint: str | None = None, runtime: Runtime | None = None):
+        super().__init__(bundle.model, runtime)
         self.bundle, self.out_dir = bundle, Path(out_dir)
         self.mode = mode
         self.settings = apply_mode(bundle.model, bundle.manifest["adapter_positions"], mode, settings)
@@ -43,7 +43,7 @@ class TuneAdapter(Role):
         return {"eval_loss": nll / count, "eval_ppl": math.exp(nll / count)}
 
     def export(self, model: torch.nn.Module, summary: dict) -> None:
-        if dist_rank()[0] != 0:
+        if not self.runtime.is_main:
             return
         family = family_of(model)
         manifest = self.bundle.manifest
@@ -58,20 +58,15 @@ class TuneAdapter(Role):
             "mode": self.mode, "mode_settings": self.settings,
             "training": {**{k: v for k, v in summary.items() if k != "loss_history"},
                          "data_fingerprint": self.data_fingerprint,
-                         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                         "exported_at": utc_stamp()},
         }, self.out_dir, peft_files=peft_files)
 
     def _peft_export(self, tensors: dict[str, torch.Tensor]) -> dict[str, bytes]:
         """PEFT-format files so `PeftModel.from_pretrained(full_model, ADAPTER/peft)` works on the owner side."""
-        from peft import LoraConfig
         from safetensors.torch import save as save_bytes
 
-        family = family_of(self.model)
-        config = LoraConfig(r=int(self.settings["r"]), lora_alpha=float(self.settings["alpha"]),
-                            lora_dropout=float(self.settings["dropout"]),
-                            target_modules=lora_target_regex(family, adapter_blocks(self.bundle.manifest),
-                                                             self.settings["targets"]),
-                            fan_in_fan_out=family.name == "gpt2", bias="none", task_type="CAUSAL_LM")
+        # the same config as training's, at the full model's block indices
+        config = lora_config(self.model, adapter_blocks(self.bundle.manifest), self.settings, task_type="CAUSAL_LM")
         with tempfile.TemporaryDirectory() as tmp:
             config.save_pretrained(tmp)
             config_bytes = (Path(tmp) / "adapter_config.json").read_bytes()
@@ -80,35 +75,49 @@ class TuneAdapter(Role):
                 "adapter_model.safetensors": save_bytes(peft_tensors, metadata={"format": "pt"})}
 
 
-def tune(bundle_dir: str | Path, data: str | Path, out_dir: str | Path, mode: str = "full",
+def tune(bundle_dir: str | Path, data: str | Path | None, out_dir: str | Path, mode: str = "full",
          settings: dict | None = None, cfg: TrainConfig | None = None, seq_len: int = 512,
          eval_data: str | Path | None = None, text_field: str = "text", kernels: str = "off",
-         max_train_blocks: int | None = None, max_eval_tokens: int | None = None,
-         train_loader=None) -> dict:
-    """Data owner's `tune`: bundle + private corpus -> AdapterPackage at out_dir; returns the summary.
+         max_train_blocks: int | None = None, max_eval_tokens: int | None = None, task: str | None = None,
+         task_split: str = "train", include_path: list[str] | None = None,
+         max_examples: int | None = None, runtime: Runtime | None = None) -> dict:
+    """Data owner's `tune`: bundle + private corpus (or a task's examples) -> AdapterPackage at out_dir.
 
-    `train_loader` replaces `data` with a ready loader (task-format examples, for instance).
+    Exactly one of `data` (a corpus) and `task` (an lm-eval task name, a local YAML task or a .jsonl of
+    question/choices/answer records: tuned with the prompt masked out of the loss) is given. Returns the
+    training summary.
     """
-    cfg = cfg or TrainConfig()
-    bundle = load_bundle(bundle_dir)
+    if (data is None) == (task is None):
+        raise OffsiteError("pass exactly one of --data FILE (a corpus) or --task TASK (task-format examples)")
+    cfg = for_output(cfg or TrainConfig(), out_dir)
+    if runtime is None:
+        with Runtime.from_config(cfg) as own:
+            return tune(bundle_dir, data, out_dir, mode, settings, cfg, seq_len, eval_data, text_field, kernels,
+                        max_train_blocks, max_eval_tokens, task, task_split, include_path, max_examples, own)
+    bundle = load_bundle(bundle_dir)  # validated before its tokenizer or weights are used
     check_seq_len(seq_len, bundle.model.config)
-    rank, world = dist_rank()
     fingerprint = None
-    if train_loader is None:
+    if task is not None:
+        from offsite_ds.task_data import task_loader
+
+        loader = task_loader(task, bundle.tokenizer, cfg.batch_size, split=task_split, include_path=include_path,
+                             max_length=seq_len, limit=max_examples, seed=cfg.seed, rank=runtime.rank,
+                             world_size=runtime.world)
+    else:
         blocks, fingerprint = load_blocks(data, bundle.tokenizer, seq_len, text_field, max_train_blocks)
-        train_loader = BlockLoader(blocks, cfg.batch_size, shuffle=True, seed=cfg.seed, rank=rank, world_size=world)
+        loader = runtime.block_loader(blocks, cfg)
     eval_ids = None
     if eval_data is not None:
         eval_blocks, _ = load_blocks(eval_data, bundle.tokenizer, seq_len, text_field)
         eval_ids = eval_blocks.reshape(-1)[:max_eval_tokens] if max_eval_tokens else eval_blocks.reshape(-1)
     torch.manual_seed(cfg.seed)  # LoRA / bottleneck initialisation is part of the run: seed it too
-    role = TuneAdapter(bundle, out_dir, mode, settings, eval_ids, seq_len, data_fingerprint=fingerprint)
+    role = TuneAdapter(bundle, out_dir, mode, settings, eval_ids, seq_len, data_fingerprint=fingerprint,
+                       runtime=runtime)
     if _kernels_wanted(kernels):
         from offsite_ds.kernels import patch
 
         patch(bundle.model)
-    cfg.checkpoint_dir = cfg.checkpoint_dir or checkpoint_dir_beside(out_dir)
-    return train(role, train_loader, cfg)
+    return train(role, loader, cfg, runtime)
 
 
 def _kernels_wanted(choice: str) -> bool:

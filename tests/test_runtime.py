@@ -1,0 +1,64 @@
+"""The Runtime: the one home of rank/device/precision facts, the ds config filled once, the ZeRO-3 lifetime."""
+import dataclasses
+import gc
+
+import pytest
+import torch
+
+from offsite_ds import runtime as rt
+from offsite_ds.errors import OffsiteError
+from offsite_ds.runtime import Runtime, load_model
+from offsite_ds.tiny import tiny_config
+from offsite_ds.train import TrainConfig, _StepWindow, for_output
+
+
+def test_plain_runtime_on_cpu():
+    r = Runtime(device="cpu")
+    assert (r.rank, r.world, r.device.type, r.is_main) == (0, 1, "cpu", True)
+    assert r.bf16 is False and r.autocast_bf16 is False and r.weight_dtype == torch.float32
+    assert r.configure(TrainConfig()) is None and r.ds_config is None
+    assert Runtime(precision="bf16", device="cpu").autocast_bf16 is True
+    with pytest.raises(OffsiteError, match="--precision fp16 must be"):
+        Runtime(precision="fp16", device="cpu")
+
+
+def test_ds_config_is_filled_once_and_zero3_lives_as_long_as_the_runtime(monkeypatch):
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    import offsite_ds.ds_config as ds
+
+    calls = []
+    real = ds.build_ds_config
+    monkeypatch.setattr(rt, "init_distributed", lambda: None)  # no process group needed to fill a config
+    monkeypatch.setattr(ds, "build_ds_config", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = TrainConfig(batch_size=2, precision="bf16", deepspeed="zero3")
+    with Runtime.from_config(cfg) as r:
+        first = r.configure(cfg, tiny_config("opt"))
+        assert r.configure(cfg, tiny_config("opt")) is first and len(calls) == 1
+        assert r.zero_stage == 3 and r.weight_dtype == torch.bfloat16 and r.autocast_bf16 is False
+        assert is_deepspeed_zero3_enabled()
+    gc.collect()
+    assert not is_deepspeed_zero3_enabled()  # released with the Runtime
+
+
+def test_train_config_is_immutable():
+    cfg = TrainConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.checkpoint_dir = "x"
+    derived = for_output(cfg, "/tmp/out/adapter")
+    assert cfg.checkpoint_dir is None and derived.checkpoint_dir == "/tmp/out/adapter.checkpoints"
+    assert for_output(dataclasses.replace(cfg, checkpoint_dir="mine"), "/tmp/a").checkpoint_dir == "mine"
+
+
+def test_step_window_averages_loss_and_role_metrics():
+    window = _StepWindow()
+    window.add(torch.tensor(1.0), {"kd_loss": 0.5})
+    window.add(torch.tensor(3.0), {"kd_loss": 1.5})
+    assert window.close() == {"loss": 2.0, "kd_loss": 1.0}
+    window.add(torch.tensor(5.0), {})
+    assert window.close() == {"loss": 5.0}
+
+
+def test_the_one_loader_names_the_problem(tmp_path):
+    with pytest.raises(OffsiteError, match="no config.json"):
+        load_model(tmp_path)
