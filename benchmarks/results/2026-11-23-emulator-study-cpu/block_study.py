@@ -26,7 +26,7 @@ from transformers import AutoTokenizer
 
 from offsite_ds import demo_assets
 from offsite_ds.data import load_texts, tokenize_corpus
-from offsite_ds.emulator import load_owner_model
+from offsite_ds.runtime import load_model
 from offsite_ds.evaluate import token_nll
 from offsite_ds.sandwich import emulator_block_map, parse_layout
 
@@ -54,7 +54,7 @@ class Runner:
     def __init__(self):
         torch.set_num_threads(2)
         self.model_dir = demo_assets.smollm2_dir()
-        self.model = load_owner_model(self.model_dir)
+        self.model = load_model(self.model_dir).eval()
         self.model.config.use_cache = False
         self.blocks = self.model.model.layers
         tok = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
