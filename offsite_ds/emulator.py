@@ -336,10 +336,10 @@ def _calibrated_choice(model_dir, layout: Layout, method: str, prune_ratio: floa
     from offsite_ds import calibrate
     from offsite_ds.runtime import load_model
 
-    model = load_model(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    calib_ids, calibration = calibrate.calibration_ids(calib_data, tokenizer,
+    calib_ids, calibration = calibrate.calibration_ids(calib_data, tokenizer,  # a bad corpus fails before the load
                                                        calib_tokens or calibrate.DEFAULT_CALIB_TOKENS, text_field)
+    model = load_model(model_dir)
     block_map, share_map, facts = choose_blocks(model, layout, select, share, calib_ids, importance=importance,
                                                 progress=progress)
     executed = [block_map[s] for s in share_map] if share_map is not None else block_map
