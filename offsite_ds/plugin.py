@@ -70,17 +70,23 @@ def install_adapter(model: torch.nn.Module, package: AdapterPackage, original_to
         p.requires_grad_(False)
 
 
-def plug_in(model: torch.nn.Module, package: AdapterPackage, check_fingerprint: bool = True) -> torch.nn.Module:
-    """The owner's full model with the tuned adapter blocks (in place); LoRA merged into the weights."""
+def check_base(package: AdapterPackage, depth: int, fingerprint=None) -> None:
+    """The package was tuned for this model: its depth, and (when `fingerprint()` is given) its weights."""
     manifest = package.manifest
-    depth = len(get_path(model, family_of(model).blocks))
     if depth != manifest.base_depth:
         raise ArtifactError(f"{package.path}: adapter was tuned for a {manifest.base_depth}-block model, "
                             f"this model has {depth}")
-    if check_fingerprint and fingerprint_model(model) != manifest.base_fingerprint:
+    if fingerprint is not None and fingerprint() != manifest.base_fingerprint:
         raise ArtifactError(f"{package.path}: adapter was tuned against other weights (base fingerprint "
                             f"{manifest.base_fingerprint[:12]}... does not match this model's); plug it into "
                             "the model its emulator was made from")
+
+
+def plug_in(model: torch.nn.Module, package: AdapterPackage, check_fingerprint: bool = True) -> torch.nn.Module:
+    """The owner's full model with the tuned adapter blocks (in place); LoRA merged into the weights."""
+    manifest = package.manifest
+    check_base(package, len(get_path(model, family_of(model).blocks)),
+               (lambda: fingerprint_model(model)) if check_fingerprint else None)
     install_adapter(model, package, {i: i for i in manifest.adapter_blocks})
     if package.mode == "lora":
         merge_lora_(model)
@@ -107,12 +113,8 @@ def tuned_blocks(checkpoint: ModelCheckpoint, package: AdapterPackage) -> dict[s
     """
     from offsite_ds.emulator import set_depth
 
-    manifest = package.manifest
-    family = checkpoint.family
-    if family.name != manifest.family:
-        raise ArtifactError(f"{package.path}: adapter was tuned for family '{manifest.family}', "
-                            f"this model is '{family.name}'")
-    blocks = manifest.adapter_blocks
+    family = checkpoint.family  # install_adapter refuses a package of another family
+    blocks = package.manifest.adapter_blocks
     config = copy.deepcopy(checkpoint.config)
     set_depth(config, blocks)
     with torch.device("meta"):
@@ -148,13 +150,7 @@ def plugin(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,
     package = load_adapter_package(adapter_dir, model_config=read_model_config(model_dir))
     manifest = package.manifest
     checkpoint = ModelCheckpoint(model_dir)
-    if checkpoint.depth != manifest.base_depth:
-        raise ArtifactError(f"{package.path}: adapter was tuned for a {manifest.base_depth}-block model, "
-                            f"this model has {checkpoint.depth}")
-    if fingerprint_checkpoint(checkpoint) != manifest.base_fingerprint:
-        raise ArtifactError(f"{package.path}: adapter was tuned against other weights (base fingerprint "
-                            f"{manifest.base_fingerprint[:12]}... does not match this model's); plug it into "
-                            "the model its emulator was made from")
+    check_base(package, checkpoint.depth, lambda: fingerprint_checkpoint(checkpoint))
     tuned = tuned_blocks(checkpoint, package)
     dtype = checkpoint.dtype()
     with atomic_dir(out_dir) as tmp:
