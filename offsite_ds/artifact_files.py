@@ -161,13 +161,18 @@ def safetensors_header(directory: Path, rel: str) -> dict[str, TensorSpan]:
             raw = f.read(n)
     finally:
         os.close(fd)
+    return parse_safetensors_header(raw, size - 8 - n, where)
+
+
+def parse_safetensors_header(raw: bytes, data_len: int, where: str) -> dict[str, TensorSpan]:
+    """The checks of `safetensors_header` on a header already read (`data_len`: bytes after it); shared
+    with the owner's own checkpoints (shards.py), which are read without the artifact's file rules."""
     header = decode_json(raw, f"{where} (safetensors header)")
     if not isinstance(header, dict):
         raise ArtifactError(f"{where}: safetensors header is not a JSON object")
     meta = header.pop("__metadata__", {})
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise ArtifactError(f"{where}: safetensors __metadata__ must map strings to strings")
-    data_len = size - 8 - n
     spans = {}
     for name, info in header.items():
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:

@@ -37,7 +37,10 @@ def shard_name(i: int, n: int) -> str:
 
 
 def _read_header(path: Path) -> tuple[int, dict]:
-    """(offset of the data section, {name: {dtype, shape, data_offsets}}) of one safetensors file, checked."""
+    """(offset of the data section, {name: {dtype, shape, data_offsets}}) of one safetensors file, checked
+    by the artifacts' own header parser (lengths, dtypes, spans inside the file, no gap or overlap)."""
+    from offsite_ds.artifact_files import parse_safetensors_header
+
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -46,26 +49,12 @@ def _read_header(path: Path) -> tuple[int, dict]:
         (n,) = struct.unpack("<Q", raw)
         if n > min(MAX_HEADER_BYTES, size - 8):
             raise ArtifactError(f"{path} has a corrupt safetensors header (length {n}); re-save the checkpoint")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ArtifactError(f"{path} has a safetensors header that is not JSON; re-save the checkpoint")
-    if not isinstance(header, dict):
-        raise ArtifactError(f"{path} has a safetensors header that is not a JSON object; re-save the checkpoint")
-    header.pop("__metadata__", None)
-    data_size = size - 8 - n
-    for name, meta in header.items():
-        ok = isinstance(meta, dict) and meta.get("dtype") in DTYPES and isinstance(meta.get("shape"), list) \
-            and all(isinstance(d, int) and d >= 0 for d in meta["shape"]) \
-            and isinstance(meta.get("data_offsets"), list) and len(meta["data_offsets"]) == 2
-        if ok:
-            begin, end = meta["data_offsets"]
-            want = math.prod(meta["shape"]) * DTYPES[meta["dtype"]].itemsize
-            ok = isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_size \
-                and end - begin == want
-        if not ok:
-            raise ArtifactError(f"{path}: tensor '{name}' has a malformed safetensors entry; re-save the checkpoint")
-    return 8 + n, header
+        spans = parse_safetensors_header(f.read(n), size - 8 - n, str(path))
+    for name, span in spans.items():
+        if span.dtype not in DTYPES:
+            raise ArtifactError(f"{path}: tensor '{name}' has dtype {span.dtype}, which torch cannot hold here")
+    return 8 + n, {name: {"dtype": span.dtype, "shape": list(span.shape), "data_offsets": [span.start, span.end]}
+                   for name, span in spans.items()}
 
 
 class CheckpointReader:
