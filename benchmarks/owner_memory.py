@@ -131,7 +131,9 @@ def main() -> None:
             print(json.dumps(facts["checkpoint"]), flush=True)
             for when, tree in trees.items():
                 bundle = work / f"bundle-{when}"
-                row = measure(tree, ["emulate", str(ckpt), "--layout", args.layout, "--out", str(bundle)],
+                # the streamed uniform drop (the default importance selection loads the model to score blocks)
+                uniform = ["--select", "uniform", "--no-calib"] if when == "after" else []
+                row = measure(tree, ["emulate", str(ckpt), "--layout", args.layout, "--out", str(bundle), *uniform],
                               f"emulate {when}", log)
                 row["output_bytes"] = dir_bytes(bundle)
                 rows.append(row)

@@ -39,8 +39,13 @@ case "$STAGE" in
             nodes="${NUM_NODES:-$(grep -cv '^\s*\(#\|$\)' "$HOSTFILE")}"
         fi
         single plan "$MODEL" --gpus "$gpus" --nodes "$nodes" --layout "$LAYOUT" --batch-size "$BATCH" ;;
-    emulate)   # one process: the layer-drop bundle (CPU memory for the fp32 model, no GPU needed)
-        single emulate "$MODEL_DIR" --layout "$LAYOUT" --out "$BUNDLE" ;;
+    emulate)   # one process. The paper's uniform layer-drop (streamed, no GPU needed; these models were measured
+               # with it). SELECT=importance keeps the blocks that matter on DISTILL_DATA (public; GPU advised).
+        if [[ "${SELECT:-uniform}" == uniform ]]; then
+            single emulate "$MODEL_DIR" --layout "$LAYOUT" --out "$BUNDLE" --select uniform --no-calib
+        else
+            single emulate "$MODEL_DIR" --layout "$LAYOUT" --out "$BUNDLE" --select "$SELECT" --calib-data "$DISTILL_DATA"
+        fi ;;
     distill)   # ZeRO-3 on the cluster: the original recipe (kd 30, lm 1, lr 1e-4, 2000 warm-up, cosine, 1 epoch)
         launcher distill "$MODEL_DIR" --bundle "$BUNDLE" --data "$DISTILL_DATA" --out "$DISTILLED" \
             --deepspeed "$DS_CONFIG" --kd-weight 30 --lm-weight 1 --lr 1e-4 --warmup 2000 --epochs 1 \

@@ -77,17 +77,41 @@ def emulator_cost(bundle_dir: Path, mode: str, mode_settings: dict, seq_len: int
     return {"emulator_params": params, "tune_flops_per_token": flops}
 
 
+def round_trip(model_dir: Path, bundle: Path, train_file: Path, eval_files: dict[str, Path], out: Path,
+               s: CompareSettings) -> dict:
+    """The data owner tunes through `bundle`, the owner plugs in; the four rows on every eval split.
+
+    Returns {"rows", "tune_s", "plugin_s", "training"}; the adapter and plugged model stay under `out`.
+    """
+    from offsite_ds.data import load_texts
+    from offsite_ds.plugin import plugin
+    from offsite_ds.report import perplexity_rows
+    from offsite_ds.roles.tune_adapter import tune
+
+    valid = eval_files.get("valid", next(iter(eval_files.values())))
+    t = time.perf_counter()
+    summary = tune(bundle, train_file, out / "adapter", mode=s.mode, settings=dict(s.mode_settings),
+                   cfg=_train_config(s, out / "adapter.checkpoints", s.steps, s.lr, s.eval_every), seq_len=s.seq_len,
+                   eval_data=valid, max_train_blocks=s.steps * s.batch_size, max_eval_tokens=s.eval_tokens,
+                   kernels="off")
+    tune_s = time.perf_counter() - t
+    t = time.perf_counter()
+    plugged = plugin(model_dir, out / "adapter", out / "plugged")
+    plugin_s = time.perf_counter() - t
+    texts = {split: load_texts(path) for split, path in eval_files.items()}
+    rows = perplexity_rows(model_dir, bundle, out / "adapter", texts, seq_len=s.eval_seq_len,
+                           max_tokens=s.eval_tokens, plugged_dir=plugged)
+    return {"rows": rows, "tune_s": tune_s, "plugin_s": plugin_s,
+            "training": {k: summary.get(k) for k in ("steps", "tokens", "final_loss", "best_eval_loss", "best_step")}}
+
+
 def run_builder(name: str, model_dir: Path, calib_data: Path, train_file: Path, eval_files: dict[str, Path],
                 out: Path, s: CompareSettings, layout: str, log=print) -> dict:
     """Owner builds (and distils), data owner tunes, owner plugs in; the rows and the costs of one builder."""
     from offsite_ds.bundle import BUNDLE_FORMAT, read_manifest
-    from offsite_ds.data import load_texts
     from offsite_ds.emulator import make_bundle
     from offsite_ds.manifests import dump
-    from offsite_ds.plugin import plugin
-    from offsite_ds.report import perplexity_rows
     from offsite_ds.roles.distill import distill
-    from offsite_ds.roles.tune_adapter import tune
 
     select, share, distilled = parse_builder("uniform" if name == CEILING else name)
     timings: dict[str, float] = {}
@@ -102,26 +126,14 @@ def run_builder(name: str, model_dir: Path, calib_data: Path, train_file: Path, 
                 seq_len=s.seq_len, max_train_blocks=s.distill_steps * s.batch_size)
         bundle = out / "distilled"
         timings["distill_s"] = time.perf_counter() - t
-    valid = eval_files.get("valid", next(iter(eval_files.values())))
-    t = time.perf_counter()
-    summary = tune(bundle, train_file, out / "adapter", mode=s.mode, settings=dict(s.mode_settings),
-                   cfg=_train_config(s, out / "adapter.checkpoints", s.steps, s.lr, s.eval_every), seq_len=s.seq_len,
-                   eval_data=valid, max_train_blocks=s.steps * s.batch_size, max_eval_tokens=s.eval_tokens,
-                   kernels="off")
-    timings["tune_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    plugged = plugin(model_dir, out / "adapter", out / "plugged")
-    timings["plugin_s"] = time.perf_counter() - t
-    texts = {split: load_texts(path) for split, path in eval_files.items()}
-    rows = perplexity_rows(model_dir, bundle, out / "adapter", texts, seq_len=s.eval_seq_len,
-                           max_tokens=s.eval_tokens, plugged_dir=plugged)
+    trip = round_trip(model_dir, Path(bundle), train_file, eval_files, out, s)
+    timings.update(tune_s=trip["tune_s"], plugin_s=trip["plugin_s"])
     manifest = read_manifest(bundle, BUNDLE_FORMAT)
-    return {"builder": name, "layout": layout, "rows": rows, "block_map": manifest.block_map,
+    return {"builder": name, "layout": layout, "rows": trip["rows"], "block_map": manifest.block_map,
             "share_map": manifest.share_map, "quality": manifest.quality and dump(manifest.quality),
             **emulator_cost(Path(bundle), s.mode, s.mode_settings, s.seq_len),
             "owner_s": timings["emulate_s"] + timings.get("distill_s", 0.0) + timings["plugin_s"],
-            "data_owner_s": timings["tune_s"], "timings": timings,
-            "training": {k: summary.get(k) for k in ("steps", "tokens", "final_loss", "best_eval_loss", "best_step")}}
+            "data_owner_s": timings["tune_s"], "timings": timings, "training": trip["training"]}
 
 
 def run_ft(model_dir: Path, train_file: Path, eval_files: dict[str, Path], out: Path, s: CompareSettings) -> dict:
@@ -142,7 +154,7 @@ def run_ft(model_dir: Path, train_file: Path, eval_files: dict[str, Path], out: 
     return {"builder": FT, "ppl": ppl, "wall_s": seconds}
 
 
-def _cached(out: Path, make) -> dict:
+def cached(out: Path, make) -> dict:
     """Resume: a finished step's result.json is kept and reused; otherwise run it and store it atomically."""
     import json
 
@@ -246,9 +258,9 @@ def compare_emulators(model_dir: str | Path, calib_data: str | Path, train_file:
         whole = f"{layout.bottom}-{depth - layout.bottom - layout.top}-{layout.top}"  # the whole middle kept
         spec_layout = whole if name == CEILING else str(layout)
         log(f"[compare] {name} ({spec_layout})")
-        results.append(_cached(out / name.replace("+", "_"), lambda n=name, lay=spec_layout: run_builder(
+        results.append(cached(out / name.replace("+", "_"), lambda n=name, lay=spec_layout: run_builder(
             n, model_dir, calib_data, train_file, eval_files, out / n.replace("+", "_"), s, lay, log)))
-    ft = _cached(out / "ft", lambda: run_ft(model_dir, train_file, eval_files, out / "ft", s)) if s.ft else None
+    ft = cached(out / "ft", lambda: run_ft(model_dir, train_file, eval_files, out / "ft", s)) if s.ft else None
     tables = {split: table_rows(results, ft, split) for split in eval_files}
     markdown = "\n\n".join(format_table(rows, split) for split, rows in tables.items())
     report = {"settings": asdict(s), "model": str(model_dir), "calib_data": str(calib_data),

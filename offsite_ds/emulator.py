@@ -28,6 +28,21 @@ METHODS = ("drop", "prune", "quantize")
 # uniform 2-9-2 is 73x and its adapter transfers (demo: plug-in 56.64 < 64.86 zero-shot on PTB test),
 # uniform 2-8-2 is 1,094x and its adapter does not (plug-in 85.51). Provisional: two points, one model.
 GUARD_RATIO = 100.0
+DEFAULT_SELECT = "importance"  # uniform drop broke SmolLM2 at 2-8-2 (plug-in 85.51 > 64.85 zero-shot); importance: 55.29
+PUBLIC_SAMPLE = "builtin:wikipedia"  # the default calibration text: the Wikipedia sample of the demo assets
+
+
+def public_calibration(calib_data: str | Path | None) -> str | Path | None:
+    """PUBLIC_SAMPLE -> the file of the Wikipedia sample's train split (public text); anything else unchanged."""
+    if calib_data is None or str(calib_data) != PUBLIC_SAMPLE:
+        return calib_data
+    from offsite_ds.demo_assets import wikipedia_file
+
+    try:
+        return wikipedia_file("train")
+    except OffsiteError as exc:
+        raise OffsiteError(f"{exc}; or pass --calib-data FILE (your public text), or --select uniform --no-calib "
+                           "(the paper's rule, without calibration or guard)") from None
 
 
 def _renumber_layer_idx(block: nn.Module, position: int) -> None:
@@ -125,7 +140,7 @@ def check_builder(select: str, share: bool, has_calibration: bool) -> None:
         raise OffsiteError("--share repeats each CRaSh cluster's kept block; use it with --select crash")
     if select != "uniform" and not has_calibration:
         raise OffsiteError(f"--select {select} scores blocks on the owner's public text: pass --calib-data FILE "
-                           "(never the data owner's corpus)")
+                           f"(never the data owner's corpus) or keep the default {PUBLIC_SAMPLE}, not --no-calib")
 
 
 def choose_blocks(model: PreTrainedModel, layout: Layout, select: str = "uniform", share: bool = False,
@@ -260,13 +275,15 @@ def write_model_files(checkpoint: ModelCheckpoint, config, dtype: torch.dtype, o
 def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, keep_ratio: float | None = None,
                 method: str = "drop", prune_ratio: float = 0.5, quant_bits: int = 8,
                 dtype: torch.dtype | str | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                select: str = "uniform", share: bool = False, calib_data: str | Path | None = None,
+                select: str = DEFAULT_SELECT, share: bool = False, calib_data: str | Path | None = PUBLIC_SAMPLE,
                 calib_tokens: int | None = None, importance: str = "drop", text_field: str = "text",
                 guard_ratio: float | None = None, progress: bool = False, log=None) -> Path:
     """Model owner's `emulate`: full model dir -> EmulatorBundle dir, its weights streamed from the checkpoint.
 
     The bundle keeps the checkpoint's dtype (a bf16 model gives a bf16 bundle) unless `dtype` is given.
-    Uniform layer-drop without `calib_data` never loads the model. With `calib_data` (the owner's PUBLIC
+    The default keeps the middle blocks whose removal hurts most on public text (`PUBLIC_SAMPLE`, the
+    Wikipedia sample, unless `calib_data` names the owner's own public file): uniform drop, the paper's
+    rule, broke the modern models measured here. Uniform layer-drop with `calib_data=None` never loads the model. With `calib_data` (the owner's PUBLIC
     corpus) the model is loaded once to score blocks for the builders that need it and for the guard,
     which measures the emulator's and the full model's zero-shot perplexity on it, records both as
     `quality`, and warns through `log` (default: stderr) when their ratio exceeds `guard_ratio`; the
@@ -285,7 +302,7 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
     calibration = None
     if calib_data is not None:
         block_map, share_map, facts, calibration, quality = _calibrated_choice(
-            model_dir, layout, method, prune_ratio, quant_bits, select, share, calib_data, calib_tokens, importance,
+            model_dir, layout, method, prune_ratio, quant_bits, select, share, public_calibration(calib_data), calib_tokens, importance,
             text_field, progress)
     compression = {"method": method, "kept": layout.kept, "middle": n_layers - layout.bottom - layout.top,
                    "distilled": False, "select": select, "shared": share_map is not None}
@@ -340,6 +357,8 @@ def _calibrated_choice(model_dir, layout: Layout, method: str, prune_ratio: floa
     calib_ids, calibration = calibrate.calibration_ids(calib_data, tokenizer,  # a bad corpus fails before the load
                                                        calib_tokens or calibrate.DEFAULT_CALIB_TOKENS, text_field)
     model = load_model(model_dir)
+    if torch.cuda.is_available():  # an owner-scale model scores in seconds on a GPU, in hours on a CPU
+        model = model.to("cuda")
     block_map, share_map, facts = choose_blocks(model, layout, select, share, calib_ids, importance=importance,
                                                 progress=progress)
     executed = [block_map[s] for s in share_map] if share_map is not None else block_map

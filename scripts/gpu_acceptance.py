@@ -208,7 +208,7 @@ def cmd_setup(argv: list[str]) -> int:
     model = save_tiny_model("opt", work / "model", n_layers=8, hidden=256)
     text = "the quick brown fox jumps over the lazy dog . a stitch in time saves nine . " * 400
     (work / "corpus.txt").write_text(text)
-    make_bundle(model, "2-4-2", work / "bundle")
+    make_bundle(model, "2-4-2", work / "bundle", select="uniform", calib_data=None)
     print(f"setup: {work}")
     return 0
 

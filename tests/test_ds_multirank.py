@@ -100,7 +100,7 @@ sys.exit(main())
 
 def test_distill_opt_zero3_two_ranks(tiny_model_dir, corpus_file, tmp_path):
     model_dir = tiny_model_dir("opt")
-    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "bundle")
+    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None)
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     out = tmp_path / "distilled"
@@ -133,7 +133,7 @@ def test_distill_opt_zero3_two_ranks(tiny_model_dir, corpus_file, tmp_path):
 
 def test_distill_bloom_zero3_offload_two_ranks(tiny_model_dir, corpus_file, tmp_path):
     model_dir = tiny_model_dir("bloom")
-    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "bundle")
+    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None)
     out = tmp_path / "distilled"
     proc = launch("offsite_ds", "distill", str(model_dir), "--bundle", str(bundle), "--data", str(corpus_file),
                   "--out", str(out), "--steps", "12", "--lr", "1e-3", "--deepspeed", "zero3_offload", *TRAIN)

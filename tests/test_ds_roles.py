@@ -7,7 +7,7 @@ import torch
 from offsite_ds.bundle import load_bundle
 from offsite_ds.emulator import make_bundle
 from offsite_ds.errors import ArtifactError, OffsiteError
-from offsite_ds.roles.distill import build_distill_model, kd_loss
+from offsite_ds.roles.distill import build_distill_model, kd_loss, logit_kl
 from offsite_ds.peft_modes import lora_layers, merge_lora_state
 from offsite_ds.tiny import save_tiny_model, tiny_model
 
@@ -24,13 +24,49 @@ def test_kd_loss_is_mse_over_teacher_mean_square():
     assert torch.allclose(kd_loss(s, t, mask), kd_loss(s[:, :3], t[:, :3]))
 
 
+def test_per_token_kd_weighs_every_token_alike_and_logit_kl_is_a_divergence():
+    torch.manual_seed(0)
+    t = torch.randn(1, 4, 8)
+    t[:, 0] *= 1000  # an attention sink: global normalisation is all about it, per-token is not
+    s = t.clone()
+    s[:, 1:] += torch.randn(1, 3, 8)
+    assert kd_loss(s, t) < 1e-5
+    per_token = ((s - t).pow(2).sum(-1) / t.pow(2).sum(-1)).mean()
+    assert torch.allclose(kd_loss(s, t, norm="token"), per_token) and per_token > 0.1
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    assert torch.allclose(kd_loss(s, t, mask, "token"), kd_loss(s[:, :2], t[:, :2], norm="token"))
+    a, b = torch.randn(2, 3, 11), torch.randn(2, 3, 11)
+    assert logit_kl(a, a) < 1e-6 < logit_kl(a, b)
+    assert torch.allclose(logit_kl(a, a + 5.0), torch.tensor(0.0), atol=1e-6)  # a shift is the same distribution
+    ref = torch.nn.functional.kl_div(torch.log_softmax(a, -1).flatten(0, 1), torch.log_softmax(b, -1).flatten(0, 1),
+                                     log_target=True, reduction="batchmean")
+    assert torch.allclose(logit_kl(a, b), ref, atol=1e-6)
+
+
+def test_logit_kd_teacher_logits_are_the_full_models(tiny_model_dir, tmp_path):
+    """The teacher pass runs the emulator's outer parts on the teacher middle's output: exactly the full model."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tiny_model_dir("llama")
+    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None)
+    model = build_distill_model(model_dir, bundle, load_bundle(bundle).manifest, None, 30.0, 1.0, logit_weight=2.0)
+    ids = torch.randint(0, 256, (2, 16))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, labels=ids)
+        full = AutoModelForCausalLM.from_pretrained(model_dir)(input_ids=ids, attention_mask=mask).logits
+        student = model.emulator(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(out["logit_kl"], logit_kl(student, full, mask), atol=1e-5) and out["logit_kl"] > 0
+    assert torch.allclose(out["loss"], out["lm_loss"] + 30.0 * out["kd_loss"] + 2.0 * out["logit_kl"], atol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["opt", "bloom", "gpt2", "llama"])
 def test_teacher_sees_the_students_input_with_its_arguments(family, tiny_model_dir, tmp_path):
     """Keeping the whole middle makes the student a copy of the teacher: KD must be exactly 0 and the LM
     loss the full model's own - which holds only if the teacher got the same hidden states, mask,
     positions (rotary, ALiBi) the model passed its blocks."""
     model_dir = tiny_model_dir(family)
-    bundle = make_bundle(model_dir, "2-4-2", tmp_path / "bundle")
+    bundle = make_bundle(model_dir, "2-4-2", tmp_path / "bundle", select="uniform", calib_data=None)
     model = build_distill_model(model_dir, bundle, load_bundle(bundle).manifest, None, 30.0, 1.0)
     ids = torch.randint(0, 256, (2, 16))
     mask = torch.ones_like(ids)
@@ -51,7 +87,7 @@ def test_teacher_sees_the_students_input_with_its_arguments(family, tiny_model_d
 
 def test_layer_drop_student_differs_from_teacher(tiny_model_dir, tmp_path):
     model_dir = tiny_model_dir("opt")
-    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "bundle")
+    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None)
     model = build_distill_model(model_dir, bundle, load_bundle(bundle).manifest, None, 30.0, 1.0)
     ids = torch.randint(0, 256, (2, 16))
     with torch.no_grad():
@@ -62,7 +98,7 @@ def test_layer_drop_student_differs_from_teacher(tiny_model_dir, tmp_path):
 
 def test_a_bundle_from_another_model_is_refused(tiny_model_dir, tmp_path):
     other = save_tiny_model("opt", tmp_path / "other", n_layers=8, seed=1)
-    bundle = make_bundle(other, "2-2-2", tmp_path / "bundle")
+    bundle = make_bundle(other, "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None)
     with pytest.raises(ArtifactError, match="differs from the full model"):
         build_distill_model(tiny_model_dir("opt"), bundle, load_bundle(bundle).manifest, None, 30.0, 1.0)
     deeper = save_tiny_model("opt", tmp_path / "deeper", n_layers=10)
@@ -94,7 +130,7 @@ def test_merging_lora_in_the_state_dict_matches_the_lora_model(family):
 def test_cli_distill_one_process_with_eval(tiny_model_dir, corpus_file, tmp_path, capsys):
     from offsite_ds.cli import main
 
-    bundle = make_bundle(tiny_model_dir("bloom"), "2-2-2", tmp_path / "bundle")
+    bundle = make_bundle(tiny_model_dir("bloom"), "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None)
     rc = main(["distill", str(tiny_model_dir("bloom")), "--bundle", str(bundle), "--data", str(corpus_file),
                "--eval-data", str(corpus_file), "--max-eval-blocks", "4", "--eval-every", "3", "--out",
                str(tmp_path / "distilled"), "--steps", "6", "--seq-len", "32", "--batch-size", "2", "--warmup", "0",
@@ -113,10 +149,14 @@ def test_cli_distill_one_process_with_eval(tiny_model_dir, corpus_file, tmp_path
 def test_cli_refuses_bad_weights(tiny_model_dir, corpus_file, tmp_path, capsys):
     from offsite_ds.cli import main
 
-    bundle = make_bundle(tiny_model_dir("opt"), "2-2-2", tmp_path / "bundle")
+    bundle = make_bundle(tiny_model_dir("opt"), "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None)
     rc = main(["distill", str(tiny_model_dir("opt")), "--bundle", str(bundle), "--data", str(corpus_file),
                "--out", str(tmp_path / "d"), "--kd-weight", "0", "--lm-weight", "0"])
-    assert rc == 2 and "must be >= 0, not both 0" in capsys.readouterr().err
+    assert rc == 2 and "must be >= 0 and finite, not all 0" in capsys.readouterr().err
+    rc = main(["distill", str(tiny_model_dir("opt")), "--bundle", str(bundle), "--data", str(corpus_file),
+               "--out", str(tmp_path / "d"), "--logit-weight", "nan"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--logit-weight nan" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(OffsiteError, match="no config.json"):
         from offsite_ds.roles.finetune_full import finetune
 
@@ -126,7 +166,7 @@ def test_cli_refuses_bad_weights(tiny_model_dir, corpus_file, tmp_path, capsys):
 def test_activation_checkpointing_changes_nothing_but_memory(tiny_model_dir, tmp_path):
     """The student's hooks fire again during recomputation; the gradients must not notice."""
     model_dir = tiny_model_dir("llama")
-    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "bundle")
+    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None)
     manifest = load_bundle(bundle).manifest
     ids = torch.randint(0, 256, (2, 16))
     grads = []

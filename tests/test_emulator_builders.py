@@ -199,10 +199,33 @@ def test_emulate_cli_builders_guard_and_errors(tiny_model_dir, calib_file, tmp_p
     assert "shared over 8 positions" in out and "calibration tokens" in out
     assert err.count("warning:") == 1 and "distil" in err
     assert main(["emulate", model_dir, "--layout", "2-2-2", "--out", str(tmp_path / "c"), "--select",
-                 "importance"]) == 2
-    assert "--calib-data" in capsys.readouterr().err
+                 "importance", "--no-calib"]) == 2
+    err = capsys.readouterr().err
+    assert "--calib-data" in err and "--no-calib" in err and len(err.strip().splitlines()) == 1
     assert main(["emulate", model_dir, "--layout", "2-2-2", "--out", str(tmp_path / "c"), "--share"]) == 2
     assert "--select crash" in capsys.readouterr().err
+
+
+def test_emulate_default_keeps_important_blocks_scored_on_the_public_sample(tiny_model_dir, tmp_path, capsys):
+    """Without options `emulate` is the measured default: importance on the Wikipedia sample, with the guard."""
+    from offsite_ds.bundle import BUNDLE_FORMAT, read_manifest
+    from offsite_ds.cli import main
+    from offsite_ds.data import corpus_fingerprint, load_texts
+    from offsite_ds.demo_assets import wikipedia_file
+
+    model_dir = str(tiny_model_dir("llama"))
+    assert main(["emulate", model_dir, "--layout", "2-2-2", "--out", str(tmp_path / "b"), "--calib-tokens", "256",
+                 "--no-progress"]) == 0
+    m = read_manifest(tmp_path / "b", BUNDLE_FORMAT)
+    assert m.compression.select == "importance" and m.quality is not None and m.quality.tokens == 256
+    public = corpus_fingerprint(load_texts(wikipedia_file("train")))
+    assert m.compression.calibration.corpus_fingerprint == m.quality.corpus_fingerprint == public
+    assert "zero-shot perplexity on 256 calibration tokens" in capsys.readouterr().out
+    # --no-calib: the paper's uniform drop, streamed (the model is never loaded), no guard
+    assert main(["emulate", model_dir, "--layout", "2-2-2", "--out", str(tmp_path / "u"), "--select", "uniform",
+                 "--no-calib"]) == 0
+    u = read_manifest(tmp_path / "u", BUNDLE_FORMAT)
+    assert u.compression.select == "uniform" and u.quality is None and u.compression.calibration is None
 
 
 def test_compare_emulators_end_to_end_and_resume(tiny_model_dir, calib_file, corpus_file, tmp_path, monkeypatch):
@@ -254,7 +277,7 @@ def test_plugin_check_warns_when_the_plug_in_got_worse(tiny_model_dir, corpus_fi
     from offsite_ds.train import TrainConfig
 
     model_dir = tiny_model_dir("opt")
-    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "b")
+    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "b", select="uniform", calib_data=None)
     tune(bundle, corpus_file, tmp_path / "a", cfg=TrainConfig(steps=8, lr=2e-2, batch_size=2, progress=False),
          seq_len=32)
     # owner text of uniformly random characters: the untrained model is near its best there, an adapter
@@ -280,7 +303,7 @@ def test_guard_scores_the_compressed_middle(tiny_model_dir, calib_file, tmp_path
     ratios = {}
     for method in ("drop", "quantize"):
         out = make_bundle(tiny_model_dir("bloom"), "2-2-2", tmp_path / method, method=method, quant_bits=2,
-                          calib_data=calib_file, calib_tokens=256, guard_ratio=1e9)
+                          calib_data=calib_file, calib_tokens=256, guard_ratio=1e9, select="uniform")
         q = json.loads((out / "offsite.json").read_text())["quality"]
         bundle = load_bundle(out)  # the guard's figure is the shipped emulator's perplexity
         ids, _ = calibration_ids(calib_file, bundle.tokenizer, 256)

@@ -1,4 +1,4 @@
-"""`offsite-ds emulate MODEL --layout L-K-R --out BUNDLE [--select importance|crash [--share] --calib-data PUBLIC]`."""
+"""`offsite-ds emulate MODEL --layout L-K-R --out BUNDLE [--select importance|uniform|crash [--share]] [--calib-data PUBLIC | --no-calib]`."""
 from __future__ import annotations
 
 import argparse
@@ -6,22 +6,26 @@ import argparse
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from offsite_ds.calibrate import DEFAULT_CALIB_TOKENS, IMPORTANCE_METRICS
-    from offsite_ds.emulator import GUARD_RATIO
+    from offsite_ds.emulator import DEFAULT_SELECT, GUARD_RATIO, PUBLIC_SAMPLE
     from offsite_ds.sandwich import SELECTIONS
 
     p.add_argument("model", help="local Hugging Face model directory (the owner's full model)")
     p.add_argument("--layout", required=True, help="L-K-R, e.g. 2-8-2 (or L-*-R with --keep-ratio)")
     p.add_argument("--keep-ratio", type=float, default=None, help="keep this fraction of the middle instead of K")
     p.add_argument("--out", required=True, help="EmulatorBundle directory to write")
-    p.add_argument("--select", default="uniform", choices=SELECTIONS,
-                   help="which middle blocks to keep: uniform (the paper), importance (the K whose removal hurts "
-                        "most on --calib-data), crash (CKA clusters of adjacent blocks, one kept per cluster)")
+    p.add_argument("--select", default=DEFAULT_SELECT, choices=SELECTIONS,
+                   help=f"which middle blocks to keep: importance (default: the K whose removal hurts most on "
+                        f"--calib-data), uniform (the paper's rule), crash (CKA clusters of adjacent blocks, one "
+                        f"kept per cluster)")
     p.add_argument("--share", action="store_true",
                    help="--select crash: every dropped position runs its cluster's kept block (original depth, "
                         "K blocks of weights; load it with offsite-ds tools, see the README)")
-    p.add_argument("--calib-data", default=None,
-                   help="the owner's PUBLIC calibration text (never the data owner's): scores blocks for "
-                        "importance/crash and measures the emulator-vs-full perplexity guard")
+    p.add_argument("--calib-data", default=PUBLIC_SAMPLE,
+                   help=f"the owner's PUBLIC calibration text (never the data owner's): scores blocks for "
+                        f"importance/crash and measures the emulator-vs-full perplexity guard (default "
+                        f"{PUBLIC_SAMPLE}: the Wikipedia sample of the demo assets)")
+    p.add_argument("--no-calib", dest="calib_data", action="store_const", const=None,
+                   help="no calibration text: only --select uniform, no guard, the model is never loaded")
     p.add_argument("--calib-tokens", type=int, default=DEFAULT_CALIB_TOKENS,
                    help=f"calibration tokens read from --calib-data ({DEFAULT_CALIB_TOKENS})")
     p.add_argument("--importance", default="drop", choices=IMPORTANCE_METRICS,

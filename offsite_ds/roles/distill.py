@@ -4,6 +4,10 @@ The recipe of the original code: the student and the frozen teacher both read th
 the bottom adapter blocks produce; the loss is `lm_weight * LM + kd_weight * KD`, LM being the
 emulator's own causal-LM loss (through the student) and KD the MSE between the student's and the
 teacher's outputs divided by the teacher's mean square (its RMS squared): scale-free across models.
+Two options measured on SmolLM2 (see the README): `kd_norm="token"` divides each token's error by that
+token's own teacher energy, so a few huge attention-sink activations cannot dominate the loss, and
+`logit_weight` adds KL(teacher || student) of the next-token distributions, the teacher's logits being
+the emulator's own top blocks and head run on the teacher middle's output (the full model's output).
 
 Under ZeRO-3 both the emulator and the full model are built sharded; only the full model's middle
 blocks (the teacher) are kept, and the trained emulator is gathered on rank 0 only, to export a new
@@ -11,6 +15,7 @@ EmulatorBundle whose manifest records the distillation.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -37,13 +42,28 @@ def _hidden(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """MSE(student, teacher) / mean(teacher^2), over real tokens only; computed in fp32."""
+KD_NORMS = ("global", "token")
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None,
+            norm: str = "global") -> torch.Tensor:
+    """Normalised MSE over real tokens, in fp32: sum err^2 / sum teacher^2 ("global"), or the mean over
+    tokens of each token's err^2 / teacher^2 ("token": every token counts alike, sinks included)."""
     s, t = student.float(), teacher.float()
-    if mask is None:
-        return (s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12)
-    m = mask.to(s.dtype).unsqueeze(-1)
-    return ((s - t).pow(2) * m).sum() / (t.pow(2) * m).sum().clamp_min(1e-12)
+    m = torch.ones(t.shape[:-1], dtype=t.dtype, device=t.device) if mask is None else mask.to(t.dtype)
+    err, energy = (s - t).pow(2).sum(-1), t.pow(2).sum(-1)
+    if norm == "token":
+        return (err / energy.clamp_min(1e-12) * m).sum() / m.sum().clamp_min(1)
+    return (err * m).sum() / (energy * m).sum().clamp_min(1e-12)
+
+
+def logit_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None
+             ) -> torch.Tensor:
+    """Mean over real tokens of KL(teacher || student) of the next-token distributions, in fp32."""
+    t = torch.log_softmax(teacher_logits.float(), -1)
+    kl = (t.exp() * (t - torch.log_softmax(student_logits.float(), -1))).sum(-1)
+    m = torch.ones_like(kl) if mask is None else mask.to(kl.dtype)
+    return (kl * m).sum() / m.sum().clamp_min(1)
 
 
 class DistillModel(nn.Module):
@@ -55,14 +75,17 @@ class DistillModel(nn.Module):
     """
 
     def __init__(self, emulator: nn.Module, teacher: nn.ModuleList, bottom: int, kept: int,
-                 kd_weight: float = DEFAULT_KD_WEIGHT, lm_weight: float = DEFAULT_LM_WEIGHT):
+                 kd_weight: float = DEFAULT_KD_WEIGHT, lm_weight: float = DEFAULT_LM_WEIGHT, kd_norm: str = "global",
+                 logit_weight: float = 0.0):
         super().__init__()
         self.emulator, self.teacher = emulator, teacher
         self.config = emulator.config  # the ds config's bucket sizes are filled from it
-        self.kd_weight, self.lm_weight = float(kd_weight), float(lm_weight)
+        self.kd_weight, self.lm_weight, self.logit_weight = float(kd_weight), float(lm_weight), float(logit_weight)
+        self.kd_norm = kd_norm
         blocks = get_path(emulator, family_of(emulator).blocks)
         self._blocks_path, self._span = family_of(emulator).blocks, (bottom, kept)
         self._capture: dict | None = None
+        self._replace: torch.Tensor | None = None
         blocks[bottom].register_forward_pre_hook(self._take_input, with_kwargs=True)
         blocks[bottom + kept - 1].register_forward_hook(self._take_output)
 
@@ -77,8 +100,21 @@ class DistillModel(nn.Module):
             self._capture["args"], self._capture["kwargs"] = args, kwargs
 
     def _take_output(self, _module, _args, output):
+        if self._replace is not None:  # the teacher pass: the rest of the emulator reads the teacher's output
+            return (self._replace, *output[1:]) if isinstance(output, tuple) else self._replace
         if self._capture is not None:
             self._capture["output"] = _hidden(output)
+        return None
+
+    @torch.no_grad()
+    def _teacher_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                        hidden: torch.Tensor) -> torch.Tensor:
+        """The full model's logits: the emulator's own outer parts run on the teacher middle's output."""
+        self._replace = hidden
+        try:
+            return self.emulator(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        finally:
+            self._replace = None
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -98,10 +134,15 @@ class DistillModel(nn.Module):
             hidden = args[0].detach()
             for block in self.teacher:
                 hidden = _hidden(block(hidden, *args[1:], **kwargs))
-        kd = kd_loss(student_out, hidden, attention_mask)
+        kd = kd_loss(student_out, hidden, attention_mask, self.kd_norm)
         lm = out.loss.float()
         loss = self.lm_weight * lm + self.kd_weight * kd
-        return {"loss": loss, "lm_loss": lm.detach(), "kd_loss": kd.detach()}
+        losses = {"lm_loss": lm.detach(), "kd_loss": kd.detach()}
+        if self.logit_weight > 0:
+            kl = logit_kl(out.logits, self._teacher_logits(input_ids, attention_mask, hidden), attention_mask)
+            loss = loss + self.logit_weight * kl
+            losses["logit_kl"] = kl.detach()
+        return {"loss": loss, **losses}
 
 
 class Distill(Role):
@@ -120,7 +161,7 @@ class Distill(Role):
 
     def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
-        return out["loss"], {"kd_loss": float(out["kd_loss"]), "lm_loss": float(out["lm_loss"])}
+        return out["loss"], {k: float(v) for k, v in out.items() if k != "loss"}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float] | None:
@@ -130,16 +171,16 @@ class Distill(Role):
         was_training = model.training
         model.eval()
         device = next(model.student.parameters()).device
-        totals = torch.zeros(3, dtype=torch.float64)
+        totals: dict[str, float] = {}
         n = 0
         for start in range(0, len(self.eval_blocks), self.eval_batch_size):
             ids = self.eval_blocks[start:start + self.eval_batch_size].to(device)
             out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
-            totals += torch.tensor([float(out["loss"]), float(out["kd_loss"]), float(out["lm_loss"])]) * len(ids)
+            for name, value in out.items():
+                totals[name] = totals.get(name, 0.0) + float(value) * len(ids)
             n += len(ids)
         model.train(was_training)
-        loss, kd, lm = (totals / n).tolist()
-        return {"eval_loss": loss, "eval_kd_loss": kd, "eval_lm_loss": lm}
+        return {f"eval_{name}": total / n for name, total in totals.items()}
 
     def _mean_over_ranks(self, value: float | None) -> float | None:
         if value is None or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -151,8 +192,8 @@ class Distill(Role):
     def export(self, model: nn.Module, summary: dict) -> None:
         """Gather the emulator (collective: every rank calls this) and write the new bundle on rank 0."""
         step_metrics = summary.get("final_metrics", {})  # this rank's means over the last optimizer step
-        final_kd = self._mean_over_ranks(step_metrics.get("kd_loss"))
-        final_lm = self._mean_over_ranks(step_metrics.get("lm_loss"))
+        finals = {f"final_{name}": self._mean_over_ranks(step_metrics.get(name))
+                  for name in dict.fromkeys(["kd_loss", "lm_loss", *step_metrics])}
         state = gathered_state_dict(model.emulator, to_rank=0)
         if not self.runtime.is_main:
             return
@@ -161,7 +202,7 @@ class Distill(Role):
         previous = compression.get("distillation")
         compression.update(distilled=True, distillation={
             **{k: v for k, v in summary.items() if k in ("steps", "tokens", "final_loss", "wall_seconds")},
-            "final_kd_loss": final_kd, "final_lm_loss": final_lm,
+            **finals,
             **({"eval": summary["eval"]} if summary.get("eval") else {}),
             **self.settings,
             "source_bundle_fingerprint": self.source_manifest.fingerprint,
@@ -212,7 +253,8 @@ def _check_same_model(emulator: nn.Module, full: nn.Module, manifest: BundleMani
 
 def build_distill_model(model_dir: str | Path, bundle_dir: str | Path, manifest: BundleManifest,
                         runtime: Runtime | None, kd_weight: float, lm_weight: float,
-                        gradient_checkpointing: bool = False) -> DistillModel:
+                        gradient_checkpointing: bool = False, kd_norm: str = "global",
+                        logit_weight: float = 0.0) -> DistillModel:
     """Load full model and emulator (sharded under ZeRO-3), keep the full middle as teacher, freeze all but the student."""
     runtime = runtime or Runtime()
     full = runtime.load_model(model_dir)
@@ -237,18 +279,22 @@ def build_distill_model(model_dir: str | Path, bundle_dir: str | Path, manifest:
         p.requires_grad_(True)
     if gradient_checkpointing:
         enable_activation_checkpointing(emulator)
-    return DistillModel(emulator, teacher, bottom, kept, kd_weight, lm_weight)
+    return DistillModel(emulator, teacher, bottom, kept, kd_weight, lm_weight, kd_norm, logit_weight)
 
 
 def distill(model_dir: str | Path, bundle_dir: str | Path, data: str | Path, out_dir: str | Path,
             cfg: TrainConfig | None = None, seq_len: int = 512, kd_weight: float = DEFAULT_KD_WEIGHT,
             lm_weight: float = DEFAULT_LM_WEIGHT, eval_data: str | Path | None = None, text_field: str = "text",
             max_train_blocks: int | None = None, max_eval_blocks: int | None = None,
-            gradient_checkpointing: bool = False) -> dict:
+            gradient_checkpointing: bool = False, kd_norm: str = "global", logit_weight: float = 0.0) -> dict:
     """Owner's `distill`: full model + layer-drop bundle + corpus -> a distilled EmulatorBundle at out_dir."""
     cfg = for_output(cfg or TrainConfig(), out_dir)
-    if kd_weight < 0 or lm_weight < 0 or kd_weight + lm_weight == 0:
-        raise OffsiteError(f"--kd-weight {kd_weight} and --lm-weight {lm_weight} must be >= 0, not both 0")
+    weights = {"--kd-weight": kd_weight, "--lm-weight": lm_weight, "--logit-weight": logit_weight}
+    if any(not math.isfinite(w) or w < 0 for w in weights.values()) or sum(weights.values()) == 0:
+        raise OffsiteError(f"{', '.join(f'{k} {v:g}' for k, v in weights.items())}: each must be >= 0 and finite, "
+                           "not all 0")
+    if kd_norm not in KD_NORMS:
+        raise OffsiteError(f"--kd-norm {kd_norm}: choose one of {', '.join(KD_NORMS)}")
     manifest = check_bundle(bundle_dir)  # validate the bundle before loading anything large
     if "share_map" in manifest:
         raise OffsiteError(f"{bundle_dir} is a shared (CRaSh) bundle; distillation trains distinct kept blocks: "
@@ -260,8 +306,8 @@ def distill(model_dir: str | Path, bundle_dir: str | Path, data: str | Path, out
         if eval_data is not None:
             eval_blocks, _ = load_blocks(eval_data, tokenizer, seq_len, text_field, max_eval_blocks)
         model = build_distill_model(model_dir, bundle_dir, manifest, runtime, kd_weight, lm_weight,
-                                    gradient_checkpointing)
-        settings = {"kd_weight": kd_weight, "lm_weight": lm_weight, "lr": cfg.lr, "warmup_steps": cfg.warmup_steps,
+                                    gradient_checkpointing, kd_norm, logit_weight)
+        settings = {"kd_weight": kd_weight, "lm_weight": lm_weight, "kd_norm": kd_norm, "logit_weight": logit_weight, "lr": cfg.lr, "warmup_steps": cfg.warmup_steps,
                     "seq_len": seq_len, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
                     "world_size": runtime.world, "data_fingerprint": fingerprint, "zero_stage": runtime.zero_stage}
         role = Distill(model, manifest, tokenizer, out_dir, settings, eval_blocks, runtime=runtime)

@@ -17,7 +17,8 @@ def main(out_dir: str, kept_csv: str) -> None:
     kept = [int(x) for x in kept_csv.split(",")]
     block_map = [0, 1, *kept, 28, 29]
     emulator.emulator_block_map = lambda n_layers, layout: block_map  # the one rule make_bundle asks
-    path = emulator.make_bundle(demo_assets.smollm2_dir(), f"2-{len(kept)}-2", out_dir)
+    path = emulator.make_bundle(demo_assets.smollm2_dir(), f"2-{len(kept)}-2", out_dir,
+                                select="uniform", calib_data=None)
     print(path, block_map)
 
 
