@@ -38,6 +38,7 @@ class CompareSettings(DemoSettings):
     importance: str = "drop"
     distill_steps: int = 100
     distill_lr: float = 1e-4
+    distill: dict = field(default_factory=dict)  # distill()'s loss settings: kd_weight, lm_weight, kd_norm, logit_weight
     ceiling: bool = True
     ft: bool = False
     ft_lr: float = 1e-4
@@ -123,7 +124,7 @@ def run_builder(name: str, model_dir: Path, calib_data: Path, train_file: Path, 
         t = time.perf_counter()
         distill(model_dir, bundle, calib_data, out / "distilled",
                 cfg=_train_config(s, out / "distill.checkpoints", s.distill_steps, s.distill_lr, 0),
-                seq_len=s.seq_len, max_train_blocks=s.distill_steps * s.batch_size)
+                seq_len=s.seq_len, max_train_blocks=s.distill_steps * s.batch_size, **s.distill)
         bundle = out / "distilled"
         timings["distill_s"] = time.perf_counter() - t
     trip = round_trip(model_dir, Path(bundle), train_file, eval_files, out, s)

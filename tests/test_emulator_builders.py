@@ -239,7 +239,8 @@ def test_compare_emulators_end_to_end_and_resume(tiny_model_dir, calib_file, cor
             str(corpus_file), "--valid", str(valid), "--test", str(valid), "--out", str(tmp_path / "cmp"),
             "--layout", "2-2-2", "--builders", "uniform,crash+share,importance+distill", "--steps", "2",
             "--batch-size", "2", "--seq-len", "32", "--eval-seq-len", "32", "--eval-tokens", "256",
-            "--eval-every", "0", "--calib-tokens", "256", "--distill-steps", "2", "--ft", "--no-progress"]
+            "--eval-every", "0", "--calib-tokens", "256", "--distill-steps", "2", "--kd-norm", "token", "--logit-weight", "0.5", "--ft",
+            "--no-progress"]
     assert main(argv) == 0
     report = __import__("json").loads((tmp_path / "cmp" / "compare.json").read_text())
     rows = report["tables"]["test"]
@@ -254,6 +255,9 @@ def test_compare_emulators_end_to_end_and_resume(tiny_model_dir, calib_file, cor
     assert by["crash+share"]["tune FLOPs/token"] > by["uniform"]["tune FLOPs/token"]  # shared: full depth runs
     distilled = report["results"][2]
     assert distilled["timings"]["distill_s"] > 0
+    manifest = json.loads((tmp_path / "cmp" / "importance_distill" / "distilled" / "offsite.json").read_text())
+    record = manifest["compression"]["distillation"]
+    assert (record["kd_norm"], record["logit_weight"]) == ("token", 0.5) and record["final_logit_kl"] >= 0
     md = (tmp_path / "cmp" / "compare.md").read_text().splitlines()
     table = [line for line in md if line.startswith("| ")]
     assert len(table) == 2 * (2 + 4) and all(line.count("|") == table[0].count("|") for line in table)
