@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from offsite_ds.atomic import write_json, write_text
+from offsite_ds.atomic import save_figure, write_json, write_text
 from offsite_ds.compare import CompareSettings, cached, round_trip
 from offsite_ds.errors import OffsiteError
 
@@ -136,15 +136,13 @@ def plot_curve(results: list[dict], path: Path) -> None:
                 marker="s", ls="--", label=f"plug-in, {split}")
         ax.axhline(trips[0]["round_trip"]["rows"]["Full zero-shot"][split], color="k", lw=0.8, ls=":")
     ax.set_xscale("symlog", linthresh=1024)
+    ax.set_xlim(left=0)
     ax.set_yscale("log")
     ax.set_xlabel("distillation tokens (public corpus)")
     ax.set_ylabel("perplexity (log); dotted: full model zero-shot")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

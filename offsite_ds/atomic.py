@@ -29,6 +29,22 @@ def write_json(path: str | Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def save_figure(fig, path: str | Path, dpi: int = 110) -> None:
+    """Save a matplotlib figure as PNG atomically (see write_text); a pyplot figure is closed (no leak)."""
+    import sys
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        if "matplotlib.pyplot" in sys.modules:
+            sys.modules["matplotlib.pyplot"].close(fig)
+        if tmp.exists():
+            tmp.unlink()
+
+
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temp dir beside `out_dir`; on success it replaces `out_dir` in one rename.

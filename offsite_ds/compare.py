@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from offsite_ds.atomic import write_json, write_text
+from offsite_ds.atomic import save_figure, write_json, write_text
 from offsite_ds.calibrate import DEFAULT_CALIB_TOKENS
 from offsite_ds.demo import DemoSettings
 from offsite_ds.errors import OffsiteError
@@ -219,10 +219,7 @@ def plot(rows: list[dict], split: str, path: Path) -> None:
     ax.set_ylabel(f"{split} perplexity (log)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def compare_emulators(model_dir: str | Path, calib_data: str | Path, train_file: str | Path,

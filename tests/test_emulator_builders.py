@@ -239,8 +239,8 @@ def test_compare_emulators_end_to_end_and_resume(tiny_model_dir, calib_file, cor
             str(corpus_file), "--valid", str(valid), "--test", str(valid), "--out", str(tmp_path / "cmp"),
             "--layout", "2-2-2", "--builders", "uniform,crash+share,importance+distill", "--steps", "2",
             "--batch-size", "2", "--seq-len", "32", "--eval-seq-len", "32", "--eval-tokens", "256",
-            "--eval-every", "0", "--calib-tokens", "256", "--distill-steps", "2", "--kd-norm", "token", "--logit-weight", "0.5", "--ft",
-            "--no-progress"]
+            "--eval-every", "0", "--calib-tokens", "256", "--distill-steps", "2", "--kd-norm", "token",
+            "--logit-weight", "0.5", "--ft", "--no-progress"]
     assert main(argv) == 0
     report = __import__("json").loads((tmp_path / "cmp" / "compare.json").read_text())
     rows = report["tables"]["test"]

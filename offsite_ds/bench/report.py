@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from offsite_ds.atomic import utc_stamp, write_json
+from offsite_ds.atomic import save_figure, utc_stamp, write_json
 
 FORMAT = "offsite-ds-bench"
 FORMAT_VERSION = 1
@@ -292,13 +292,7 @@ def plot_png(results: dict, path: Path) -> None:
     if results["spec"].get("smoke"):
         title += " - CPU smoke run, tiny shapes: not comparable to the paper"
     fig.suptitle(title)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=90)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    save_figure(fig, path, dpi=90)
 
 
 def annotate_ratios(results: dict) -> None:

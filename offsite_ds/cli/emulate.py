@@ -14,9 +14,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-ratio", type=float, default=None, help="keep this fraction of the middle instead of K")
     p.add_argument("--out", required=True, help="EmulatorBundle directory to write")
     p.add_argument("--select", default=DEFAULT_SELECT, choices=SELECTIONS,
-                   help=f"which middle blocks to keep: importance (default: the K whose removal hurts most on "
-                        f"--calib-data), uniform (the paper's rule), crash (CKA clusters of adjacent blocks, one "
-                        f"kept per cluster)")
+                   help="which middle blocks to keep: importance (default: the K whose removal hurts most on "
+                        "--calib-data), uniform (the paper's rule), crash (CKA clusters of adjacent blocks, one "
+                        "kept per cluster)")
     p.add_argument("--share", action="store_true",
                    help="--select crash: every dropped position runs its cluster's kept block (original depth, "
                         "K blocks of weights; load it with offsite-ds tools, see the README)")
