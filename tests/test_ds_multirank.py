@@ -44,9 +44,12 @@ def _env() -> dict:
 
 def launch(*args: str, module: bool = True, timeout: int = 300, extra_env: dict | None = None,
            ranks: int = 2):
-    proc = subprocess.run(launcher_cmd(*args, module=module, ranks=ranks), capture_output=True, text=True, timeout=timeout,
-                          env={**_env(), **(extra_env or {})})
+    cmd = launcher_cmd(*args, module=module, ranks=ranks)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**_env(), **(extra_env or {})})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    port = cmd[cmd.index("--master_port") + 1]
+    leaked = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not leaked, f"the ranks left their shared-memory buffers behind: {leaked}"  # RAM on tmpfs
     return proc
 
 
