@@ -19,6 +19,21 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 FAMILIES = ("opt", "bloom", "gpt2", "llama")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(relpath: str):
+    """A repository script (`benchmarks/x.py`, `scripts/x.py`) as a module, registered as `script_x`
+    (dataclasses look their module up; a plain `kernels` name would shadow the kernels package)."""
+    import importlib.util
+    import sys
+
+    path = ROOT / relpath
+    spec = importlib.util.spec_from_file_location(f"script_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 CORPUS = (
     "the quick brown fox jumps over the lazy dog . a stitch in time saves nine . "

@@ -1,6 +1,5 @@
 """The benchmark suite in its CPU smoke mode: every setting runs through the real training loop and
 the JSON, table and plot are well formed. No timing is asserted (CPU numbers mean nothing)."""
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -186,10 +185,9 @@ def test_offload_decision_and_device_peaks():
 
 
 def test_script_is_the_same_command(capsys):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "finetune.py"
-    spec = importlib.util.spec_from_file_location("bench_script", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from conftest import load_script
+
+    module = load_script("benchmarks/finetune.py")
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--help"])
     assert exit_info.value.code == 0 and "--settings" in capsys.readouterr().out

@@ -1,25 +1,16 @@
 """benchmarks/distill_curve.py: the distillation-token curve runs end to end, chains its segments and resumes."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("distill_curve", ROOT / "benchmarks" / "distill_curve.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_script
 
 
 def test_curve_chains_segments_scores_every_point_and_resumes(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
     from offsite_ds.compare import CompareSettings
     from offsite_ds.errors import OffsiteError
 
-    curve = load_script()
+    curve = load_script("benchmarks/distill_curve.py")
     public, held = tmp_path / "public.txt", tmp_path / "held.txt"
     public.write_text("a public corpus the owner may use . " * 80 + "numbers 1 2 3 and words . " * 60)
     held.write_text("words the owner holds out . " * 40)

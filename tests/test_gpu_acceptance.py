@@ -1,7 +1,6 @@
 """scripts/gpu_acceptance.sh / .py: the parts a CPU can check. Without CUDA the shell script refuses with
 one line; the Python driver's plan, metadata, per-check pass/fail logic, logs and one-screen summary are
 exercised with --dry-run and with small stand-in checks; its `setup` step builds the run's inputs."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,15 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_driver():
-    spec = importlib.util.spec_from_file_location("gpu_acceptance", ROOT / "scripts" / "gpu_acceptance.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/gpu_acceptance.py")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="describes a machine without CUDA")
@@ -85,9 +82,7 @@ def test_every_planned_command_parses(tmp_path):
     from offsite_ds.cli import build_parser
 
     driver = load_driver()
-    spec = importlib.util.spec_from_file_location("kernel_bench", ROOT / "benchmarks" / "kernels.py")
-    kernel_bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kernel_bench)
+    kernel_bench = load_script("benchmarks/kernels.py")
     parsed = 0
     for check in driver.plan(tmp_path):
         argv = check.argv

@@ -4,21 +4,19 @@ The figures of a CPU smoke run mean nothing for GPU performance; what is checked
 (eager and ours measured, absent implementations skipped with a reason, never silently) and that the
 JSON carries what a GPU run must record: device, date, versions, command, figures and target verdicts.
 """
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+import conftest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("kernel_bench", ROOT / "benchmarks" / "kernels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return conftest.load_script("benchmarks/kernels.py")
 
 
 def test_cpu_smoke_writes_well_formed_results(tmp_path):
