@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layout", default="2-8-2")
     p.add_argument("--select", default="importance", choices=["uniform", "importance", "crash"])
     p.add_argument("--points", default="16384,49152,98304", help="cumulative distillation tokens to measure at")
-    p.add_argument("--round-trips", default="0,98304", help="token points at which the round trip also runs ('' for none)")
+    p.add_argument("--round-trips", default="0,98304",
+                   help="token points at which the round trip also runs ('' for none)")
     p.add_argument("--distill-lr", type=float, default=5e-4)
     p.add_argument("--kd-weight", type=float, default=30.0)
     p.add_argument("--lm-weight", type=float, default=1.0)
@@ -186,4 +187,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    import sys
+
+    try:
+        raise SystemExit(main())
+    except OffsiteError as exc:  # bad input: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2)

@@ -38,7 +38,7 @@ class CompareSettings(DemoSettings):
     importance: str = "drop"
     distill_steps: int = 100
     distill_lr: float = 1e-4
-    distill: dict = field(default_factory=dict)  # distill()'s loss settings: kd_weight, lm_weight, kd_norm, logit_weight
+    distill: dict = field(default_factory=dict)  # distill()'s loss options: kd_weight, lm_weight, kd_norm, ...
     ceiling: bool = True
     ft: bool = False
     ft_lr: float = 1e-4

@@ -23,12 +23,13 @@ from offsite_ds.sandwich import (SELECTIONS, Layout, block_map_for, emulator_ada
                                  share_map_for)
 
 METHODS = ("drop", "prune", "quantize")
-# Emulator/full zero-shot perplexity on the calibration text above which `emulate` warns. Measured on
-# SmolLM2-135M, 1,024 tokens of the public Wikipedia sample (benchmarks/results/e1-builders-smollm2):
-# uniform 2-9-2 is 73x and its adapter transfers (demo: plug-in 56.64 < 64.86 zero-shot on PTB test),
-# uniform 2-8-2 is 1,094x and its adapter does not (plug-in 85.51). Provisional: two points, one model.
-GUARD_RATIO = 400.0  # SmolLM2-135M: adapters transferred at 68x, 73x, 162x; did not at 1,094x, 32,004x
-DEFAULT_SELECT = "importance"  # uniform drop broke SmolLM2 at 2-8-2 (plug-in 85.51 > 64.85 zero-shot); importance: 55.29
+# Emulator/full zero-shot perplexity on the calibration text above which `emulate` warns, measured as
+# the ratio on 1,024 tokens of the public Wikipedia sample, SmolLM2-135M at the demo's budget
+# (benchmarks/results/2026-11-23-compare-2-8-2-cpu): adapters transferred (plug-in below zero-shot) at 67.6x
+# (importance 2-8-2), 73x (uniform 2-9-2), 161.6x (crash 2-8-2); not at 1,094x (uniform 2-8-2), 32,004x
+# (crash --share 2-8-2). Provisional: five points, one model.
+GUARD_RATIO = 400.0
+DEFAULT_SELECT = "importance"  # SmolLM2 2-8-2 test plug-in: uniform 85.66 (zero-shot 64.85), importance 55.29
 PUBLIC_SAMPLE = "builtin:wikipedia"  # the default calibration text: the Wikipedia sample of the demo assets
 
 
@@ -281,13 +282,13 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
     """Model owner's `emulate`: full model dir -> EmulatorBundle dir, its weights streamed from the checkpoint.
 
     The bundle keeps the checkpoint's dtype (a bf16 model gives a bf16 bundle) unless `dtype` is given.
-    The default keeps the middle blocks whose removal hurts most on public text (`PUBLIC_SAMPLE`, the
-    Wikipedia sample, unless `calib_data` names the owner's own public file): uniform drop, the paper's
-    rule, broke the modern models measured here. Uniform layer-drop with `calib_data=None` never loads the model. With `calib_data` (the owner's PUBLIC
-    corpus) the model is loaded once to score blocks for the builders that need it and for the guard,
-    which measures the emulator's and the full model's zero-shot perplexity on it, records both as
-    `quality`, and warns through `log` (default: stderr) when their ratio exceeds `guard_ratio`; the
-    weights are still written tensor by tensor from the checkpoint.
+    The default keeps the middle blocks whose removal hurts most on public text (`PUBLIC_SAMPLE`, the Wikipedia
+    sample, unless `calib_data` names the owner's own public file): uniform drop, the paper's rule, broke the
+    modern model measured here. Uniform layer-drop with `calib_data=None` never loads the model. With `calib_data`
+    (the owner's PUBLIC corpus) the model is loaded once to score blocks for the builders that need it and for the
+    guard, which measures the emulator's and the full model's zero-shot perplexity on it, records both as
+    `quality`, and warns through `log` (default: stderr) when their ratio exceeds `guard_ratio`; the weights are
+    still written tensor by tensor from the checkpoint.
     """
     from offsite_ds.bundle import fingerprint_checkpoint, write_bundle
 
@@ -302,8 +303,8 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
     calibration = None
     if calib_data is not None:
         block_map, share_map, facts, calibration, quality = _calibrated_choice(
-            model_dir, layout, method, prune_ratio, quant_bits, select, share, public_calibration(calib_data), calib_tokens, importance,
-            text_field, progress)
+            model_dir, layout, method, prune_ratio, quant_bits, select, share, public_calibration(calib_data),
+            calib_tokens, importance, text_field, progress)
     compression = {"method": method, "kept": layout.kept, "middle": n_layers - layout.bottom - layout.top,
                    "distilled": False, "select": select, "shared": share_map is not None}
     if method == "prune":

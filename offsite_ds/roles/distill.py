@@ -307,7 +307,8 @@ def distill(model_dir: str | Path, bundle_dir: str | Path, data: str | Path, out
             eval_blocks, _ = load_blocks(eval_data, tokenizer, seq_len, text_field, max_eval_blocks)
         model = build_distill_model(model_dir, bundle_dir, manifest, runtime, kd_weight, lm_weight,
                                     gradient_checkpointing, kd_norm, logit_weight)
-        settings = {"kd_weight": kd_weight, "lm_weight": lm_weight, "kd_norm": kd_norm, "logit_weight": logit_weight, "lr": cfg.lr, "warmup_steps": cfg.warmup_steps,
+        settings = {"kd_weight": kd_weight, "lm_weight": lm_weight, "kd_norm": kd_norm, "logit_weight": logit_weight,
+                    "lr": cfg.lr, "warmup_steps": cfg.warmup_steps,
                     "seq_len": seq_len, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
                     "world_size": runtime.world, "data_fingerprint": fingerprint, "zero_stage": runtime.zero_stage}
         role = Distill(model, manifest, tokenizer, out_dir, settings, eval_blocks, runtime=runtime)
