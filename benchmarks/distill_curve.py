@@ -20,11 +20,12 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from offsite_ds.atomic import save_figure, write_json, write_text
-from offsite_ds.compare import CompareSettings, cached, round_trip
+from offsite_ds.cli.train_args import add_distill_loss_arguments, distill_loss_from_args
+from offsite_ds.compare import CompareSettings, cached, round_trip, train_config
 from offsite_ds.errors import OffsiteError
 
 
@@ -55,7 +56,6 @@ def run_curve(model_dir: Path, public_train: Path, public_heldout: Path, train_f
     from offsite_ds.data import load_texts
     from offsite_ds.emulator import make_bundle
     from offsite_ds.roles.distill import distill
-    from offsite_ds.train import TrainConfig
 
     texts = {"public heldout": load_texts(public_heldout), **{k: load_texts(v) for k, v in eval_files.items()}}
     per_step = distill_batch * distill_seq_len
@@ -73,10 +73,8 @@ def run_curve(model_dir: Path, public_train: Path, public_heldout: Path, train_f
                 distill_s, summary = time.perf_counter() - t, None
             else:
                 steps = max(1, round((tokens - previous["tokens"]) / per_step))
-                cfg = TrainConfig(steps=steps, lr=s.distill_lr, warmup_steps=min(3, steps - 1),
-                                  batch_size=distill_batch, seed=s.seed + i, progress=s.progress,
-                                  log_every=max(1, steps // 10), checkpoint_dir=str(here / "checkpoints"),
-                                  precision="fp32", device="cpu")
+                cfg = replace(train_config(s, here / "checkpoints", steps, s.distill_lr, 0),
+                              warmup_steps=min(3, steps - 1), batch_size=distill_batch, seed=s.seed + i)
                 summary = distill(model_dir, out / f"t{previous['tokens']}" / "bundle", public_train, here / "bundle",
                                   cfg=cfg, seq_len=distill_seq_len, **loss)
                 distill_s = time.perf_counter() - t
@@ -156,10 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--round-trips", default="0,98304",
                    help="token points at which the round trip also runs ('' for none)")
     p.add_argument("--distill-lr", type=float, default=5e-4)
-    p.add_argument("--kd-weight", type=float, default=30.0)
-    p.add_argument("--lm-weight", type=float, default=1.0)
-    p.add_argument("--kd-norm", default="global", choices=["global", "token"])
-    p.add_argument("--logit-weight", type=float, default=0.0)
+    add_distill_loss_arguments(p)
     p.add_argument("--distill-batch", type=int, default=2)
     p.add_argument("--distill-seq-len", type=int, default=512)
     p.add_argument("--steps", type=int, default=d.steps, help="the data owner's tuning steps")
@@ -179,8 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run_curve(model, wikipedia_file("train", args.cache_dir), wikipedia_file("heldout", args.cache_dir),
                        files["train"], {"valid": files["valid"], "test": files["test"]}, Path(args.out), s,
                        args.select, points, trips, args.distill_batch, args.distill_seq_len,
-                       {"kd_weight": args.kd_weight, "lm_weight": args.lm_weight, "kd_norm": args.kd_norm,
-                        "logit_weight": args.logit_weight})
+                       distill_loss_from_args(args))
     print(format_curve(report["points"], ["public heldout", "valid", "test"]))
     finite = all(math.isfinite(v) for r in report["points"] for v in r["emulator"].values())
     return 0 if finite else 1

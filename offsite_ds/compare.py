@@ -57,7 +57,8 @@ def parse_builder(spec: str) -> tuple[str, bool, bool]:
     return select, "share" in flags, "distill" in flags
 
 
-def _train_config(s: CompareSettings, out: Path, steps: int, lr: float, eval_every: int):
+def train_config(s: CompareSettings, out: Path, steps: int, lr: float, eval_every: int):
+    """How every comparison run trains: the settings' batch and seed, fp32 on the CPU (the measured setting)."""
     from offsite_ds.train import TrainConfig
 
     return TrainConfig(steps=steps, lr=lr, warmup_steps=min(s.warmup, steps - 1), batch_size=s.batch_size,
@@ -92,7 +93,7 @@ def round_trip(model_dir: Path, bundle: Path, train_file: Path, eval_files: dict
     valid = eval_files.get("valid", next(iter(eval_files.values())))
     t = time.perf_counter()
     summary = tune(bundle, train_file, out / "adapter", mode=s.mode, settings=dict(s.mode_settings),
-                   cfg=_train_config(s, out / "adapter.checkpoints", s.steps, s.lr, s.eval_every), seq_len=s.seq_len,
+                   cfg=train_config(s, out / "adapter.checkpoints", s.steps, s.lr, s.eval_every), seq_len=s.seq_len,
                    eval_data=valid, max_train_blocks=s.steps * s.batch_size, max_eval_tokens=s.eval_tokens,
                    kernels="off")
     tune_s = time.perf_counter() - t
@@ -123,7 +124,7 @@ def run_builder(name: str, model_dir: Path, calib_data: Path, train_file: Path, 
     if distilled:
         t = time.perf_counter()
         distill(model_dir, bundle, calib_data, out / "distilled",
-                cfg=_train_config(s, out / "distill.checkpoints", s.distill_steps, s.distill_lr, 0),
+                cfg=train_config(s, out / "distill.checkpoints", s.distill_steps, s.distill_lr, 0),
                 seq_len=s.seq_len, max_train_blocks=s.distill_steps * s.batch_size, **s.distill)
         bundle = out / "distilled"
         timings["distill_s"] = time.perf_counter() - t
@@ -145,7 +146,7 @@ def run_ft(model_dir: Path, train_file: Path, eval_files: dict[str, Path], out: 
     from offsite_ds.roles.finetune_full import finetune
 
     t = time.perf_counter()
-    finetune(model_dir, train_file, out / "model", cfg=_train_config(s, out / "model.checkpoints", s.steps, s.ft_lr,
+    finetune(model_dir, train_file, out / "model", cfg=train_config(s, out / "model.checkpoints", s.steps, s.ft_lr,
                                                                      0),
              seq_len=s.seq_len, max_train_blocks=s.steps * s.batch_size)
     seconds = time.perf_counter() - t

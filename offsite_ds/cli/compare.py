@@ -8,6 +8,7 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from offsite_ds.cli.train_args import add_distill_loss_arguments
     from offsite_ds.compare import CompareSettings
 
     d = CompareSettings()
@@ -35,8 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--importance", default=d.importance, choices=["drop", "cosine"])
     p.add_argument("--distill-steps", type=int, default=d.distill_steps, help="steps of +distill builders")
     p.add_argument("--distill-lr", type=float, default=d.distill_lr)
-    p.add_argument("--kd-norm", default="global", choices=["global", "token"], help="+distill: see `distill --help`")
-    p.add_argument("--logit-weight", type=float, default=0.0, help="+distill: KL to the full model's logits")
+    add_distill_loss_arguments(p)  # of the +distill builders
     p.add_argument("--no-ceiling", action="store_true", help="skip the ceiling row (whole middle kept)")
     p.add_argument("--ft", action="store_true", help="add the FT row: full fine-tuning on the same tokens")
     p.add_argument("--ft-lr", type=float, default=d.ft_lr)
@@ -46,6 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from offsite_ds.cli.train_args import distill_loss_from_args
     from offsite_ds.compare import CompareSettings, best_builder, compare_emulators
     from offsite_ds.errors import OffsiteError
 
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         eval_seq_len=args.eval_seq_len, eval_tokens=args.eval_tokens or None, eval_every=args.eval_every,
         seed=args.seed, calib_tokens=args.calib_tokens, importance=args.importance,
         distill_steps=args.distill_steps, distill_lr=args.distill_lr,
-        distill={"kd_norm": args.kd_norm, "logit_weight": args.logit_weight}, ceiling=not args.no_ceiling, ft=args.ft,
+        distill=distill_loss_from_args(args), ceiling=not args.no_ceiling, ft=args.ft,
         ft_lr=args.ft_lr, progress=not args.no_progress)
     report = compare_emulators(model, calib, files["train"], {"valid": files["valid"], "test": files["test"]},
                                args.out, settings)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import argparse
 
-from offsite_ds.cli.train_args import add_scale_arguments, add_train_arguments, finish, train_config_from_args
+from offsite_ds.cli.train_args import (add_distill_loss_arguments, add_scale_arguments, add_train_arguments,
+                                       distill_loss_from_args, finish, train_config_from_args)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -14,13 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, help="layer-drop EmulatorBundle to distil (from `offsite-ds emulate`)")
     p.add_argument("--data", required=True, help="distillation corpus: .txt/.json/.jsonl/.parquet or a datasets name")
     p.add_argument("--out", required=True, help="directory of the distilled EmulatorBundle to write")
-    p.add_argument("--kd-weight", type=float, default=30.0, help="weight of the normalised MSE to the teacher")
-    p.add_argument("--lm-weight", type=float, default=1.0, help="weight of the emulator's causal-LM loss")
-    p.add_argument("--kd-norm", default="global", choices=["global", "token"],
-                   help="normalise the MSE by the teacher's total energy (global, the original) or per token "
-                        "(token: attention-sink tokens cannot dominate)")
-    p.add_argument("--logit-weight", type=float, default=0.0,
-                   help="weight of KL(full model || emulator) of the next-token distributions (0: off)")
+    add_distill_loss_arguments(p)
     p.add_argument("--eval-data", default=None, help="held-out corpus: distillation loss every --eval-every steps")
     p.add_argument("--max-eval-blocks", type=int, default=None, help="cap the held-out blocks (speed)")
     p.add_argument("--max-train-blocks", type=int, default=None, help="use only the first N packed blocks")
@@ -34,8 +29,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = train_config_from_args(args)
     summary = distill(args.model, args.bundle, args.data, args.out, cfg=cfg, seq_len=args.seq_len,
-                      kd_weight=args.kd_weight, lm_weight=args.lm_weight, eval_data=args.eval_data,
+                      eval_data=args.eval_data,
                       text_field=args.text_field, max_train_blocks=args.max_train_blocks,
                       max_eval_blocks=args.max_eval_blocks, gradient_checkpointing=args.gradient_checkpointing,
-                      kd_norm=args.kd_norm, logit_weight=args.logit_weight)
+                      **distill_loss_from_args(args))
     return finish(args, summary, "distilled emulator bundle")

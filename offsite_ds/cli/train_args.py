@@ -72,3 +72,24 @@ def finish(args: argparse.Namespace, summary: dict, what: str) -> int:
           f"final loss {final:.4f}" if final is not None else f"{what} {args.out}: no step taken")
     print(json.dumps({k: v for k, v in summary.items() if k != "loss_history"}), flush=True)
     return 0
+
+
+def add_distill_loss_arguments(p: argparse.ArgumentParser) -> None:
+    """The distillation loss flags of `distill`, `compare-emulators` (+distill builders) and the curve benchmark."""
+    from offsite_ds.roles.distill import DEFAULT_KD_WEIGHT, DEFAULT_LM_WEIGHT, KD_NORMS
+
+    g = p.add_argument_group("distillation loss")
+    g.add_argument("--kd-weight", type=float, default=DEFAULT_KD_WEIGHT,
+                   help="weight of the normalised MSE to the teacher")
+    g.add_argument("--lm-weight", type=float, default=DEFAULT_LM_WEIGHT, help="weight of the emulator's causal-LM loss")
+    g.add_argument("--kd-norm", default=KD_NORMS[0], choices=KD_NORMS,
+                   help="normalise the MSE by the teacher's total energy (global, the original) or per token "
+                        "(token: attention-sink tokens cannot dominate)")
+    g.add_argument("--logit-weight", type=float, default=0.0,
+                   help="weight of KL(full model || emulator) of the next-token distributions (0: off)")
+
+
+def distill_loss_from_args(args: argparse.Namespace) -> dict:
+    """distill()'s loss keyword arguments from the flags of add_distill_loss_arguments."""
+    return {"kd_weight": args.kd_weight, "lm_weight": args.lm_weight, "kd_norm": args.kd_norm,
+            "logit_weight": args.logit_weight}
