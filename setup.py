@@ -1,18 +1,43 @@
 """offsite-ds: Offsite-Tuning on DeepSpeed.
 
-The repo keeps the card's top-level `kernels/` folder, but the installed distribution maps it to
-`offsite_ds.kernels` so that it never claims the generic top-level name `kernels` (a PyPI package).
+The repository keeps the card's top-level `kernels/` (Triton sources, no `__init__.py`) and `ds_configs/`.
+A wheel carries them inside the package, as `offsite_ds/kernels/*.py` and `offsite_ds/ds_configs/*.json`,
+so that nothing is installed under the top-level name `kernels` (Hugging Face's package, which
+transformers imports). In a checkout, offsite_ds.resources finds the top-level folders instead.
 """
+from pathlib import Path
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+BUNDLED = {"kernels": "*.py", "ds_configs": "*.json"}  # top-level folder -> what a wheel copies into offsite_ds/
+
+
+class BuildPyWithResources(build_py):
+    """build_py, plus the top-level resource folders copied into the package (not in editable mode: there
+    offsite_ds.resources reads them where they are)."""
+
+    def run(self) -> None:
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        for folder, pattern in BUNDLED.items():
+            target = Path(self.build_lib, "offsite_ds", folder)
+            self.mkpath(str(target))
+            for source in sorted((ROOT / folder).glob(pattern)):
+                self.copy_file(str(source), str(target / source.name))
+
 
 setup(
     name="offsite-ds",
     version="0.1.0",
     description="Offsite-Tuning (transfer learning without the full model) on DeepSpeed",
     python_requires=">=3.10",
-    packages=find_packages(include=["offsite_ds", "offsite_ds.*"]) + ["offsite_ds.kernels"],
-    package_dir={"offsite_ds.kernels": "kernels"},
-    package_data={"offsite_ds": ["tasks/*.yaml", "tasks/*.jsonl", "tasks/*.md", "ds_templates/*.json"]},
+    packages=find_packages(include=["offsite_ds", "offsite_ds.*"]),
+    package_data={"offsite_ds": ["tasks/*.yaml", "tasks/*.jsonl", "tasks/*.md", "public_text/*.txt",
+                                 "public_text/*.md"]},
+    cmdclass={"build_py": BuildPyWithResources},
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.16",

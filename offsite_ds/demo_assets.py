@@ -316,3 +316,35 @@ def wikipedia_file(split: str, cache_dir: str | Path | None = None) -> Path:
                 (tmp / f"enwiki.{name}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
             write_json(tmp / CONVERSION_MARKER, record)
     return out / f"enwiki.{split}.txt"
+
+
+# A small excerpt of the public corpus ships inside the package, so that `emulate`'s default calibration
+# (1,024 tokens) works right after `pip install offsite-ds`, without gensim. Written once by
+# write_public_sample() from the same Wikipedia sample; its source and licence are in public_text/SOURCE.md.
+PUBLIC_SAMPLE_DIR = Path(__file__).resolve().parent / "public_text"
+PUBLIC_SAMPLE_CHARS = {"train": 60_000, "heldout": 20_000}  # about 14k and 4.5k SmolLM2 tokens
+
+
+def public_sample_file(split: str) -> Path:
+    """The shipped excerpt of the owner's public corpus: `train` (calibration) or `heldout` (the guard's check)."""
+    path = PUBLIC_SAMPLE_DIR / f"wikipedia_sample.{_wiki_split(split)}.txt"
+    if not path.is_file():
+        raise OffsiteError(f"the package's public text sample {path.name} is missing; reinstall offsite-ds")
+    return path
+
+
+def write_public_sample(out_dir: str | Path = PUBLIC_SAMPLE_DIR, cache_dir: str | Path | None = None) -> dict:
+    """Write the shipped excerpt: the first whole paragraphs of each split, up to PUBLIC_SAMPLE_CHARS."""
+    from offsite_ds.atomic import write_text
+
+    out, record = Path(out_dir), {}
+    for split, budget in PUBLIC_SAMPLE_CHARS.items():
+        lines, size = [], 0
+        for line in wikipedia_file(split, cache_dir).read_text(encoding="utf-8").splitlines():
+            if size >= budget:
+                break
+            lines.append(line)
+            size += len(line) + 1
+        write_text(out / f"wikipedia_sample.{split}.txt", "\n".join(lines) + "\n")
+        record[split] = {"paragraphs": len(lines), "chars": size}
+    return record

