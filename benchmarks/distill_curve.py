@@ -69,7 +69,8 @@ def run_curve(model_dir: Path, public_train: Path, public_heldout: Path, train_f
             t = time.perf_counter()
             if tokens == 0:
                 make_bundle(model_dir, s.layout, here / "bundle", select=select, calib_data=public_train,
-                            calib_tokens=s.calib_tokens, importance=s.importance, progress=s.progress, log=log)
+                            calib_tokens=s.calib_tokens, importance=s.importance, progress=s.progress, log=log,
+                            allow_far=True)
                 distill_s, summary = time.perf_counter() - t, None
             else:
                 steps = max(1, round((tokens - previous["tokens"]) / per_step))

@@ -154,32 +154,92 @@ def check_builder(select: str, share: bool, has_calibration: bool) -> None:
 
 def choose_blocks(model: PreTrainedModel, layout: Layout, select: str = "uniform", share: bool = False,
                   calib_ids: torch.Tensor | None = None, seq_len: int | None = None, importance: str = "drop",
-                  sample_tokens: int | None = None, progress: bool = False) -> tuple[list[int], list[int] | None, dict]:
-    """Which middle blocks the emulator keeps: (block_map, share_map or None, facts for the manifest).
+                  sample_tokens: int | None = None, progress: bool = False,
+                  max_ratio: float | None = None) -> tuple[Layout, list[int], list[int] | None, dict]:
+    """Which middle blocks the emulator keeps: (layout, block_map, share_map or None, facts for the manifest).
 
     `uniform` is the paper's rule; `importance` keeps the K middle blocks whose removal hurts most on the
     calibration text; `crash` merges adjacent blocks into K runs by CKA and keeps one per run
-    (sandwich.cluster_representatives), and with `share` each dropped position runs its run's kept block.
+    (sandwich.cluster_representatives), and with `share` each dropped position runs its run's kept block;
+    `iterative` removes blocks one at a time, re-scoring the rest after each removal (offsite_ds.elimination).
+    With `max_ratio` (the layout's K is then an upper bound) K is the fewest kept blocks whose emulator/full
+    perplexity ratio on the calibration text stays within it, and the returned layout carries that K.
     Only the owner's calibration ids are read.
     """
     from offsite_ds import calibrate
 
     check_builder(select, share, calib_ids is not None)
+    if max_ratio is not None and not max_ratio > 0:
+        raise OffsiteError(f"--max-ratio {max_ratio:g} must be positive (emulator/full perplexity, e.g. 3)")
     n_layers = len(get_path(model, family_of(model).blocks))
     middle = middle_indices(n_layers, layout)
-    if select == "uniform":
-        return block_map_for(n_layers, layout, select_kept(middle, layout.kept)), None, {}
     seq_len = seq_len or calibrate.calibration_seq_len(model)
     sample = sample_tokens or calibrate.DEFAULT_SAMPLE_TOKENS
+    if select == "iterative":
+        from offsite_ds.elimination import elimination_path, kept_after
+
+        _, steps = elimination_path(model, calib_ids, middle, seq_len,
+                                    min_kept=2 if max_ratio is not None else max(2, layout.kept),
+                                    max_ratio=max_ratio, progress=progress)
+        layout = Layout(layout.bottom, len(middle) - len(steps), layout.top) if max_ratio is not None else layout
+        kept = kept_after(middle, steps, layout.kept)
+        elimination = [{"removed": st.removed, "ratio": st.ratio} for st in steps]
+        return layout, block_map_for(n_layers, layout, kept), None, {"elimination": elimination}
+
+    def rule(k: int) -> tuple[list[int], list[list[int]] | None]:
+        if select == "uniform":
+            return select_kept(middle, k), None
+        if select == "importance":
+            return select_important(middle, k, scores), None
+        return select_crash(middle, k, similarity)
+
+    facts: dict = {}
     if select == "importance":
         scores = calibrate.importance_scores(model, calib_ids, middle, seq_len, importance, sample, progress)
-        kept = select_important(middle, layout.kept, scores)
-        return block_map_for(n_layers, layout, kept), None, {"scores": scores}
-    similarity = calibrate.middle_similarity(model, calib_ids, middle, seq_len, sample)
-    kept, clusters = select_crash(middle, layout.kept, similarity)
-    facts = {"scores": [similarity[i][i + 1] for i in range(len(middle) - 1)]}
-    share_map = share_map_for(n_layers, layout, clusters) if share else None
-    return block_map_for(n_layers, layout, kept), share_map, facts
+        facts["scores"] = scores
+    if select == "crash":
+        similarity = calibrate.middle_similarity(model, calib_ids, middle, seq_len, sample)
+        facts["scores"] = [similarity[i][i + 1] for i in range(len(middle) - 1)]
+    if max_ratio is not None:
+        layout = fewest_within(layout, max_ratio, lambda k: _ratio(model, n_layers, layout, k, rule, share, calib_ids,
+                                                                    seq_len))
+    kept, clusters = rule(layout.kept)
+    share_map = share_map_for(n_layers, layout, clusters) if share and clusters is not None else None
+    return layout, block_map_for(n_layers, layout, kept), share_map, facts
+
+
+def _ratio(model: PreTrainedModel, n_layers: int, layout: Layout, k: int, rule, share: bool, calib_ids: torch.Tensor,
+           seq_len: int) -> float:
+    """Emulator/full perplexity ratio on the calibration ids of the emulator `rule` builds with K=k."""
+    from offsite_ds import calibrate
+
+    trial = Layout(layout.bottom, k, layout.top)
+    kept, clusters = rule(k)
+    block_map = block_map_for(n_layers, trial, kept)
+    if share and clusters is not None:
+        block_map = [block_map[s] for s in share_map_for(n_layers, trial, clusters)]
+    return calibrate.quality(model, block_map, calib_ids, seq_len, "")["ratio"]
+
+
+def fewest_within(layout: Layout, max_ratio: float, ratio_at) -> Layout:
+    """The layout with the fewest kept middle blocks (at most layout.kept) whose `ratio_at(K)` <= max_ratio.
+
+    Bisection, about log2(K) measurements: it assumes the ratio falls as K grows (true of the rules here in
+    practice, not by construction); whatever happens, a K that misses the target is never returned, because
+    only measured passing K are. Refuses when even K = layout.kept misses.
+    """
+    low, high = 1, layout.kept
+    top = ratio_at(high)
+    if top > max_ratio:
+        raise OffsiteError(f"even K={high} gives an emulator {top:.2f}x the full model on the "
+                           f"calibration text, above --max-ratio {max_ratio:g}; raise it or give fewer adapter blocks")
+    while low < high:
+        mid = (low + high) // 2
+        if ratio_at(mid) <= max_ratio:
+            high = mid
+        else:
+            low = mid + 1
+    return Layout(layout.bottom, high, layout.top)
 
 
 def compression_transform(method: str, prune_ratio: float = 0.5, quant_bits: int = 8):
@@ -286,7 +346,8 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
                 dtype: torch.dtype | str | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                 select: str = DEFAULT_SELECT, share: bool = False, calib_data: str | Path | None = PUBLIC_SAMPLE,
                 calib_tokens: int | None = None, importance: str = "drop", text_field: str = "text",
-                guard_ratio: float | None = None, progress: bool = False, log=None) -> Path:
+                guard_ratio: float | None = None, progress: bool = False, log=None, max_ratio: float | None = None,
+                allow_far: bool = False) -> Path:
     """Model owner's `emulate`: full model dir -> EmulatorBundle dir, its weights streamed from the checkpoint.
 
     The bundle keeps the checkpoint's dtype (a bf16 model gives a bf16 bundle) unless `dtype` is given.
@@ -295,8 +356,11 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
     modern model measured here. Uniform layer-drop with `calib_data=None` never loads the model. With `calib_data`
     (the owner's PUBLIC corpus) the model is loaded once to score blocks for the builders that need it and for the
     guard, which measures the emulator's and the full model's zero-shot perplexity on it, records both as
-    `quality`, and warns through `log` (default: stderr) when their ratio exceeds `guard_ratio`; the weights are
-    still written tensor by tensor from the checkpoint.
+    `quality`. An emulator whose ratio exceeds `guard_ratio` is not written (one-line OffsiteError saying what
+    to do) unless `allow_far`, which writes it with a warning through `log` (default: stderr). `max_ratio` is
+    the owner's fidelity knob: K becomes the fewest kept blocks (at most the layout's; 'L-*-R' means the
+    whole middle) whose ratio stays within it, recorded in the manifest. The weights are written tensor by
+    tensor from the checkpoint.
     """
     from offsite_ds.bundle import fingerprint_checkpoint, write_bundle
 
@@ -306,13 +370,20 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
     check_builder(select, share, calib_data is not None)
     checkpoint = ModelCheckpoint(model_dir)
     n_layers = checkpoint.depth
-    layout = parse_layout(layout_spec, n_layers, keep_ratio)
+    layout = parse_layout(layout_spec, n_layers, keep_ratio, upper_bound=max_ratio is not None)
+    if max_ratio is not None and calib_data is None:
+        raise OffsiteError("--max-ratio measures the emulator on the owner's public text: drop --no-calib")
     block_map, share_map, facts, quality = emulator_block_map(n_layers, layout), None, {}, None
     calibration = None
     if calib_data is not None:
-        block_map, share_map, facts, calibration, quality = _calibrated_choice(
+        layout, block_map, share_map, facts, calibration, quality = _calibrated_choice(
             model_dir, layout, method, prune_ratio, quant_bits, select, share, public_calibration(calib_data),
-            calib_tokens, importance, text_field, progress)
+            calib_tokens, importance, text_field, progress, max_ratio)
+        warning = guard_warning(quality, guard_ratio, str(layout), select)
+        if warning and not allow_far:
+            raise OffsiteError(f"{warning}; nothing written (--allow-far writes it anyway)")
+        if warning:
+            log(f"warning: {warning}")
     compression = {"method": method, "kept": layout.kept, "middle": n_layers - layout.bottom - layout.top,
                    "distilled": False, "select": select, "shared": share_map is not None}
     if method == "prune":
@@ -321,6 +392,8 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
         compression["bits"] = quant_bits
     if calibration is not None:
         compression["calibration"] = calibration
+    if max_ratio is not None:
+        compression["max_ratio"] = max_ratio
     compression.update(facts)
     dtype = dtype or checkpoint.dtype()
     middle = range(layout.bottom, layout.bottom + layout.kept)
@@ -345,15 +418,13 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
         manifest["share_map"] = share_map
     if quality is not None:
         manifest["quality"] = quality
-        warning = guard_warning(quality, guard_ratio, str(layout), select)
-        if warning:
-            log(warning)
     return write_bundle(write, manifest, out_dir)
 
 
 def _calibrated_choice(model_dir, layout: Layout, method: str, prune_ratio: float, quant_bits: int, select: str,
                        share: bool, calib_data, calib_tokens: int | None, importance: str, text_field: str,
-                       progress: bool) -> tuple[list[int], list[int] | None, dict, dict, dict]:
+                       progress: bool, max_ratio: float | None = None
+                       ) -> tuple[Layout, list[int], list[int] | None, dict, dict, dict]:
     """Load the model once (fp32) to choose the blocks on the owner's calibration text and measure the guard.
 
     The guard's emulator is the full model run with the chosen blocks (compressed copies of the kept
@@ -368,8 +439,8 @@ def _calibrated_choice(model_dir, layout: Layout, method: str, prune_ratio: floa
     model = load_model(model_dir)
     if torch.cuda.is_available():  # an owner-scale model scores in seconds on a GPU, in hours on a CPU
         model = model.to("cuda")
-    block_map, share_map, facts = choose_blocks(model, layout, select, share, calib_ids, importance=importance,
-                                                progress=progress)
+    layout, block_map, share_map, facts = choose_blocks(model, layout, select, share, calib_ids, importance=importance,
+                                                        progress=progress, max_ratio=max_ratio)
     executed = [block_map[s] for s in share_map] if share_map is not None else block_map
     blocks = get_path(model, family_of(model).blocks)
     compressed = {}
@@ -378,7 +449,7 @@ def _calibrated_choice(model_dir, layout: Layout, method: str, prune_ratio: floa
         compress_(compressed[i], method, prune_ratio, quant_bits)
     quality = calibrate.quality(model, executed, calib_ids, calibrate.calibration_seq_len(model),
                                 calibration["corpus_fingerprint"], replace=compressed)
-    return block_map, share_map, facts, calibration, quality
+    return layout, block_map, share_map, facts, calibration, quality
 
 
 def guard_warning(quality: dict, threshold: float | None, layout: str, select: str) -> str | None:
@@ -386,10 +457,11 @@ def guard_warning(quality: dict, threshold: float | None, layout: str, select: s
     threshold = GUARD_RATIO if threshold is None else threshold
     if quality["ratio"] <= threshold:
         return None
-    return (f"warning: the {layout} {select} emulator's perplexity on the calibration text is "
+    return (f"the {layout} {select} emulator's perplexity on the calibration text is "
             f"{quality['ratio']:.1f}x the full model's ({quality['emulator_ppl']:.1f} vs {quality['full_ppl']:.1f}; "
-            f"guard {threshold:g}x): an adapter tuned through it may not transfer - use a larger K, another "
-            "--select (offsite-ds compare-emulators measures them), or distil it (offsite-ds distill)")
+            f"guard {threshold:g}x): an adapter tuned through it may not transfer - let K follow a fidelity target "
+            f"(--layout {layout.split('-')[0]}-*-{layout.split('-')[2]} --max-ratio {threshold:g}), use "
+            "--select iterative, or distil it (offsite-ds distill)")
 
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

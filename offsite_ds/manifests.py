@@ -121,6 +121,12 @@ class Calibration(Strict):
     tokens: Annotated[int, Field(ge=0)]
 
 
+class EliminationStep(Strict):
+    """One removal of `--select iterative`: the original block and the calibration ratio after it."""
+    removed: Annotated[int, Field(ge=0, lt=MAX_DEPTH)]
+    ratio: Positive
+
+
 class Compression(Strict):
     """How the emulator's middle was built; builder facts (select, shared, calibration, scores) included."""
     method: Literal["drop", "prune", "quantize"]
@@ -129,10 +135,12 @@ class Compression(Strict):
     distilled: bool = False
     prune_ratio: Annotated[float, Field(gt=0, lt=1)] | None = None
     bits: Annotated[int, Field(ge=2, le=16)] | None = None
-    select: Literal["uniform", "importance", "crash"] | None = None
+    select: Literal["uniform", "importance", "crash", "iterative"] | None = None
     shared: bool | None = None
     calibration: Calibration | None = None
     scores: Annotated[list[float], Field(max_length=MAX_DEPTH)] | None = None
+    elimination: Annotated[list[EliminationStep], Field(max_length=MAX_DEPTH)] | None = None
+    max_ratio: Positive | None = None  # the owner's fidelity target K was chosen for (emulate --max-ratio)
     distillation: dict[str, JsonValue] | None = None
 
 

@@ -26,8 +26,12 @@ class Layout:
         return self.bottom + self.kept + self.top
 
 
-def parse_layout(spec: str | None, n_layers: int, keep_ratio: float | None = None) -> Layout:
-    """Parse 'L-K-R' (or 'L-*-R' with keep_ratio) and check it against a model of n_layers blocks."""
+def parse_layout(spec: str | None, n_layers: int, keep_ratio: float | None = None,
+                 upper_bound: bool = False) -> Layout:
+    """Parse 'L-K-R' (or 'L-*-R' with keep_ratio) and check it against a model of n_layers blocks.
+
+    `upper_bound` (a fidelity target will choose K): K is at most the given one, and '*' means the whole middle.
+    """
     if spec is None:
         raise LayoutError("no layout given: pass --layout L-K-R, e.g. --layout 2-8-2")
     m = re.fullmatch(r"\s*(\d+)-(\d+|\*)-(\d+)\s*", spec)
@@ -40,9 +44,12 @@ def parse_layout(spec: str | None, n_layers: int, keep_ratio: float | None = Non
             f"layout {spec}: {bottom}+{top} adapter blocks leave no middle in a {n_layers}-block model; "
             f"choose L+R <= {n_layers - 1}"
         )
-    if m.group(2) == "*" or keep_ratio is not None:
+    if m.group(2) == "*" and upper_bound and keep_ratio is None:
+        kept = middle
+    elif m.group(2) == "*" or keep_ratio is not None:
         if keep_ratio is None:
-            raise LayoutError(f"layout {spec} has '*' for K: pass --keep-ratio (0 < r <= 1)")
+            raise LayoutError(f"layout {spec} has '*' for K: pass --keep-ratio (0 < r <= 1) or --max-ratio R "
+                              "(the fewest blocks whose emulator stays within R x the full model's perplexity)")
         if m.group(2) != "*":
             raise LayoutError("give K in --layout or --keep-ratio, not both (write L-*-R with --keep-ratio)")
         if not 0.0 < keep_ratio <= 1.0:
@@ -94,7 +101,7 @@ def emulator_adapter_positions(layout: Layout) -> list[int]:
 # ------------------------------------------------------------------------- calibrated selection rules
 # Pure functions of scores / similarity matrices (offsite_ds.calibrate measures them on the owner's text).
 
-SELECTIONS = ("uniform", "importance", "crash")
+SELECTIONS = ("uniform", "importance", "crash", "iterative")
 
 
 def select_important(middle: list[int], kept: int, scores: list[float]) -> list[int]:

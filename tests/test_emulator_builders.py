@@ -106,25 +106,35 @@ def test_running_blocks_equals_a_built_emulator(tiny_model_dir, calib_file):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("select,share", [("importance", False), ("crash", False), ("crash", True)])
+@pytest.mark.parametrize("select,share", [("importance", False), ("crash", False), ("crash", True),
+                                          ("iterative", False)])
 def test_each_builder_makes_a_bundle(family, select, share, tiny_model_dir, calib_file, tmp_path):
     from offsite_ds.bundle import load_bundle
     from offsite_ds.emulator import make_bundle
+    from offsite_ds.errors import OffsiteError
 
+    with pytest.raises(OffsiteError, match="nothing written.*--allow-far"):  # guard 0.5x always trips
+        make_bundle(tiny_model_dir(family), "2-2-2", tmp_path / "b", select=select, share=share,
+                    calib_data=calib_file, calib_tokens=512, guard_ratio=0.5)
+    assert not (tmp_path / "b").exists()
     warnings = []
     out = make_bundle(tiny_model_dir(family), "2-2-2", tmp_path / "b", select=select, share=share,
-                      calib_data=calib_file, calib_tokens=512, guard_ratio=0.5, log=warnings.append)
+                      calib_data=calib_file, calib_tokens=512, guard_ratio=0.5, log=warnings.append, allow_far=True)
     manifest = json.loads((out / "offsite.json").read_text())
     c = manifest["compression"]
     assert c["select"] == select and c["shared"] is share
     assert c["calibration"]["tokens"] == 512 and len(c["calibration"]["corpus_fingerprint"]) == 16
-    assert len(c["scores"]) == (4 if select == "importance" else 3) and all(math.isfinite(x) for x in c["scores"])
+    if select == "iterative":  # 4 middle blocks, 2 kept: two removals, neither end of the middle
+        assert [s["removed"] for s in c["elimination"]] and len(c["elimination"]) == 2
+        assert {s["removed"] for s in c["elimination"]} <= {3, 4}
+    else:
+        assert len(c["scores"]) == (4 if select == "importance" else 3) and all(math.isfinite(x) for x in c["scores"])
     bm = manifest["block_map"]
-    assert bm[:3] == [0, 1, 2] if select == "importance" else bm[:2] == [0, 1]
+    assert bm[:3] == [0, 1, 2] if select in ("importance", "iterative") else bm[:2] == [0, 1]
     assert len(bm) == 6 and bm == sorted(set(bm)) and bm[-2:] == [6, 7]
     q = manifest["quality"]
     assert q["ratio"] == pytest.approx(q["emulator_ppl"] / q["full_ppl"]) and q["tokens"] == 512
-    assert len(warnings) == 1 and "larger K" in warnings[0]  # guard 0.5x always trips
+    assert len(warnings) == 1 and "--max-ratio" in warnings[0] and "warning" in warnings[0]
     bundle = load_bundle(out)
     assert len(bundle.block_map) == (8 if share else 6)
     if share:
@@ -192,9 +202,13 @@ def test_emulate_cli_builders_guard_and_errors(tiny_model_dir, calib_file, tmp_p
     from offsite_ds.cli import main
 
     model_dir = str(tiny_model_dir("opt"))
-    assert main(["emulate", model_dir, "--layout", "2-2-2", "--out", str(tmp_path / "b"), "--select", "crash",
-                 "--share", "--calib-data", str(calib_file), "--calib-tokens", "256", "--guard-ratio", "0.9",
-                 "--no-progress"]) == 0
+    argv = ["emulate", model_dir, "--layout", "2-2-2", "--out", str(tmp_path / "b"), "--select", "crash",
+            "--share", "--calib-data", str(calib_file), "--calib-tokens", "256", "--guard-ratio", "0.9", "--no-progress"]
+    assert main(argv) == 2  # beyond the guard: refused in one line, nothing written
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--max-ratio" in err and "--allow-far" in err
+    assert not (tmp_path / "b").exists()
+    assert main([*argv, "--allow-far"]) == 0
     out, err = capsys.readouterr()
     assert "shared over 8 positions" in out and "calibration tokens" in out
     assert err.count("warning:") == 1 and "distil" in err

@@ -10,13 +10,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from offsite_ds.sandwich import SELECTIONS
 
     p.add_argument("model", help="local Hugging Face model directory (the owner's full model)")
-    p.add_argument("--layout", required=True, help="L-K-R, e.g. 2-8-2 (or L-*-R with --keep-ratio)")
+    p.add_argument("--layout", required=True, help="L-K-R, e.g. 2-8-2 (or L-*-R with --keep-ratio or --max-ratio)")
     p.add_argument("--keep-ratio", type=float, default=None, help="keep this fraction of the middle instead of K")
     p.add_argument("--out", required=True, help="EmulatorBundle directory to write")
     p.add_argument("--select", default=DEFAULT_SELECT, choices=SELECTIONS,
                    help="which middle blocks to keep: importance (default: the K whose removal hurts most on "
-                        "--calib-data), uniform (the paper's rule), crash (CKA clusters of adjacent blocks, one "
-                        "kept per cluster)")
+                        "--calib-data), iterative (remove one block at a time, re-scoring the rest: SLEB), "
+                        "uniform (the paper's rule), crash (CKA clusters of adjacent blocks, one kept per cluster)")
     p.add_argument("--share", action="store_true",
                    help="--select crash: every dropped position runs its cluster's kept block (original depth, "
                         "K blocks of weights; load it with offsite-ds tools, see the README)")
@@ -32,7 +32,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--importance", default="drop", choices=IMPORTANCE_METRICS,
                    help="--select importance: perplexity rise with the block dropped (drop) or 1 - cos(in, out)")
     p.add_argument("--guard-ratio", type=float, default=GUARD_RATIO,
-                   help=f"warn when emulator/full perplexity on --calib-data exceeds this ({GUARD_RATIO:g})")
+                   help=f"refuse an emulator whose perplexity on --calib-data exceeds this multiple of the full "
+                        f"model's ({GUARD_RATIO:g}): an adapter tuned through it may not transfer")
+    p.add_argument("--allow-far", action="store_true",
+                   help="write an emulator beyond --guard-ratio anyway (with a warning), e.g. to measure it")
+    p.add_argument("--max-ratio", type=float, default=None,
+                   help="fidelity target: K becomes the fewest kept blocks (at most the layout's; L-*-R: any) "
+                        "whose emulator/full perplexity on --calib-data stays within this ratio")
     p.add_argument("--text-field", default="text", help="field holding the text in .json/.jsonl/.parquet data")
     p.add_argument("--method", default="drop", choices=["drop", "prune", "quantize"],
                    help="compression of the middle: uniform layer-drop (paper), or the ablation's prune/quantize")
@@ -51,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
                       prune_ratio=args.prune_ratio, quant_bits=args.bits, select=args.select, share=args.share,
                       calib_data=args.calib_data, calib_tokens=args.calib_tokens, importance=args.importance,
                       text_field=args.text_field, guard_ratio=args.guard_ratio, progress=not args.no_progress,
-                      dtype=args.dtype)
+                      dtype=args.dtype, max_ratio=args.max_ratio, allow_far=args.allow_far)
     manifest = read_manifest(out, BUNDLE_FORMAT)
     shared = f", shared over {len(manifest.share_map)} positions" if manifest.share_map is not None else ""
     print(f"emulator bundle {out}: layout {manifest.layout} of {manifest.base_depth} blocks ({args.select}"
