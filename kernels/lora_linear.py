@@ -7,7 +7,7 @@ scale and an add, each a separate pass over the [tokens, out] output. Two ways t
   output in place: two GEMM calls, no extra [tokens, out] tensor, no extra elementwise pass.
 - `gemm="triton"`: one Triton GEMM computes x W^T and adds (u s) B^T in the same tile before writing the
   output once (saves one [tokens, out] read+write, but replaces cuBLAS for the big GEMM). It is kept
-  selectable, not the default, until a GPU measurement (benchmarks/kernels.py, run by
+  selectable, not the default, until a GPU measurement (benchmarks/kernel_bench.py, run by
   scripts/gpu_acceptance.sh) shows it beating cuBLAS + addmm_. fp32 always takes cuBLAS (an IEEE fp32 Triton
   GEMM needs 256-288 KB of shared memory in these configs and is slower than cuBLAS's).
 

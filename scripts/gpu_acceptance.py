@@ -64,7 +64,7 @@ def plan(out: Path, python: str = sys.executable) -> list[Check]:
                                     str(work / "distilled"), "--deepspeed", "zero3", *train]),
         Check("finetune-lora-zero3", 60, [*cli, "finetune", model, "--lora", "--data", corpus, "--out",
                                           str(work / "ft-lora"), "--deepspeed", "zero3", *train]),
-        Check("kernel-benchmarks", 200, [python, str(ROOT / "benchmarks" / "kernels.py"), "--models",
+        Check("kernel-benchmarks", 200, [python, str(ROOT / "benchmarks" / "kernel_bench.py"), "--models",
                                          "opt-1.3b,bloom-7b1", "--batch", "1,8", "--out", str(out / "kernels")]),
         Check("efficiency-suite", 175, [*cli, "bench", "--model", "opt-1.3b", "--settings",
                                         "ft,ft-lora,ot,ot-lora,ot-lora-kernels", "--batch-size", "1,max",

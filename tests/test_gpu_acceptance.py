@@ -82,7 +82,7 @@ def test_every_planned_command_parses(tmp_path):
     from offsite_ds.cli import build_parser
 
     driver = load_driver()
-    kernel_bench = load_script("benchmarks/kernels.py")
+    kernel_bench = load_script("benchmarks/kernel_bench.py")
     parsed = 0
     for check in driver.plan(tmp_path):
         argv = check.argv
@@ -90,7 +90,7 @@ def test_every_planned_command_parses(tmp_path):
             args = build_parser(only=argv[3]).parse_args(argv[3:])
             assert args.command == argv[3]
             parsed += 1
-        elif argv[1].endswith("kernels.py"):
+        elif argv[1].endswith("kernel_bench.py"):
             kernel_bench.parse_args(argv[2:])
             parsed += 1
     assert parsed == 8

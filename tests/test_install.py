@@ -31,6 +31,17 @@ def test_the_repository_has_no_top_level_kernels_package():
     assert (ROOT / "kernels" / "runtime.py").is_file()  # the card's layout: the sources stay here
 
 
+def test_no_folder_a_user_runs_from_shadows_an_installed_package():
+    """`python benchmarks/x.py` puts benchmarks/ first on sys.path (a benchmarks/kernels.py once shadowed HF's
+    kernels that way); the root, scripts/, tests/, launch/ and kernels/ likewise. None may hold a module or
+    package named like any installed distribution's top-level import."""
+    installed = set(importlib.metadata.packages_distributions()) - {"offsite_ds"}
+    for folder in (ROOT, *(ROOT / name for name in ("benchmarks", "scripts", "tests", "launch", "kernels"))):
+        names = {p.stem for p in folder.glob("*.py")} | {p.name for p in folder.iterdir()
+                                                          if p.is_dir() and (p / "__init__.py").is_file()}
+        assert not names & installed, f"{folder.relative_to(ROOT)}/ shadows {sorted(names & installed)}"
+
+
 def test_from_the_repository_root_transformers_imports_and_a_round_trip_runs(tmp_path):
     """What `python -m pytest`, `python -c` and `python -m offsite_ds` see from the root (sys.path[0] = root)."""
     code = (

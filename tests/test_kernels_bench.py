@@ -1,4 +1,4 @@
-"""benchmarks/kernels.py --cpu-smoke runs every kernel case end to end and writes well-formed results.
+"""benchmarks/kernel_bench.py --cpu-smoke runs every kernel case end to end and writes well-formed results.
 
 The figures of a CPU smoke run mean nothing for GPU performance; what is checked is that each case runs
 (eager and ours measured, absent implementations skipped with a reason, never silently) and that the
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_script():
-    return conftest.load_script("benchmarks/kernels.py")
+    return conftest.load_script("benchmarks/kernel_bench.py")
 
 
 def test_cpu_smoke_writes_well_formed_results(tmp_path):

@@ -6,9 +6,9 @@ Baselines are the ones a user would really run: the CE eager baseline includes t
 bf16 autocast (how `tune` trains), LoRA is compared with PEFT's maths under autocast and with cuBLAS +
 `addmm_` (our default), and peak memory is measured after a warm-up call (compiling and autotuning excluded).
 
-    python benchmarks/kernels.py                       # on a CUDA GPU: everything, batch 1 2 4 8 x 512 tokens
-    python benchmarks/kernels.py --kernels ce --batch 1,8
-    python benchmarks/kernels.py --cpu-smoke --out /tmp/k   # tiny shapes on CPU: checks that it runs
+    python benchmarks/kernel_bench.py                       # on a CUDA GPU: everything, batch 1 2 4 8 x 512 tokens
+    python benchmarks/kernel_bench.py --kernels ce --batch 1,8
+    python benchmarks/kernel_bench.py --cpu-smoke --out /tmp/k   # tiny shapes on CPU: checks that it runs
 
 Writes `kernels.json` (device, date, versions, command, every figure) and `kernels.md` (tables, targets)
 into --out (default benchmarks/results/<date>-kernels-<device>/). Each figure: median and 20/80 percentile
@@ -502,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     info = describe_device(device)
     results = {
         "format": FORMAT, "format_version": 1, "date": time.strftime("%Y-%m-%d", now),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", now), "command": " ".join(["python", "benchmarks/kernels.py",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", now), "command": " ".join(["python", "benchmarks/kernel_bench.py",
                                                                                   *(sys.argv[1:] if argv is None else argv)]),
         "device": info.to_json(), "versions": {**versions(), "liger-kernel": _version("liger-kernel"),
                                                "cut-cross-entropy": _version("cut-cross-entropy")},
