@@ -384,7 +384,7 @@ def load_bundle(directory: str | Path, dtype: torch.dtype = torch.float32) -> Bu
             if p.is_floating_point() and not torch.isfinite(p).all():
                 raise ArtifactError(f"{directory}: weight '{name}' holds NaN or Inf values; refusing the bundle")
     if manifest.share_map is not None:  # validated with the manifest: expand the stored blocks
-        from offsite_ds.emulator import share_blocks
+        from offsite_ds.surgery import share_blocks
 
         share_blocks(model, manifest.share_map)
     try:  # tokenizers' Rust parser raises a bare Exception for JSON it does not accept
