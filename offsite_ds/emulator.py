@@ -16,6 +16,7 @@ from transformers import AutoTokenizer, PreTrainedModel
 
 from offsite_ds.errors import OffsiteError
 from offsite_ds.families import block_prefix, family_of, get_path
+from offsite_ds.formats import WEIGHT_DTYPES
 from offsite_ds.shards import DEFAULT_SHARD_BYTES, ModelCheckpoint, ShardWriter
 from offsite_ds.surgery import select_blocks, set_depth
 from offsite_ds.sandwich import (SELECTIONS, Layout, block_map_for, emulator_adapter_positions, emulator_block_map,
@@ -329,13 +330,10 @@ def guard_warning(quality: dict, threshold: float | None, layout: str, select: s
             "--select (offsite-ds compare-emulators measures them), or distil it (offsite-ds distill)")
 
 
-DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """'bfloat16' / torch.bfloat16 / None (keep the checkpoint's) -> torch dtype, checked."""
-    if dtype is None or isinstance(dtype, torch.dtype) and dtype in DTYPE_NAMES.values():
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in WEIGHT_DTYPES.values():
         return dtype
-    if isinstance(dtype, str) and dtype in DTYPE_NAMES:
-        return DTYPE_NAMES[dtype]
-    raise OffsiteError(f"--dtype {dtype} is not one of {', '.join(DTYPE_NAMES)}")
+    if isinstance(dtype, str) and dtype in WEIGHT_DTYPES:
+        return WEIGHT_DTYPES[dtype]
+    raise OffsiteError(f"--dtype {dtype} is not one of {', '.join(WEIGHT_DTYPES)}")
