@@ -33,6 +33,7 @@ from offsite_ds.zero3 import full_shape
 ADAPTER_WEIGHTS = "adapter.safetensors"
 PEFT_DIR = "peft"
 PEFT_FILES = (f"{PEFT_DIR}/adapter_config.json", f"{PEFT_DIR}/adapter_model.safetensors")
+PEFT_PREFIX = "base_model.model."  # what PeftModel puts before a tensor's name in adapter_model.safetensors
 MAX_MANIFEST_BYTES = 4 << 20
 MAX_JSON_BYTES = 1 << 20  # config.json, tokenizer_config.json, generation_config.json, shard index
 MAX_TOKENIZER_BYTES = 64 << 20  # tokenizer.json of a 256k vocabulary is ~20 MB
@@ -520,7 +521,7 @@ def load_adapter_package(directory: str | Path, model_config: dict | None = None
     verify_files(directory, manifest)
     tensors = read_safetensors(directory, ADAPTER_WEIGHTS, table)
     if PEFT_FILES[1] in manifest.files:
-        peft_table = {f"base_model.model.{n}": v for n, v in table.items()}
+        peft_table = {f"{PEFT_PREFIX}{n}": v for n, v in table.items()}
         spans = safetensors_header(directory, PEFT_FILES[1])
         if {n: (list(s.shape), SAFETENSORS_NAMES.get(s.dtype)) for n, s in spans.items()} != peft_table:
             raise ArtifactError(f"{where}: {PEFT_FILES[1]} does not hold the package's tensors")

@@ -18,7 +18,7 @@ from offsite_ds.resources import resource_dir
 
 CONFIG_DIR = resource_dir("ds_configs", "zero3.json")  # the repo's ds_configs/, or its copy in a wheel
 STOCK_CONFIGS = ("zero3", "zero3_offload", "zero2", "single_gpu")
-ADAM_BETAS = [0.9, 0.999]  # the same as the torch engine's AdamW, so both engines train alike
+ADAM_BETAS = [0.9, 0.999]  # both engines: DeepSpeed's optimizer (filled here) and the torch engine's AdamW
 ADAM_EPS = 1e-8
 
 
