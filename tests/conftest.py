@@ -40,11 +40,10 @@ def load_script(relpath: str):
 TIERS = {
     "multirank": {"test_ds_multirank.py"},
     "gpu": {"test_gpu_acceptance.py"},
-    "slow": {"test_install.py"},
+    "slow": {"test_install.py", "test_demo_assets.py", "test_compile_gate.py", "test_fuzz_artifacts.py"},
     "integration": {"test_round_trip.py", "test_artifacts.py", "test_streaming.py", "test_resume.py", "test_demo.py",
                     "test_distill_curve.py", "test_emulator_builders.py", "test_lm_eval_table.py",
-                    "test_kernels_patch.py", "test_ds_roles.py", "test_bench_suite.py", "test_cli_errors.py",
-                    "test_fuzz_artifacts.py"},
+                    "test_kernels_patch.py", "test_ds_roles.py", "test_bench_suite.py", "test_cli_errors.py"},
 }
 
 
