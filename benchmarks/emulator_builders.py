@@ -3,7 +3,7 @@ zero-shot perplexity ratio (emulator / full) of each builder's choice on the own
 
     python benchmarks/emulator_builders.py --model DIR --calib-data PUBLIC.txt --layouts 2-8-2,2-9-2 --out RESULTS_DIR
 
-One load of the model; each emulator is the full model run with the chosen blocks (calibrate.running_blocks),
+One load of the model; each emulator is the full model run with the chosen blocks (surgery.running_blocks),
 so nothing is copied. Writes builders.json (and prints a table) - the guard threshold and the builders' defaults
 are chosen from such measurements.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from offsite_ds import calibrate
+from offsite_ds import calibrate, surgery
 from offsite_ds.atomic import write_json
 from offsite_ds.runtime import load_model
 from offsite_ds.families import depth_of
@@ -55,7 +55,7 @@ def main() -> None:
     full_nll = calibrate.mean_nll(model, ids, seq_len)
 
     def ratio(positions: list[int]) -> float:
-        with calibrate.running_blocks(model, positions):
+        with surgery.running_blocks(model, positions):
             return math.exp(calibrate.mean_nll(model, ids, seq_len) - full_nll)
 
     rows = []

@@ -30,6 +30,7 @@ from offsite_ds.kernels.linear_cross_entropy import (LIBRARIES, library_availabl
                                                      linear_cross_entropy)
 from offsite_ds.kernels.lora_linear import DEFAULT_GEMM, GEMMS, lora_linear
 from offsite_ds.kernels.runtime import INTERPRETING
+from offsite_ds.kernels.tolerances import PROBE, tolerance
 
 HANDLE_ATTR = "_offsite_kernels"
 IGNORE_INDEX = -100
@@ -130,15 +131,11 @@ def patch_for_training(model: nn.Module, impl: str) -> PatchHandle | None:
 
 # ---------------------------------------------------------------- probes: does the module do our maths?
 
-def _tolerance(dtype: torch.dtype) -> float:
-    return 1e-4 if dtype == torch.float32 else 3e-2
-
-
 def _matches(expected: torch.Tensor, got: torch.Tensor) -> bool:
     if expected.shape != got.shape:
         return False
     expected, got = expected.float(), got.float()
-    tol = _tolerance(got.dtype if got.dtype != torch.float32 else expected.dtype)
+    tol = tolerance(PROBE, got.dtype if got.dtype != torch.float32 else expected.dtype)
     scale = max(1.0, float(expected.abs().max()))
     return bool(torch.isfinite(got).all()) and float((expected - got).abs().max()) <= tol * scale
 

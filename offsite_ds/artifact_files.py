@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from offsite_ds.errors import ArtifactError
-from offsite_ds.manifests import MANIFEST, SAFETENSORS_DTYPES, check_relpath, decode_json
+from offsite_ds.formats import MAX_HEADER_BYTES, SAFETENSORS_ITEM_BYTES
+from offsite_ds.manifests import MANIFEST, check_relpath, decode_json
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")  # pickle protocols, torch zip
-MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 MAX_WALK_ENTRIES = 1 << 14
 
 
@@ -178,7 +178,7 @@ def parse_safetensors_header(raw: bytes, data_len: int, where: str) -> dict[str,
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise ArtifactError(f"{where}: tensor {name[:80]!r} has a malformed header entry")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in SAFETENSORS_DTYPES:
+        if dtype not in SAFETENSORS_ITEM_BYTES:
             raise ArtifactError(f"{where}: tensor {name[:80]!r} has unknown dtype {str(dtype)[:20]!r}")
         ints = lambda xs: isinstance(xs, list) and all(type(x) is int and 0 <= x < 1 << 48 for x in xs)
         if not ints(shape) or len(shape) > 8 or not ints(offsets) or len(offsets) != 2:
@@ -187,7 +187,7 @@ def parse_safetensors_header(raw: bytes, data_len: int, where: str) -> dict[str,
         if not start <= end <= data_len:
             raise ArtifactError(f"{where}: tensor {name[:80]!r} lies outside the file (offsets {start}..{end}, "
                                 f"data is {data_len} bytes)")
-        if math.prod(shape) * SAFETENSORS_DTYPES[dtype] != end - start:
+        if math.prod(shape) * SAFETENSORS_ITEM_BYTES[dtype] != end - start:
             raise ArtifactError(f"{where}: tensor {name[:80]!r} has shape {shape} {dtype} but spans {end - start} "
                                 "bytes")
         spans[name] = TensorSpan(dtype, tuple(shape), start, end)

@@ -19,28 +19,27 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from offsite_ds.artifact_files import (MAX_HEADER_BYTES, check_file, check_tree, read_json_listed,
-                                       safetensors_header)
+from offsite_ds.artifact_files import check_file, check_tree, read_json_listed, safetensors_header
 from offsite_ds.atomic import atomic_dir, write_json
 from offsite_ds.errors import ArtifactError, OffsiteError
 from offsite_ds.families import Family
+from offsite_ds.formats import (MAX_HEADER_BYTES, SAFETENSORS_NAMES, SHARD, SINGLE_WEIGHTS, WEIGHT_DTYPES,
+                                WEIGHTS_INDEX, dtype_name)
 from offsite_ds.manifests import (ADAPTER_FORMAT, BUNDLE_FORMAT, FORMAT_VERSION, MANIFEST,
-                                  TORCH_DTYPE_NAMES, AdapterManifest, BundleManifest, decode_json, dump,
+                                  AdapterManifest, BundleManifest, decode_json, dump,
                                   parse_manifest)
 from offsite_ds.zero3 import full_shape
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 PEFT_DIR = "peft"
 PEFT_FILES = (f"{PEFT_DIR}/adapter_config.json", f"{PEFT_DIR}/adapter_model.safetensors")
+PEFT_PREFIX = "base_model.model."  # what PeftModel puts before a tensor's name in adapter_model.safetensors
 MAX_MANIFEST_BYTES = 4 << 20
 MAX_JSON_BYTES = 1 << 20  # config.json, tokenizer_config.json, generation_config.json, shard index
 MAX_TOKENIZER_BYTES = 64 << 20  # tokenizer.json of a 256k vocabulary is ~20 MB
-WEIGHTS = "model.safetensors"
-SHARD_INDEX = "model.safetensors.index.json"
-SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 BUNDLE_JSON = {"config.json": MAX_JSON_BYTES, "generation_config.json": MAX_JSON_BYTES,
                "tokenizer.json": MAX_TOKENIZER_BYTES, "tokenizer_config.json": MAX_TOKENIZER_BYTES,
-               "special_tokens_map.json": MAX_JSON_BYTES, SHARD_INDEX: MAX_TOKENIZER_BYTES}
+               "special_tokens_map.json": MAX_JSON_BYTES, WEIGHTS_INDEX: MAX_TOKENIZER_BYTES}
 CHAT_TEMPLATE = "chat_template.jinja"  # text rendered by transformers' sandboxed jinja, never imported
 # config sizes that make from_pretrained allocate; refused above these before any model is built
 CONFIG_CAPS = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "n_embd": 1 << 16, "word_embed_proj_dim": 1 << 16,
@@ -160,7 +159,7 @@ def read_safetensors(directory: Path, rel: str, expected: dict[str, tuple[list[i
             raise ArtifactError(f"{path}: unexpected tensor {extra[0][:80]!r} (+{len(extra) - 1} more) not in {MANIFEST}")
         for name, (shape, dtype) in expected.items():
             span = spans[name]
-            if list(span.shape) != list(shape) or TORCH_DTYPE_NAMES.get(span.dtype) != dtype:
+            if list(span.shape) != list(shape) or SAFETENSORS_NAMES.get(span.dtype) != dtype:
                 raise ArtifactError(f"{path}: tensor '{name}' is {list(span.shape)} {span.dtype}, {MANIFEST} says "
                                     f"{list(shape)} {dtype}")
     try:
@@ -282,10 +281,11 @@ def write_bundle(write: Callable[[Path], None], manifest: dict, out_dir: str | P
 def _bundle_weights(directory: Path, files: dict) -> list[str]:
     """The weight files of a bundle: one model.safetensors, or shards with an index naming exactly them."""
     shards = sorted(f for f in files if SHARD.fullmatch(f))
-    weights = [WEIGHTS] if WEIGHTS in files else []
-    if bool(weights) == bool(shards) or bool(shards) != (SHARD_INDEX in files):
-        raise ArtifactError(f"{directory}: a bundle holds either {WEIGHTS} or model-*-of-*.safetensors shards with "
-                            f"{SHARD_INDEX}; re-export it")
+    weights = [SINGLE_WEIGHTS] if SINGLE_WEIGHTS in files else []
+    if bool(weights) == bool(shards) or bool(shards) != (WEIGHTS_INDEX in files):
+        raise ArtifactError(f"{directory}: a bundle holds either {SINGLE_WEIGHTS} or model-*-of-*.safetensors shards "
+                            f"with "
+                            f"{WEIGHTS_INDEX}; re-export it")
     return weights or shards
 
 
@@ -323,7 +323,7 @@ def check_bundle(directory: str | Path) -> BundleManifest:
     config = decoded["config.json"]
     where = f"{directory}/config.json"
     check_model_config(config, where, manifest.family_spec, len(manifest.block_map))
-    _check_weights(directory, weights, decoded.get(SHARD_INDEX), meta_model(config, torch.float32, where))
+    _check_weights(directory, weights, decoded.get(WEIGHTS_INDEX), meta_model(config, torch.float32, where))
     return manifest
 
 
@@ -339,7 +339,7 @@ def _check_weights(directory: Path, weights: list[str], index: dict | None, meta
         weight_map = index.get("weight_map")
         if (not isinstance(weight_map, dict) or set(weight_map) != set(spans)
                 or any(weight_map[n] != rel for n, (rel, _) in spans.items())):
-            raise ArtifactError(f"{directory}/{SHARD_INDEX}: weight_map does not name exactly the shards' tensors")
+            raise ArtifactError(f"{directory}/{WEIGHTS_INDEX}: weight_map does not name exactly the shards' tensors")
     expected = {n: tuple(t.shape) for n, t in meta.state_dict().items()}
     tied = set(getattr(meta, "_tied_weights_keys", None) or ()) if getattr(meta.config, "tie_word_embeddings",
                                                                           False) else set()
@@ -347,7 +347,7 @@ def _check_weights(directory: Path, weights: list[str], index: dict | None, meta
         if name not in expected:
             raise ArtifactError(f"{directory}/{rel}: tensor {name[:80]!r} is not a parameter of the model config.json "
                                 "describes")
-        if span.shape != expected[name] or span.dtype not in ("F32", "F16", "BF16"):
+        if span.shape != expected[name] or SAFETENSORS_NAMES.get(span.dtype) not in WEIGHT_DTYPES:
             raise ArtifactError(f"{directory}/{rel}: tensor '{name}' is {list(span.shape)} {span.dtype}, config.json "
                                 f"needs {list(expected[name])} in a float dtype")
     missing = sorted(set(expected) - set(spans) - tied)
@@ -384,7 +384,7 @@ def load_bundle(directory: str | Path, dtype: torch.dtype = torch.float32) -> Bu
             if p.is_floating_point() and not torch.isfinite(p).all():
                 raise ArtifactError(f"{directory}: weight '{name}' holds NaN or Inf values; refusing the bundle")
     if manifest.share_map is not None:  # validated with the manifest: expand the stored blocks
-        from offsite_ds.emulator import share_blocks
+        from offsite_ds.surgery import share_blocks
 
         share_blocks(model, manifest.share_map)
     try:  # tokenizers' Rust parser raises a bare Exception for JSON it does not accept
@@ -412,7 +412,7 @@ class AdapterPackage:
 
 
 def tensor_table(tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
-    return {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+    return {name: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)}
             for name, t in sorted(tensors.items())}
 
 
@@ -481,12 +481,11 @@ def expected_adapter_tensors(manifest: AdapterManifest, config: dict, dtype: tor
             apply_mode(meta, manifest.adapter_blocks, manifest.mode, settings.model_dump())
     except OffsiteError as exc:
         raise ArtifactError(f"{where}: cannot re-create mode '{manifest.mode}': {exc}")
-    return {n: (list(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in trainable_state(meta).items()}
+    return {n: (list(t.shape), dtype_name(t.dtype)) for n, t in trainable_state(meta).items()}
 
 
 def _table_bytes(table: dict[str, tuple[list[int], str]]) -> int:
-    sizes = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
-    return sum(math.prod(shape) * sizes[dtype] for shape, dtype in table.values())
+    return sum(math.prod(shape) * getattr(torch, dtype).itemsize for shape, dtype in table.values())
 
 
 def load_adapter_package(directory: str | Path, model_config: dict | None = None,
@@ -522,9 +521,9 @@ def load_adapter_package(directory: str | Path, model_config: dict | None = None
     verify_files(directory, manifest)
     tensors = read_safetensors(directory, ADAPTER_WEIGHTS, table)
     if PEFT_FILES[1] in manifest.files:
-        peft_table = {f"base_model.model.{n}": v for n, v in table.items()}
+        peft_table = {f"{PEFT_PREFIX}{n}": v for n, v in table.items()}
         spans = safetensors_header(directory, PEFT_FILES[1])
-        if {n: (list(s.shape), TORCH_DTYPE_NAMES.get(s.dtype)) for n, s in spans.items()} != peft_table:
+        if {n: (list(s.shape), SAFETENSORS_NAMES.get(s.dtype)) for n, s in spans.items()} != peft_table:
             raise ArtifactError(f"{where}: {PEFT_FILES[1]} does not hold the package's tensors")
     if PEFT_FILES[0] in manifest.files:
         peft_config = read_json_listed(directory, PEFT_FILES[0], MAX_JSON_BYTES)

@@ -8,9 +8,7 @@ The data owner's corpus never enters here: the caller passes the owner's public 
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -19,7 +17,8 @@ import torch.nn as nn
 from offsite_ds.data import corpus_fingerprint, load_texts, max_positions, tokenize_corpus
 from offsite_ds.errors import DataError
 from offsite_ds.evaluate import token_nll
-from offsite_ds.families import family_of, get_path, set_path
+from offsite_ds.families import family_of, get_path
+from offsite_ds.surgery import running_blocks
 
 # importance (drop) runs the model once per middle block on these; 1,024 tokens of the public Wikipedia sample
 # found SmolLM2-135M's critical blocks (11, 2, 24, 8: helper e2's study, benchmarks/results/2026-11-23-emulator-study-cpu)
@@ -50,46 +49,6 @@ def calibration_ids(path: str | Path, tokenizer, max_tokens: int = DEFAULT_CALIB
 def calibration_seq_len(model: nn.Module, seq_len: int = DEFAULT_SEQ_LEN) -> int:
     limit = max_positions(model.config)
     return min(seq_len, limit) if limit else seq_len
-
-
-def model_configs(model: nn.Module) -> list:
-    """Every distinct config object inside a model (an HF wrapper and its base model may hold different ones)."""
-    configs = {}
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "num_hidden_layers"):
-            configs[id(config)] = config
-    return list(configs.values())
-
-
-@contextlib.contextmanager
-def running_blocks(model: nn.Module, positions: list[int],
-                   replace: dict[int, nn.Module] | None = None) -> Iterator[nn.Module]:
-    """Run `model` with blocks[positions] (a block left out, or repeated) until the context ends.
-
-    `replace` substitutes a module for block i (a compressed copy of a kept block, say). The block list
-    and the configs' depth are swapped, then restored; the KV cache is off meanwhile because a repeated
-    block's attention carries one layer_idx (caching would mix positions).
-    """
-    replace = replace or {}
-    from offsite_ds.emulator import set_depth
-
-    family = family_of(model)
-    blocks = get_path(model, family.blocks)
-    configs = model_configs(model)
-    saved = [(c.num_hidden_layers, getattr(c, "layer_types", None), getattr(c, "use_cache", None)) for c in configs]
-    set_path(model, family.blocks, nn.ModuleList(replace.get(i, blocks[i]) for i in positions))
-    for config in configs:
-        set_depth(config, positions)
-        config.use_cache = False
-    try:
-        yield model
-    finally:
-        set_path(model, family.blocks, blocks)
-        for config, (depth, layer_types, use_cache) in zip(configs, saved):
-            config.num_hidden_layers, config.use_cache = depth, use_cache
-            if layer_types is not None:
-                config.layer_types = layer_types
 
 
 def mean_nll(model: nn.Module, ids: torch.Tensor, seq_len: int, batch_size: int = 4) -> float:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from offsite_ds.atomic import save_figure, write_json, write_text
 from offsite_ds.calibrate import DEFAULT_CALIB_TOKENS
-from offsite_ds.demo import DemoSettings
+from offsite_ds.demo import TRAINING_KEYS, DemoSettings, train_config
+from offsite_ds.demo import round_trip as demo_round_trip
 from offsite_ds.errors import OffsiteError
 from offsite_ds.sandwich import SELECTIONS
 
@@ -57,15 +58,6 @@ def parse_builder(spec: str) -> tuple[str, bool, bool]:
     return select, "share" in flags, "distill" in flags
 
 
-def train_config(s: CompareSettings, out: Path, steps: int, lr: float, eval_every: int):
-    """How every comparison run trains: the settings' batch and seed, fp32 on the CPU (the measured setting)."""
-    from offsite_ds.train import TrainConfig
-
-    return TrainConfig(steps=steps, lr=lr, warmup_steps=min(s.warmup, steps - 1), batch_size=s.batch_size,
-                       seed=s.seed, eval_every=eval_every, progress=s.progress, log_every=max(1, steps // 10),
-                       checkpoint_dir=str(out), precision="fp32", device="cpu")
-
-
 def emulator_cost(bundle_dir: Path, mode: str, mode_settings: dict, seq_len: int) -> dict:
     """Stored parameters of the emulator and the data owner's training FLOPs per token through it."""
     from offsite_ds.bench.flops import flops_per_token, plan_from_model
@@ -81,30 +73,11 @@ def emulator_cost(bundle_dir: Path, mode: str, mode_settings: dict, seq_len: int
 
 def round_trip(model_dir: Path, bundle: Path, train_file: Path, eval_files: dict[str, Path], out: Path,
                s: CompareSettings) -> dict:
-    """The data owner tunes through `bundle`, the owner plugs in; the four rows on every eval split.
-
-    Returns {"rows", "tune_s", "plugin_s", "training"}; the adapter and plugged model stay under `out`.
-    """
-    from offsite_ds.data import load_texts
-    from offsite_ds.plugin import plugin
-    from offsite_ds.report import perplexity_rows
-    from offsite_ds.roles.tune_adapter import tune
-
-    valid = eval_files.get("valid", next(iter(eval_files.values())))
-    t = time.perf_counter()
-    summary = tune(bundle, train_file, out / "adapter", mode=s.mode, settings=dict(s.mode_settings),
-                   cfg=train_config(s, out / "adapter.checkpoints", s.steps, s.lr, s.eval_every), seq_len=s.seq_len,
-                   eval_data=valid, max_train_blocks=s.steps * s.batch_size, max_eval_tokens=s.eval_tokens,
-                   kernels="off")
-    tune_s = time.perf_counter() - t
-    t = time.perf_counter()
-    plugged = plugin(model_dir, out / "adapter", out / "plugged")
-    plugin_s = time.perf_counter() - t
-    texts = {split: load_texts(path) for split, path in eval_files.items()}
-    rows = perplexity_rows(model_dir, bundle, out / "adapter", texts, seq_len=s.eval_seq_len,
-                           max_tokens=s.eval_tokens, plugged_dir=plugged)
-    return {"rows": rows, "tune_s": tune_s, "plugin_s": plugin_s,
-            "training": {k: summary.get(k) for k in ("steps", "tokens", "final_loss", "best_eval_loss", "best_step")}}
+    """demo.round_trip with the comparison's adapter settings, as a result records it:
+    {"rows", "tune_s", "plugin_s", "training"}; the adapter and plugged model stay under `out`."""
+    trip = demo_round_trip(model_dir, bundle, train_file, eval_files, out, s, dict(s.mode_settings))
+    return {"rows": trip["rows"], "tune_s": trip["tune_s"], "plugin_s": trip["plugin_s"],
+            "training": {k: trip["summary"].get(k) for k in TRAINING_KEYS}}
 
 
 def run_builder(name: str, model_dir: Path, calib_data: Path, train_file: Path, eval_files: dict[str, Path],

@@ -59,25 +59,72 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
-def run_demo(model_dir: str | Path, train_file: str | Path, eval_files: dict[str, str | Path],
-             out_dir: str | Path, settings: DemoSettings | None = None, log=print,
-             started: float | None = None) -> dict:
-    """Owner emulates, data owner tunes, owner plugs in; returns rows, claims, timings and settings
-    (also written to OUT/demo.json).
+TRAINING_KEYS = ("steps", "tokens", "final_loss", "best_eval_loss", "best_step")  # what a result keeps of training
 
-    The training subset is exactly the blocks the steps consume (each block seen once), so the data
-    owner's cost is set by `steps`; the emulator's validation score picks the adapter it ships.
-    `started` (a `time.perf_counter()` from before the model and corpus were prepared) adds that
-    preparation and the whole command's wall time to the timings.
+
+def train_config(s: DemoSettings, out: Path, steps: int, lr: float, eval_every: int):
+    """How the demo and every comparison run train: the settings' batch and seed, fp32 on the CPU (the measured
+    setting), the warm-up capped at steps - 1."""
+    from offsite_ds.train import TrainConfig
+
+    return TrainConfig(steps=steps, lr=lr, warmup_steps=min(s.warmup, steps - 1), batch_size=s.batch_size,
+                       seed=s.seed, eval_every=eval_every, progress=s.progress, log_every=max(1, steps // 10),
+                       checkpoint_dir=str(out), precision="fp32", device="cpu")
+
+
+def round_trip(model_dir: str | Path, bundle_dir: str | Path, train_file: str | Path,
+               eval_files: dict[str, str | Path], out: Path, s: DemoSettings, mode_settings: dict | None = None,
+               log=lambda line: None) -> dict:
+    """The data owner tunes through `bundle_dir`, the owner validates and plugs the adapter in, and the four
+    rows are scored on every eval split, each on the artifacts that crossed the boundary.
+
+    The one round trip of the demo, compare-emulators and the distillation curve. The training subset is
+    exactly the blocks the steps consume (each block seen once), so the data owner's cost is set by
+    `steps`; the emulator's validation score picks the adapter it ships. Returns {"rows", "summary",
+    "tune_s", "plugin_s", "evaluate_s", "plugged_dir"}; the adapter and plugged model stay under `out`.
     """
-    from offsite_ds.atomic import write_json
     from offsite_ds.data import load_texts, max_positions
-    from offsite_ds.emulator import make_bundle
     from offsite_ds.plugin import plugin
     from offsite_ds.report import perplexity_rows
     from offsite_ds.roles.tune_adapter import tune
     from offsite_ds.runtime import load_model_config
-    from offsite_ds.train import TrainConfig
+
+    valid_name = "valid" if "valid" in eval_files else next(iter(eval_files))
+    log(f"[data owner] tune the adapter ({s.mode}) for {s.steps} steps of {s.batch_size}x{s.seq_len} tokens "
+        f"on the first {s.steps * s.batch_size} blocks of {train_file}")
+    t = time.perf_counter()
+    summary = tune(bundle_dir, train_file, out / "adapter", mode=s.mode, settings=mode_settings,
+                   cfg=train_config(s, out / "adapter.checkpoints", s.steps, s.lr, s.eval_every), seq_len=s.seq_len,
+                   eval_data=eval_files[valid_name], max_train_blocks=s.steps * s.batch_size,
+                   max_eval_tokens=s.eval_tokens, kernels="off")
+    tune_s = time.perf_counter() - t
+
+    log("[owner] validate the adapter package and plug it into the full model")
+    t = time.perf_counter()
+    plugged_dir = plugin(model_dir, out / "adapter", out / "plugged")
+    plugin_s = time.perf_counter() - t
+
+    log(f"[owner] perplexity of the four rows on the first {s.eval_tokens} tokens of {', '.join(eval_files)}")
+    t = time.perf_counter()
+    texts = {split: load_texts(path) for split, path in eval_files.items()}
+    limit = max_positions(load_model_config(model_dir))
+    rows = perplexity_rows(model_dir, bundle_dir, out / "adapter", texts, seq_len=min(s.eval_seq_len, limit or
+                           s.eval_seq_len), max_tokens=s.eval_tokens, plugged_dir=plugged_dir)
+    return {"rows": rows, "summary": summary, "tune_s": tune_s, "plugin_s": plugin_s,
+            "evaluate_s": time.perf_counter() - t, "plugged_dir": plugged_dir}
+
+
+def run_demo(model_dir: str | Path, train_file: str | Path, eval_files: dict[str, str | Path],
+             out_dir: str | Path, settings: DemoSettings | None = None, log=print,
+             started: float | None = None) -> dict:
+    """Owner emulates, then the round trip (`round_trip`); returns rows, claims, timings and settings
+    (also written to OUT/demo.json).
+
+    `started` (a `time.perf_counter()` from before the model and corpus were prepared) adds that
+    preparation and the whole command's wall time to the timings.
+    """
+    from offsite_ds.atomic import write_json
+    from offsite_ds.emulator import make_bundle
 
     s = settings or DemoSettings()
     out = Path(out_dir)
@@ -91,37 +138,14 @@ def run_demo(model_dir: str | Path, train_file: str | Path, eval_files: dict[str
     bundle_dir = make_bundle(model_dir, s.layout, out / "bundle", select="uniform", calib_data=None)
     timings["emulate_s"] = time.perf_counter() - t
 
-    valid_name = "valid" if "valid" in eval_files else next(iter(eval_files))
-    log(f"[data owner] tune the adapter ({s.mode}) for {s.steps} steps of {s.batch_size}x{s.seq_len} tokens "
-        f"on the first {s.steps * s.batch_size} blocks of {train_file}")
-    t = time.perf_counter()
-    cfg = TrainConfig(steps=s.steps, lr=s.lr, warmup_steps=s.warmup, batch_size=s.batch_size, seed=s.seed,
-                      eval_every=s.eval_every, progress=s.progress, log_every=max(1, s.steps // 10),
-                      checkpoint_dir=str(out / "adapter.checkpoints"), precision="fp32", device="cpu")
-    summary = tune(bundle_dir, train_file, out / "adapter", mode=s.mode, cfg=cfg, seq_len=s.seq_len,
-                   eval_data=eval_files[valid_name], max_train_blocks=s.steps * s.batch_size,
-                   max_eval_tokens=s.eval_tokens, kernels="off")
-    timings["tune_s"] = time.perf_counter() - t
-
-    log("[owner] validate the adapter package and plug it into the full model")
-    t = time.perf_counter()
-    plugged_dir = plugin(model_dir, out / "adapter", out / "plugged")
-    timings["plugin_s"] = time.perf_counter() - t
-
-    log(f"[owner] perplexity of the four rows on the first {s.eval_tokens} tokens of "
-        f"{', '.join(eval_files)}")
-    t = time.perf_counter()
-    texts = {split: load_texts(path) for split, path in eval_files.items()}
-    limit = max_positions(load_model_config(model_dir))
-    rows = perplexity_rows(model_dir, bundle_dir, out / "adapter", texts, seq_len=min(s.eval_seq_len, limit or
-                           s.eval_seq_len), max_tokens=s.eval_tokens, plugged_dir=plugged_dir)
-    timings["evaluate_s"] = time.perf_counter() - t
+    trip = round_trip(model_dir, bundle_dir, train_file, eval_files, out, s, log=log)
+    rows, summary = trip["rows"], trip["summary"]
+    timings.update({k: trip[k] for k in ("tune_s", "plugin_s", "evaluate_s")})
     timings["total_s"] = time.perf_counter() - start
 
     result = {
         "rows": rows, "claims": claims(rows), "settings": asdict(s), "timings": timings,
-        "training": {k: summary.get(k) for k in ("steps", "tokens", "final_loss", "best_eval_loss", "best_step",
-                                                 "loss_history")},
+        "training": {k: summary.get(k) for k in (*TRAINING_KEYS, "loss_history")},
         "model": str(model_dir), "train": str(train_file), "eval": {k: str(v) for k, v in eval_files.items()},
         "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": _machine(),
     }

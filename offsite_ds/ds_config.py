@@ -18,7 +18,7 @@ from offsite_ds.resources import resource_dir
 
 CONFIG_DIR = resource_dir("ds_configs", "zero3.json")  # the repo's ds_configs/, or its copy in a wheel
 STOCK_CONFIGS = ("zero3", "zero3_offload", "zero2", "single_gpu")
-ADAM_BETAS = [0.9, 0.999]  # the same as the torch engine's AdamW, so both engines train alike
+ADAM_BETAS = [0.9, 0.999]  # both engines: DeepSpeed's optimizer (filled here) and the torch engine's AdamW
 ADAM_EPS = 1e-8
 
 
@@ -116,20 +116,17 @@ def remaining_autos(config, prefix: str = "") -> list[str]:
     return [prefix.rstrip(".")] if config == "auto" else []
 
 
-def build_ds_config(source: str | Path | dict, cfg, model_config=None, world: int | None = None,
-                    bf16: bool | None = None, announce: bool = True) -> dict:
+def build_ds_config(source: str | Path | dict, cfg, model_config=None, *, world: int, bf16: bool,
+                    announce: bool = True) -> dict:
     """The ds config `source` with every "auto" filled from `cfg` (a TrainConfig) and the model's config.
 
     Idempotent: filling an already filled config checks it again and changes nothing. `world` and `bf16`
-    are the Runtime's facts (defaults: this process's view). `cfg.torch_adam` swaps DeepSpeed's
+    are the Runtime's facts, passed in (this module sits below the Runtime and never asks the process). `cfg.torch_adam` swaps DeepSpeed's
     fused/CPU Adam for torch's AdamW through the optimizer's own `torch_adam` switch - no JIT op build,
     for CPU tests and try-outs. `announce`: print notes (rank 0 only).
     """
-    from offsite_ds.runtime import bf16_wanted, default_device_type, rank_and_world
-
     config = load_ds_config(source)
     stage = zero_stage(config)
-    world = world or rank_and_world()[1]
     filler = _Filler(config)
     filler.fill("train_micro_batch_size_per_gpu", cfg.batch_size, "--batch-size")
     filler.fill("gradient_accumulation_steps", cfg.grad_accum, "--grad-accum")
@@ -140,7 +137,6 @@ def build_ds_config(source: str | Path | dict, cfg, model_config=None, world: in
     filler.fill("optimizer.params.betas", ADAM_BETAS, "the AdamW betas")
     filler.fill("optimizer.params.eps", ADAM_EPS, "the AdamW eps")
     filler.fill("optimizer.params.weight_decay", cfg.weight_decay, "--weight-decay")
-    bf16 = bf16_wanted(cfg.precision, default_device_type()) if bf16 is None else bf16
     filler.fill("bf16.enabled", bf16, f"--precision {cfg.precision}", must_match=cfg.precision != "auto")
     filler.fill("fp16.enabled", False, "offsite-ds (fp16 is not used; bf16 or fp32)")
     if config.get("fp16", {}).get("enabled") is True:

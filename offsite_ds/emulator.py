@@ -6,7 +6,6 @@ the kept middle blocks exist for the paper's compression ablation (Figure 4).
 from __future__ import annotations
 
 import copy
-import itertools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,8 +15,10 @@ import torch.nn as nn
 from transformers import AutoTokenizer, PreTrainedModel
 
 from offsite_ds.errors import OffsiteError
-from offsite_ds.families import block_prefix, family_of, get_path, set_path
+from offsite_ds.families import block_prefix, family_of, get_path
+from offsite_ds.formats import WEIGHT_DTYPES
 from offsite_ds.shards import DEFAULT_SHARD_BYTES, ModelCheckpoint, ShardWriter
+from offsite_ds.surgery import select_blocks, set_depth
 from offsite_ds.sandwich import (SELECTIONS, Layout, block_map_for, emulator_adapter_positions, emulator_block_map,
                                  middle_indices, parse_layout, select_crash, select_important, select_kept,
                                  share_map_for)
@@ -54,43 +55,6 @@ def public_calibration(calib_data: str | Path | None) -> str | Path | None:
                            "or pass --calib-data FILE (your public text)") from None
 
 
-def _renumber_layer_idx(block: nn.Module, position: int) -> None:
-    """Attention modules carry their block index for the KV cache; it must follow the new position."""
-    for module in block.modules():
-        if isinstance(getattr(module, "layer_idx", None), int):
-            module.layer_idx = position
-
-
-def set_depth(config, block_map: list[int]) -> None:
-    """Shrink a config to the chosen blocks, including per-layer lists such as `layer_types`."""
-    config.num_hidden_layers = len(block_map)
-    layer_types = getattr(config, "layer_types", None)
-    if isinstance(layer_types, (list, tuple)) and len(layer_types) > max(block_map):
-        config.layer_types = [layer_types[i] for i in block_map]
-
-
-def select_blocks(model: PreTrainedModel, block_map: list[int]) -> PreTrainedModel:
-    """A copy of `model` that holds only the blocks in `block_map` (in that order).
-
-    Only the non-block parts and the chosen blocks are copied, so a 7B owner model is never doubled.
-    """
-    family = family_of(model)
-    blocks = get_path(model, family.blocks)
-    set_path(model, family.blocks, nn.ModuleList())
-    try:
-        emulator = copy.deepcopy(model)
-    finally:
-        set_path(model, family.blocks, blocks)
-    chosen = nn.ModuleList(copy.deepcopy(blocks[i]) for i in block_map)
-    for position, block in enumerate(chosen):
-        _renumber_layer_idx(block, position)
-    set_path(emulator, family.blocks, chosen)
-    emulator.config = copy.deepcopy(model.config)
-    set_depth(emulator.config, block_map)
-    emulator.tie_weights()
-    return emulator
-
-
 @torch.no_grad()
 def prune_tensor(tensor: torch.Tensor, ratio: float) -> torch.Tensor:
     """`tensor` with its `ratio` smallest-magnitude entries zeroed (unstructured); vectors pass through."""
@@ -113,32 +77,6 @@ def quantize_tensor(tensor: torch.Tensor, bits: int) -> torch.Tensor:
     work = tensor if tensor.dtype == torch.float32 else tensor.float()
     scale = work.abs().amax(dim=tuple(range(1, work.dim())), keepdim=True).clamp(min=1e-12) / qmax
     return ((work / scale).round().clamp(-qmax, qmax) * scale).to(tensor.dtype)
-
-
-def share_blocks(model: PreTrainedModel, share_map: list[int]) -> None:
-    """Expand a shared (CRaSh) emulator in place: executed position p runs stored block share_map[p].
-
-    Each position gets its own module shell holding the stored block's Parameter objects: the weights
-    exist once (a repeated frozen block stays one tensor), while each shell's attention has its own
-    layer_idx, so the KV cache of generation keeps one slot per executed position.
-    """
-    family = family_of(model)
-    stored = get_path(model, family.blocks)
-    seen: set[int] = set()
-    shells = []
-    for position, s in enumerate(share_map):
-        block = stored[s]
-        if s in seen:
-            memo = {id(t): t for t in itertools.chain(block.parameters(), block.buffers())}
-            block = copy.deepcopy(block, memo)
-        seen.add(s)
-        _renumber_layer_idx(block, position)
-        shells.append(block)
-    from offsite_ds.calibrate import model_configs
-
-    for config in model_configs(model):
-        set_depth(config, share_map)
-    set_path(model, family.blocks, nn.ModuleList(shells))
 
 
 def check_builder(select: str, share: bool, has_calibration: bool) -> None:
@@ -464,13 +402,10 @@ def guard_warning(quality: dict, threshold: float | None, layout: str, select: s
             "--select iterative, or distil it (offsite-ds distill)")
 
 
-DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """'bfloat16' / torch.bfloat16 / None (keep the checkpoint's) -> torch dtype, checked."""
-    if dtype is None or isinstance(dtype, torch.dtype) and dtype in DTYPE_NAMES.values():
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in WEIGHT_DTYPES.values():
         return dtype
-    if isinstance(dtype, str) and dtype in DTYPE_NAMES:
-        return DTYPE_NAMES[dtype]
-    raise OffsiteError(f"--dtype {dtype} is not one of {', '.join(DTYPE_NAMES)}")
+    if isinstance(dtype, str) and dtype in WEIGHT_DTYPES:
+        return WEIGHT_DTYPES[dtype]
+    raise OffsiteError(f"--dtype {dtype} is not one of {', '.join(WEIGHT_DTYPES)}")

@@ -19,6 +19,7 @@ import torch
 
 from offsite_ds.data import read_json_records
 from offsite_ds.errors import DataError, OffsiteError
+from offsite_ds.formats import DTYPE_ALIASES
 
 SHIPPED_TASKS = Path(__file__).parent / "tasks"
 # The prompt of every question/choices/answer task; tasks/mmlu_demo.yaml uses the same one (a test checks).
@@ -327,13 +328,11 @@ def run_tasks(model: torch.nn.Module, tokenizer, tasks: str | list[str] | dict,
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     """'auto' -> bf16 on CUDA (the paper's 7B models fit one GPU so), fp32 on CPU."""
-    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp16": torch.float16, "float16": torch.float16}
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if dtype not in table:
+    if dtype not in DTYPE_ALIASES:
         raise OffsiteError(f"--dtype {dtype}: choose auto, fp32, bf16 or fp16")
-    return table[dtype]
+    return DTYPE_ALIASES[dtype]
 
 
 def resolve_device(device: str) -> str:

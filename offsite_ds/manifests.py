@@ -32,10 +32,6 @@ MAX_DEPTH = 1024  # blocks of any model we accept (the largest open models have 
 MAX_FILES = 4096
 MAX_FILE_BYTES = 1 << 40
 MAX_RANK = 1 << 16  # an absolute cap on r / bottleneck before the model's own bound is known
-SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
-                      "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
-TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
-                     "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 # a relative POSIX path of plain names: no '..', '.', '~', absolute paths, backslashes, NUL or odd characters
 _PATH_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")

@@ -111,7 +111,7 @@ def tuned_blocks(checkpoint: ModelCheckpoint, package: AdapterPackage) -> dict[s
     the meta device at the adapter blocks' depth, those blocks alone get real memory and the checkpoint's
     values, and the package is installed with the same `install_adapter` checks as the in-memory path.
     """
-    from offsite_ds.emulator import set_depth
+    from offsite_ds.surgery import set_depth
 
     family = checkpoint.family  # install_adapter refuses a package of another family
     blocks = package.manifest.adapter_blocks

@@ -151,7 +151,7 @@ def cluster_representatives(clusters: list[list[int]]) -> list[int]:
     except that the middle's first block stays (it meets the bottom adapter blocks, as in the other rules).
 
     Measured on SmolLM2-135M 2-9-2 (calibration perplexity ratio to the full model, 1,024 Wikipedia tokens,
-    benchmarks/results/e1-builders-smollm2): first/last block kept + each run's last 272x; + each run's first
+    benchmarks/results/2026-11-23-e1-builders-smollm2): first/last block kept + each run's last 272x; + each run's first
     429x; each run's last 2,192x, first 1,149x, medoid (highest mean CKA) 2,984x; uniform drop 73x.
     """
     if len(clusters) == 1:

@@ -20,20 +20,10 @@ from pathlib import Path
 import torch
 
 from offsite_ds.errors import ArtifactError, OffsiteError
+from offsite_ds.formats import (MAX_HEADER_BYTES, SAFETENSORS_TORCH, SINGLE_WEIGHTS, TORCH_SAFETENSORS, WEIGHTS_INDEX,
+                                shard_name)
 
-SINGLE = "model.safetensors"
-INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 1 << 30
-MAX_HEADER_BYTES = 100 << 20
-
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-CODES = {v: k for k, v in DTYPES.items()}
-
-
-def shard_name(i: int, n: int) -> str:
-    return f"model-{i:05d}-of-{n:05d}.safetensors"
 
 
 def _read_header(path: Path) -> tuple[int, dict]:
@@ -51,7 +41,7 @@ def _read_header(path: Path) -> tuple[int, dict]:
             raise ArtifactError(f"{path} has a corrupt safetensors header (length {n}); re-save the checkpoint")
         spans = parse_safetensors_header(f.read(n), size - 8 - n, str(path))
     for name, span in spans.items():
-        if span.dtype not in DTYPES:
+        if span.dtype not in SAFETENSORS_TORCH:
             raise ArtifactError(f"{path}: tensor '{name}' has dtype {span.dtype}, which torch cannot hold here")
     return 8 + n, {name: {"dtype": span.dtype, "shape": list(span.shape), "data_offsets": [span.start, span.end]}
                    for name, span in spans.items()}
@@ -62,17 +52,18 @@ class CheckpointReader:
 
     def __init__(self, model_dir: str | Path):
         self.dir = Path(model_dir)
-        index = self.dir / INDEX
+        index = self.dir / WEIGHTS_INDEX
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
                 files = sorted(set(weight_map.values()))
             except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                 raise OffsiteError(f"{index} is not a valid safetensors index (no weight_map); re-save the model")
-        elif (self.dir / SINGLE).is_file():
-            files = [SINGLE]
+        elif (self.dir / SINGLE_WEIGHTS).is_file():
+            files = [SINGLE_WEIGHTS]
         else:
-            raise OffsiteError(f"{self.dir} has no {SINGLE} or {INDEX}: safetensors weights are required "
+            raise OffsiteError(f"{self.dir} has no {SINGLE_WEIGHTS} or {WEIGHTS_INDEX}: safetensors weights are "
+                               "required "
                                "(re-save the model with save_pretrained(..., safe_serialization=True))")
         self.entries: dict[str, tuple[str, int, dict]] = {}  # name -> (file, data start, header entry)
         for file in files:
@@ -94,7 +85,7 @@ class CheckpointReader:
         return list(self.entries[name][2]["shape"])
 
     def dtype(self, name: str) -> torch.dtype:
-        return DTYPES[self.entries[name][2]["dtype"]]
+        return SAFETENSORS_TORCH[self.entries[name][2]["dtype"]]
 
     def nbytes(self, name: str) -> int:
         begin, end = self.entries[name][2]["data_offsets"]
@@ -103,7 +94,7 @@ class CheckpointReader:
     def read_flat(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Elements [start, stop) of the flattened tensor, read from disk without touching the rest."""
         file, data, meta = self.entries[name]
-        dtype = DTYPES[meta["dtype"]]
+        dtype = SAFETENSORS_TORCH[meta["dtype"]]
         numel = math.prod(meta["shape"])
         stop = numel if stop is None else min(stop, numel)
         start = min(max(start, 0), stop)
@@ -132,7 +123,7 @@ def _header_bytes(entries: list[tuple[str, list[int], torch.dtype]]) -> bytes:
     header, offset = {}, 0
     for name, shape, dtype in entries:
         n = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        header[name] = {"dtype": TORCH_SAFETENSORS[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     header["__metadata__"] = {"format": "pt"}
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -169,7 +160,8 @@ class ShardWriter:
             shards[-1].append((name, list(shape), dtype))
             size += n
         self.total = sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in plan)
-        self.files = [SINGLE] if len(shards) == 1 else [shard_name(i, len(shards)) for i in range(1, len(shards) + 1)]
+        self.files = ([SINGLE_WEIGHTS] if len(shards) == 1
+                      else [shard_name(i, len(shards)) for i in range(1, len(shards) + 1)])
         self.queue = [(file, shard) for file, shard in zip(self.files, shards)]
         self.weight_map = {name: file for file, shard in self.queue for name, _, _ in shard}
         self.expected: list[tuple[str, list[int], torch.dtype]] = []
@@ -214,8 +206,8 @@ class ShardWriter:
             return list(self.files)
         from offsite_ds.atomic import write_json
 
-        write_json(self.dir / INDEX, {"metadata": {"total_size": self.total}, "weight_map": self.weight_map})
-        return self.files + [INDEX]
+        write_json(self.dir / WEIGHTS_INDEX, {"metadata": {"total_size": self.total}, "weight_map": self.weight_map})
+        return self.files + [WEIGHTS_INDEX]
 
 
 class ModelCheckpoint:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from offsite_ds.atomic import write_json
+from offsite_ds.ds_config import ADAM_BETAS, ADAM_EPS
 from offsite_ds.errors import OffsiteError
 from offsite_ds.runtime import Runtime
 
@@ -97,7 +98,7 @@ class TorchEngine:
         self.module, self.cfg, self.device = model.to(device), cfg, device
         self.params = list(params)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                           betas=(0.9, 0.999), fused=device.type == "cuda")
+                                           betas=tuple(ADAM_BETAS), eps=ADAM_EPS, fused=device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, cosine_with_warmup(total_steps, cfg.warmup_steps, cfg.min_lr_ratio))
         self.bf16 = runtime.autocast_bf16

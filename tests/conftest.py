@@ -35,6 +35,31 @@ def load_script(relpath: str):
     spec.loader.exec_module(module)
     return module
 
+# The test tiers (markers registered in pytest.ini), by file: the one place that says which tier a file is in.
+# A file not named here is `unit`. The fast local tier is `-m "not multirank and not slow and not gpu"`.
+TIERS = {
+    "multirank": {"test_ds_multirank.py"},
+    "gpu": {"test_gpu_acceptance.py"},
+    "slow": {"test_install.py", "test_demo_assets.py", "test_compile_gate.py", "test_fuzz_artifacts.py"},
+    "integration": {"test_round_trip.py", "test_artifacts.py", "test_streaming.py", "test_resume.py", "test_demo.py",
+                    "test_distill_curve.py", "test_emulator_builders.py", "test_lm_eval_table.py",
+                    "test_kernels_patch.py", "test_ds_roles.py", "test_bench_suite.py", "test_cli_errors.py"},
+}
+
+
+def tier_of(filename: str) -> str:
+    return next((tier for tier, files in TIERS.items() if filename in files), "unit")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test with its file's tier; a test skipped without CUDA is also `gpu`."""
+    for item in items:
+        item.add_marker(tier_of(item.path.name))
+        skip = item.get_closest_marker("skipif")
+        if skip is not None and "cuda" in str(skip.kwargs.get("reason", "")).lower():
+            item.add_marker("gpu")
+
+
 CORPUS = (
     "the quick brown fox jumps over the lazy dog . a stitch in time saves nine . "
     "all that glitters is not gold . the early bird catches the worm . "

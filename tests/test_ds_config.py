@@ -3,11 +3,17 @@ import json
 
 import pytest
 
-from offsite_ds.ds_config import (CONFIG_DIR, STOCK_CONFIGS, build_ds_config, is_zero3, load_ds_config,
-                                  offload_devices, zero_stage)
+from offsite_ds import ds_config
+from offsite_ds.ds_config import CONFIG_DIR, STOCK_CONFIGS, is_zero3, load_ds_config, offload_devices, zero_stage
 from offsite_ds.errors import OffsiteError
+from offsite_ds.runtime import bf16_wanted
 from offsite_ds.tiny import tiny_config
 from offsite_ds.train import TrainConfig
+
+
+def build_ds_config(source, cfg, model_config=None, world=1):
+    """The filler with bf16 decided as the Runtime decides it on this (CPU) machine."""
+    return ds_config.build_ds_config(source, cfg, model_config, world=world, bf16=bf16_wanted(cfg.precision, "cpu"))
 
 
 def _cfg(**kw):

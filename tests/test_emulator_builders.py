@@ -9,10 +9,11 @@ import torch
 
 from conftest import FAMILIES
 from offsite_ds.calibrate import (block_outputs, calibration_ids, calibration_seq_len, cka_matrix, linear_cka,
-                                  mean_nll, quality, running_blocks)
+                                  mean_nll, quality)
 from offsite_ds.errors import LayoutError
 from offsite_ds.sandwich import (Layout, block_map_for, merge_adjacent, select_crash, select_important,
                                  share_map_for)
+from offsite_ds.surgery import running_blocks
 
 
 def test_linear_cka_identity_invariances_and_unrelated():

@@ -3,7 +3,7 @@
 conftest sets TRITON_INTERPRET=1 before triton is imported, so the kernels run in Triton's interpreter
 on the CPU; test_triton_path_is_the_one_tested makes sure they really do (not the reference fallback).
 fp32 must agree to 1e-5; bf16 kernels are compared with the fp32 maths on the same (bf16-rounded) inputs
-and must agree to 2e-2 of the larger of 1 and the reference's magnitude.
+and must agree to 2e-2 of the larger of 1 and the reference's magnitude (offsite_ds.kernels.tolerances.PARITY).
 """
 import pytest
 import torch
@@ -14,6 +14,7 @@ from offsite_ds.kernels import (bias_activation, layer_norm, linear_bias_activat
                                 reference_linear_cross_entropy, reference_lora_linear, reference_rms_norm, rms_norm)
 from offsite_ds.kernels.linear_cross_entropy import chunk_sizes
 from offsite_ds.kernels.runtime import INTERPRETING, choose_backend
+from offsite_ds.kernels.tolerances import PARITY, tolerance
 
 ODD_SHAPES = [(1, 1, 1023), (3, 7, 257)]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -23,10 +24,11 @@ def assert_matches(got, ref, dtype, what=""):
     assert got is not None and ref is not None, what
     assert got.shape == ref.shape, what
     if dtype == torch.float32:
-        torch.testing.assert_close(got.float(), ref.float(), rtol=1e-5, atol=1e-5, msg=what)
+        tol = tolerance(PARITY, dtype)
+        torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol, msg=what)
     else:
         err = float((got.float() - ref.float()).abs().max())
-        bound = 2e-2 * max(1.0, float(ref.float().abs().max()))
+        bound = tolerance(PARITY, dtype) * max(1.0, float(ref.float().abs().max()))
         assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
 
 
@@ -128,8 +130,13 @@ def test_trainable_head_falls_back_to_reference():
     weight = torch.randn(40, 8, generator=gen).requires_grad_(True)
     hidden = torch.randn(6, 8, generator=gen).requires_grad_(True)
     targets = torch.randint(0, 40, (6,), generator=gen)
-    linear_cross_entropy(hidden, weight, targets).backward()
+    loss, (dh, dw) = grads(lambda h, w: linear_cross_entropy(h, w, targets), [hidden, weight])
     assert weight.grad is not None and weight.grad.abs().sum() > 0
+    want, (want_dh, want_dw) = grads(lambda h, w: reference_linear_cross_entropy(h, w, targets),
+                                     as_fp32([hidden, weight]))
+    assert_matches(loss, want, torch.float32, "loss")
+    assert_matches(dw, want_dw, torch.float32, "dW")
+    assert_matches(dh, want_dh, torch.float32, "dh")
 
 
 # ---------------------------------------------------------------- LayerNorm / RMSNorm
@@ -257,8 +264,13 @@ def test_lora_linear_with_trainable_base_uses_reference():
     w = torch.randn(12, 20, generator=gen).requires_grad_(True)
     a = torch.randn(2, 20, generator=gen).requires_grad_(True)
     b = torch.randn(12, 2, generator=gen).requires_grad_(True)
-    lora_linear(torch.randn(5, 20, generator=gen), w, None, a, b, 1.0).sum().backward()
+    x = torch.randn(5, 20, generator=gen)
+    out, got = grads(lambda w, a, b: lora_linear(x, w, None, a, b, 1.0), [w, a, b])
     assert w.grad is not None, "a base weight that trains must get its gradient"
+    want_out, want = grads(lambda w, a, b: reference_lora_linear(x, w, None, a, b, 1.0), as_fp32([w, a, b]))
+    assert_matches(out, want_out, torch.float32, "y")
+    for name, g, r in zip(("dW", "dA", "dB"), got, want):
+        assert_matches(g, r, torch.float32, name)
 
 
 def test_matmul_lowrank_odd_shapes_and_strides():

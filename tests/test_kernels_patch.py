@@ -115,16 +115,19 @@ def test_patch_fuses_peft_lora_layers(family, gemm):
 
 def test_patch_twice_repatches_and_works_on_a_full_model():
     model = tiny_model("opt", n_layers=4)  # a full model, not an emulator: everything trainable
+    data = batch()
+    model.train()
+    _, ref_grads = loss_and_grads(model, data)
     first = patch(model)
     second = patch(model)
     assert first.swapped == second.swapped
     assert patched(model) is second
-    data = batch()
-    model.train()
-    out = model(**data)
+    out, grads = loss_and_grads(model, data)
     assert out.logits is not None, "a trainable head takes the original forward (it needs logits and dW)"
-    out.loss.backward()
     assert model.lm_head.weight.grad is not None
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:  # the head's gradient, and every other, as without the kernels
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
     unpatch(model)
     assert not any("forward" in m.__dict__ for m in model.modules())
 

@@ -14,7 +14,8 @@ from offsite_ds.plugin import load_model_dir, plug_in, plugin
 from offsite_ds.roles.tune_adapter import tune
 from offsite_ds.runtime import load_model
 from offsite_ds.sandwich import Layout
-from offsite_ds.shards import INDEX, CheckpointReader, ModelCheckpoint, ShardWriter
+from offsite_ds.formats import WEIGHTS_INDEX as INDEX
+from offsite_ds.shards import CheckpointReader, ModelCheckpoint, ShardWriter
 from offsite_ds.train import TrainConfig
 
 

@@ -31,6 +31,7 @@ from offsite_ds.bench.settings import SETTINGS, SettingSkipped, count_params, me
 from offsite_ds.bench.shapes import BenchModel, resolve_shape
 from offsite_ds.ds_config import CONFIG_DIR
 from offsite_ds.errors import DataError, LayoutError, OffsiteError
+from offsite_ds.formats import DTYPE_ALIASES
 from offsite_ds.roles.base import Role
 from offsite_ds.runtime import Runtime
 
@@ -40,7 +41,7 @@ DS_OFFLOAD_CONFIG = CONFIG_DIR / "zero3_offload.json"
 # autocast weight copies 2; bf16 weights: 2 + 2 + 4 (AdamW state in the parameters' dtype).
 FT_BYTES_PER_PARAM = {"fp32": 18, "bf16": 8}
 FIT_FRACTION = 0.85  # leave room for activations and the allocator when deciding to offload
-WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+WEIGHT_DTYPES = {name: DTYPE_ALIASES[name] for name in ("fp32", "bf16")}  # the settings' weights
 
 
 @dataclass

@@ -5,6 +5,7 @@ import argparse
 
 from offsite_ds.cli.train_args import add_train_arguments, train_config_from_args
 from offsite_ds.peft_modes import MODES
+from offsite_ds.roles.tune_adapter import DEFAULT_KERNELS, tune
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-data", default=None, help="validation corpus: emulator perplexity, best adapter kept")
     p.add_argument("--max-eval-tokens", type=int, default=None, help="cap the validation tokens (speed)")
     p.add_argument("--max-train-blocks", type=int, default=None, help="use only the first N packed blocks")
-    p.add_argument("--kernels", default="auto",
+    p.add_argument("--kernels", default=DEFAULT_KERNELS,
                    help="fused kernels: auto (on CUDA: the library kernels measured best, else off), ours, liger, "
                         "cce or off (see the README's kernel section)")
     add_train_arguments(p, lr=1e-4, batch_size=8, seq_len=512)
@@ -44,8 +45,6 @@ def mode_settings(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from offsite_ds.roles.tune_adapter import tune
-
     summary = tune(args.bundle, args.data, args.out, mode=args.mode, settings=mode_settings(args),
                    cfg=train_config_from_args(args), seq_len=args.seq_len, eval_data=args.eval_data,
                    text_field=args.text_field, kernels=args.kernels, max_train_blocks=args.max_train_blocks,

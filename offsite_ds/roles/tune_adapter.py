@@ -5,6 +5,7 @@ the best emulator validation perplexity (as the paper does), named by original b
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 
 from offsite_ds.atomic import utc_stamp
-from offsite_ds.bundle import Bundle, load_bundle, save_adapter_package
+from offsite_ds.bundle import PEFT_PREFIX, Bundle, load_bundle, save_adapter_package
 from offsite_ds.data import check_seq_len, load_blocks
 from offsite_ds.errors import OffsiteError
 from offsite_ds.evaluate import token_nll
@@ -21,6 +22,8 @@ from offsite_ds.peft_modes import apply_mode, lora_config, rename_blocks, traina
 from offsite_ds.roles.base import Role
 from offsite_ds.runtime import Runtime
 from offsite_ds.train import TrainConfig, for_output, train
+
+DEFAULT_KERNELS = "auto"  # on CUDA the library kernels measured best, else off: the CLI's default and the API's
 
 
 class TuneAdapter(Role):
@@ -70,14 +73,14 @@ class TuneAdapter(Role):
         with tempfile.TemporaryDirectory() as tmp:
             config.save_pretrained(tmp)
             config_bytes = (Path(tmp) / "adapter_config.json").read_bytes()
-        peft_tensors = {f"base_model.model.{name}": t.detach().cpu().contiguous() for name, t in tensors.items()}
+        peft_tensors = {f"{PEFT_PREFIX}{name}": t.detach().cpu().contiguous() for name, t in tensors.items()}
         return {"adapter_config.json": config_bytes,
                 "adapter_model.safetensors": save_bytes(peft_tensors, metadata={"format": "pt"})}
 
 
 def tune(bundle_dir: str | Path, data: str | Path | None, out_dir: str | Path, mode: str = "full",
          settings: dict | None = None, cfg: TrainConfig | None = None, seq_len: int = 512,
-         eval_data: str | Path | None = None, text_field: str = "text", kernels: str = "off",
+         eval_data: str | Path | None = None, text_field: str = "text", kernels: str = DEFAULT_KERNELS,
          max_train_blocks: int | None = None, max_eval_tokens: int | None = None, task: str | None = None,
          task_split: str = "train", include_path: list[str] | None = None,
          max_examples: int | None = None, runtime: Runtime | None = None) -> dict:
@@ -96,32 +99,31 @@ def tune(bundle_dir: str | Path, data: str | Path | None, out_dir: str | Path, m
 
         kernels = kernels_for_training(kernels, zero3=cfg.deepspeed is not None
                                        and is_zero3(load_ds_config(cfg.deepspeed)))
-    if runtime is None:
-        with Runtime.from_config(cfg) as own:
-            return tune(bundle_dir, data, out_dir, mode, settings, cfg, seq_len, eval_data, text_field, kernels,
-                        max_train_blocks, max_eval_tokens, task, task_split, include_path, max_examples, own)
-    bundle = load_bundle(bundle_dir)  # validated before its tokenizer or weights are used
-    check_seq_len(seq_len, bundle.model.config)
-    fingerprint = None
-    if task is not None:
-        from offsite_ds.task_data import task_loader
+    with contextlib.ExitStack() as stack:  # a Runtime of our own when the caller did not pass one
+        if runtime is None:
+            runtime = stack.enter_context(Runtime.from_config(cfg))
+        bundle = load_bundle(bundle_dir)  # validated before its tokenizer or weights are used
+        check_seq_len(seq_len, bundle.model.config)
+        fingerprint = None
+        if task is not None:
+            from offsite_ds.task_data import task_loader
 
-        loader = task_loader(task, bundle.tokenizer, cfg.batch_size, split=task_split, include_path=include_path,
-                             max_length=seq_len, limit=max_examples, seed=cfg.seed, rank=runtime.rank,
-                             world_size=runtime.world)
-    else:
-        blocks, fingerprint = load_blocks(data, bundle.tokenizer, seq_len, text_field, max_train_blocks)
-        loader = runtime.block_loader(blocks, cfg)
-    eval_ids = None
-    if eval_data is not None:
-        eval_blocks, _ = load_blocks(eval_data, bundle.tokenizer, seq_len, text_field)
-        eval_ids = eval_blocks.reshape(-1)[:max_eval_tokens] if max_eval_tokens else eval_blocks.reshape(-1)
-    torch.manual_seed(cfg.seed)  # LoRA / bottleneck initialisation is part of the run: seed it too
-    role = TuneAdapter(bundle, out_dir, mode, settings, eval_ids, seq_len, data_fingerprint=fingerprint,
-                       runtime=runtime)
-    if kernels != "off":
-        from offsite_ds.kernels import patch_for_training
+            loader = task_loader(task, bundle.tokenizer, cfg.batch_size, split=task_split, include_path=include_path,
+                                 max_length=seq_len, limit=max_examples, seed=cfg.seed, rank=runtime.rank,
+                                 world_size=runtime.world)
+        else:
+            blocks, fingerprint = load_blocks(data, bundle.tokenizer, seq_len, text_field, max_train_blocks)
+            loader = runtime.block_loader(blocks, cfg)
+        eval_ids = None
+        if eval_data is not None:
+            eval_blocks, _ = load_blocks(eval_data, bundle.tokenizer, seq_len, text_field)
+            eval_ids = eval_blocks.reshape(-1)[:max_eval_tokens] if max_eval_tokens else eval_blocks.reshape(-1)
+        torch.manual_seed(cfg.seed)  # LoRA / bottleneck initialisation is part of the run: seed it too
+        role = TuneAdapter(bundle, out_dir, mode, settings, eval_ids, seq_len, data_fingerprint=fingerprint,
+                           runtime=runtime)
+        if kernels != "off":
+            from offsite_ds.kernels import patch_for_training
 
-        patch_for_training(bundle.model, kernels)
-    return train(role, loader, cfg, runtime)
+            patch_for_training(bundle.model, kernels)
+        return train(role, loader, cfg, runtime)
 

@@ -4,7 +4,7 @@ Uses the library's own make_bundle with its block-map rule replaced by the given
 exactly what `offsite-ds emulate` writes (same manifest, same weights code) except for which middle
 blocks are kept. Sharing (repeated blocks) needs the share_map loader of issue 12 and is not written here.
 
-    python make_bundle.py OUT_DIR 2,7,10,13,16,19,22,27      # the kept middle blocks of a 2-8-2 layout
+    python experiments/emulator_study/make_bundle.py OUT_DIR 2,7,10,13,16,19,22,27      # the kept middle blocks of a 2-8-2 layout
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Record the distillation curve: `distill` logs eval metrics only to W&B, but it re-exports the bundle at every
 improved evaluation with the metrics in offsite.json; this polls that manifest and appends each new point.
 
-    python watch_distill.py OUT_BUNDLE_DIR CURVE.jsonl   (stops when OUT_BUNDLE_DIR.done exists)
+    python experiments/emulator_study/watch_distill.py OUT_BUNDLE_DIR CURVE.jsonl   (stops when OUT_BUNDLE_DIR.done exists)
 """
 import json
 import math

@@ -1,7 +1,7 @@
 """Zero-shot perplexity of an EmulatorBundle on the same tokens as block_study.py (first 4,096 tokens of PTB valid
 and of the public held-out text, windows of 512), so distilled and undistilled emulators compare directly.
 
-    python eval_bundle.py BUNDLE_DIR OUT.json
+    python experiments/emulator_study/eval_bundle.py BUNDLE_DIR OUT.json
 """
 import json
 import math

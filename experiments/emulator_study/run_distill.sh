@@ -4,7 +4,7 @@
 set -euo pipefail
 export TRITON_INTERPRET=1 DS_ACCELERATOR=cpu OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
        HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
-RUNS=${RUNS:-/tmp/e2c/runs}
+RUNS=${RUNS:-runs}  # bundles and the distilled bundle go here
 MODEL=$(python -c "from offsite_ds.demo_assets import smollm2_dir; print(smollm2_dir())")
 TRAIN=$(python -c "from offsite_ds.demo_assets import wikipedia_file; print(wikipedia_file('train'))")
 HELD=$(python -c "from offsite_ds.demo_assets import wikipedia_file; print(wikipedia_file('heldout'))")

@@ -11,7 +11,9 @@ Emulators are evaluated in memory: the full model's block list is swapped for th
 (shared positions hold the same module object); use_cache is off so repeated blocks never share a KV
 cache slot. Results are appended to block_study.json as they come (re-running resumes).
 
-    python benchmarks/results/2026-11-23-emulator-study-cpu/block_study.py
+    python experiments/emulator_study/block_study.py [OUT.json]   # default ./block_study.json
+
+Measured figures: benchmarks/results/2026-11-23-emulator-study-cpu/.
 """
 from __future__ import annotations
 
@@ -30,8 +32,7 @@ from offsite_ds.runtime import load_model
 from offsite_ds.evaluate import token_nll
 from offsite_ds.sandwich import emulator_block_map, parse_layout
 
-HERE = Path(__file__).resolve().parent
-OUT = HERE / "block_study.json"
+OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "block_study.json")  # resumed from when it exists
 N_LAYERS, BOTTOM, TOP = 30, 2, 2
 MIDDLE = list(range(BOTTOM, N_LAYERS - TOP))  # 2..27
 # The shared 2-core machine ran at load 6-9 (a full-model pass over 8,192 tokens took 133 s), so the screen
