@@ -31,6 +31,7 @@ from offsite_ds.data import load_texts, tokenize_corpus
 from offsite_ds.elimination import elimination_path, kept_after
 from offsite_ds.families import depth_of
 from offsite_ds.runtime import load_model
+from offsite_ds.surgery import running_blocks
 from offsite_ds.sandwich import block_map_for, middle_indices, parse_layout, select_important, select_kept
 
 
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def ratios(kept: list[int], k: int) -> dict:
         bm = block_map_for(n, parse_layout(f"{layout.bottom}-{k}-{layout.top}", n), kept)
-        with calibrate.running_blocks(model, bm):
+        with running_blocks(model, bm):
             return {name: math.exp(calibrate.mean_nll(model, ids, seq_len) - full[name]) for name, ids in evals.items()}
 
     rows, costs = [], {}

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from offsite_ds.calibrate import mean_nll, running_blocks
+from offsite_ds.calibrate import mean_nll
+from offsite_ds.surgery import running_blocks
 from offsite_ds.errors import LayoutError
 from offsite_ds.families import family_of, get_path
 

@@ -24,7 +24,8 @@ def _model(family, tiny_model_dir):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_scoring_from_a_cached_input_equals_running_the_whole_model(family, tiny_model_dir, public_ids):
-    from offsite_ds.calibrate import mean_nll, running_blocks
+    from offsite_ds.calibrate import mean_nll
+    from offsite_ds.surgery import running_blocks
     from offsite_ds.elimination import _record_inputs, nll_without
     from offsite_ds.families import family_of, get_path
 
