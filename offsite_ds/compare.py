@@ -1,5 +1,9 @@
 """Compare emulator builders on one model: the same adapter, the same budget, the paper's rows for each.
 
+With several layouts (`layouts`: each builder at each, adapter sizes included) the comparison is the owner's
+privacy/utility frontier: frontier.png puts each point's OT Emulator (what the data owner reaches alone)
+against its OT Plug-in, with the ceiling of each adapter size, full zero-shot and FT measured in the same run.
+
 For every builder (`SELECT[+share][+distill]`, e.g. `uniform`, `importance`, `crash+share`, `uniform+distill`)
 the owner builds the emulator on its PUBLIC calibration corpus (and distils it there when asked), the
 data owner tunes the same adapter with the same budget on its corpus, the owner plugs it in, and the four
@@ -34,6 +38,7 @@ class CompareSettings(DemoSettings):
     """The demo's data-owner budget (layout, mode, steps, lr, ...) for every builder, plus the owner's side."""
 
     builders: tuple[str, ...] = ("uniform", "importance", "crash", "crash+share")
+    layouts: tuple[str, ...] = ()  # the frontier: every builder at every layout (empty: just `layout`)
     mode_settings: dict = field(default_factory=dict)
     calib_tokens: int = DEFAULT_CALIB_TOKENS
     importance: str = "drop"
@@ -88,7 +93,7 @@ def run_builder(name: str, model_dir: Path, calib_data: Path, train_file: Path, 
     from offsite_ds.manifests import dump
     from offsite_ds.roles.distill import distill
 
-    select, share, distilled = parse_builder("uniform" if name == CEILING else name)
+    select, share, distilled = parse_builder("uniform" if name.startswith(CEILING) else name)
     timings: dict[str, float] = {}
     t = time.perf_counter()
     bundle = make_bundle(model_dir, layout, out / "bundle", select=select, share=share, calib_data=calib_data,
@@ -148,7 +153,9 @@ def table_rows(results: list[dict], ft: dict | None, split: str) -> list[dict]:
     out = []
     for r in results:
         ppl = {name: r["rows"][name][split] for name in COLUMNS}
+        quality = r.get("quality") or {}
         out.append({"builder": r["builder"], "layout": r["layout"], **ppl,
+                    "public ratio": quality.get("ratio"),
                     "FT": ft["ppl"][split] if ft else None,
                     "privacy gap": ppl["OT Emulator"] - ppl["OT Plug-in"],
                     "tuning gain": ppl["Full zero-shot"] - ppl["OT Plug-in"],
@@ -165,14 +172,63 @@ def format_table(rows: list[dict], split: str) -> str:
             return f"{v / 1e6:.3g}M"
         return f"{v:.3g}" if abs(v) >= 1e5 else f"{v:.2f}"
 
-    head = ["builder", "layout", *COLUMNS, "FT", "privacy gap", "tuning gain", "emulator params",
+    head = ["builder", "layout", "public ratio", *COLUMNS, "FT", "privacy gap", "tuning gain", "emulator params",
             "tune FLOPs/token", "owner s", "data owner s"]
-    lines = [f"**{split}** perplexity (privacy gap = OT Emulator - OT Plug-in; tuning gain = Full zero-shot - "
-             "OT Plug-in)", "", "| " + " | ".join(head) + " |", "| --- | --- |" + " ---: |" * (len(head) - 2)]
+    lines = [f"**{split}** perplexity (public ratio = emulator / full perplexity on the owner's calibration text; "
+             "privacy gap = OT Emulator - OT Plug-in; tuning gain = Full zero-shot - OT Plug-in)", "", "| " + " | ".join(head) + " |", "| --- | --- |" + " ---: |" * (len(head) - 2)]
     for r in rows:
         cells = [cell(r[h], millions=h in ("emulator params", "tune FLOPs/token")) for h in head[2:]]
         lines.append(f"| {r['builder']} | {r['layout']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def plot_frontier(rows: list[dict], split: str, path: Path) -> None:
+    """The owner's privacy/utility frontier: each (layout, builder) point at x = OT Emulator (what the data owner
+    reaches without the owner: further right protects the owner more) and y = OT Plug-in (lower is better),
+    with the full zero-shot, ceiling and FT lines measured in the same run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    points = [r for r in rows if not r["builder"].startswith(CEILING)]
+    ax.scatter([r["OT Emulator"] for r in points], [r["OT Plug-in"] for r in points], zorder=3)
+    for r in points:
+        ax.annotate(f"{r['builder']} {r['layout']}", (r["OT Emulator"], r["OT Plug-in"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.axhline(rows[0]["Full zero-shot"], color="k", ls="--", lw=1, label="Full zero-shot")
+    for r in rows:
+        if r["builder"].startswith(CEILING):
+            ax.axhline(r["OT Plug-in"], color="tab:orange", ls="-.", lw=1, label=f"{r['builder']} ({r['layout']})")
+    if rows[0]["FT"] is not None:
+        ax.axhline(rows[0]["FT"], color="g", ls=":", lw=1, label="FT")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"OT Emulator {split} perplexity (log; right = the owner keeps more)")
+    ax.set_ylabel(f"OT Plug-in {split} perplexity (lower = better)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def jobs_for(s: CompareSettings, depth: int) -> list[tuple[str, str, str]]:
+    """(name, layout, folder) of every run: each builder at each layout, then one ceiling per adapter size
+    (the same L+R blocks tuned on the full model). One layout keeps the single-layout folder names."""
+    from offsite_ds.sandwich import parse_layout
+
+    layouts = [parse_layout(spec, depth) for spec in (s.layouts or (s.layout,))]
+    single = len(layouts) == 1
+    jobs, sizes = [], []
+    for layout in layouts:
+        for name in s.builders:
+            jobs.append((name, str(layout), name.replace("+", "_") if single else f"{layout}_{name.replace('+', '_')}"))
+        if (layout.bottom, layout.top) not in sizes:
+            sizes.append((layout.bottom, layout.top))
+    for bottom, top in sizes if s.ceiling else []:
+        whole = f"{bottom}-{depth - bottom - top}-{top}"  # the whole middle kept
+        name = CEILING if len(sizes) == 1 else f"{CEILING} {bottom}+{top}"
+        jobs.append((name, whole, name.replace(" ", "_").replace("+", "_")))
+    return jobs
 
 
 def plot(rows: list[dict], split: str, path: Path) -> None:
@@ -208,8 +264,6 @@ def compare_emulators(model_dir: str | Path, calib_data: str | Path, train_file:
     from tqdm.auto import tqdm
     from transformers import AutoConfig
 
-    from offsite_ds.sandwich import parse_layout
-
     s = settings or CompareSettings()
     model_dir, calib_data, train_file, out = Path(model_dir), Path(calib_data), Path(train_file), Path(out_dir)
     eval_files = {k: Path(v) for k, v in eval_files.items()}
@@ -224,15 +278,11 @@ def compare_emulators(model_dir: str | Path, calib_data: str | Path, train_file:
     from offsite_ds.bench.shapes import depth_of_config
 
     depth = depth_of_config(config)
-    layout = parse_layout(s.layout, depth)
-    jobs = list(s.builders) + ([CEILING] if s.ceiling else [])
     results = []
-    for name in tqdm(jobs, desc="emulator builders", disable=not s.progress):
-        whole = f"{layout.bottom}-{depth - layout.bottom - layout.top}-{layout.top}"  # the whole middle kept
-        spec_layout = whole if name == CEILING else str(layout)
+    for name, spec_layout, folder in tqdm(jobs_for(s, depth), desc="emulator builders", disable=not s.progress):
         log(f"[compare] {name} ({spec_layout})")
-        results.append(cached(out / name.replace("+", "_"), lambda n=name, lay=spec_layout: run_builder(
-            n, model_dir, calib_data, train_file, eval_files, out / n.replace("+", "_"), s, lay, log)))
+        results.append(cached(out / folder, lambda n=name, lay=spec_layout, f=folder: run_builder(
+            n, model_dir, calib_data, train_file, eval_files, out / f, s, lay, log)))
     ft = cached(out / "ft", lambda: run_ft(model_dir, train_file, eval_files, out / "ft", s)) if s.ft else None
     tables = {split: table_rows(results, ft, split) for split in eval_files}
     markdown = "\n\n".join(format_table(rows, split) for split, rows in tables.items())
@@ -243,11 +293,12 @@ def compare_emulators(model_dir: str | Path, calib_data: str | Path, train_file:
     write_text(out / "compare.md", markdown + "\n")
     report_split = "test" if "test" in tables else next(iter(tables))
     plot(tables[report_split], report_split, out / "compare.png")
+    plot_frontier(tables[report_split], report_split, out / "frontier.png")
     report["markdown"] = markdown
     return report
 
 
 def best_builder(report: dict, split: str = "valid") -> str:
     """The builder whose plug-in scores best on `split` (choose on valid, report on test)."""
-    rows = [r for r in report["tables"][split] if r["builder"] != CEILING]
+    rows = [r for r in report["tables"][split] if not r["builder"].startswith(CEILING)]
     return min(rows, key=lambda r: (r["OT Plug-in"] if math.isfinite(r["OT Plug-in"]) else math.inf))["builder"]

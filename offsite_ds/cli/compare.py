@@ -20,9 +20,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--valid", default=None, help="data owner's validation text: picks the best adapter (PTB valid)")
     p.add_argument("--test", default=None, help="data owner's test text: the reported column (PTB test)")
     p.add_argument("--out", required=True, help="output folder: per-builder artifacts, compare.md/.json/.png")
-    p.add_argument("--layout", default=d.layout, help=f"L-K-R for every builder ({d.layout})")
+    p.add_argument("--layout", default=d.layout,
+                   help=f"L-K-R for every builder ({d.layout}); several, comma-separated (e.g. 2-8-2,2-10-2,3-8-3), "
+                        "give the privacy/utility frontier (frontier.png) with one ceiling per adapter size")
     p.add_argument("--builders", default=",".join(d.builders),
-                   help="comma-separated SELECT[+share][+distill], SELECT in uniform|importance|crash "
+                   help="comma-separated SELECT[+share][+distill], SELECT in uniform|importance|crash|iterative "
                         f"({','.join(d.builders)})")
     p.add_argument("--mode", default=d.mode, choices=["full", "lora", "adapter", "bitfit"])
     p.add_argument("--steps", type=int, default=d.steps, help=f"data owner's tuning steps ({d.steps})")
@@ -70,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
             raise OffsiteError("no public corpus available here: pass --calib-data FILE (the owner's public text)")
         calib = wikipedia_file("train", args.cache_dir)
     settings = CompareSettings(
-        layout=args.layout, builders=tuple(b.strip() for b in args.builders.split(",") if b.strip()), mode=args.mode,
+        layout=args.layout.split(",")[0].strip(),
+        layouts=tuple(x.strip() for x in args.layout.split(",") if x.strip()) if "," in args.layout else (),
+        builders=tuple(b.strip() for b in args.builders.split(",") if b.strip()), mode=args.mode,
         steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
         eval_seq_len=args.eval_seq_len, eval_tokens=args.eval_tokens or None, eval_every=args.eval_every,
         seed=args.seed, calib_tokens=args.calib_tokens, importance=args.importance,
