@@ -1,0 +1,151 @@
+"""Fit the emulator's kept middle blocks to stand in for the runs they replace, on the owner's public text.
+
+Layer-drop leaves gaps: kept block k_i is followed by a run of dropped blocks whose work is lost. Each kept
+block is trained to map the emulator's own hidden state at its input to the full model's hidden state at the
+end of its run (the input of the next kept block), one block at a time from the bottom: block i is fitted on
+the stream that the already-fitted blocks below it produce, so the errors it corrects are the ones the
+emulator really makes (not the teacher's, which it never sees at run time).
+
+Cost: one forward pass of the full model over the fitting tokens (teacher states cached at the K+1 run
+boundaries), then, per kept block, epochs of forward+backward through that one block on the cache - no
+embedding, head or other block is run, so a step costs about 1/depth of an end-to-end distillation step.
+
+Loss: each token's squared error relative to the teacher's squared norm there (positions 0, the attention
+sinks with hidden states orders of magnitude larger, left out), so every token counts alike; optionally a
+cosine term. Calibration text only: the data owner's corpus never enters.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from offsite_ds.errors import OffsiteError
+from offsite_ds.families import family_of, get_path
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """How the kept blocks are fitted: tokens read from the public text, epochs, optimiser, sequence length."""
+    tokens: int = 16384
+    epochs: int = 4
+    lr: float = 1e-4
+    batch_size: int = 4
+    seq_len: int = 512
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+def _hidden(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def relative_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens (position 0 of each window excluded) of |pred - target|^2 / |target|^2."""
+    pred, target = pred[:, 1:].float(), target[:, 1:].float()
+    return ((pred - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp_min(1e-6)).mean()
+
+
+@torch.no_grad()
+def teacher_states(model: nn.Module, batches: list[torch.Tensor], boundaries: list[int]) -> tuple[list, list]:
+    """The full model's hidden state at the INPUT of each block in `boundaries` (an index equal to the depth:
+    the last block's output), per batch; and each batch's keyword arguments to a block call (masks, rotary
+    position embeddings), which do not depend on which block is called."""
+    blocks = get_path(model, family_of(model).blocks)
+    depth = len(blocks)
+    states: list[dict[int, torch.Tensor]] = [{} for _ in batches]
+    kwargs_of: list[dict] = [{} for _ in batches]
+    current = {"batch": 0}
+
+    def take_input(slot: int):
+        def hook(_m, args, kwargs):
+            b = current["batch"]
+            states[b][slot] = (args[0] if args else kwargs["hidden_states"]).detach()
+            if not kwargs_of[b]:
+                kwargs_of[b] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                kwargs_of[b]["_extra_args"] = args[1:]
+        return hook
+
+    def take_last_output(_m, _args, output):
+        states[current["batch"]][depth] = _hidden(output).detach()
+
+    handles = [blocks[s].register_forward_pre_hook(take_input(s), with_kwargs=True) for s in boundaries if s < depth]
+    if depth in boundaries:
+        handles.append(blocks[depth - 1].register_forward_hook(take_last_output))
+    try:
+        for b, ids in enumerate(batches):
+            current["batch"] = b
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return states, kwargs_of
+
+
+def _call(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    extra = kwargs.get("_extra_args", ())
+    return _hidden(block(hidden, *extra, **{k: v for k, v in kwargs.items() if k != "_extra_args"}))
+
+
+def fit_kept_blocks(model: nn.Module, ids: torch.Tensor, block_map: list[int], bottom: int, kept: int,
+                    settings: FitSettings = FitSettings(), progress: bool = False,
+                    log=None) -> tuple[dict[int, nn.Module], list[dict]]:
+    """Fitted copies of the kept middle blocks, {original block index: trained block}, and per block the
+    relative error to its run's end on the fitting tokens before and after ({block, end, before, after}).
+
+    `block_map` is the emulator's (original index per position; bottom adapter blocks first). The model is
+    left unchanged. `ids` is the owner's public token stream; its first `settings.tokens` are used.
+    """
+    from tqdm.auto import tqdm
+
+    blocks = get_path(model, family_of(model).blocks)
+    depth = len(blocks)
+    middle = block_map[bottom:bottom + kept]
+    after = block_map[bottom + kept] if bottom + kept < len(block_map) else depth
+    ends = middle[1:] + [after]  # the teacher's state each fitted block must produce: its run's end
+    n = min(ids.numel(), settings.tokens) // settings.seq_len
+    if n < 1:
+        raise OffsiteError(f"fitting needs at least {settings.seq_len} tokens of public text; got {ids.numel()}")
+    windows = ids[: n * settings.seq_len].view(n, settings.seq_len)
+    device = next(model.parameters()).device
+    batches = [windows[i:i + settings.batch_size].to(device) for i in range(0, n, settings.batch_size)]
+    was_training = model.training
+    model.eval()
+    states, kwargs_of = teacher_states(model, batches, sorted({middle[0], *ends}))
+    stream = [s[middle[0]] for s in states]  # the emulator's input to its first kept middle block (= teacher's)
+    fitted: dict[int, nn.Module] = {}
+    report: list[dict] = []
+    g = torch.Generator().manual_seed(settings.seed)
+    for block_index, end in zip(middle, ends):
+        block = copy.deepcopy(blocks[block_index]).float().train()
+        for p in block.parameters():
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(block.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        steps = settings.epochs * len(batches)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+        with torch.no_grad():
+            before = sum(float(relative_error(_call(block, x, kw), s[end])) for x, kw, s in
+                         zip(stream, kwargs_of, states)) / len(batches)
+        bar = tqdm(total=steps, desc=f"fit block {block_index} -> {end}", disable=not progress)
+        for _ in range(settings.epochs):
+            for b in torch.randperm(len(batches), generator=g).tolist():
+                loss = relative_error(_call(block, stream[b], kwargs_of[b]), states[b][end])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                bar.update(1)
+        bar.close()
+        block.eval().requires_grad_(False)
+        with torch.no_grad():
+            stream = [_call(block, x, kw) for x, kw in zip(stream, kwargs_of)]
+            after_fit = sum(float(relative_error(x, s[end])) for x, s in zip(stream, states)) / len(batches)
+        if log is not None:
+            log(f"fit block {block_index} (run to {end}): relative error {before:.4g} -> {after_fit:.4g}")
+        report.append({"block": block_index, "end": end, "before": before, "after": after_fit})
+        fitted[block_index] = block.to(next(blocks[block_index].parameters()).dtype)
+    model.train(was_training)
+    return fitted, report
