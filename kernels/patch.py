@@ -130,7 +130,9 @@ def patch_for_training(model: nn.Module, impl: str) -> PatchHandle | None:
 
 # ---------------------------------------------------------------- probes: does the module do our maths?
 
-def _tolerance(dtype: torch.dtype) -> float:
+def tolerance(dtype: torch.dtype) -> float:
+    """The one tolerance table of a kernel against its fp32 reference (max error relative to the reference's
+    scale): fp32 must agree closely; bf16/fp16 round every element, so their kernels get 3e-2."""
     return 1e-4 if dtype == torch.float32 else 3e-2
 
 
@@ -138,7 +140,7 @@ def _matches(expected: torch.Tensor, got: torch.Tensor) -> bool:
     if expected.shape != got.shape:
         return False
     expected, got = expected.float(), got.float()
-    tol = _tolerance(got.dtype if got.dtype != torch.float32 else expected.dtype)
+    tol = tolerance(got.dtype if got.dtype != torch.float32 else expected.dtype)
     scale = max(1.0, float(expected.abs().max()))
     return bool(torch.isfinite(got).all()) and float((expected - got).abs().max()) <= tol * scale
 

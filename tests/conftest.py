@@ -62,3 +62,9 @@ def corpus_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "train.txt"
     path.write_text("\n".join(CORPUS for _ in range(40)))
     return path
+
+
+def pytest_configure(config):
+    """Markers registered here (merges with a [tool.pytest] markers list): deselect with -m 'not gpu_sim'."""
+    config.addinivalue_line("markers", "gpu_sim: runs scripts/gpu_acceptance.sh in a simulation of the lent GPU "
+                                       "machine (a venv of its packages, the carried wheels; about 3 min of CPU)")
