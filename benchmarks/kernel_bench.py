@@ -11,7 +11,7 @@ bf16 autocast (how `tune` trains), LoRA is compared with PEFT's maths under auto
     python benchmarks/kernel_bench.py --cpu-smoke --out /tmp/k   # tiny shapes on CPU: checks that it runs
 
 Writes `kernels.json` (device, date, versions, command, every figure) and `kernels.md` (tables, targets)
-into --out (default benchmarks/results/<date>-kernels-<device>/). Each figure: median and 20/80 percentile
+into --out (default benchmarks/results/<date>-<device>/kernels/), rewritten after every figure. Each figure: median and 20/80 percentile
 time (CUDA: triton's do_bench, L2 flushed between runs; CPU: wall clock), peak memory above the inputs after
 a warm-up call (CUDA only), and
 achieved TFLOP/s (matmul kernels, FLOPs counted for a frozen head/base: no weight gradient) or TB/s
@@ -466,7 +466,7 @@ def parse_args(argv):
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--reps", type=int, default=10, help="timed repetitions on CPU (CUDA: do_bench decides)")
-    p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<date>-kernels-<device>)")
+    p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<date>-<device>/kernels)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU: checks that everything runs")
     return p.parse_args(argv)
 
@@ -474,7 +474,7 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from offsite_ds.bench.devices import describe_device
-    from offsite_ds.bench.report import versions
+    from offsite_ds.bench.report import RESULTS_ROOT, results_folder_name, versions
 
     kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
     unknown = set(kernels) - set(KERNELS)
@@ -509,26 +509,34 @@ def main(argv: list[str] | None = None) -> int:
         "smoke": smoke, "ours": ours_label(), "seq_len": seq_len, "batches": batches, "results": [],
     }
     rows = results["results"]
+    slug_device = {"type": device.type, "name": info.name}
+    out = Path(args.out) if args.out else ROOT / RESULTS_ROOT / results_folder_name(results["date"], slug_device,
+                                                                                    smoke) / "kernels"
+
+    def measured(new_rows: list[dict]) -> None:
+        """Record figures as they come: a run stopped at its time limit keeps everything measured so far."""
+        rows.extend(new_rows)
+        results["targets"] = evaluate_targets(rows, device.type, smoke)
+        write_results(results, out)
+
     for batch in batches:
         tokens = batch * seq_len
         for name, (hidden, vocab, ffn, activation) in shapes.items():
             if "ce" in kernels:
-                rows += bench_ce(bench, name, hidden, vocab, tokens, dtype)
+                measured(bench_ce(bench, name, hidden, vocab, tokens, dtype))
             if "layer_norm" in kernels:
-                rows += bench_norm(bench, name, hidden, tokens, dtype, rms=False)
+                measured(bench_norm(bench, name, hidden, tokens, dtype, rms=False))
             if "rms_norm" in kernels and name == next(iter(shapes)):
-                rows += bench_norm(bench, name, hidden, tokens, dtype, rms=True)
+                measured(bench_norm(bench, name, hidden, tokens, dtype, rms=True))
             if "bias_act" in kernels:
-                rows += bench_bias_act(bench, name, hidden, ffn, tokens, dtype, activation)
+                measured(bench_bias_act(bench, name, hidden, ffn, tokens, dtype, activation))
             if "lora" in kernels:
-                rows += bench_lora(bench, name, hidden, tokens, dtype)
+                measured(bench_lora(bench, name, hidden, tokens, dtype))
         if "step" in kernels:
-            rows += bench_step(bench, batch, seq_len, smoke)
+            measured(bench_step(bench, batch, seq_len, smoke))
         print(f"batch {batch}: {len(rows)} figures so far", flush=True)
     results["targets"] = evaluate_targets(rows, device.type, smoke)
     results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    slug = "cpu-smoke" if smoke else info.name.lower().replace(" ", "-")
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"{results['date']}-kernels-{slug}"
     write_results(results, out)
     print(f"wrote {out / 'kernels.json'} and kernels.md ({len(rows)} rows)")
     errors = [r for r in rows if r["status"] == "error"]

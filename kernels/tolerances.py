@@ -1,7 +1,7 @@
 """How far a kernel may be from its fp32 reference: the one table, by purpose and compute dtype.
 
-Imported as `offsite_ds.kernels.tolerances` by the patch probes, the CPU kernel tests and (when its owner
-switches to it) the GPU acceptance run, so a tolerance is changed in one place and the three cannot drift.
+Imported as `offsite_ds.kernels.tolerances` by the patch probes, the CPU kernel tests and the GPU acceptance
+run (scripts/gpu_acceptance.py), so a tolerance is changed in one place and the three cannot drift.
 Each bound is on max |kernel - reference| relative to the reference's magnitude (see each user).
 """
 from __future__ import annotations

@@ -1,13 +1,29 @@
 #!/usr/bin/env bash
-# The GPU acceptance run: every GPU claim checked in one command (<= 20 min on one H100), results under
-# benchmarks/results/<date>-<gpu>/ and a one-screen summary. Needs CUDA; refuses with one line otherwise.
-#   bash scripts/gpu_acceptance.sh [--only parity,patched] [--out DIR]
-set -euo pipefail
+# The GPU acceptance run as one prepared command for a lent GPU machine (README, "GPU acceptance"): installs
+# the carried wheels (.whl/cp<python>/, built by scripts/gpu_wheels.sh) into a temporary site folder,
+# makes this checkout importable (PYTHONPATH: no install of our package, the machine's own torch, triton and
+# transformers), then runs scripts/gpu_acceptance.py, whose checks fit 530 s and which rewrites
+# summary.txt, acceptance.json and results.tar.gz in $OUT after every check.
+#   OFFSITE_DS_COMMIT=<sha> bash scripts/gpu_acceptance.sh [--cpu-smoke] [--only a,b] [--dry-run]
+# Environment: PYTHON (default python3), OFFSITE_WHEELS (default .whl/cp<XY> for that python), OUT.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-unset TRITON_INTERPRET  # compiled kernels, never the interpreter
-PY="${PYTHON:-python}"
-if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-    echo "gpu_acceptance.sh: no CUDA GPU here; run it on a CUDA machine (python scripts/gpu_acceptance.py --dry-run shows the plan)" >&2
+PY="${PYTHON:-python3}"
+fail() {  # one line on stderr, and the same line as $OUT/summary.txt so that even this comes back
+    echo "gpu_acceptance.sh: $1" >&2
+    if [ -n "${OUT:-}" ]; then mkdir -p "$OUT" && echo "NOT RUN: $1" > "$OUT/summary.txt"; fi
     exit 2
-fi
+}
+tag=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")') \
+    || fail "no Python at '$PY'; set PYTHON to the machine's python3"
+WHEELS="${OFFSITE_WHEELS:-.whl/$tag}"
+ls "$WHEELS"/*.whl >/dev/null 2>&1 \
+    || fail "no wheels in $WHEELS; run 'bash scripts/gpu_wheels.sh ${tag:2:1}.${tag:3}' on a networked machine and carry .whl/$tag"
+SITE=$(mktemp -d /tmp/offsite-site.XXXXXX)
+"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
+    --target "$SITE" "$WHEELS"/*.whl 2>"$SITE.log" \
+    || fail "installing $WHEELS failed: $(tail -n 1 "$SITE.log")"
+export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" -c "import offsite_ds.kernels, offsite_ds.manifests, deepspeed" 2>"$SITE.log" \
+    || fail "the checkout does not import with $WHEELS: $(tail -n 1 "$SITE.log")"
 exec "$PY" scripts/gpu_acceptance.py "$@"

@@ -87,3 +87,4 @@ def corpus_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "train.txt"
     path.write_text("\n".join(CORPUS for _ in range(40)))
     return path
+

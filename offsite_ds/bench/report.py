@@ -62,17 +62,22 @@ def _package_version(name: str) -> str | None:
         return None
 
 
+COMMIT_ENV = "OFFSITE_DS_COMMIT"  # the commit, for machines without git (the lent GPU gets a copy, no .git)
+
+
 def _git_commit() -> str | None:
+    """HEAD (+dirty) of the checkout; where git or .git is missing, what COMMIT_ENV says (else None)."""
+    given = os.environ.get(COMMIT_ENV) or None
     root = Path(__file__).resolve().parents[2]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
-            return None
+            return given
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return head.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return None
+        return given
 
 
 def versions() -> dict:
@@ -106,11 +111,19 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
 
 
-def default_out_dir(results: dict) -> Path:
-    device = results["device"]
+RESULTS_ROOT = Path("benchmarks") / "results"
+
+
+def results_folder_name(date: str, device: dict, smoke: bool = False) -> str:
+    """The one naming rule of a measurement folder under benchmarks/results/ (the bench, the kernel
+    benchmarks and the GPU acceptance run all use it): `<date>-<gpu>` such as `2026-11-20-h200` (the
+    vendor prefix dropped), `<date>-cpu` on a CPU, `-smoke` appended for tiny shapes."""
     name = "cpu" if device["type"] == "cpu" else _slug(device["name"].removeprefix("NVIDIA "))
-    smoke = "-smoke" if results["spec"].get("smoke") else ""
-    return Path("benchmarks") / "results" / f"{results['date']}-{name}{smoke}"
+    return f"{date}-{name}{'-smoke' if smoke else ''}"
+
+
+def default_out_dir(results: dict) -> Path:
+    return RESULTS_ROOT / results_folder_name(results["date"], results["device"], bool(results["spec"].get("smoke")))
 
 
 # ---------------------------------------------------------------------------------------- the table

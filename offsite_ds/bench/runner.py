@@ -186,7 +186,8 @@ def measure(case: dict) -> dict:
                       grad_accum=1, max_grad_norm=1.0, seed=case["seed"], progress=False, log_every=0,
                       eval_every=0, save_every=0, device=str(device), precision="auto",
                       deepspeed=case["ds_config"] if offload else None,
-                      torch_adam=device.type != "cuda")  # no CPU-Adam JIT build on a CPU try-out
+                      # torch's AdamW: no JIT op build on a CPU try-out, or where the case asks (GPU acceptance)
+                      torch_adam=bool(case.get("torch_adam")) or device.type != "cuda")
     dtype = WEIGHT_DTYPES[case["weights"]]
     build_on = device
     # the owner's ZeRO-3 path (as `offsite-ds finetune` takes it): a one-rank process group, the ds config
