@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from transformers import AutoTokenizer, PreTrainedModel
 
 from offsite_ds.errors import OffsiteError
 from offsite_ds.families import block_prefix, family_of, get_path
+from offsite_ds.fitting import FitSettings
 from offsite_ds.formats import WEIGHT_DTYPES
 from offsite_ds.shards import DEFAULT_SHARD_BYTES, ModelCheckpoint, ShardWriter
 from offsite_ds.surgery import select_blocks, set_depth
@@ -285,7 +287,7 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
                 select: str = DEFAULT_SELECT, share: bool = False, calib_data: str | Path | None = PUBLIC_SAMPLE,
                 calib_tokens: int | None = None, importance: str = "drop", text_field: str = "text",
                 guard_ratio: float | None = None, progress: bool = False, log=None, max_ratio: float | None = None,
-                allow_far: bool = False) -> Path:
+                allow_far: bool = False, fit: FitSettings | None = None) -> Path:
     """Model owner's `emulate`: full model dir -> EmulatorBundle dir, its weights streamed from the checkpoint.
 
     The bundle keeps the checkpoint's dtype (a bf16 model gives a bf16 bundle) unless `dtype` is given.
@@ -297,8 +299,10 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
     `quality`. An emulator whose ratio exceeds `guard_ratio` is not written (one-line OffsiteError saying what
     to do) unless `allow_far`, which writes it with a warning through `log` (default: stderr). `max_ratio` is
     the owner's fidelity knob: K becomes the fewest kept blocks (at most the layout's; 'L-*-R' means the
-    whole middle) whose ratio stays within it, recorded in the manifest. The weights are written tensor by
-    tensor from the checkpoint.
+    whole middle) whose ratio stays within it, recorded in the manifest. `fit` trains each kept middle block to
+    stand in for the run it replaces (offsite_ds.fitting) on the public text that follows the calibration
+    tokens, so the guard still measures on tokens the fit never saw. The weights are written tensor by tensor
+    from the checkpoint (a fitted block's from its trained copy).
     """
     from offsite_ds.bundle import fingerprint_checkpoint, write_bundle
 
@@ -311,12 +315,15 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
     layout = parse_layout(layout_spec, n_layers, keep_ratio, upper_bound=max_ratio is not None)
     if max_ratio is not None and calib_data is None:
         raise OffsiteError("--max-ratio measures the emulator on the owner's public text: drop --no-calib")
+    if fit is not None and (calib_data is None or method != "drop" or share):
+        raise OffsiteError("--fit trains the kept blocks on the owner's public text: it needs calibration text "
+                           "(not --no-calib), plain layer-drop (--method drop) and no --share")
     block_map, share_map, facts, quality = emulator_block_map(n_layers, layout), None, {}, None
-    calibration = None
+    calibration, fitted = None, {}
     if calib_data is not None:
-        layout, block_map, share_map, facts, calibration, quality = _calibrated_choice(
+        layout, block_map, share_map, facts, calibration, quality, fitted = _calibrated_choice(
             model_dir, layout, method, prune_ratio, quant_bits, select, share, public_calibration(calib_data),
-            calib_tokens, importance, text_field, progress, max_ratio)
+            calib_tokens, importance, text_field, progress, max_ratio, fit, log)
         warning = guard_warning(quality, guard_ratio, str(layout), select)
         if warning and not allow_far:
             raise OffsiteError(f"{warning}; nothing written (--allow-far writes it anyway)")
@@ -336,10 +343,16 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
     dtype = dtype or checkpoint.dtype()
     middle = range(layout.bottom, layout.bottom + layout.kept)
 
+    fitted_at = {block_map.index(i): block.state_dict() for i, block in fitted.items()}
+
+    def per_tensor(position: int, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if position in fitted_at:
+            return fitted_at[position][name]
+        return transform(tensor) if transform is not None and position in middle else tensor
+
     def write(tmp: Path) -> None:
-        per_tensor = None if transform is None else (
-            lambda position, _name, tensor: transform(tensor) if position in middle else tensor)
-        write_emulator(checkpoint, block_map, tmp, dtype, per_tensor, max_shard_bytes)
+        write_emulator(checkpoint, block_map, tmp, dtype, per_tensor if transform or fitted_at else None,
+                       max_shard_bytes)
 
     manifest = {
         "family": checkpoint.family.name,
@@ -361,19 +374,27 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
 
 def _calibrated_choice(model_dir, layout: Layout, method: str, prune_ratio: float, quant_bits: int, select: str,
                        share: bool, calib_data, calib_tokens: int | None, importance: str, text_field: str,
-                       progress: bool, max_ratio: float | None = None
-                       ) -> tuple[Layout, list[int], list[int] | None, dict, dict, dict]:
-    """Load the model once (fp32) to choose the blocks on the owner's calibration text and measure the guard.
+                       progress: bool, max_ratio: float | None = None, fit: FitSettings | None = None, log=None
+                       ) -> tuple[Layout, list[int], list[int] | None, dict, dict, dict, dict[int, nn.Module]]:
+    """Load the model once (fp32) to choose the blocks on the owner's calibration text, fit them when asked,
+    and measure the guard: (layout, block_map, share_map, facts, calibration, quality, fitted blocks).
 
-    The guard's emulator is the full model run with the chosen blocks (compressed copies of the kept
-    middle for prune/quantize), so no emulator is built here; the model is released before writing.
+    The guard's emulator is the full model run with the chosen blocks (compressed or fitted copies of the
+    kept middle), so no emulator is built here; the model is released before writing.
     """
     from offsite_ds import calibrate
     from offsite_ds.runtime import load_model
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    n_calib = calib_tokens or calibrate.DEFAULT_CALIB_TOKENS
     calib_ids, calibration = calibrate.calibration_ids(calib_data, tokenizer,  # a bad corpus fails before the load
-                                                       calib_tokens or calibrate.DEFAULT_CALIB_TOKENS, text_field)
+                                                       n_calib + (fit.tokens if fit else 0), text_field)
+    calib_ids, fit_ids = calib_ids[:n_calib], calib_ids[n_calib:]
+    calibration["tokens"] = int(calib_ids.numel())
+    if fit is not None and fit_ids.numel() < fit.tokens:
+        raise OffsiteError(f"--fit-tokens {fit.tokens}: {calib_data} holds {fit_ids.numel()} tokens after the "
+                           f"{n_calib} calibration tokens; give more public text (--calib-data builtin:wikipedia, "
+                           "or your own) or fewer --fit-tokens")
     model = load_model(model_dir)
     if torch.cuda.is_available():  # an owner-scale model scores in seconds on a GPU, in hours on a CPU
         model = model.to("cuda")
@@ -381,13 +402,18 @@ def _calibrated_choice(model_dir, layout: Layout, method: str, prune_ratio: floa
                                                         progress=progress, max_ratio=max_ratio)
     executed = [block_map[s] for s in share_map] if share_map is not None else block_map
     blocks = get_path(model, family_of(model).blocks)
-    compressed = {}
+    compressed, fitted = {}, {}
     for i in (block_map[layout.bottom:layout.bottom + layout.kept] if method != "drop" else []):
         compressed[i] = copy.deepcopy(blocks[i])
         compress_(compressed[i], method, prune_ratio, quant_bits)
+    if fit is not None:
+        from offsite_ds.fitting import fit_kept_blocks
+
+        fitted, report = fit_kept_blocks(model, fit_ids, block_map, layout.bottom, layout.kept, fit, progress, log)
+        facts = {**facts, "fit": {**asdict(fit), "blocks": report}}
     quality = calibrate.quality(model, executed, calib_ids, calibrate.calibration_seq_len(model),
-                                calibration["corpus_fingerprint"], replace=compressed)
-    return layout, block_map, share_map, facts, calibration, quality
+                                calibration["corpus_fingerprint"], replace=compressed or fitted)
+    return layout, block_map, share_map, facts, calibration, quality, fitted
 
 
 def guard_warning(quality: dict, threshold: float | None, layout: str, select: str) -> str | None:

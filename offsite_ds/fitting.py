@@ -38,6 +38,13 @@ class FitSettings:
     weight_decay: float = 0.0
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for name in ("tokens", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise OffsiteError(f"--fit-{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
+        if not self.lr > 0 or self.weight_decay < 0 or self.seq_len < 2:
+            raise OffsiteError(f"--fit-lr {self.lr:g} must be positive (weight decay >= 0, seq_len >= 2)")
+
 
 def _hidden(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output

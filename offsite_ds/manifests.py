@@ -123,6 +123,26 @@ class EliminationStep(Strict):
     ratio: Positive
 
 
+class FitBlock(Strict):
+    """One fitted kept block: its run's end and the relative error to it before and after the fit."""
+    block: Annotated[int, Field(ge=0, lt=MAX_DEPTH)]
+    end: Annotated[int, Field(ge=0, le=MAX_DEPTH)]
+    before: Annotated[float, Field(ge=0)]
+    after: Annotated[float, Field(ge=0)]
+
+
+class FitRecord(Strict):
+    """`emulate --fit`: the settings (offsite_ds.fitting.FitSettings) and each block's result."""
+    tokens: Annotated[int, Field(ge=1)]
+    epochs: Annotated[int, Field(ge=1)]
+    lr: Positive
+    batch_size: Annotated[int, Field(ge=1)]
+    seq_len: Annotated[int, Field(ge=2)]
+    weight_decay: Annotated[float, Field(ge=0)]
+    seed: int
+    blocks: Annotated[list[FitBlock], Field(max_length=MAX_DEPTH)]
+
+
 class Compression(Strict):
     """How the emulator's middle was built; builder facts (select, shared, calibration, scores) included."""
     method: Literal["drop", "prune", "quantize"]
@@ -137,6 +157,7 @@ class Compression(Strict):
     scores: Annotated[list[float], Field(max_length=MAX_DEPTH)] | None = None
     elimination: Annotated[list[EliminationStep], Field(max_length=MAX_DEPTH)] | None = None
     max_ratio: Positive | None = None  # the owner's fidelity target K was chosen for (emulate --max-ratio)
+    fit: FitRecord | None = None  # the kept blocks were fitted to their runs (emulate --fit)
     distillation: dict[str, JsonValue] | None = None
 
 

@@ -39,3 +39,39 @@ def test_fitted_blocks_bring_the_emulator_closer_to_the_full_model(family, tiny_
         after = mean_nll(model, held, 64) - full
     assert math.isfinite(after) and after < before, (before, after)  # on text it never saw
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before_state.items())  # the model is untouched
+
+
+def test_emulate_fit_writes_the_fitted_blocks_and_records_them(tiny_model_dir, tmp_path, capsys):
+    from offsite_ds.bundle import BUNDLE_FORMAT, load_bundle, read_manifest
+    from offsite_ds.calibrate import mean_nll
+    from offsite_ds.cli import main
+    from offsite_ds.data import tokenize_corpus
+    from offsite_ds.runtime import load_model
+    from offsite_ds.tiny import byte_tokenizer
+
+    public = tmp_path / "public.txt"
+    public.write_text(" ".join(f"word{i % 37} and item {i % 11} ." for i in range(800)))
+    model = str(tiny_model_dir("llama"))
+    argv = ["emulate", model, "--layout", "2-2-2", "--calib-data", str(public), "--calib-tokens", "256",
+            "--no-progress", "--allow-far"]
+    assert main([*argv, "--out", str(tmp_path / "plain"), "--select", "uniform"]) == 0
+    assert main([*argv, "--out", str(tmp_path / "fit"), "--select", "uniform", "--fit", "--fit-tokens", "1024",
+                 "--fit-epochs", "2", "--fit-lr", "1e-3"]) == 0
+    m = read_manifest(tmp_path / "fit", BUNDLE_FORMAT)
+    assert m.compression.fit.tokens == 1024 and [b.block for b in m.compression.fit.blocks] == [2, 5]
+    assert m.compression.calibration.tokens == 256 and m.quality.tokens == 256
+    plain, fitted = load_bundle(tmp_path / "plain").model, load_bundle(tmp_path / "fit").model
+    full = load_model(model)
+    for position in range(6):  # adapter blocks untouched, kept middle blocks trained
+        same = all(torch.equal(a, b) for a, b in zip(plain.model.layers[position].state_dict().values(),
+                                                      fitted.model.layers[position].state_dict().values()))
+        assert same == (position not in (2, 3)), position
+    assert torch.equal(full.model.layers[0].mlp.up_proj.weight, fitted.model.layers[0].mlp.up_proj.weight)
+    ids = tokenize_corpus([public.read_text()], byte_tokenizer())[:256]  # the guard's tokens, never fitted on
+    assert mean_nll(fitted, ids, 128) == pytest.approx(math.log(m.quality.emulator_ppl), rel=1e-4)
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "x"), "--fit", "--fit-tokens", "100000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "fewer --fit-tokens" in err and not (tmp_path / "x").exists()
+    assert main([*argv, "--out", str(tmp_path / "y"), "--fit", "--fit-epochs", "0"]) == 2
+    assert "--fit-epochs 0 must be at least 1" in capsys.readouterr().err
