@@ -26,6 +26,7 @@ from offsite_ds.calibrate import DEFAULT_CALIB_TOKENS
 from offsite_ds.demo import TRAINING_KEYS, DemoSettings, train_config
 from offsite_ds.demo import round_trip as demo_round_trip
 from offsite_ds.errors import OffsiteError
+from offsite_ds.fitting import FitSettings
 from offsite_ds.sandwich import SELECTIONS
 
 CEILING = "ceiling"
@@ -45,22 +46,25 @@ class CompareSettings(DemoSettings):
     distill_steps: int = 100
     distill_lr: float = 1e-4
     distill: dict = field(default_factory=dict)  # distill()'s loss options: kd_weight, lm_weight, kd_norm, ...
+    fit: dict = field(default_factory=dict)  # FitSettings of the +fit builders (tokens, epochs, lr, ...)
     ceiling: bool = True
     ft: bool = False
     ft_lr: float = 1e-4
 
 
-def parse_builder(spec: str) -> tuple[str, bool, bool]:
-    """'crash+share+distill' -> ('crash', True, True); one clear line for anything else."""
+def parse_builder(spec: str) -> tuple[str, bool, bool, bool]:
+    """'crash+share' -> ('crash', share, fit, distill) = ('crash', True, False, False); one clear line for
+    anything else. +fit trains the kept blocks to their runs (emulate --fit), +distill distils afterwards."""
     select, *flags = spec.strip().split("+")
-    if select not in SELECTIONS or not set(flags) <= {"share", "distill"} or len(set(flags)) != len(flags):
-        raise OffsiteError(f"builder '{spec}' is not SELECT[+share][+distill] with SELECT one of "
-                           f"{', '.join(SELECTIONS)} (e.g. uniform, crash+share, importance+distill)")
+    if select not in SELECTIONS or not set(flags) <= {"share", "fit", "distill"} or len(set(flags)) != len(flags):
+        raise OffsiteError(f"builder '{spec}' is not SELECT[+share][+fit][+distill] with SELECT one of "
+                           f"{', '.join(SELECTIONS)} (e.g. uniform, crash+share, iterative+fit, importance+distill)")
     if "share" in flags and select != "crash":
         raise OffsiteError(f"builder '{spec}': +share needs the crash selection (crash+share)")
-    if "share" in flags and "distill" in flags:
-        raise OffsiteError(f"builder '{spec}': a shared emulator cannot be distilled; use crash+distill or crash+share")
-    return select, "share" in flags, "distill" in flags
+    if "share" in flags and ("distill" in flags or "fit" in flags):
+        raise OffsiteError(f"builder '{spec}': a shared emulator cannot be fitted or distilled; use crash+distill "
+                           "or crash+share")
+    return select, "share" in flags, "fit" in flags, "distill" in flags
 
 
 def emulator_cost(bundle_dir: Path, mode: str, mode_settings: dict, seq_len: int) -> dict:
@@ -93,12 +97,13 @@ def run_builder(name: str, model_dir: Path, calib_data: Path, train_file: Path, 
     from offsite_ds.manifests import dump
     from offsite_ds.roles.distill import distill
 
-    select, share, distilled = parse_builder("uniform" if name.startswith(CEILING) else name)
+    select, share, fitted, distilled = parse_builder("uniform" if name.startswith(CEILING) else name)
     timings: dict[str, float] = {}
     t = time.perf_counter()
     bundle = make_bundle(model_dir, layout, out / "bundle", select=select, share=share, calib_data=calib_data,
                          calib_tokens=s.calib_tokens, importance=s.importance, progress=s.progress, log=log,
-                         allow_far=True)  # far builders are measured here on purpose
+                         allow_far=True,  # far builders are measured here on purpose
+                         fit=FitSettings(**s.fit) if fitted else None)
     timings["emulate_s"] = time.perf_counter() - t
     if distilled:
         t = time.perf_counter()

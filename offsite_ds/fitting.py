@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from offsite_ds.data import max_positions
 from offsite_ds.errors import OffsiteError
 from offsite_ds.families import family_of, get_path
 
@@ -113,10 +114,12 @@ def fit_kept_blocks(model: nn.Module, ids: torch.Tensor, block_map: list[int], b
     middle = block_map[bottom:bottom + kept]
     after = block_map[bottom + kept] if bottom + kept < len(block_map) else depth
     ends = middle[1:] + [after]  # the teacher's state each fitted block must produce: its run's end
-    n = min(ids.numel(), settings.tokens) // settings.seq_len
+    limit = max_positions(model.config)
+    seq_len = min(settings.seq_len, limit) if limit else settings.seq_len
+    n = min(ids.numel(), settings.tokens) // seq_len
     if n < 1:
-        raise OffsiteError(f"fitting needs at least {settings.seq_len} tokens of public text; got {ids.numel()}")
-    windows = ids[: n * settings.seq_len].view(n, settings.seq_len)
+        raise OffsiteError(f"fitting needs at least {seq_len} tokens of public text; got {ids.numel()}")
+    windows = ids[: n * seq_len].view(n, seq_len)
     device = next(model.parameters()).device
     batches = [windows[i:i + settings.batch_size].to(device) for i in range(0, n, settings.batch_size)]
     was_training = model.training

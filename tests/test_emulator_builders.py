@@ -356,17 +356,19 @@ def test_compare_emulators_frontier_over_layouts_and_adapter_sizes(tiny_model_di
     valid.write_text(corpus_file.read_text()[:2000])
     argv = ["compare-emulators", "--model", str(tiny_model_dir("llama")), "--calib-data", str(calib_file),
             "--train", str(corpus_file), "--valid", str(valid), "--test", str(valid), "--out", str(tmp_path / "f"),
-            "--layout", "2-2-2,1-3-1", "--builders", "importance,iterative", "--steps", "2", "--batch-size", "2",
+            "--layout", "2-2-2,1-3-1", "--builders", "importance,iterative+fit", "--steps", "2", "--batch-size", "2",
             "--seq-len", "32", "--eval-seq-len", "32", "--eval-tokens", "256", "--eval-every", "0",
-            "--calib-tokens", "256", "--no-progress"]
+            "--calib-tokens", "256", "--fit-tokens", "512", "--fit-epochs", "1", "--no-progress"]
     assert main(argv) == 0
     report = json.loads((tmp_path / "f" / "compare.json").read_text())
     rows = report["tables"]["valid"]
     assert [(r["builder"], r["layout"]) for r in rows] == [
-        ("importance", "2-2-2"), ("iterative", "2-2-2"), ("importance", "1-3-1"), ("iterative", "1-3-1"),
+        ("importance", "2-2-2"), ("iterative+fit", "2-2-2"), ("importance", "1-3-1"), ("iterative+fit", "1-3-1"),
         ("ceiling 2+2", "2-4-2"), ("ceiling 1+1", "1-6-1")]
     for r in rows[:4]:
         assert r["public ratio"] > 0 and r["emulator params"] > 0 and r["owner s"] > 0
     assert rows[4]["Emulator zero-shot"] == pytest.approx(rows[4]["Full zero-shot"])
     assert (tmp_path / "f" / "frontier.png").stat().st_size > 1000
-    assert (tmp_path / "f" / "2-2-2_iterative" / "result.json").is_file()
+    assert (tmp_path / "f" / "2-2-2_iterative_fit" / "result.json").is_file()
+    manifest = json.loads((tmp_path / "f" / "1-3-1_iterative_fit" / "bundle" / "offsite.json").read_text())
+    assert manifest["compression"]["fit"]["tokens"] == 512 and len(manifest["compression"]["fit"]["blocks"]) == 3

@@ -10,6 +10,7 @@ import argparse
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from offsite_ds.cli.train_args import add_distill_loss_arguments
     from offsite_ds.compare import CompareSettings
+    from offsite_ds.fitting import FitSettings
 
     d = CompareSettings()
     p.add_argument("--model", default=None, help="the owner's full model directory (default: SmolLM2-135M)")
@@ -24,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"L-K-R for every builder ({d.layout}); several, comma-separated (e.g. 2-8-2,2-10-2,3-8-3), "
                         "give the privacy/utility frontier (frontier.png) with one ceiling per adapter size")
     p.add_argument("--builders", default=",".join(d.builders),
-                   help="comma-separated SELECT[+share][+distill], SELECT in uniform|importance|crash|iterative "
+                   help="comma-separated SELECT[+share][+fit][+distill], SELECT in uniform|importance|crash|iterative "
                         f"({','.join(d.builders)})")
     p.add_argument("--mode", default=d.mode, choices=["full", "lora", "adapter", "bitfit"])
     p.add_argument("--steps", type=int, default=d.steps, help=f"data owner's tuning steps ({d.steps})")
@@ -39,6 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill-steps", type=int, default=d.distill_steps, help="steps of +distill builders")
     p.add_argument("--distill-lr", type=float, default=d.distill_lr)
     add_distill_loss_arguments(p)  # of the +distill builders
+    fit = FitSettings()
+    p.add_argument("--fit-tokens", type=int, default=fit.tokens, help=f"+fit builders: public tokens ({fit.tokens})")
+    p.add_argument("--fit-epochs", type=int, default=fit.epochs, help=f"+fit builders: epochs ({fit.epochs})")
+    p.add_argument("--fit-lr", type=float, default=fit.lr, help=f"+fit builders: learning rate ({fit.lr:g})")
     p.add_argument("--no-ceiling", action="store_true", help="skip the ceiling row (whole middle kept)")
     p.add_argument("--ft", action="store_true", help="add the FT row: full fine-tuning on the same tokens")
     p.add_argument("--ft-lr", type=float, default=d.ft_lr)
@@ -79,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
         eval_seq_len=args.eval_seq_len, eval_tokens=args.eval_tokens or None, eval_every=args.eval_every,
         seed=args.seed, calib_tokens=args.calib_tokens, importance=args.importance,
         distill_steps=args.distill_steps, distill_lr=args.distill_lr,
-        distill=distill_loss_from_args(args), ceiling=not args.no_ceiling, ft=args.ft,
+        distill=distill_loss_from_args(args),
+        fit={"tokens": args.fit_tokens, "epochs": args.fit_epochs, "lr": args.fit_lr}, ceiling=not args.no_ceiling, ft=args.ft,
         ft_lr=args.ft_lr, progress=not args.no_progress)
     report = compare_emulators(model, calib, files["train"], {"valid": files["valid"], "test": files["test"]},
                                args.out, settings)
