@@ -8,16 +8,13 @@ text the choice never saw: the public held-out split, and the data owner's valid
 valid by default; choosing settings there, reporting on test, is the comparison's job). `iterative` walks
 its elimination path once down to K and is scored at every K of --ks on the way; `importance` is scored at
 the same Ks. Defaults: SmolLM2-135M and PTB from the demo packages. Writes fidelity.json, fidelity.md and
-meta.json (commit, command, versions, machine).
+meta.json (benchmarks/results_index.py: commit, command, versions, device, input fingerprints).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,29 +28,9 @@ from offsite_ds.data import load_texts, tokenize_corpus
 from offsite_ds.elimination import elimination_path, kept_after
 from offsite_ds.families import depth_of
 from offsite_ds.runtime import load_model
-from offsite_ds.surgery import running_blocks
 from offsite_ds.sandwich import block_map_for, middle_indices, parse_layout, select_important, select_kept
-
-
-def meta(argv: list[str]) -> dict:
-    """What ran, where: commit, command, package versions, machine (written beside every result)."""
-    import importlib.metadata as md
-
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = os.environ.get("OFFSITE_COMMIT", "unknown")
-    versions = {}
-    for name in ("torch", "transformers", "offsite-ds", "deepspeed", "triton"):
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            versions[name] = None
-    return {"commit": commit, "command": " ".join(["python", *argv]), "versions": versions,
-            "python": platform.python_version(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-            "device": "cuda" if torch.cuda.is_available() else "cpu",
-            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+from offsite_ds.surgery import running_blocks
+from results_index import write_meta  # benchmarks/, first on sys.path when run as a script
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -117,9 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "fidelity.json", result)
-    write_json(out / "meta.json", {**meta([sys.argv[0], *argv]), "inputs": {
-        "model": str(model_dir), "public_train": str(public_train), "public_heldout": str(public_heldout),
-        "valid": str(valid), "calibration_fingerprint": record["corpus_fingerprint"]}})
+    write_meta(out, f"emulator/full perplexity ratio per builder and K ({args.layout}), owner cost",
+               " ".join(["python", "benchmarks/fidelity.py", *argv]),
+               [str(public_train), str(public_heldout), str(valid)], ["benchmarks/fidelity.py"])
     lines = [f"# Emulator fidelity, {Path(str(model_dir)).name}, middle of {len(middle)} blocks",
              "", f"Emulator/full perplexity ratio; blocks chosen on {record['tokens']} public train tokens; "
              f"full model: {result['full_ppl']['public_heldout']:.2f} public held-out, "

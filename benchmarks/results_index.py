@@ -58,6 +58,8 @@ def recorded_in(folder: Path) -> str:
     """The oldest commit that added one of the folder's files (when the results entered the repository),
     renames followed file by file."""
     added = []
+    if not folder.resolve().is_relative_to(ROOT):
+        return "not in the repository"
     for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != META):
         found = _git("log", "--follow", "--diff-filter=A", "--format=%at %H %ad", "--date=short", "--",
                      str(file.resolve().relative_to(ROOT)))

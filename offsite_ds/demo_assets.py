@@ -322,7 +322,7 @@ def wikipedia_file(split: str, cache_dir: str | Path | None = None) -> Path:
 # (1,024 tokens) works right after `pip install offsite-ds`, without gensim. Written once by
 # write_public_sample() from the same Wikipedia sample; its source and licence are in public_text/SOURCE.md.
 PUBLIC_SAMPLE_DIR = Path(__file__).resolve().parent / "public_text"
-PUBLIC_SAMPLE_CHARS = {"train": 60_000, "heldout": 20_000}  # about 14k and 4.5k SmolLM2 tokens
+PUBLIC_SAMPLE_CHARS = {"train": 100_000, "heldout": 20_000}  # about 23k and 4.5k SmolLM2 tokens: --fit fits
 
 
 def public_sample_file(split: str) -> Path:

@@ -33,7 +33,7 @@ class FitSettings:
     """How the kept blocks are fitted: tokens read from the public text, epochs, optimiser, sequence length."""
     tokens: int = 16384
     epochs: int = 4
-    lr: float = 1e-4
+    lr: float = 3e-4
     batch_size: int = 4
     seq_len: int = 512
     weight_decay: float = 0.0

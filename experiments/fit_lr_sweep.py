@@ -1,0 +1,40 @@
+"""The learning-rate sweep that chose `FitSettings.lr` (emulate --fit): SmolLM2-135M, the importance 2-8-2 emulator
+(kept middle blocks 2, 6, 8, 11, 22, 23, 24, 27), fitted on the public Wikipedia train text after the first 1,024
+(calibration) tokens; emulator/full perplexity ratio on 2,048 tokens of the public held-out split and of PTB valid.
+
+    python experiments/fit_lr_sweep.py TOKENS EPOCHS LR      # e.g. 16384 4 3e-4; prints before/after ratios
+"""
+import math
+import sys
+import time
+
+from transformers import AutoTokenizer
+
+from offsite_ds import calibrate, demo_assets
+from offsite_ds.data import load_texts, tokenize_corpus
+from offsite_ds.fitting import FitSettings, fit_kept_blocks
+from offsite_ds.runtime import load_model
+from offsite_ds.surgery import running_blocks
+
+tokens, epochs, lr = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+md = demo_assets.smollm2_dir()
+tok = AutoTokenizer.from_pretrained(md, local_files_only=True)
+model = load_model(md).eval()
+train = tokenize_corpus(load_texts(demo_assets.wikipedia_file("train")), tok)
+held = tokenize_corpus(load_texts(demo_assets.wikipedia_file("heldout")), tok)[:2048]
+valid = tokenize_corpus(load_texts(demo_assets.penn_treebank_file("valid")), tok)[:2048]
+bm = [0, 1, 2, 6, 8, 11, 22, 23, 24, 27, 28, 29]
+full = {k: calibrate.mean_nll(model, v, 512) for k, v in (("held", held), ("valid", valid))}
+
+
+def ratios(replace=None):
+    with running_blocks(model, bm, replace):
+        return {k: round(math.exp(calibrate.mean_nll(model, v, 512) - full[k]), 2)
+                for k, v in (("held", held), ("valid", valid))}
+
+
+print("before", ratios(), flush=True)
+t = time.process_time()
+fitted, _ = fit_kept_blocks(model, train[1024:], bm, 2, 8, FitSettings(tokens=tokens, epochs=epochs, lr=lr), log=print)
+print("fit cpu s", time.process_time() - t, flush=True)
+print("after", ratios(fitted), flush=True)
