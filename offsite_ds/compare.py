@@ -92,10 +92,10 @@ def round_trip(model_dir: Path, bundle: Path, train_file: Path, eval_files: dict
 def run_builder(name: str, model_dir: Path, calib_data: Path, train_file: Path, eval_files: dict[str, Path],
                 out: Path, s: CompareSettings, layout: str, log=print) -> dict:
     """Owner builds (and distils), data owner tunes, owner plugs in; the rows and the costs of one builder."""
-    from offsite_ds.bundle import BUNDLE_FORMAT, read_manifest
     from offsite_ds.emulator import make_bundle
-    from offsite_ds.manifests import dump
+    from offsite_ds.manifests import BUNDLE_FORMAT, dump
     from offsite_ds.roles.distill import distill
+    from offsite_ds.validation import read_manifest
 
     select, share, fitted, distilled = parse_builder("uniform" if name.startswith(CEILING) else name)
     timings: dict[str, float] = {}

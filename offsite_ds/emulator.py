@@ -304,7 +304,8 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
     tokens, so the guard still measures on tokens the fit never saw. The weights are written tensor by tensor
     from the checkpoint (a fitted block's from its trained copy).
     """
-    from offsite_ds.bundle import fingerprint_checkpoint, write_bundle
+    from offsite_ds.bundle import write_bundle
+    from offsite_ds.fingerprints import fingerprint_checkpoint
 
     log = log or (lambda line: print(line, file=sys.stderr))
     transform = compression_transform(method, prune_ratio, quant_bits)

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from offsite_ds.atomic import write_json, write_text
-from offsite_ds.bundle import AdapterPackage, load_bundle
+from offsite_ds.adapter_package import AdapterPackage
+from offsite_ds.bundle import load_bundle
 from offsite_ds.errors import OffsiteError
 from offsite_ds.manifests import BundleManifest
 from offsite_ds.lm_eval_bridge import load_tasks, place_model, run_tasks

@@ -18,14 +18,16 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from offsite_ds.artifact_files import read_json_listed
 from offsite_ds.atomic import atomic_dir, write_json
-from offsite_ds.bundle import (PEFT_FILES, AdapterPackage, Bundle, fingerprint_checkpoint, fingerprint_model,
-                               load_adapter_package, read_model_config, read_safetensors)
+from offsite_ds.adapter_package import PEFT_FILES, AdapterPackage, load_adapter_package
+from offsite_ds.bundle import Bundle
 from offsite_ds.errors import ArtifactError, OffsiteError
 from offsite_ds.families import block_prefix, family_of, get_path
+from offsite_ds.fingerprints import fingerprint_checkpoint, fingerprint_model
 from offsite_ds.manifests import MANIFEST as PLUGGED_MANIFEST
 from offsite_ds.manifests import PLUGGED_FORMAT, PlugCheck, PluggedManifest, dump, parse_manifest
 from offsite_ds.peft_modes import apply_mode, canonical_name, merge_lora_, rename_blocks
 from offsite_ds.shards import DEFAULT_SHARD_BYTES, ModelCheckpoint, ShardWriter
+from offsite_ds.validation import read_model_config, read_safetensors
 
 
 def install_adapter(model: torch.nn.Module, package: AdapterPackage, original_to_position: dict[int, int]) -> None:
@@ -208,9 +210,10 @@ def load_model_dir(directory: str | Path, dtype: torch.dtype = torch.float32):
     A plugged model tuned with Houlsby adapters carries modules plain `from_pretrained` does not know;
     they are re-inserted here before the weights load.
     """
-    from offsite_ds.bundle import BUNDLE_FORMAT, MAX_MANIFEST_BYTES, load_bundle
-
+    from offsite_ds.bundle import load_bundle
+    from offsite_ds.manifests import BUNDLE_FORMAT
     from offsite_ds.runtime import require_model_dir
+    from offsite_ds.validation import MAX_MANIFEST_BYTES
 
     path = require_model_dir(directory)
     fmt, manifest = None, None

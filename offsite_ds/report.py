@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from offsite_ds.bundle import (BUNDLE_FORMAT, AdapterPackage, load_adapter_package, load_bundle, read_manifest,
-                               read_model_config)
+from offsite_ds.adapter_package import AdapterPackage, load_adapter_package
+from offsite_ds.bundle import load_bundle
 from offsite_ds.errors import ArtifactError
-from offsite_ds.manifests import BundleManifest
+from offsite_ds.manifests import BUNDLE_FORMAT, BundleManifest
 from offsite_ds.evaluate import perplexity
 from offsite_ds.plugin import apply_to_emulator, load_model_dir, plug_in
 from offsite_ds.runtime import load_model
+from offsite_ds.validation import read_manifest, read_model_config
 
 ROWS = ("Full zero-shot", "Emulator zero-shot", "OT Emulator", "OT Plug-in")  # one round trip's rows
 BASELINE_ROW = "FT"  # the owner's fine-tuned baseline, when one is evaluated beside them

@@ -98,7 +98,7 @@ def save(path: Path, manifest: dict) -> None:
 
 def relist(path: Path, manifest: dict | None = None) -> None:
     """Make the manifest agree with the files again (sizes, hashes, bundle fingerprint): reaches deeper checks."""
-    from offsite_ds.bundle import files_fingerprint
+    from offsite_ds.fingerprints import files_fingerprint
 
     manifest = manifest if manifest is not None else load(path)
     files = {}

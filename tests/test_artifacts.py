@@ -6,10 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from offsite_ds.bundle import load_adapter_package, load_bundle, sha256_file
+from offsite_ds.adapter_package import load_adapter_package
+from offsite_ds.bundle import load_bundle
 from offsite_ds.cli import main
 from offsite_ds.emulator import make_bundle
 from offsite_ds.errors import ArtifactError
+from offsite_ds.fingerprints import sha256_file
 from offsite_ds.plugin import plug_in, plugin
 from offsite_ds.roles.tune_adapter import tune
 from offsite_ds.train import TrainConfig

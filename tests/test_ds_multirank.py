@@ -227,16 +227,16 @@ RESUME_PROBE = r'''
 """`offsite_ds` with a probe: the module's weights right after the checkpoint was loaded."""
 import os, sys
 import torch
-from offsite_ds import train as T
+from offsite_ds import engines as E
 
-original = T.DeepSpeedEngine.load_checkpoint
+original = E.DeepSpeedEngine.load_checkpoint
 
 def probed(self, directory):
     state = original(self, directory)
     torch.save({k: v.detach().clone() for k, v in self.module.state_dict().items()}, os.environ["PROBE_OUT"])
     return state
 
-T.DeepSpeedEngine.load_checkpoint = probed
+E.DeepSpeedEngine.load_checkpoint = probed
 from offsite_ds.cli import main
 sys.exit(main())
 '''

@@ -87,8 +87,9 @@ def test_max_ratio_keeps_the_fewest_blocks_that_meet_it(select, tiny_model_dir, 
 
 
 def test_emulate_max_ratio_records_the_target_and_the_chosen_k(tiny_model_dir, tmp_path):
-    from offsite_ds.bundle import BUNDLE_FORMAT, read_manifest
     from offsite_ds.cli import main
+    from offsite_ds.manifests import BUNDLE_FORMAT
+    from offsite_ds.validation import read_manifest
 
     model = str(tiny_model_dir("opt"))
     assert main(["emulate", model, "--layout", "2-*-2", "--max-ratio", "1e6", "--select", "iterative",

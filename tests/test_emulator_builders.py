@@ -145,7 +145,8 @@ def test_each_builder_makes_a_bundle(family, select, share, tiny_model_dir, cali
 
 @pytest.mark.parametrize("family", ["opt", "llama"])
 def test_shared_bundle_loads_tunes_and_plugs_in(family, tiny_model_dir, calib_file, corpus_file, tmp_path):
-    from offsite_ds.bundle import load_adapter_package, load_bundle
+    from offsite_ds.adapter_package import load_adapter_package
+    from offsite_ds.bundle import load_bundle
     from offsite_ds.emulator import make_bundle
     from offsite_ds.families import blocks_of
     from offsite_ds.plugin import apply_to_emulator, plugin
@@ -224,10 +225,11 @@ def test_emulate_cli_builders_guard_and_errors(tiny_model_dir, calib_file, tmp_p
 def test_emulate_default_keeps_important_blocks_scored_on_the_public_sample(tiny_model_dir, tmp_path, capsys):
     """Without options `emulate` is the measured default: importance on the public sample shipped in the package
     (no gensim needed), with the guard."""
-    from offsite_ds.bundle import BUNDLE_FORMAT, read_manifest
     from offsite_ds.cli import main
     from offsite_ds.data import corpus_fingerprint, load_texts
     from offsite_ds.demo_assets import public_sample_file, wikipedia_file
+    from offsite_ds.manifests import BUNDLE_FORMAT
+    from offsite_ds.validation import read_manifest
 
     model_dir = str(tiny_model_dir("llama"))
     assert main(["emulate", model_dir, "--layout", "2-2-2", "--out", str(tmp_path / "b"), "--calib-tokens", "256",

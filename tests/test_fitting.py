@@ -42,12 +42,14 @@ def test_fitted_blocks_bring_the_emulator_closer_to_the_full_model(family, tiny_
 
 
 def test_emulate_fit_writes_the_fitted_blocks_and_records_them(tiny_model_dir, tmp_path, capsys):
-    from offsite_ds.bundle import BUNDLE_FORMAT, load_bundle, read_manifest
+    from offsite_ds.bundle import load_bundle
     from offsite_ds.calibrate import mean_nll
     from offsite_ds.cli import main
     from offsite_ds.data import tokenize_corpus
+    from offsite_ds.manifests import BUNDLE_FORMAT
     from offsite_ds.runtime import load_model
     from offsite_ds.tiny import byte_tokenizer
+    from offsite_ds.validation import read_manifest
 
     public = tmp_path / "public.txt"
     public.write_text(" ".join(f"word{i % 37} and item {i % 11} ." for i in range(800)))

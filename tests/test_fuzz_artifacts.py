@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from offsite_ds.bundle import files_fingerprint
+from offsite_ds.fingerprints import files_fingerprint
 
 _spec = importlib.util.spec_from_file_location("fuzz_artifacts",
                                                Path(__file__).parents[1] / "scripts" / "fuzz_artifacts.py")

@@ -6,7 +6,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import FAMILIES
-from offsite_ds.bundle import load_adapter_package, load_bundle
+from offsite_ds.adapter_package import load_adapter_package
+from offsite_ds.bundle import load_bundle
 from offsite_ds.emulator import make_bundle
 from offsite_ds.families import blocks_of
 from offsite_ds.plugin import load_model_dir, plugin

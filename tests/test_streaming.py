@@ -7,9 +7,11 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from conftest import FAMILIES
-from offsite_ds.bundle import fingerprint_model, load_adapter_package, load_bundle
+from offsite_ds.adapter_package import load_adapter_package
+from offsite_ds.bundle import load_bundle
 from offsite_ds.emulator import build_emulator, make_bundle
 from offsite_ds.errors import ArtifactError, OffsiteError
+from offsite_ds.fingerprints import fingerprint_model
 from offsite_ds.plugin import load_model_dir, plug_in, plugin
 from offsite_ds.roles.tune_adapter import tune
 from offsite_ds.runtime import load_model

@@ -139,7 +139,7 @@ def test_loader_for_a_json_file_and_too_few_examples(tok, tmp_path):
 
 
 def test_tune_cli_trains_on_a_task(tiny_model_dir, tmp_path):
-    from offsite_ds.bundle import load_adapter_package
+    from offsite_ds.adapter_package import load_adapter_package
     from offsite_ds.emulator import make_bundle
 
     bundle = make_bundle(tiny_model_dir("opt"), "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None)

@@ -58,9 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from offsite_ds.bundle import BUNDLE_FORMAT, read_manifest
     from offsite_ds.emulator import make_bundle
     from offsite_ds.fitting import FitSettings
+    from offsite_ds.manifests import BUNDLE_FORMAT
+    from offsite_ds.validation import read_manifest
 
     out = make_bundle(args.model, args.layout, args.out, keep_ratio=args.keep_ratio, method=args.method,
                       prune_ratio=args.prune_ratio, quant_bits=args.bits, select=args.select, share=args.share,

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
+from offsite_ds.adapter_package import PEFT_PREFIX, save_adapter_package
 from offsite_ds.atomic import utc_stamp
-from offsite_ds.bundle import PEFT_PREFIX, Bundle, load_bundle, save_adapter_package
+from offsite_ds.bundle import Bundle, load_bundle
 from offsite_ds.data import check_seq_len, load_blocks
 from offsite_ds.errors import OffsiteError
 from offsite_ds.evaluate import token_nll
