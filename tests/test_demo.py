@@ -102,6 +102,6 @@ def test_cli_defaults_are_the_demo_settings():
 
     args = build_parser(only="demo").parse_args(["demo"])
     d = DemoSettings()
-    for name in ("layout", "mode", "steps", "lr", "warmup", "batch_size", "seq_len", "eval_seq_len",
+    for name in ("layout", "select", "fit", "mode", "steps", "lr", "warmup", "batch_size", "seq_len", "eval_seq_len",
                  "eval_tokens", "eval_every", "seed"):
         assert getattr(args, name) == getattr(d, name), name
