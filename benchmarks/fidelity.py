@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     from offsite_ds import demo_assets
+    from results_index import git_output
+
+    commit = git_output("rev-parse", "HEAD")  # the code that runs: HEAD may move during an hour-long run
 
     model_dir = args.model or demo_assets.smollm2_dir()
     public_train = args.public_train or demo_assets.wikipedia_file("train")
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     write_json(out / "fidelity.json", result)
     write_meta(out, f"emulator/full perplexity ratio per builder and K ({args.layout}), owner cost",
                " ".join(["python", "benchmarks/fidelity.py", *argv]),
-               [str(public_train), str(public_heldout), str(valid)], ["benchmarks/fidelity.py"])
+               [str(public_train), str(public_heldout), str(valid)], ["benchmarks/fidelity.py"], commit=commit)
     lines = [f"# Emulator fidelity, {Path(str(model_dir)).name}, middle of {len(middle)} blocks",
              "", f"Emulator/full perplexity ratio; blocks chosen on {record['tokens']} public train tokens; "
              f"full model: {result['full_ppl']['public_heldout']:.2f} public held-out, "

@@ -46,7 +46,7 @@ def fingerprint(path: str | Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def _git(*args: str) -> str | None:
+def git_output(*args: str) -> str | None:
     try:
         out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
@@ -61,7 +61,7 @@ def recorded_in(folder: Path) -> str:
     if not folder.resolve().is_relative_to(ROOT):
         return "not in the repository"
     for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != META):
-        found = _git("log", "--follow", "--diff-filter=A", "--format=%at %H %ad", "--date=short", "--",
+        found = git_output("log", "--follow", "--diff-filter=A", "--format=%at %H %ad", "--date=short", "--",
                      str(file.resolve().relative_to(ROOT)))
         if found:
             stamp, rest = found.splitlines()[-1].split(" ", 1)
@@ -70,8 +70,9 @@ def recorded_in(folder: Path) -> str:
 
 
 def write_meta(folder: Path, what: str, command: str, inputs: list[str], code: list[str],
-               notes: str = "") -> dict:
-    """meta.json of a run made now: this checkout's commit and versions, this machine's device."""
+               notes: str = "", commit: str | None = None) -> dict:
+    """meta.json of a run made now: this checkout's commit (or `commit`, read when the run started: a long run
+    may outlive HEAD) and versions, this machine's device."""
     import torch
 
     from offsite_ds.bench.devices import describe_device
@@ -79,7 +80,8 @@ def write_meta(folder: Path, what: str, command: str, inputs: list[str], code: l
 
     found = versions()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    meta = {"folder": folder.name, "date": folder.name[:10], "what": what, "commit": found.pop("git_commit") or UNKNOWN,
+    head = found.pop("git_commit")
+    meta = {"folder": folder.name, "date": folder.name[:10], "what": what, "commit": commit or head or UNKNOWN,
             "command": command, "versions": found, "device": describe_device(device).to_json(),
             "inputs": {name: fingerprint(name) for name in inputs}, "code": code, "recorded_in": recorded_in(folder),
             "notes": notes}
