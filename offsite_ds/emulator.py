@@ -121,7 +121,12 @@ def choose_blocks(model: PreTrainedModel, layout: Layout, select: str = "uniform
         _, steps = elimination_path(model, calib_ids, middle, seq_len,
                                     min_kept=2 if max_ratio is not None else max(2, layout.kept),
                                     max_ratio=max_ratio, progress=progress)
-        layout = Layout(layout.bottom, len(middle) - len(steps), layout.top) if max_ratio is not None else layout
+        if max_ratio is not None:
+            fewest = len(middle) - len(steps)
+            if fewest > layout.kept or (not steps and max_ratio < 1.0):
+                raise OffsiteError(f"the fewest kept blocks within --max-ratio {max_ratio:g} are K={fewest}, more than "
+                                   f"the layout allows (K <= {layout.kept}); raise --max-ratio or write L-*-R")
+            layout = Layout(layout.bottom, fewest, layout.top)
         kept = kept_after(middle, steps, layout.kept)
         elimination = [{"removed": st.removed, "ratio": st.ratio} for st in steps]
         return layout, block_map_for(n_layers, layout, kept), None, {"elimination": elimination}

@@ -84,6 +84,9 @@ def test_max_ratio_keeps_the_fewest_blocks_that_meet_it(select, tiny_model_dir, 
         assert ratios[layout.kept - 1] > target
     with pytest.raises(OffsiteError, match="must be positive"):
         choose_blocks(model, whole, select, calib_ids=public_ids, seq_len=64, max_ratio=0.0)
+    with pytest.raises(OffsiteError, match="max-ratio"):  # K at most 2, a target only the whole middle meets
+        choose_blocks(model, Layout(1, 2, 1), select, calib_ids=public_ids, seq_len=64,
+                      max_ratio=min(ratios.values()) * 0.5)
 
 
 def test_emulate_max_ratio_records_the_target_and_the_chosen_k(tiny_model_dir, tmp_path):
