@@ -263,3 +263,21 @@ def test_resume_on_another_world_size_two_ranks_to_one(tiny_model_dir, corpus_fi
         assert torch.equal(loaded[name].float(), tensor), name
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["steps"] == 4 and [h["step"] for h in summary["loss_history"]] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_tune_under_zero3_exports_whole_tensors_that_plug_in(ranks, tiny_model_dir, corpus_file, tmp_path):
+    """A ZeRO-3 parameter is an empty shard until gathered: the exported adapter must hold the full tensors
+    (one rank, as a data owner on one GPU, and two), and the owner's plugin must accept them."""
+    from offsite_ds.adapter_package import load_adapter_package
+    from offsite_ds.emulator import make_bundle
+    from offsite_ds.plugin import plugin
+
+    model_dir = tiny_model_dir("opt")
+    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None)
+    launch("offsite_ds", "tune", str(bundle), "--data", str(corpus_file), "--out", str(tmp_path / "adapter"),
+           "--steps", "3", "--lr", "1e-3", "--deepspeed", "zero3", "--torch-adam", "--seq-len", "32",
+           "--batch-size", "2", "--no-progress", ranks=ranks)
+    package = load_adapter_package(tmp_path / "adapter")
+    assert package.tensors and all(t.numel() > 0 for t in package.tensors.values())
+    assert (plugin(model_dir, tmp_path / "adapter", tmp_path / "plugged") / "config.json").is_file()

@@ -26,6 +26,8 @@ def add_train_arguments(p: argparse.ArgumentParser, lr: float = 1e-4, batch_size
     g.add_argument("--checkpoint-dir", default=None, help="default: OUT.checkpoints beside --out")
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     g.add_argument("--deepspeed", default=None, metavar="DS_CONFIG", help="train with a DeepSpeed engine")
+    g.add_argument("--torch-adam", action="store_true",
+                   help="with --deepspeed: torch AdamW instead of DeepSpeed's fused/CPU Adam (no JIT op build)")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
     g.add_argument("--wandb-project", default="offsite-ds")
@@ -44,7 +46,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
                        save_every=args.save_every, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                        deepspeed=args.deepspeed, precision=args.precision, wandb=args.wandb,
                        wandb_project=args.wandb_project, progress=not args.no_progress,
-                       torch_adam=getattr(args, "torch_adam", False), log_every=getattr(args, "log_every", 10))
+                       torch_adam=args.torch_adam, log_every=getattr(args, "log_every", 10))
 
 
 def add_scale_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,8 +54,6 @@ def add_scale_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("scale")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute block activations in backward (less memory, ~1/3 more compute)")
-    g.add_argument("--torch-adam", action="store_true",
-                   help="torch AdamW instead of DeepSpeed's fused/CPU Adam (no JIT op build: CPU try-outs, tests)")
     g.add_argument("--log-every", type=int, default=10, help="record the loss every N optimizer steps in the summary")
     g.add_argument("--summary-json", default=None, help="also write the training summary here (rank 0)")
 

@@ -23,6 +23,7 @@ from offsite_ds.peft_modes import apply_mode, lora_config, rename_blocks, traina
 from offsite_ds.roles.base import Role
 from offsite_ds.runtime import Runtime
 from offsite_ds.train import TrainConfig, for_output, train
+from offsite_ds.zero3 import gathered
 
 DEFAULT_KERNELS = "auto"  # on CUDA the library kernels measured best, else off: the CLI's default and the API's
 
@@ -47,12 +48,17 @@ class TuneAdapter(Role):
         return {"eval_loss": nll / count, "eval_ppl": math.exp(nll / count)}
 
     def export(self, model: torch.nn.Module, summary: dict) -> None:
+        """Gather the trainable tensors (collective under ZeRO-3: every rank calls this, a partitioned
+        parameter is an empty shard until gathered) and write the AdapterPackage on rank 0."""
+        with gathered([p for p in model.parameters() if p.requires_grad]):
+            state = ({n: t.to("cpu", copy=True) for n, t in trainable_state(model).items()}
+                     if self.runtime.is_main else None)
         if not self.runtime.is_main:
             return
         family = family_of(model)
         manifest = self.bundle.manifest
         position_to_original = {p: self.bundle.block_map[p] for p in self.bundle.adapter_positions}
-        tensors = rename_blocks(trainable_state(model), family, position_to_original)
+        tensors = rename_blocks(state, family, position_to_original)
         peft_files = self._peft_export(tensors) if self.mode == "lora" else None
         save_adapter_package(tensors, {
             "family": manifest.family, "model_type": manifest.model_type,
