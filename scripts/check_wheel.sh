@@ -35,7 +35,7 @@ print("installed wheel:", offsite_ds.__file__)
 PYEOF
 "$BIN/offsite-ds" emulate tiny --layout 2-3-2 --out bundle --no-progress
 "$BIN/offsite-ds" tune bundle --data corpus.txt --out adapter --steps 4 --seq-len 32 --batch-size 2 \
-    --deepspeed zero3 --no-progress
+    --deepspeed zero3 --torch-adam --no-progress
 "$BIN/offsite-ds" plugin tiny adapter --out plugged
 "$BIN/offsite-ds" eval plugged --data corpus.txt --seq-len 32
 echo "wheel check passed: $(ls "$WORK"/dist)"
