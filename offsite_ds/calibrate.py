@@ -18,7 +18,7 @@ from offsite_ds.data import corpus_fingerprint, load_texts, max_positions, token
 from offsite_ds.errors import DataError
 from offsite_ds.evaluate import token_nll
 from offsite_ds.families import family_of, get_path
-from offsite_ds.surgery import running_blocks
+from offsite_ds.surgery import block_input, block_output, running_blocks
 
 # importance (drop) runs the model once per middle block on these; 1,024 tokens of the public Wikipedia sample
 # found SmolLM2-135M's critical blocks (11, 2, 24, 8: helper e2's study, benchmarks/results/2026-11-23-emulator-study-cpu)
@@ -56,10 +56,6 @@ def mean_nll(model: nn.Module, ids: torch.Tensor, seq_len: int, batch_size: int 
     return nll / count
 
 
-def _hidden(output) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
 @torch.no_grad()
 def block_outputs(model: nn.Module, ids: torch.Tensor, seq_len: int, sample_tokens: int = DEFAULT_SAMPLE_TOKENS,
                   seed: int = 0, batch_size: int = 4) -> torch.Tensor:
@@ -82,11 +78,11 @@ def block_outputs(model: nn.Module, ids: torch.Tensor, seq_len: int, sample_toke
         captured[slot].append(hidden.reshape(-1, hidden.size(-1))[picks[-1]].float().cpu())
 
     def take_input(_m, args, kwargs):
-        keep(0, args[0] if args else kwargs["hidden_states"])
+        keep(0, block_input(args, kwargs))
 
     handles = [blocks[0].register_forward_pre_hook(take_input, with_kwargs=True)]
     for i, block in enumerate(blocks):
-        handles.append(block.register_forward_hook(lambda _m, _a, out, slot=i + 1: keep(slot, _hidden(out))))
+        handles.append(block.register_forward_hook(lambda _m, _a, out, slot=i + 1: keep(slot, block_output(out))))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

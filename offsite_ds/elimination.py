@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from offsite_ds.calibrate import mean_nll
-from offsite_ds.surgery import running_blocks
+from offsite_ds.surgery import block_input, running_blocks, with_block_input
 from offsite_ds.errors import LayoutError
 from offsite_ds.families import family_of, get_path
 
@@ -39,21 +39,11 @@ class Step:
         return math.exp(self.nll_gap)
 
 
-def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
-    if args:
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
-
-
 @contextlib.contextmanager
 def _record_inputs(blocks: list[nn.Module]) -> Iterator[list[list[torch.Tensor]]]:
     """Each block's hidden-state input, one tensor per forward call (batch), in call order."""
     seen: list[list[torch.Tensor]] = [[] for _ in blocks]
-    handles = [b.register_forward_pre_hook(lambda _m, a, k, i=i: seen[i].append(_hidden_arg(a, k)), with_kwargs=True)
+    handles = [b.register_forward_pre_hook(lambda _m, a, k, i=i: seen[i].append(block_input(a, k)), with_kwargs=True)
                for i, b in enumerate(blocks)]
     try:
         yield seen
@@ -66,7 +56,7 @@ def _record_inputs(blocks: list[nn.Module]) -> Iterator[list[list[torch.Tensor]]
 def _feed_inputs(block: nn.Module, inputs: list[torch.Tensor]) -> Iterator[None]:
     """Replace `block`'s hidden-state input by `inputs[0]`, `inputs[1]`, ... on successive calls."""
     feed = iter(inputs)
-    handle = block.register_forward_pre_hook(lambda _m, a, k: _with_hidden(a, k, next(feed)), with_kwargs=True)
+    handle = block.register_forward_pre_hook(lambda _m, a, k: with_block_input(a, k, next(feed)), with_kwargs=True)
     try:
         yield
     finally:

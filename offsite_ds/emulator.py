@@ -6,6 +6,7 @@ the kept middle blocks exist for the paper's compression ablation (Figure 4).
 from __future__ import annotations
 
 import copy
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
@@ -20,7 +21,7 @@ from offsite_ds.families import block_prefix, family_of, get_path
 from offsite_ds.fitting import FitSettings
 from offsite_ds.formats import WEIGHT_DTYPES
 from offsite_ds.shards import DEFAULT_SHARD_BYTES, ModelCheckpoint, ShardWriter
-from offsite_ds.surgery import select_blocks, set_depth
+from offsite_ds.surgery import running_blocks, select_blocks, set_depth
 from offsite_ds.sandwich import (SELECTIONS, Layout, block_map_for, emulator_adapter_positions, emulator_block_map,
                                  middle_indices, parse_layout, select_crash, select_important, select_kept,
                                  share_map_for)
@@ -146,15 +147,16 @@ def choose_blocks(model: PreTrainedModel, layout: Layout, select: str = "uniform
         similarity = calibrate.middle_similarity(model, calib_ids, middle, seq_len, sample)
         facts["scores"] = [similarity[i][i + 1] for i in range(len(middle) - 1)]
     if max_ratio is not None:
+        full_nll = calibrate.mean_nll(model, calib_ids, seq_len)  # once: every probed K is measured against it
         layout = fewest_within(layout, max_ratio, lambda k: _ratio(model, n_layers, layout, k, rule, share, calib_ids,
-                                                                    seq_len))
+                                                                    seq_len, full_nll))
     kept, clusters = rule(layout.kept)
     share_map = share_map_for(n_layers, layout, clusters) if share and clusters is not None else None
     return layout, block_map_for(n_layers, layout, kept), share_map, facts
 
 
 def _ratio(model: PreTrainedModel, n_layers: int, layout: Layout, k: int, rule, share: bool, calib_ids: torch.Tensor,
-           seq_len: int) -> float:
+           seq_len: int, full_nll: float) -> float:
     """Emulator/full perplexity ratio on the calibration ids of the emulator `rule` builds with K=k."""
     from offsite_ds import calibrate
 
@@ -163,7 +165,8 @@ def _ratio(model: PreTrainedModel, n_layers: int, layout: Layout, k: int, rule, 
     block_map = block_map_for(n_layers, trial, kept)
     if share and clusters is not None:
         block_map = [block_map[s] for s in share_map_for(n_layers, trial, clusters)]
-    return calibrate.quality(model, block_map, calib_ids, seq_len, "")["ratio"]
+    with running_blocks(model, block_map):
+        return math.exp(calibrate.mean_nll(model, calib_ids, seq_len) - full_nll)
 
 
 def fewest_within(layout: Layout, max_ratio: float, ratio_at) -> Layout:

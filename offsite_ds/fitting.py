@@ -26,6 +26,7 @@ import torch.nn as nn
 from offsite_ds.data import max_positions
 from offsite_ds.errors import OffsiteError
 from offsite_ds.families import family_of, get_path
+from offsite_ds.surgery import block_input, block_output, with_block_input
 
 
 @dataclass(frozen=True)
@@ -47,10 +48,6 @@ class FitSettings:
             raise OffsiteError(f"--fit-lr {self.lr:g} must be positive (weight decay >= 0, seq_len >= 2)")
 
 
-def _hidden(output) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
 def relative_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over tokens (position 0 of each window excluded) of |pred - target|^2 / |target|^2."""
     pred, target = pred[:, 1:].float(), target[:, 1:].float()
@@ -58,27 +55,27 @@ def relative_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_states(model: nn.Module, batches: list[torch.Tensor], boundaries: list[int]) -> tuple[list, list]:
+def teacher_states(model: nn.Module, batches: list[torch.Tensor], boundaries: list[int]
+                   ) -> tuple[list[dict[int, torch.Tensor]], list[tuple[tuple, dict]]]:
     """The full model's hidden state at the INPUT of each block in `boundaries` (an index equal to the depth:
-    the last block's output), per batch; and each batch's keyword arguments to a block call (masks, rotary
-    position embeddings), which do not depend on which block is called."""
+    the last block's output), per batch; and each batch's block call (args, kwargs) - masks, rotary position
+    embeddings - which does not depend on which block is called (its hidden states are swapped per call)."""
     blocks = get_path(model, family_of(model).blocks)
     depth = len(blocks)
     states: list[dict[int, torch.Tensor]] = [{} for _ in batches]
-    kwargs_of: list[dict] = [{} for _ in batches]
+    calls: list[tuple[tuple, dict] | None] = [None for _ in batches]
     current = {"batch": 0}
 
     def take_input(slot: int):
         def hook(_m, args, kwargs):
             b = current["batch"]
-            states[b][slot] = (args[0] if args else kwargs["hidden_states"]).detach()
-            if not kwargs_of[b]:
-                kwargs_of[b] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-                kwargs_of[b]["_extra_args"] = args[1:]
+            states[b][slot] = block_input(args, kwargs).detach()
+            if calls[b] is None:
+                calls[b] = (args, kwargs)
         return hook
 
     def take_last_output(_m, _args, output):
-        states[current["batch"]][depth] = _hidden(output).detach()
+        states[current["batch"]][depth] = block_output(output).detach()
 
     handles = [blocks[s].register_forward_pre_hook(take_input(s), with_kwargs=True) for s in boundaries if s < depth]
     if depth in boundaries:
@@ -90,12 +87,13 @@ def teacher_states(model: nn.Module, batches: list[torch.Tensor], boundaries: li
     finally:
         for h in handles:
             h.remove()
-    return states, kwargs_of
+    return states, calls
 
 
-def _call(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    extra = kwargs.get("_extra_args", ())
-    return _hidden(block(hidden, *extra, **{k: v for k, v in kwargs.items() if k != "_extra_args"}))
+def _call(block: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict]) -> torch.Tensor:
+    """`block` run on `hidden` with a recorded call's other arguments."""
+    args, kwargs = with_block_input(*call, hidden)
+    return block_output(block(*args, **kwargs))
 
 
 def fit_kept_blocks(model: nn.Module, ids: torch.Tensor, block_map: list[int], bottom: int, kept: int,
@@ -124,7 +122,7 @@ def fit_kept_blocks(model: nn.Module, ids: torch.Tensor, block_map: list[int], b
     batches = [windows[i:i + settings.batch_size].to(device) for i in range(0, n, settings.batch_size)]
     was_training = model.training
     model.eval()
-    states, kwargs_of = teacher_states(model, batches, sorted({middle[0], *ends}))
+    states, calls = teacher_states(model, batches, sorted({middle[0], *ends}))
     stream = [s[middle[0]] for s in states]  # the emulator's input to its first kept middle block (= teacher's)
     fitted: dict[int, nn.Module] = {}
     report: list[dict] = []
@@ -137,12 +135,12 @@ def fit_kept_blocks(model: nn.Module, ids: torch.Tensor, block_map: list[int], b
         steps = settings.epochs * len(batches)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
         with torch.no_grad():
-            before = sum(float(relative_error(_call(block, x, kw), s[end])) for x, kw, s in
-                         zip(stream, kwargs_of, states)) / len(batches)
+            before = sum(float(relative_error(_call(block, x, call), s[end])) for x, call, s in
+                         zip(stream, calls, states)) / len(batches)
         bar = tqdm(total=steps, desc=f"fit block {block_index} -> {end}", disable=not progress)
         for _ in range(settings.epochs):
             for b in torch.randperm(len(batches), generator=g).tolist():
-                loss = relative_error(_call(block, stream[b], kwargs_of[b]), states[b][end])
+                loss = relative_error(_call(block, stream[b], calls[b]), states[b][end])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -151,7 +149,7 @@ def fit_kept_blocks(model: nn.Module, ids: torch.Tensor, block_map: list[int], b
         bar.close()
         block.eval().requires_grad_(False)
         with torch.no_grad():
-            stream = [_call(block, x, kw) for x, kw in zip(stream, kwargs_of)]
+            stream = [_call(block, x, call) for x, call in zip(stream, calls)]
             after_fit = sum(float(relative_error(x, s[end])) for x, s in zip(stream, states)) / len(batches)
         if log is not None:
             log(f"fit block {block_index} (run to {end}): relative error {before:.4g} -> {after_fit:.4g}")

@@ -10,6 +10,7 @@ import copy
 import itertools
 from collections.abc import Iterator
 
+import torch
 import torch.nn as nn
 from transformers import PreTrainedModel
 
@@ -113,3 +114,20 @@ def running_blocks(model: nn.Module, positions: list[int],
             config.num_hidden_layers, config.use_cache = depth, use_cache
             if layer_types is not None:
                 config.layer_types = layer_types
+
+
+def block_output(output) -> torch.Tensor:
+    """A decoder block returns its hidden states alone (OPT, Llama) or first in a tuple (BLOOM, GPT-2)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def block_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a decoder block was called with (a forward pre-hook's args/kwargs)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def with_block_input(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """The same block call with `hidden` in place of its hidden states (what a pre-hook returns to swap them)."""
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}

@@ -29,17 +29,13 @@ from offsite_ds.manifests import BundleManifest, dump
 from offsite_ds.families import block_prefix, family_of, get_path
 from offsite_ds.roles.base import Role, owner_corpus
 from offsite_ds.runtime import Runtime
+from offsite_ds.surgery import block_output
 from offsite_ds.train import TrainConfig, for_output, train
 from offsite_ds.zero3 import enable_activation_checkpointing, gathered_state_dict, tensors_equal
 
 DEFAULT_KD_WEIGHT = 30.0
 DEFAULT_LM_WEIGHT = 1.0
 BUNDLE_KEYS_REWRITTEN = ("format", "version", "files", "fingerprint")  # save_bundle writes these afresh
-
-
-def _hidden(output) -> torch.Tensor:
-    """A decoder block returns its hidden states alone (OPT, Llama) or first in a tuple (BLOOM, GPT-2)."""
-    return output[0] if isinstance(output, tuple) else output
 
 
 KD_NORMS = ("global", "token")
@@ -103,7 +99,7 @@ class DistillModel(nn.Module):
         if self._replace is not None:  # the teacher pass: the rest of the emulator reads the teacher's output
             return (self._replace, *output[1:]) if isinstance(output, tuple) else self._replace
         if self._capture is not None:
-            self._capture["output"] = _hidden(output)
+            self._capture["output"] = block_output(output)
         return None
 
     @torch.no_grad()
@@ -133,7 +129,7 @@ class DistillModel(nn.Module):
         with torch.no_grad():
             hidden = args[0].detach()
             for block in self.teacher:
-                hidden = _hidden(block(hidden, *args[1:], **kwargs))
+                hidden = block_output(block(hidden, *args[1:], **kwargs))
         kd = kd_loss(student_out, hidden, attention_mask, self.kd_norm)
         lm = out.loss.float()
         loss = self.lm_weight * lm + self.kd_weight * kd
