@@ -97,12 +97,13 @@ def elimination_path(model: nn.Module, ids: torch.Tensor, middle: list[int], seq
     was_training = model.training
     model.eval()
     try:
-        full = mean_nll(model, ids, seq_len)
+        full = None  # the first recording pass runs the whole model: its NLL is the full model's
         steps: list[Step] = []
         bar = tqdm(total=max(0, len(middle) - min_kept), desc="eliminate blocks", disable=not progress)
         while sum(1 for p in kept if p in middle) > min_kept:
             with running_blocks(model, kept), _record_inputs([blocks[p] for p in kept]) as seen:
-                mean_nll(model, ids, seq_len)
+                current = mean_nll(model, ids, seq_len)
+            full = current if full is None else full
             candidates = [i for i, p in enumerate(kept) if p in middle[1:-1]]
             scored = [(nll_without(model, kept, i, seen[i], ids, seq_len), kept[i]) for i in candidates]
             nll, block = min(scored)
@@ -112,6 +113,8 @@ def elimination_path(model: nn.Module, ids: torch.Tensor, middle: list[int], seq
             steps.append(Step(block, nll - full))
             bar.update(1)
         bar.close()
+        if full is None:
+            full = mean_nll(model, ids, seq_len)
     finally:
         model.train(was_training)
     return full, steps
