@@ -46,7 +46,7 @@ class CompareSettings(DemoSettings):
     distill_steps: int = 100
     distill_lr: float = 1e-4
     distill: dict = field(default_factory=dict)  # distill()'s loss options: kd_weight, lm_weight, kd_norm, ...
-    fit: dict = field(default_factory=dict)  # FitSettings of the +fit builders (tokens, epochs, lr, ...)
+    fit: FitSettings = field(default_factory=FitSettings)  # of the +fit builders (checked when the run starts)
     ceiling: bool = True
     ft: bool = False
     ft_lr: float = 1e-4
@@ -103,7 +103,7 @@ def run_builder(name: str, model_dir: Path, calib_data: Path, train_file: Path, 
     bundle = make_bundle(model_dir, layout, out / "bundle", select=select, share=share, calib_data=calib_data,
                          calib_tokens=s.calib_tokens, importance=s.importance, progress=s.progress, log=log,
                          allow_far=True,  # far builders are measured here on purpose
-                         fit=FitSettings(**s.fit) if fitted else None)
+                         fit=s.fit if fitted else None)
     timings["emulate_s"] = time.perf_counter() - t
     if distilled:
         t = time.perf_counter()
@@ -180,7 +180,8 @@ def format_table(rows: list[dict], split: str) -> str:
     head = ["builder", "layout", "public ratio", *COLUMNS, "FT", "privacy gap", "tuning gain", "emulator params",
             "tune FLOPs/token", "owner s", "data owner s"]
     lines = [f"**{split}** perplexity (public ratio = emulator / full perplexity on the owner's calibration text; "
-             "privacy gap = OT Emulator - OT Plug-in; tuning gain = Full zero-shot - OT Plug-in)", "", "| " + " | ".join(head) + " |", "| --- | --- |" + " ---: |" * (len(head) - 2)]
+             "privacy gap = OT Emulator - OT Plug-in; tuning gain = Full zero-shot - OT Plug-in)", "",
+             "| " + " | ".join(head) + " |", "| --- | --- |" + " ---: |" * (len(head) - 2)]
     for r in rows:
         cells = [cell(r[h], millions=h in ("emulator params", "tune FLOPs/token")) for h in head[2:]]
         lines.append(f"| {r['builder']} | {r['layout']} | " + " | ".join(cells) + " |")

@@ -8,9 +8,8 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from offsite_ds.cli.train_args import add_distill_loss_arguments
+    from offsite_ds.cli.train_args import add_distill_loss_arguments, add_fit_arguments
     from offsite_ds.compare import CompareSettings
-    from offsite_ds.fitting import FitSettings
 
     d = CompareSettings()
     p.add_argument("--model", default=None, help="the owner's full model directory (default: SmolLM2-135M)")
@@ -40,10 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill-steps", type=int, default=d.distill_steps, help="steps of +distill builders")
     p.add_argument("--distill-lr", type=float, default=d.distill_lr)
     add_distill_loss_arguments(p)  # of the +distill builders
-    fit = FitSettings()
-    p.add_argument("--fit-tokens", type=int, default=fit.tokens, help=f"+fit builders: public tokens ({fit.tokens})")
-    p.add_argument("--fit-epochs", type=int, default=fit.epochs, help=f"+fit builders: epochs ({fit.epochs})")
-    p.add_argument("--fit-lr", type=float, default=fit.lr, help=f"+fit builders: learning rate ({fit.lr:g})")
+    add_fit_arguments(p, "the +fit builders")
     p.add_argument("--no-ceiling", action="store_true", help="skip the ceiling row (whole middle kept)")
     p.add_argument("--ft", action="store_true", help="add the FT row: full fine-tuning on the same tokens")
     p.add_argument("--ft-lr", type=float, default=d.ft_lr)
@@ -53,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from offsite_ds.cli.train_args import distill_loss_from_args
+    from offsite_ds.cli.train_args import distill_loss_from_args, fit_settings_from_args
     from offsite_ds.compare import CompareSettings, best_builder, compare_emulators
     from offsite_ds.errors import OffsiteError
 
@@ -85,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, calib_tokens=args.calib_tokens, importance=args.importance,
         distill_steps=args.distill_steps, distill_lr=args.distill_lr,
         distill=distill_loss_from_args(args),
-        fit={"tokens": args.fit_tokens, "epochs": args.fit_epochs, "lr": args.fit_lr}, ceiling=not args.no_ceiling, ft=args.ft,
-        ft_lr=args.ft_lr, progress=not args.no_progress)
+        fit=fit_settings_from_args(args), ceiling=not args.no_ceiling, ft=args.ft, ft_lr=args.ft_lr,
+        progress=not args.no_progress)
     report = compare_emulators(model, calib, files["train"], {"valid": files["valid"], "test": files["test"]},
                                args.out, settings)
     print(report["markdown"])

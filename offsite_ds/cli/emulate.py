@@ -6,8 +6,8 @@ import argparse
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from offsite_ds.calibrate import DEFAULT_CALIB_TOKENS, IMPORTANCE_METRICS
+    from offsite_ds.cli.train_args import add_fit_arguments
     from offsite_ds.emulator import DEFAULT_SELECT, GUARD_RATIO, PUBLIC_CORPUS, PUBLIC_SAMPLE
-    from offsite_ds.fitting import FitSettings
     from offsite_ds.sandwich import SELECTIONS
 
     p.add_argument("model", help="local Hugging Face model directory (the owner's full model)")
@@ -40,13 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-ratio", type=float, default=None,
                    help="fidelity target: K becomes the fewest kept blocks (at most the layout's; L-*-R: any) "
                         "whose emulator/full perplexity on --calib-data stays within this ratio")
-    fit = FitSettings()
     p.add_argument("--fit", action="store_true",
                    help="train each kept middle block to stand in for the run of blocks it replaces, on the public "
                         "text after the calibration tokens (one teacher pass, then per-block epochs)")
-    p.add_argument("--fit-tokens", type=int, default=fit.tokens, help=f"--fit: public tokens ({fit.tokens})")
-    p.add_argument("--fit-epochs", type=int, default=fit.epochs, help=f"--fit: epochs over them ({fit.epochs})")
-    p.add_argument("--fit-lr", type=float, default=fit.lr, help=f"--fit: AdamW learning rate ({fit.lr:g})")
+    add_fit_arguments(p, "--fit")
     p.add_argument("--text-field", default="text", help="field holding the text in .json/.jsonl/.parquet data")
     p.add_argument("--method", default="drop", choices=["drop", "prune", "quantize"],
                    help="compression of the middle: uniform layer-drop (paper), or the ablation's prune/quantize")
@@ -58,8 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from offsite_ds.cli.train_args import fit_settings_from_args
     from offsite_ds.emulator import make_bundle
-    from offsite_ds.fitting import FitSettings
     from offsite_ds.manifests import BUNDLE_FORMAT
     from offsite_ds.validation import read_manifest
 
@@ -68,8 +65,7 @@ def run(args: argparse.Namespace) -> int:
                       calib_data=args.calib_data, calib_tokens=args.calib_tokens, importance=args.importance,
                       text_field=args.text_field, guard_ratio=args.guard_ratio, progress=not args.no_progress,
                       dtype=args.dtype, max_ratio=args.max_ratio, allow_far=args.allow_far,
-                      fit=FitSettings(tokens=args.fit_tokens, epochs=args.fit_epochs, lr=args.fit_lr)
-                      if args.fit else None)
+                      fit=fit_settings_from_args(args) if args.fit else None)
     manifest = read_manifest(out, BUNDLE_FORMAT)
     shared = f", shared over {len(manifest.share_map)} positions" if manifest.share_map is not None else ""
     print(f"emulator bundle {out}: layout {manifest.layout} of {manifest.base_depth} blocks ({args.select}"

@@ -93,3 +93,22 @@ def distill_loss_from_args(args: argparse.Namespace) -> dict:
     """distill()'s loss keyword arguments from the flags of add_distill_loss_arguments."""
     return {"kd_weight": args.kd_weight, "lm_weight": args.lm_weight, "kd_norm": args.kd_norm,
             "logit_weight": args.logit_weight}
+
+
+def add_fit_arguments(p: argparse.ArgumentParser, who: str) -> None:
+    """The block-fitting flags (FitSettings) of `emulate --fit` and the +fit builders of `compare-emulators`."""
+    from offsite_ds.fitting import FitSettings
+
+    d = FitSettings()
+    g = p.add_argument_group(f"block fitting ({who})")
+    g.add_argument("--fit-tokens", type=int, default=d.tokens,
+                   help=f"public tokens read after the calibration tokens ({d.tokens})")
+    g.add_argument("--fit-epochs", type=int, default=d.epochs, help=f"epochs over them ({d.epochs})")
+    g.add_argument("--fit-lr", type=float, default=d.lr, help=f"AdamW learning rate, cosine decay ({d.lr:g})")
+
+
+def fit_settings_from_args(args: argparse.Namespace):
+    """FitSettings from the flags of add_fit_arguments (a bad value: one line, before anything runs)."""
+    from offsite_ds.fitting import FitSettings
+
+    return FitSettings(tokens=args.fit_tokens, epochs=args.fit_epochs, lr=args.fit_lr)
