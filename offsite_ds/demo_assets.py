@@ -322,11 +322,13 @@ def wikipedia_file(split: str, cache_dir: str | Path | None = None) -> Path:
 # (1,024 tokens) works right after `pip install offsite-ds`, without gensim. Written once by
 # write_public_sample() from the same Wikipedia sample; its source and licence are in public_text/SOURCE.md.
 PUBLIC_SAMPLE_DIR = Path(__file__).resolve().parent / "public_text"
-PUBLIC_SAMPLE_CHARS = {"train": 100_000, "heldout": 20_000}  # about 23k and 4.5k SmolLM2 tokens: --fit fits
+# 20,643 and 4,692 SmolLM2 tokens: the train part holds the default calibration plus --fit tokens
+PUBLIC_SAMPLE_CHARS = {"train": 100_000, "heldout": 20_000}
 
 
 def public_sample_file(split: str) -> Path:
-    """The shipped excerpt of the owner's public corpus: `train` (calibration) or `heldout` (the guard's check)."""
+    """The shipped excerpt of the owner's public corpus: `train` (calibration, fitting) or `heldout` (public text
+    none of them reads, to score a builder on)."""
     path = PUBLIC_SAMPLE_DIR / f"wikipedia_sample.{_wiki_split(split)}.txt"
     if not path.is_file():
         raise OffsiteError(f"the package's public text sample {path.name} is missing; reinstall offsite-ds")
