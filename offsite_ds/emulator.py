@@ -93,6 +93,12 @@ def check_builder(select: str, share: bool, has_calibration: bool) -> None:
                            f"(never the data owner's corpus) or keep the default {PUBLIC_SAMPLE}, not --no-calib")
 
 
+def check_max_ratio(max_ratio: float | None) -> None:
+    """A fidelity target is an emulator/full perplexity ratio: positive (refused before the model is loaded)."""
+    if max_ratio is not None and not max_ratio > 0:
+        raise OffsiteError(f"--max-ratio {max_ratio:g} must be positive (emulator/full perplexity, e.g. 3)")
+
+
 def choose_blocks(model: PreTrainedModel, layout: Layout, select: str = "uniform", share: bool = False,
                   calib_ids: torch.Tensor | None = None, seq_len: int | None = None, importance: str = "drop",
                   sample_tokens: int | None = None, progress: bool = False,
@@ -110,8 +116,7 @@ def choose_blocks(model: PreTrainedModel, layout: Layout, select: str = "uniform
     from offsite_ds import calibrate
 
     check_builder(select, share, calib_ids is not None)
-    if max_ratio is not None and not max_ratio > 0:
-        raise OffsiteError(f"--max-ratio {max_ratio:g} must be positive (emulator/full perplexity, e.g. 3)")
+    check_max_ratio(max_ratio)
     n_layers = len(get_path(model, family_of(model).blocks))
     middle = middle_indices(n_layers, layout)
     seq_len = seq_len or calibrate.calibration_seq_len(model)
@@ -322,6 +327,7 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
     checkpoint = ModelCheckpoint(model_dir)
     n_layers = checkpoint.depth
     layout = parse_layout(layout_spec, n_layers, keep_ratio, upper_bound=max_ratio is not None)
+    check_max_ratio(max_ratio)
     if max_ratio is not None and calib_data is None:
         raise OffsiteError("--max-ratio measures the emulator on the owner's public text: drop --no-calib")
     if fit is not None and (calib_data is None or method != "drop" or share):
