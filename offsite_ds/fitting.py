@@ -6,8 +6,8 @@ end of its run (the input of the next kept block), one block at a time from the 
 the stream that the already-fitted blocks below it produce, so the errors it corrects are the ones the
 emulator really makes (not the teacher's, which it never sees at run time).
 
-Cost: one forward pass of the full model over the fitting tokens (teacher states cached at the K+1 run
-boundaries), then, per kept block, epochs of forward+backward through that one block on the cache - no
+Cost: one forward pass of the full model over the fitting tokens, up to the last run's end (teacher states
+cached at the K+1 run boundaries; streamed from the checkpoint block by block when the source is), then, per kept block, epochs of forward+backward through that one block on the cache - no
 embedding, head or other block is run, so a step costs about 1/depth of an end-to-end distillation step.
 
 Loss: each token's squared error relative to the teacher's squared norm there (positions 0, the attention
@@ -23,10 +23,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from offsite_ds.block_stream import BlockSource, LoadedBlocks, Path, Stream, as_source, open_stream, sweep
 from offsite_ds.data import max_positions
 from offsite_ds.errors import OffsiteError
-from offsite_ds.families import family_of, get_path
-from offsite_ds.surgery import block_input, block_output, with_block_input
 
 
 @dataclass(frozen=True)
@@ -55,48 +54,22 @@ def relative_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_states(model: nn.Module, batches: list[torch.Tensor], boundaries: list[int]
-                   ) -> tuple[list[dict[int, torch.Tensor]], list[tuple[tuple, dict]]]:
+def teacher_states(source: BlockSource, stream: Stream, boundaries: list[int]) -> list[dict[int, torch.Tensor]]:
     """The full model's hidden state at the INPUT of each block in `boundaries` (an index equal to the depth:
-    the last block's output), per batch; and each batch's block call (args, kwargs) - masks, rotary position
-    embeddings - which does not depend on which block is called (its hidden states are swapped per call)."""
-    blocks = get_path(model, family_of(model).blocks)
-    depth = len(blocks)
-    states: list[dict[int, torch.Tensor]] = [{} for _ in batches]
-    calls: list[tuple[tuple, dict] | None] = [None for _ in batches]
-    current = {"batch": 0}
+    the last block's output), per batch of the stream; blocks after the last boundary are never run."""
+    wanted = set(boundaries)
+    states: list[dict[int, torch.Tensor]] = [{} for _ in stream.inputs]
 
-    def take_input(slot: int):
-        def hook(_m, args, kwargs):
-            b = current["batch"]
-            states[b][slot] = block_input(args, kwargs).detach()
-            if calls[b] is None:
-                calls[b] = (args, kwargs)
-        return hook
+    def keep(b: int, _paths: list[int], hidden: list[torch.Tensor]) -> None:
+        if b in wanted:
+            for k, h in enumerate(hidden):
+                states[k][b] = h
 
-    def take_last_output(_m, _args, output):
-        states[current["batch"]][depth] = block_output(output).detach()
-
-    handles = [blocks[s].register_forward_pre_hook(take_input(s), with_kwargs=True) for s in boundaries if s < depth]
-    if depth in boundaries:
-        handles.append(blocks[depth - 1].register_forward_hook(take_last_output))
-    try:
-        for b, ids in enumerate(batches):
-            current["batch"] = b
-            model(input_ids=ids, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return states, calls
+    sweep(source, stream, [Path(tuple(range(max(boundaries))))], visit=keep)
+    return states
 
 
-def _call(block: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict]) -> torch.Tensor:
-    """`block` run on `hidden` with a recorded call's other arguments."""
-    args, kwargs = with_block_input(*call, hidden)
-    return block_output(block(*args, **kwargs))
-
-
-def fit_kept_blocks(model: nn.Module, ids: torch.Tensor, block_map: list[int], bottom: int, kept: int,
+def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map: list[int], bottom: int, kept: int,
                     settings: FitSettings = FitSettings(), progress: bool = False,
                     log=None) -> tuple[dict[int, nn.Module], list[dict]]:
     """Fitted copies of the kept middle blocks, {original block index: trained block}, and per block the
@@ -107,40 +80,40 @@ def fit_kept_blocks(model: nn.Module, ids: torch.Tensor, block_map: list[int], b
     """
     from tqdm.auto import tqdm
 
-    blocks = get_path(model, family_of(model).blocks)
-    depth = len(blocks)
+    source = as_source(model)
+    depth = source.depth
     middle = block_map[bottom:bottom + kept]
     after = block_map[bottom + kept] if bottom + kept < len(block_map) else depth
     ends = middle[1:] + [after]  # the teacher's state each fitted block must produce: its run's end
-    limit = max_positions(model.config)
+    limit = max_positions(source.model.config)
     seq_len = min(settings.seq_len, limit) if limit else settings.seq_len
     n = min(ids.numel(), settings.tokens) // seq_len
     if n < 1:
         raise OffsiteError(f"fitting needs at least {seq_len} tokens of public text; got {ids.numel()}")
-    windows = ids[: n * seq_len].view(n, seq_len)
-    device = next(model.parameters()).device
-    batches = [windows[i:i + settings.batch_size].to(device) for i in range(0, n, settings.batch_size)]
-    was_training = model.training
-    model.eval()
-    states, calls = teacher_states(model, batches, sorted({middle[0], *ends}))
+    data = open_stream(source, ids[: n * seq_len], seq_len, settings.batch_size)
+    states = teacher_states(source, data, sorted({middle[0], *ends}))
+    batches = range(len(states))
     stream = [s[middle[0]] for s in states]  # the emulator's input to its first kept middle block (= teacher's)
+    dtype = next(source.model.parameters()).dtype
     fitted: dict[int, nn.Module] = {}
     report: list[dict] = []
     g = torch.Generator().manual_seed(settings.seed)
     for block_index, end in zip(middle, ends):
-        block = copy.deepcopy(blocks[block_index]).float().train()
+        block = source.block(block_index)
+        block = (copy.deepcopy(block) if isinstance(source, LoadedBlocks) else block).float().train()
+        source.release(block_index)
         for p in block.parameters():
             p.requires_grad_(True)
         opt = torch.optim.AdamW(block.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
         steps = settings.epochs * len(batches)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
         with torch.no_grad():
-            before = sum(float(relative_error(_call(block, x, call), s[end])) for x, call, s in
-                         zip(stream, calls, states)) / len(batches)
+            before = sum(float(relative_error(data.run(block, x, k, block_index), states[k][end]))
+                         for k, x in enumerate(stream)) / len(batches)
         bar = tqdm(total=steps, desc=f"fit block {block_index} -> {end}", disable=not progress)
         for _ in range(settings.epochs):
             for b in torch.randperm(len(batches), generator=g).tolist():
-                loss = relative_error(_call(block, stream[b], calls[b]), states[b][end])
+                loss = relative_error(data.run(block, stream[b], b, block_index), states[b][end])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -149,11 +122,10 @@ def fit_kept_blocks(model: nn.Module, ids: torch.Tensor, block_map: list[int], b
         bar.close()
         block.eval().requires_grad_(False)
         with torch.no_grad():
-            stream = [_call(block, x, call) for x, call in zip(stream, calls)]
+            stream = [data.run(block, x, k, block_index) for k, x in enumerate(stream)]
             after_fit = sum(float(relative_error(x, s[end])) for x, s in zip(stream, states)) / len(batches)
         if log is not None:
             log(f"fit block {block_index} (run to {end}): relative error {before:.4g} -> {after_fit:.4g}")
         report.append({"block": block_index, "end": end, "before": before, "after": after_fit})
-        fitted[block_index] = block.to(next(blocks[block_index].parameters()).dtype)
-    model.train(was_training)
+        fitted[block_index] = block.to(dtype)
     return fitted, report
