@@ -421,8 +421,8 @@ def _calibrated_choice(model_dir, layout: Layout, method: str, prune_ratio: floa
     if fit is not None:
         from offsite_ds.fitting import fit_kept_blocks
 
-        fitted, report = fit_kept_blocks(model, fit_ids, block_map, layout.bottom, layout.kept, fit, progress, log)
-        facts = {**facts, "fit": {**asdict(fit), "blocks": report}}
+        fitted, report, kl = fit_kept_blocks(model, fit_ids, block_map, layout.bottom, layout.kept, fit, progress, log)
+        facts = {**facts, "fit": {**asdict(fit), "blocks": report, **({"kl": kl} if kl else {})}}
     quality = calibrate.quality(model, executed, calib_ids, calibrate.calibration_seq_len(model),
                                 calibration["corpus_fingerprint"], replace=compressed or fitted)
     return layout, block_map, share_map, facts, calibration, quality, fitted

@@ -128,8 +128,8 @@ def test_fitting_from_the_shards_equals_fitting_the_loaded_model(tiny_model_dir,
     model_dir = tiny_model_dir("llama")
     settings = FitSettings(tokens=256, epochs=2, lr=1e-3, seq_len=64, batch_size=2)
     block_map = [0, 1, 2, 5, 7]
-    loaded, report = fit_kept_blocks(load_model(model_dir), public_ids, block_map, 2, 2, settings)
-    streamed, report_streamed = fit_kept_blocks(StreamedBlocks(model_dir), public_ids, block_map, 2, 2, settings)
+    loaded, report, _ = fit_kept_blocks(load_model(model_dir), public_ids, block_map, 2, 2, settings)
+    streamed, report_streamed, _ = fit_kept_blocks(StreamedBlocks(model_dir), public_ids, block_map, 2, 2, settings)
     assert [(r["block"], r["end"]) for r in report] == [(r["block"], r["end"]) for r in report_streamed]
     for r, q in zip(report, report_streamed):
         assert (r["before"], r["after"]) == pytest.approx((q["before"], q["after"]), rel=1e-5)
