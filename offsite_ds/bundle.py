@@ -46,6 +46,13 @@ class Bundle:
         stored = set(self.manifest.adapter_positions)
         return [p for p, s in enumerate(self._positions()) if s in stored]
 
+    @property
+    def position_to_original(self) -> dict[int, int]:
+        """Adapter block position in the loaded model -> its original block index: the renaming between a
+        tuned emulator's tensors and the full model's (tune exports through it, apply_to_emulator inverts it)."""
+        block_map = self.block_map
+        return {p: block_map[p] for p in self.adapter_positions}
+
     def _positions(self) -> list[int]:
         """The stored block each executed position runs (the identity unless the bundle shares blocks)."""
         return self.manifest.share_map or list(range(len(self.manifest.block_map)))

@@ -220,9 +220,9 @@ def plot_frontier(rows: list[dict], split: str, path: Path) -> None:
 def jobs_for(s: CompareSettings, depth: int) -> list[tuple[str, str, str]]:
     """(name, layout, folder) of every run: each builder at each layout, then one ceiling per adapter size
     (the same L+R blocks tuned on the full model). One layout keeps the single-layout folder names."""
-    from offsite_ds.sandwich import parse_layout
+    from offsite_ds.sandwich import Layout
 
-    layouts = [parse_layout(spec, depth) for spec in (s.layouts or (s.layout,))]
+    layouts = [Layout.parse(spec, depth) for spec in (s.layouts or (s.layout,))]
     single = len(layouts) == 1
     jobs, sizes = [], []
     for layout in layouts:

@@ -16,9 +16,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator, model_validator)
 
-from offsite_ds.errors import ArtifactError, OffsiteError
+from offsite_ds.errors import ArtifactError, LayoutError, OffsiteError
 from offsite_ds.families import Family, family_by_name
-from offsite_ds.sandwich import Layout
+from offsite_ds.sandwich import Layout, adapter_indices
 
 MANIFEST = "offsite.json"
 BUNDLE_FORMAT = "offsite-ds.emulator-bundle"
@@ -205,25 +205,25 @@ class ModelFacts(Strict):
         family = self.family_spec
         if self.model_type is not None and self.model_type not in family.model_types:
             raise ValueError(f"model_type '{self.model_type}' is not of family '{family.name}'")
-        lay, n, base = self.layout_spec, len(self.block_map), self.base_depth
-        if lay.depth != n or lay.bottom + lay.top >= base or lay.kept > base - lay.bottom - lay.top or lay.kept < 1:
+        n, base = len(self.block_map), self.base_depth
+        try:
+            lay = self.layout_spec
+        except LayoutError:
+            lay = None
+        if lay is None or lay.depth != n:
             raise ValueError(f"layout {self.layout} does not fit block_map of {n} blocks in a {base}-block model")
         if any(b >= base for b in self.block_map) or any(a >= b for a, b in zip(self.block_map, self.block_map[1:])):
             raise ValueError(f"block_map must be strictly increasing block indices below base_depth {base}")
-        ends = list(range(lay.bottom)) + list(range(base - lay.top, base))
-        if [self.block_map[p] for p in self.adapter_position_list(lay)] != ends:
+        if [self.block_map[p] for p in lay.adapter_positions] != adapter_indices(base, lay):
             raise ValueError(f"block_map must keep the first {lay.bottom} and last {lay.top} blocks at the ends")
-        if self.adapter_positions != self.adapter_position_list(lay):
-            raise ValueError(f"adapter_positions must be {self.adapter_position_list(lay)} for layout {self.layout}")
+        if self.adapter_positions != lay.adapter_positions:
+            raise ValueError(f"adapter_positions must be {lay.adapter_positions} for layout {self.layout}")
         return self
-
-    @staticmethod
-    def adapter_position_list(lay: Layout) -> list[int]:
-        return list(range(lay.bottom)) + list(range(lay.bottom + lay.kept, lay.depth))
 
     @cached_property
     def layout_spec(self) -> Layout:
-        return Layout(*(int(x) for x in self.layout.split("-")))
+        """The layout as a Layout, checked against base_depth (LayoutError if it cannot be one)."""
+        return Layout.parse(self.layout, self.base_depth)
 
     @cached_property
     def family_spec(self) -> Family:
@@ -233,10 +233,6 @@ class ModelFacts(Strict):
     def adapter_blocks(self) -> list[int]:
         """Original indices of the adapter blocks."""
         return [self.block_map[p] for p in self.adapter_positions]
-
-    @property
-    def position_to_original(self) -> dict[int, int]:
-        return {p: self.block_map[p] for p in self.adapter_positions}
 
 
 class BundleManifest(ModelFacts):

@@ -20,7 +20,7 @@ from functools import lru_cache
 
 from offsite_ds.errors import OffsiteError
 from offsite_ds.paper_models import PAPER_MODELS, paper_config, paper_layout, read_model_config
-from offsite_ds.sandwich import Layout, parse_layout
+from offsite_ds.sandwich import Layout
 
 GiB = 1 << 30
 BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor for CPU memory
@@ -250,7 +250,7 @@ def plan(spec: str, setup: Setup, layout_spec: str | None = None, roles: tuple[s
         raise OffsiteError("--gpus and --nodes must be >= 1")
     shape = model_shape(spec)
     layout_spec = layout_spec or shape.default_layout or f"2-{max(1, (shape.n_layers - 4) // 2)}-2"
-    layout = parse_layout(layout_spec, shape.n_layers)
+    layout = Layout.parse(layout_spec, shape.n_layers)
     gpu_bytes, cpu_bytes = gpu_gib * GiB, cpu_gib * GiB
     rows = []
     for role in roles:

@@ -99,7 +99,7 @@ def apply_to_emulator(bundle: Bundle, package: AdapterPackage) -> torch.nn.Modul
     """The 'OT Emulator' row: the shipped emulator carrying the tuned adapter blocks."""
     if package.manifest.bundle_fingerprint != bundle.fingerprint:
         raise ArtifactError(f"{package.path}: adapter was tuned on another emulator bundle than {bundle.path}")
-    mapping = {bundle.block_map[p]: p for p in bundle.adapter_positions}
+    mapping = {original: p for p, original in bundle.position_to_original.items()}
     install_adapter(bundle.model, package, mapping)
     if package.mode == "lora":
         merge_lora_(bundle.model)

@@ -22,7 +22,7 @@ from offsite_ds.families import family_of, get_path
 from offsite_ds.kernels import (PARTS, kernels_enabled, kernels_for_training, patch, patch_for_training, patched,
                                resolve_kernels, unpatch)
 from offsite_ds.peft_modes import apply_mode
-from offsite_ds.sandwich import emulator_adapter_positions, parse_layout
+from offsite_ds.sandwich import Layout
 from offsite_ds.tiny import byte_tokenizer, tiny_model
 
 TEXT = ("the quick brown fox jumps over the lazy dog . a stitch in time saves nine . "
@@ -32,9 +32,9 @@ TEXT = ("the quick brown fox jumps over the lazy dog . a stitch in time saves ni
 def emulator(family: str, mode: str = "full", layout: str = "1-2-1", n_layers: int = 6):
     """A data owner's emulator of a tiny random model: adapter blocks trainable, the rest frozen."""
     full = tiny_model(family, n_layers=n_layers)
-    lay = parse_layout(layout, n_layers)
+    lay = Layout.parse(layout, n_layers)
     emu, _ = build_emulator(full, lay)
-    apply_mode(emu, emulator_adapter_positions(lay), mode)
+    apply_mode(emu, lay.adapter_positions, mode)
     return emu
 
 

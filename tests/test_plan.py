@@ -3,7 +3,7 @@ import pytest
 
 from offsite_ds.memory_plan import (KNOWN_MODELS, Setup, estimate, model_shape, model_state_bytes, plan,
                                     role_counts)
-from offsite_ds.sandwich import parse_layout
+from offsite_ds.sandwich import Layout
 
 
 def test_counts_match_the_real_model_and_deepspeeds_counter(tiny_model_dir):
@@ -48,7 +48,7 @@ def test_role_counts(tiny_model_dir):
     from offsite_ds.tiny import tiny_model
 
     shape = model_shape(str(tiny_model_dir("opt")))
-    layout = parse_layout("2-2-2", 8)
+    layout = Layout.parse("2-2-2", 8)
     params, trainable, backward, no_grad = role_counts(shape, "distill", layout)
     assert trainable == 2 * shape.block_params and (backward, no_grad) == (4, 6)
     assert params == shape.outer_params + (6 + 4) * shape.block_params  # emulator + teacher middle
@@ -62,7 +62,7 @@ def test_role_counts(tiny_model_dir):
 
 def test_frozen_weights_cost_less_and_offload_moves_states_to_cpu():
     shape = model_shape("opt-6.7b")
-    layout = parse_layout("2-18-2", 32)
+    layout = Layout.parse("2-18-2", 32)
     base = Setup(8, 1, 3)
     ft, lora = estimate(shape, "ft", base, layout), estimate(shape, "ft-lora", base, layout)
     assert lora.gpu_model_states < ft.gpu_model_states / 5

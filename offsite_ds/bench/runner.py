@@ -357,7 +357,7 @@ class Suite:
         self.records: list[dict] = []
 
     def _check_layouts(self) -> None:
-        from offsite_ds.sandwich import parse_layout
+        from offsite_ds.sandwich import Layout
 
         needs_layout = any(s.emulator for s in parse_settings(self.spec.settings))
         for shape in self.shapes:
@@ -365,7 +365,7 @@ class Suite:
             if layout is None and needs_layout:
                 raise OffsiteError(f"model {shape.name} has no default layout: pass --layout L-K-R")
             if layout is not None:
-                parse_layout(layout, shape.depth)  # a bad layout fails now, not after an hour of FT
+                Layout.parse(layout, shape.depth)  # a bad layout fails now, not after an hour of FT
 
     def run_case(self, case: dict) -> dict:
         runner = run_case_isolated if self.isolate else run_case_inline

@@ -57,8 +57,7 @@ class TuneAdapter(Role):
             return
         family = family_of(model)
         manifest = self.bundle.manifest
-        position_to_original = {p: self.bundle.block_map[p] for p in self.bundle.adapter_positions}
-        tensors = rename_blocks(state, family, position_to_original)
+        tensors = rename_blocks(state, family, self.bundle.position_to_original)
         peft_files = self._peft_export(tensors) if self.mode == "lora" else None
         save_adapter_package(tensors, {
             "family": manifest.family, "model_type": manifest.model_type,
