@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from functools import cached_property
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator, model_validator)
 
@@ -69,12 +69,22 @@ class TensorEntry(Strict):
 
 
 # --------------------------------------------------------------------------------- mode settings
+# The typed settings of each tuning mode: what the commands build from their flags, what
+# offsite_ds.peft_modes.apply_mode takes and resolves, and what a manifest records. Their defaults are the
+# only copy of the numbers (the flags' defaults and help read them from here).
+
+DEFAULT_BOTTLENECK = 64  # a bottleneck left unset becomes min(this, the hidden size) (apply_mode resolves it)
+
 
 class LoraSettings(Strict):
-    r: Annotated[int, Field(ge=1, le=MAX_RANK)]
-    alpha: Annotated[float, Field(gt=0, le=1e6)]
+    """LoRA on the adapter blocks; the defaults are the paper's (r=4, alpha=32), targets None: the family's."""
+    r: Annotated[int, Field(ge=1, le=MAX_RANK)] = 4
+    alpha: Annotated[float, Field(gt=0, le=1e6)] = 32.0
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
     targets: Annotated[list[str], Field(min_length=1, max_length=32)] | None = None
+    # a written manifest always holds these; a received one without them is refused, not read with the
+    # defaults (which would silently change the adapter that was trained)
+    RECORDED: ClassVar[tuple[str, ...]] = ("r", "alpha")
 
     @field_validator("targets")
     @classmethod
@@ -89,25 +99,34 @@ class LoraSettings(Strict):
 
 
 class BottleneckSettings(Strict):
-    bottleneck: Annotated[int, Field(ge=1, le=MAX_RANK)] | None = None  # None: the default for the model
+    """Houlsby adapters; bottleneck None: min(DEFAULT_BOTTLENECK, hidden size), at most the hidden size."""
+    bottleneck: Annotated[int, Field(ge=1, le=MAX_RANK)] | None = None
+    RECORDED: ClassVar[tuple[str, ...]] = ()
 
 
 class NoSettings(Strict):
-    pass
+    """Full and BitFit tuning have no settings."""
+    RECORDED: ClassVar[tuple[str, ...]] = ()
 
 
 SETTINGS: dict[str, type[Strict]] = {"lora": LoraSettings, "adapter": BottleneckSettings, "full": NoSettings,
                                      "bitfit": NoSettings}
+FINETUNE_SETTINGS: dict[str, type[Strict]] = {"ft+lora": LoraSettings, "ft": NoSettings}
 ModeSettings = LoraSettings | BottleneckSettings | NoSettings
 
 
-def _settings_of(mode, value, handler):
+def _settings_of(classes: dict[str, type[Strict]], mode: Any, value: Any) -> ModeSettings:
     """Parse mode_settings with the class of the (already validated) mode: one clear error per field."""
-    if isinstance(value, Strict):
-        return value
-    if mode not in SETTINGS:
+    if mode not in classes:
         raise ValueError("cannot be checked without a valid 'mode'")
-    return SETTINGS[mode].model_validate(value)
+    cls = classes[mode]
+    if isinstance(value, cls):
+        return value
+    missing = [name for name in cls.RECORDED if not (isinstance(value, dict) and name in value)]
+    if isinstance(value, dict) and missing:
+        raise ValidationError.from_exception_data(cls.__name__, [{"type": "missing", "loc": (name,), "input": value}
+                                                                 for name in missing])
+    return cls.model_validate(value)
 
 
 # --------------------------------------------------------------------------------- shared sections
@@ -274,7 +293,7 @@ class AdapterManifest(ModelFacts):
     @field_validator("mode_settings", mode="wrap")
     @classmethod
     def _by_mode(cls, value, handler, info):
-        return _settings_of(info.data.get("mode"), value, handler)
+        return _settings_of(SETTINGS, info.data.get("mode"), value)
 
     @field_validator("tensors")
     @classmethod
@@ -308,7 +327,7 @@ class PluggedManifest(Strict):
     @field_validator("mode_settings", mode="wrap")
     @classmethod
     def _by_mode(cls, value, handler, info):
-        return _settings_of(info.data.get("mode"), value, handler)
+        return _settings_of(SETTINGS, info.data.get("mode"), value)
 
 
 class FinetunedManifest(Strict):
@@ -322,6 +341,11 @@ class FinetunedManifest(Strict):
     world_size: Annotated[int, Field(ge=1)]
     seq_len: Annotated[int, Field(ge=1)]
     training: dict[str, JsonValue] = {}
+
+    @field_validator("mode_settings", mode="wrap")
+    @classmethod
+    def _by_mode(cls, value, handler, info):
+        return _settings_of(FINETUNE_SETTINGS, info.data.get("mode"), value)
 
 
 MANIFEST_TYPES: dict[str, type[Strict]] = {BUNDLE_FORMAT: BundleManifest, ADAPTER_FORMAT: AdapterManifest,

@@ -108,11 +108,12 @@ def test_a_bundle_from_another_model_is_refused(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("family", ["opt", "gpt2"])  # gpt2: Conv1D, fan_in_fan_out
 def test_merging_lora_in_the_state_dict_matches_the_lora_model(family):
+    from offsite_ds.manifests import LoraSettings
     from offsite_ds.peft_modes import apply_mode
 
     model = tiny_model(family, n_layers=3)
     base = tiny_model(family, n_layers=3)
-    apply_mode(model, [0, 1, 2], "lora", {"r": 2})
+    apply_mode(model, [0, 1, 2], "lora", LoraSettings(r=2))
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -1,6 +1,7 @@
 """`plan`: exact parameter counts, model-state figures equal to DeepSpeed's own estimators, advice that fits."""
 import pytest
 
+from offsite_ds.manifests import LoraSettings
 from offsite_ds.memory_plan import (KNOWN_MODELS, Setup, estimate, model_shape, model_state_bytes, plan,
                                     role_counts)
 from offsite_ds.sandwich import Layout
@@ -55,7 +56,7 @@ def test_role_counts(tiny_model_dir):
     assert role_counts(shape, "tune", layout)[1] == 4 * shape.block_params
     assert role_counts(shape, "ft", layout)[:2] == (shape.total_params, shape.total_params)
     model = tiny_model("opt", n_layers=8)
-    apply_mode(model, list(range(8)), "lora", {"r": 4})
+    apply_mode(model, list(range(8)), "lora", LoraSettings(r=4))
     real_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert role_counts(shape, "ft-lora", layout, lora_r=4)[1] == real_lora
 

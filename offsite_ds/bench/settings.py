@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from offsite_ds.bench.flops import FlopPlan, plan_from_model
 from offsite_ds.errors import OffsiteError
+from offsite_ds.manifests import LoraSettings
 from offsite_ds.zero3 import full_numel
 
 
@@ -147,7 +148,7 @@ def kernel_report(handle) -> dict:
 
 
 def prepare(setting: Setting, config: PretrainedConfig, layout: str | None, device: torch.device | str | None,
-            dtype: torch.dtype, lora: dict | None = None, seed: int = 0) -> Prepared:
+            dtype: torch.dtype, lora: LoraSettings | None = None, seed: int = 0) -> Prepared:
     """Build the model for `setting` and freeze what the setting freezes (the toolkit's `apply_mode`)."""
     from offsite_ds.families import depth_of
     from offsite_ds.peft_modes import apply_mode
