@@ -20,12 +20,12 @@ from offsite_ds.errors import OffsiteError
 from offsite_ds.families import block_prefix, family_of, get_path
 from offsite_ds.fitting import FitSettings
 from offsite_ds.formats import WEIGHT_DTYPES
+from offsite_ds.manifests import METHODS
 from offsite_ds.shards import DEFAULT_SHARD_BYTES, ModelCheckpoint, ShardWriter
 from offsite_ds.surgery import running_blocks, select_blocks, set_depth
 from offsite_ds.sandwich import (SELECTIONS, Layout, block_map_for, emulator_block_map, middle_indices, select_crash,
                                  select_important, select_kept, share_map_for)
 
-METHODS = ("drop", "prune", "quantize")
 # Emulator/full zero-shot perplexity on the calibration text above which `emulate` warns, measured as
 # the ratio on 1,024 tokens of the public Wikipedia sample, SmolLM2-135M at the demo's budget
 # (benchmarks/results/2026-11-23-compare-2-8-2-cpu): adapters transferred (plug-in below zero-shot) at 67.6x

@@ -18,7 +18,8 @@ from pydantic import (BaseModel, ConfigDict, Field, JsonValue, ValidationError, 
 
 from offsite_ds.errors import ArtifactError, LayoutError, OffsiteError
 from offsite_ds.families import Family, family_by_name
-from offsite_ds.sandwich import Layout, adapter_indices
+from offsite_ds.formats import TENSOR_DTYPE_NAMES, WEIGHT_DTYPE_NAMES
+from offsite_ds.sandwich import SELECTIONS, Layout, adapter_indices
 
 MANIFEST = "offsite.json"
 BUNDLE_FORMAT = "offsite-ds.emulator-bundle"
@@ -26,7 +27,7 @@ ADAPTER_FORMAT = "offsite-ds.adapter-package"
 PLUGGED_FORMAT = "offsite-ds.plugged-model"
 FINETUNED_FORMAT = "offsite-ds.finetuned-model"
 FORMAT_VERSION = 1
-MODES = ("full", "lora", "adapter", "bitfit")
+METHODS = ("drop", "prune", "quantize")  # how the emulator's kept middle is compressed (emulator.compression_transform)
 
 MAX_DEPTH = 1024  # blocks of any model we accept (the largest open models have ~130)
 MAX_FILES = 4096
@@ -65,7 +66,7 @@ class FileEntry(Strict):
 
 class TensorEntry(Strict):
     shape: Annotated[list[Annotated[int, Field(ge=0, le=1 << 40)]], Field(max_length=8)]
-    dtype: Literal["float32", "float16", "bfloat16", "float64"]
+    dtype: Literal[TENSOR_DTYPE_NAMES]
 
 
 # --------------------------------------------------------------------------------- mode settings
@@ -109,9 +110,12 @@ class NoSettings(Strict):
     RECORDED: ClassVar[tuple[str, ...]] = ()
 
 
-SETTINGS: dict[str, type[Strict]] = {"lora": LoraSettings, "adapter": BottleneckSettings, "full": NoSettings,
+# the tuning modes, each with its settings class (adding a mode is one entry here)
+SETTINGS: dict[str, type[Strict]] = {"full": NoSettings, "lora": LoraSettings, "adapter": BottleneckSettings,
                                      "bitfit": NoSettings}
-FINETUNE_SETTINGS: dict[str, type[Strict]] = {"ft+lora": LoraSettings, "ft": NoSettings}
+MODES = tuple(SETTINGS)
+FINETUNE_SETTINGS: dict[str, type[Strict]] = {"ft": NoSettings, "ft+lora": LoraSettings}  # finetune's FT, FT+LoRA
+FINETUNE_MODES = tuple(FINETUNE_SETTINGS)
 ModeSettings = LoraSettings | BottleneckSettings | NoSettings
 
 
@@ -164,13 +168,13 @@ class FitRecord(Strict):
 
 class Compression(Strict):
     """How the emulator's middle was built; builder facts (select, shared, calibration, scores) included."""
-    method: Literal["drop", "prune", "quantize"]
+    method: Literal[METHODS]
     kept: Annotated[int, Field(ge=1, le=MAX_DEPTH)]
     middle: Annotated[int, Field(ge=1, le=MAX_DEPTH)]
     distilled: bool = False
     prune_ratio: Annotated[float, Field(gt=0, lt=1)] | None = None
     bits: Annotated[int, Field(ge=2, le=16)] | None = None
-    select: Literal["uniform", "importance", "crash", "iterative"] | None = None
+    select: Literal[SELECTIONS] | None = None
     shared: bool | None = None
     calibration: Calibration | None = None
     scores: Annotated[list[float], Field(max_length=MAX_DEPTH)] | None = None
@@ -260,7 +264,7 @@ class BundleManifest(ModelFacts):
     fingerprint: Hex32
     share_map: Annotated[list[Index], Field(max_length=MAX_DEPTH)] | None = None
     quality: Quality | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # of the weights (the checkpoint's own by default)
+    dtype: Literal[WEIGHT_DTYPE_NAMES] | None = None  # of the weights (the checkpoint's own by default)
 
     @model_validator(mode="after")
     def _bundle_consistent(self):
@@ -285,7 +289,7 @@ class BundleManifest(ModelFacts):
 class AdapterManifest(ModelFacts):
     format: Literal["offsite-ds.adapter-package"]
     bundle_fingerprint: Hex32
-    mode: Literal["full", "lora", "adapter", "bitfit"]
+    mode: Literal[MODES]
     mode_settings: ModeSettings
     tensors: Annotated[dict[str, TensorEntry], Field(min_length=1, max_length=1 << 16)]
     training: dict[str, JsonValue] = {}
@@ -316,7 +320,7 @@ class PlugCheck(Strict):
 class PluggedManifest(Strict):
     format: Literal["offsite-ds.plugged-model"]
     version: Literal[1]
-    mode: Literal["full", "lora", "adapter", "bitfit"]
+    mode: Literal[MODES]
     mode_settings: ModeSettings
     adapter_blocks: Annotated[list[Index], Field(max_length=MAX_DEPTH)]
     base_fingerprint: Hex32
@@ -333,7 +337,7 @@ class PluggedManifest(Strict):
 class FinetunedManifest(Strict):
     format: Literal["offsite-ds.finetuned-model"]
     version: Literal[1]
-    mode: Literal["ft", "ft+lora"]
+    mode: Literal[FINETUNE_MODES]
     mode_settings: LoraSettings | NoSettings
     family: str
     base_model: str

@@ -8,6 +8,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from offsite_ds.calibrate import DEFAULT_CALIB_TOKENS, IMPORTANCE_METRICS
     from offsite_ds.cli.train_args import add_fit_arguments
     from offsite_ds.emulator import DEFAULT_SELECT, GUARD_RATIO, PUBLIC_CORPUS, PUBLIC_SAMPLE
+    from offsite_ds.formats import WEIGHT_DTYPE_NAMES
+    from offsite_ds.manifests import METHODS
     from offsite_ds.sandwich import SELECTIONS
 
     p.add_argument("model", help="local Hugging Face model directory (the owner's full model)")
@@ -45,11 +47,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "text after the calibration tokens (one teacher pass, then per-block epochs)")
     add_fit_arguments(p, "--fit")
     p.add_argument("--text-field", default="text", help="field holding the text in .json/.jsonl/.parquet data")
-    p.add_argument("--method", default="drop", choices=["drop", "prune", "quantize"],
+    p.add_argument("--method", default="drop", choices=METHODS,
                    help="compression of the middle: uniform layer-drop (paper), or the ablation's prune/quantize")
     p.add_argument("--prune-ratio", type=float, default=0.5, help="--method prune: fraction of weights zeroed")
     p.add_argument("--bits", type=int, default=8, help="--method quantize: fake-quantisation bits")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default=None, choices=WEIGHT_DTYPE_NAMES,
                    help="dtype of the bundle's weights (default: the checkpoint's own, e.g. bf16 stays bf16)")
     p.add_argument("--no-progress", action="store_true")
 
