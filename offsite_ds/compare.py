@@ -107,10 +107,11 @@ def run_builder(name: str, model_dir: Path, calib_data: Path, train_file: Path, 
     select, share, fitted, distilled = parse_builder("uniform" if name.startswith(CEILING) else name)
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    bundle = make_bundle(model_dir, layout, out / "bundle", select=select, share=share, calib_data=calib_data,
-                         calib_tokens=s.calib_tokens, importance=s.importance, progress=s.progress, log=log,
-                         allow_far=True,  # far builders are measured here on purpose
-                         fit=s.fit if fitted else None)
+    written = make_bundle(model_dir, layout, out / "bundle", select=select, share=share, calib_data=calib_data,
+                          calib_tokens=s.calib_tokens, importance=s.importance, progress=s.progress, log=log,
+                          allow_far=True,  # far builders are measured here on purpose
+                          fit=s.fit if fitted else None)
+    bundle, manifest = written.path, written.manifest
     timings["emulate_s"] = time.perf_counter() - t
     if distilled:
         t = time.perf_counter()
@@ -118,13 +119,13 @@ def run_builder(name: str, model_dir: Path, calib_data: Path, train_file: Path, 
                 cfg=train_config(s, out / "distill.checkpoints", s.distill_steps, s.distill_lr, 0),
                 seq_len=s.seq_len, max_train_blocks=s.distill_steps * s.batch_size, **s.distill)
         bundle = out / "distilled"
+        manifest = read_manifest(bundle, BUNDLE_FORMAT)  # distillation rewrote it
         timings["distill_s"] = time.perf_counter() - t
-    trip = round_trip(model_dir, Path(bundle), train_file, eval_files, out, s)
+    trip = round_trip(model_dir, bundle, train_file, eval_files, out, s)
     timings.update(tune_s=trip["tune_s"], plugin_s=trip["plugin_s"])
-    manifest = read_manifest(bundle, BUNDLE_FORMAT)
     return {"builder": name, "layout": layout, "rows": trip["rows"], "block_map": manifest.block_map,
             "share_map": manifest.share_map, "quality": manifest.quality and dump(manifest.quality),
-            **emulator_cost(Path(bundle), s.mode, s.tuning(), s.seq_len),
+            **emulator_cost(bundle, s.mode, s.tuning(), s.seq_len),
             "owner_s": timings["emulate_s"] + timings.get("distill_s", 0.0) + timings["plugin_s"],
             "data_owner_s": timings["tune_s"], "timings": timings, "training": trip["training"]}
 

@@ -138,7 +138,7 @@ def run_demo(model_dir: str | Path, train_file: str | Path, eval_files: dict[str
     log(f"[owner] emulator {s.layout} of {model_dir}")
     t = time.perf_counter()
     bundle_dir = make_bundle(model_dir, s.layout, out / "bundle", select=s.select, progress=s.progress,
-                             fit=FitSettings() if s.fit else None, log=log)
+                             fit=FitSettings() if s.fit else None, log=log).path
     timings["emulate_s"] = time.perf_counter() - t
 
     trip = round_trip(model_dir, bundle_dir, train_file, eval_files, out, s, log=log)

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from transformers import AutoTokenizer, PreTrainedModel
 
+from offsite_ds.bundle import WrittenBundle, write_bundle
 from offsite_ds.errors import OffsiteError
 from offsite_ds.families import block_prefix, family_of, get_path
 from offsite_ds.fitting import FitSettings
@@ -299,7 +300,7 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
                 select: str = DEFAULT_SELECT, share: bool = False, calib_data: str | Path | None = PUBLIC_SAMPLE,
                 calib_tokens: int | None = None, importance: str = "drop", text_field: str = "text",
                 guard_ratio: float | None = None, progress: bool = False, log=None, max_ratio: float | None = None,
-                allow_far: bool = False, fit: FitSettings | None = None) -> Path:
+                allow_far: bool = False, fit: FitSettings | None = None) -> WrittenBundle:
     """Model owner's `emulate`: full model dir -> EmulatorBundle dir, its weights streamed from the checkpoint.
 
     The bundle keeps the checkpoint's dtype (a bf16 model gives a bf16 bundle) unless `dtype` is given.
@@ -314,9 +315,9 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
     whole middle) whose ratio stays within it, recorded in the manifest. `fit` trains each kept middle block to
     stand in for the run it replaces (offsite_ds.fitting) on the public text that follows the calibration
     tokens, so the guard still measures on tokens the fit never saw. The weights are written tensor by tensor
-    from the checkpoint (a fitted block's from its trained copy).
+    from the checkpoint (a fitted block's from its trained copy). Returns the bundle's directory and its
+    validated manifest.
     """
-    from offsite_ds.bundle import write_bundle
     from offsite_ds.fingerprints import fingerprint_checkpoint
 
     log = log or (lambda line: print(line, file=sys.stderr))

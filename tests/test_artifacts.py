@@ -20,7 +20,7 @@ from offsite_ds.train import TrainConfig
 @pytest.fixture(scope="module")
 def artifacts(tiny_model_dir, corpus_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("artifacts")
-    bundle = make_bundle(tiny_model_dir("opt"), "2-2-2", root / "bundle", select="uniform", calib_data=None)
+    bundle = make_bundle(tiny_model_dir("opt"), "2-2-2", root / "bundle", select="uniform", calib_data=None).path
     tune(bundle, corpus_file, root / "adapter", mode="full",
          cfg=TrainConfig(steps=2, batch_size=2, progress=False), seq_len=32)
     return {"model": tiny_model_dir("opt"), "bundle": bundle, "adapter": root / "adapter"}

@@ -17,7 +17,7 @@ def _run(capsys, *argv):
 
 @pytest.fixture(scope="module")
 def bundle(tiny_model_dir, tmp_path_factory):
-    return make_bundle(tiny_model_dir("gpt2"), "2-2-2", tmp_path_factory.mktemp("cli") / "bundle", select="uniform", calib_data=None)
+    return make_bundle(tiny_model_dir("gpt2"), "2-2-2", tmp_path_factory.mktemp("cli") / "bundle", select="uniform", calib_data=None).path
 
 
 def test_impossible_layout(capsys, tiny_model_dir, tmp_path):
@@ -73,7 +73,7 @@ def test_bundle_passed_as_model_and_bad_mode_settings(capsys, bundle, corpus_fil
 
 
 def test_bitfit_on_a_family_without_biases(capsys, tiny_model_dir, corpus_file, tmp_path):
-    bundle = make_bundle(tiny_model_dir("llama"), "2-2-2", tmp_path / "b", select="uniform", calib_data=None)
+    bundle = make_bundle(tiny_model_dir("llama"), "2-2-2", tmp_path / "b", select="uniform", calib_data=None).path
     code, err = _run(capsys, "tune", bundle, "--data", corpus_file, "--out", tmp_path / "a", "--mode", "bitfit",
                      "--seq-len", "32")
     assert code == 2 and "have none" in err

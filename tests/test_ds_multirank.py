@@ -103,7 +103,7 @@ sys.exit(main())
 
 def test_distill_opt_zero3_two_ranks(tiny_model_dir, corpus_file, tmp_path):
     model_dir = tiny_model_dir("opt")
-    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None)
+    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None).path
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     out = tmp_path / "distilled"
@@ -136,7 +136,7 @@ def test_distill_opt_zero3_two_ranks(tiny_model_dir, corpus_file, tmp_path):
 
 def test_distill_bloom_zero3_offload_two_ranks(tiny_model_dir, corpus_file, tmp_path):
     model_dir = tiny_model_dir("bloom")
-    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None)
+    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None).path
     out = tmp_path / "distilled"
     proc = launch("offsite_ds", "distill", str(model_dir), "--bundle", str(bundle), "--data", str(corpus_file),
                   "--out", str(out), "--steps", "12", "--lr", "1e-3", "--deepspeed", "zero3_offload", *TRAIN)
@@ -274,7 +274,7 @@ def test_tune_under_zero3_exports_whole_tensors_that_plug_in(ranks, tiny_model_d
     from offsite_ds.plugin import plugin
 
     model_dir = tiny_model_dir("opt")
-    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None)
+    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None).path
     launch("offsite_ds", "tune", str(bundle), "--data", str(corpus_file), "--out", str(tmp_path / "adapter"),
            "--steps", "3", "--lr", "1e-3", "--deepspeed", "zero3", "--torch-adam", "--seq-len", "32",
            "--batch-size", "2", "--no-progress", ranks=ranks)

@@ -362,7 +362,7 @@ def test_tune_with_kernels_on_matches_kernels_off(family, mode, tiny_model_dir, 
     from offsite_ds.roles.tune_adapter import tune
     from offsite_ds.train import TrainConfig
 
-    bundle = make_bundle(tiny_model_dir(family), "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None)
+    bundle = make_bundle(tiny_model_dir(family), "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None).path
     history = {}
     for kernels in ("off", "on"):
         torch.manual_seed(0)  # LoRA's initialisation draws from the global generator
@@ -383,7 +383,7 @@ def test_zero3_with_kernels_is_refused_or_skipped(tiny_model_dir, corpus_file, t
     from offsite_ds.roles.tune_adapter import tune
     from offsite_ds.train import TrainConfig
 
-    bundle = make_bundle(tiny_model_dir("opt"), "1-1-1", tmp_path / "bundle", select="uniform", calib_data=None)
+    bundle = make_bundle(tiny_model_dir("opt"), "1-1-1", tmp_path / "bundle", select="uniform", calib_data=None).path
     master = os.environ.get("MASTER_ADDR")
     cfg = TrainConfig(steps=1, batch_size=2, deepspeed={"zero_optimization": {"stage": 3}})
     with pytest.raises(OffsiteError, match="--kernels on cannot run under ZeRO-3"):

@@ -20,7 +20,7 @@ TASKS = "mmlu_demo,qa_demo,prose_demo"
 def round_trip(tiny_model_dir, corpus_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("round_trip")
     model_dir = tiny_model_dir("opt")
-    bundle = make_bundle(model_dir, "2-2-2", root / "bundle", select="uniform", calib_data=None)
+    bundle = make_bundle(model_dir, "2-2-2", root / "bundle", select="uniform", calib_data=None).path
     tune(bundle, corpus_file, root / "adapter", mode="full", seq_len=32,
          cfg=TrainConfig(steps=3, lr=5e-3, batch_size=2, progress=False))
     # the plugged-in model exported as a plain HF dir doubles as the FT row: its numbers must equal OT Plug-in's
@@ -79,7 +79,7 @@ def test_rows_evaluate_the_shipped_artifacts_themselves(round_trip, tmp_path):
 
 def test_adapter_from_another_bundle_is_refused_before_evaluating(round_trip, tmp_path):
     rt = round_trip
-    other = make_bundle(rt["model"], "1-2-1", tmp_path / "other_bundle", select="uniform", calib_data=None)
+    other = make_bundle(rt["model"], "1-2-1", tmp_path / "other_bundle", select="uniform", calib_data=None).path
     with pytest.raises(ArtifactError, match="another emulator bundle"):
         eval_table(rt["model"], other, rt["adapter"], tmp_path / "t", EvalOptions(tasks=["mmlu_demo"]))
     assert not (tmp_path / "t").exists()

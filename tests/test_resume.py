@@ -15,7 +15,7 @@ from offsite_ds.train import TrainConfig
 
 @pytest.fixture(scope="module")
 def bundle(tiny_model_dir, tmp_path_factory):
-    return make_bundle(tiny_model_dir("opt"), "2-2-2", tmp_path_factory.mktemp("resume") / "bundle", select="uniform", calib_data=None)
+    return make_bundle(tiny_model_dir("opt"), "2-2-2", tmp_path_factory.mktemp("resume") / "bundle", select="uniform", calib_data=None).path
 
 
 def _cfg(tmp, steps, **kw):

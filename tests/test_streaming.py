@@ -57,7 +57,7 @@ def test_shard_writer_round_trip_and_hostile_header(tmp_path):
 @pytest.mark.parametrize("family,method", [(f, "drop") for f in FAMILIES] + [("opt", "prune"), ("llama", "quantize")])
 def test_streamed_bundle_equals_in_memory_emulator(family, method, tiny_model_dir, tmp_path):
     model_dir = tiny_model_dir(family)
-    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "b", method=method, max_shard_bytes=20_000, select="uniform", calib_data=None)
+    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "b", method=method, max_shard_bytes=20_000, select="uniform", calib_data=None).path
     manifest = json.loads((bundle / "offsite.json").read_text())
     full = load_model(model_dir)
     assert manifest["base_fingerprint"] == fingerprint_model(full)  # from the shards == from the model
@@ -74,7 +74,7 @@ def _cfg():
 @pytest.mark.parametrize("family,mode", [("llama", "full"), ("opt", "lora"), ("opt", "adapter"), ("bloom", "bitfit")])
 def test_streamed_plugin_equals_in_memory_plug_in(family, mode, tiny_model_dir, corpus_file, tmp_path):
     model_dir = tiny_model_dir(family)
-    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None)
+    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None).path
     tune(bundle, corpus_file, tmp_path / "adapter", mode=mode, cfg=_cfg(), seq_len=32)
     package = load_adapter_package(tmp_path / "adapter")
     plugged = plugin(model_dir, tmp_path / "adapter", tmp_path / "plugged", max_shard_bytes=20_000)
@@ -90,14 +90,14 @@ def test_bf16_checkpoint_stays_bf16_through_the_round_trip(corpus_file, tmp_path
     tiny_model("llama", n_layers=6).to(torch.bfloat16).save_pretrained(model_dir, max_shard_size="20KB")
     byte_tokenizer().save_pretrained(model_dir)
     assert (model_dir / INDEX).is_file()
-    bundle = make_bundle(model_dir, "1-2-1", tmp_path / "bundle", select="uniform", calib_data=None)
+    bundle = make_bundle(model_dir, "1-2-1", tmp_path / "bundle", select="uniform", calib_data=None).path
     manifest = json.loads((bundle / "offsite.json").read_text())
     assert manifest["dtype"] == "bfloat16"
     reader = CheckpointReader(bundle)
     assert {reader.dtype(n) for n in reader.names()} == {torch.bfloat16}
     assert manifest["base_fingerprint"] == fingerprint_model(load_model(model_dir))
     assert json.loads((bundle / "config.json").read_text())["dtype"] == "bfloat16"
-    fp32 = make_bundle(model_dir, "1-2-1", tmp_path / "fp32", dtype="float32", select="uniform", calib_data=None)
+    fp32 = make_bundle(model_dir, "1-2-1", tmp_path / "fp32", dtype="float32", select="uniform", calib_data=None).path
     assert json.loads((fp32 / "offsite.json").read_text())["dtype"] == "float32"
 
     tune(bundle, corpus_file, tmp_path / "adapter", mode="full", cfg=_cfg(), seq_len=32)
@@ -113,7 +113,7 @@ def test_bf16_checkpoint_stays_bf16_through_the_round_trip(corpus_file, tmp_path
 def test_plugin_refuses_other_weights_before_writing(tiny_model_dir, corpus_file, tmp_path):
     from offsite_ds.tiny import save_tiny_model
 
-    bundle = make_bundle(tiny_model_dir("opt"), "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None)
+    bundle = make_bundle(tiny_model_dir("opt"), "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None).path
     tune(bundle, corpus_file, tmp_path / "adapter", mode="bitfit", cfg=_cfg(), seq_len=32)
     other = save_tiny_model("opt", tmp_path / "other", n_layers=8, seed=1)
     with pytest.raises(ArtifactError, match="base fingerprint"):
@@ -140,8 +140,8 @@ def test_checkpoint_names_as_older_checkpoints_store_them(tiny_model_dir, tmp_pa
     for name, t in tensors.items():
         writer.add(name, t)
     writer.close()
-    a = load_bundle(make_bundle(source, "2-2-2", tmp_path / "a", select="uniform", calib_data=None)).model.state_dict()
-    b_dir = make_bundle(legacy, "2-2-2", tmp_path / "b", select="uniform", calib_data=None)
+    a = load_bundle(make_bundle(source, "2-2-2", tmp_path / "a", select="uniform", calib_data=None).path).model.state_dict()
+    b_dir = make_bundle(legacy, "2-2-2", tmp_path / "b", select="uniform", calib_data=None).path
     _assert_same(load_bundle(b_dir).model.state_dict(), a)
     assert json.loads((b_dir / "offsite.json").read_text())["base_fingerprint"] == \
         json.loads((tmp_path / "a" / "offsite.json").read_text())["base_fingerprint"]

@@ -59,18 +59,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from offsite_ds.cli.train_args import fit_settings_from_args
     from offsite_ds.emulator import make_bundle
-    from offsite_ds.manifests import BUNDLE_FORMAT
-    from offsite_ds.validation import read_manifest
 
-    out = make_bundle(args.model, args.layout, args.out, keep_ratio=args.keep_ratio, method=args.method,
-                      prune_ratio=args.prune_ratio, quant_bits=args.bits, select=args.select, share=args.share,
-                      calib_data=args.calib_data, calib_tokens=args.calib_tokens, importance=args.importance,
-                      text_field=args.text_field, guard_ratio=args.guard_ratio, progress=not args.no_progress,
-                      dtype=args.dtype, max_ratio=args.max_ratio, allow_far=args.allow_far,
-                      fit=fit_settings_from_args(args) if args.fit else None)
-    manifest = read_manifest(out, BUNDLE_FORMAT)
+    written = make_bundle(args.model, args.layout, args.out, keep_ratio=args.keep_ratio, method=args.method,
+                          prune_ratio=args.prune_ratio, quant_bits=args.bits, select=args.select, share=args.share,
+                          calib_data=args.calib_data, calib_tokens=args.calib_tokens, importance=args.importance,
+                          text_field=args.text_field, guard_ratio=args.guard_ratio, progress=not args.no_progress,
+                          dtype=args.dtype, max_ratio=args.max_ratio, allow_far=args.allow_far,
+                          fit=fit_settings_from_args(args) if args.fit else None)
+    manifest = written.manifest
     shared = f", shared over {len(manifest.share_map)} positions" if manifest.share_map is not None else ""
-    print(f"emulator bundle {out}: layout {manifest.layout} of {manifest.base_depth} blocks ({args.select}"
+    print(f"emulator bundle {written.path}: layout {manifest.layout} of {manifest.base_depth} blocks ({args.select}"
           f"{shared}), blocks kept {manifest.block_map}, fingerprint {manifest.fingerprint[:12]}")
     if manifest.quality is not None:
         q = manifest.quality
