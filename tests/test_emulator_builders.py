@@ -293,16 +293,15 @@ def test_compare_emulators_end_to_end_and_resume(tiny_model_dir, calib_file, cor
     assert main(argv[:-1] + ["--builders", "crash+share+distill", "--no-progress"]) == 2
 
 
-def test_plugin_check_warns_when_the_plug_in_got_worse(tiny_model_dir, corpus_file, tmp_path, capsys):
+def test_plugin_check_warns_when_the_plug_in_got_worse(tiny_model_dir, tiny_bundle, corpus_file, tmp_path, capsys):
     import random
 
     from offsite_ds.cli import main
-    from offsite_ds.emulator import make_bundle
     from offsite_ds.roles.tune_adapter import tune
     from offsite_ds.train import TrainConfig
 
     model_dir = tiny_model_dir("opt")
-    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "b", select="uniform", calib_data=None).path
+    bundle = tiny_bundle("opt")
     tune(bundle, corpus_file, tmp_path / "a", cfg=TrainConfig(steps=8, lr=2e-2, batch_size=2, progress=False),
          seq_len=32)
     # owner text of uniformly random characters: the untrained model is near its best there, an adapter

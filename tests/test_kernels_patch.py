@@ -356,13 +356,12 @@ def test_mini_model_convergence_patched_matches_unpatched(family, mode):
 # ---------------------------------------------------------------- through the data owner's `tune`
 
 @pytest.mark.parametrize("family,mode", [("opt", "lora"), ("bloom", "full")])
-def test_tune_with_kernels_on_matches_kernels_off(family, mode, tiny_model_dir, corpus_file, tmp_path):
+def test_tune_with_kernels_on_matches_kernels_off(family, mode, tiny_bundle, corpus_file, tmp_path):
     """`tune --kernels on` (the Triton kernels, here interpreted) follows `--kernels off` step by step."""
-    from offsite_ds.emulator import make_bundle
     from offsite_ds.roles.tune_adapter import tune
     from offsite_ds.train import TrainConfig
 
-    bundle = make_bundle(tiny_model_dir(family), "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None).path
+    bundle = tiny_bundle(family)
     history = {}
     for kernels in ("off", "on"):
         torch.manual_seed(0)  # LoRA's initialisation draws from the global generator
@@ -376,14 +375,13 @@ def test_tune_with_kernels_on_matches_kernels_off(family, mode, tiny_model_dir, 
         assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), f"step {step}: off {a:.6f} vs on {b:.6f}"
 
 
-def test_zero3_with_kernels_is_refused_or_skipped(tiny_model_dir, corpus_file, tmp_path, capsys):
+def test_zero3_with_kernels_is_refused_or_skipped(tiny_bundle, corpus_file, tmp_path, capsys):
     """ZeRO-3 partitions the weights the fused loss/LoRA kernels read outside their modules: `tune --kernels on`
     refuses before any work, auto leaves the model alone and says so."""
-    from offsite_ds.emulator import make_bundle
     from offsite_ds.roles.tune_adapter import tune
     from offsite_ds.train import TrainConfig
 
-    bundle = make_bundle(tiny_model_dir("opt"), "1-1-1", tmp_path / "bundle", select="uniform", calib_data=None).path
+    bundle = tiny_bundle("opt", "1-1-1")
     master = os.environ.get("MASTER_ADDR")
     cfg = TrainConfig(steps=1, batch_size=2, deepspeed={"zero_optimization": {"stage": 3}})
     with pytest.raises(OffsiteError, match="--kernels on cannot run under ZeRO-3"):
