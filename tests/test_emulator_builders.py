@@ -120,7 +120,8 @@ def test_each_builder_makes_a_bundle(family, select, share, tiny_model_dir, cali
     assert not (tmp_path / "b").exists()
     warnings = []
     out = make_bundle(tiny_model_dir(family), "2-2-2", tmp_path / "b", select=select, share=share,
-                      calib_data=calib_file, calib_tokens=512, guard_ratio=0.5, log=warnings.append, allow_far=True).path
+                      calib_data=calib_file, calib_tokens=512, guard_ratio=0.5, log=warnings.append,
+                      allow_far=True).path
     manifest = json.loads((out / "offsite.json").read_text())
     c = manifest["compression"]
     assert c["select"] == select and c["shared"] is share

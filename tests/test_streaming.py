@@ -57,7 +57,8 @@ def test_shard_writer_round_trip_and_hostile_header(tmp_path):
 @pytest.mark.parametrize("family,method", [(f, "drop") for f in FAMILIES] + [("opt", "prune"), ("llama", "quantize")])
 def test_streamed_bundle_equals_in_memory_emulator(family, method, tiny_model_dir, tmp_path):
     model_dir = tiny_model_dir(family)
-    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "b", method=method, max_shard_bytes=20_000, select="uniform", calib_data=None).path
+    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "b", method=method, max_shard_bytes=20_000, select="uniform",
+                         calib_data=None).path
     manifest = json.loads((bundle / "offsite.json").read_text())
     full = load_model(model_dir)
     assert manifest["base_fingerprint"] == fingerprint_model(full)  # from the shards == from the model
