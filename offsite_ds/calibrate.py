@@ -1,9 +1,10 @@
 """Calibration on the owner's PUBLIC text: block representations, linear CKA, block importance, quality.
 
 What the calibrated emulator builders (offsite_ds.sandwich: importance-aware, CRaSh) and the emulate
-guard measure. Everything runs the owner's full model as it is: a dropped or repeated block is a
-temporarily swapped block list (`running_blocks`), never a copy of the weights. Representations are
-kept only at a seeded sample of token positions, so memory is blocks x sample x hidden, not x tokens.
+guard measure. Every variant of the owner's model (without block i, the emulator) is a path run by
+offsite_ds.block_stream over a BlockSource: a model in memory, or the checkpoint streamed block by block, so
+scoring a 7B model never holds it whole; the numbers are the same either way. Representations are kept only
+at a seeded sample of token positions, so memory is blocks x sample x hidden, not x tokens.
 The data owner's corpus never enters here: the caller passes the owner's public calibration file.
 """
 from __future__ import annotations
@@ -17,8 +18,7 @@ import torch.nn as nn
 from offsite_ds.data import corpus_fingerprint, load_texts, max_positions, tokenize_corpus
 from offsite_ds.errors import DataError
 from offsite_ds.evaluate import token_nll
-from offsite_ds.families import family_of, get_path
-from offsite_ds.surgery import block_input, block_output, running_blocks
+from offsite_ds.block_stream import BlockSource, Path as BlockPath, as_source, full_path, open_stream, path_nlls, sweep
 
 # importance (drop) runs the model once per middle block on these; 1,024 tokens of the public Wikipedia sample
 # found SmolLM2-135M's critical blocks (11, 2, 24, 8: helper e2's study, benchmarks/results/2026-11-23-emulator-study-cpu)
@@ -46,8 +46,8 @@ def calibration_ids(path: str | Path, tokenizer, max_tokens: int = DEFAULT_CALIB
     return ids, {"corpus_fingerprint": corpus_fingerprint(texts), "tokens": int(ids.numel())}
 
 
-def calibration_seq_len(model: nn.Module, seq_len: int = DEFAULT_SEQ_LEN) -> int:
-    limit = max_positions(model.config)
+def calibration_seq_len(model: nn.Module | BlockSource, seq_len: int = DEFAULT_SEQ_LEN) -> int:
+    limit = max_positions(as_source(model).model.config)
     return min(seq_len, limit) if limit else seq_len
 
 
@@ -57,58 +57,36 @@ def mean_nll(model: nn.Module, ids: torch.Tensor, seq_len: int, batch_size: int 
 
 
 @torch.no_grad()
-def block_outputs(model: nn.Module, ids: torch.Tensor, seq_len: int, sample_tokens: int = DEFAULT_SAMPLE_TOKENS,
-                  seed: int = 0, batch_size: int = 4) -> torch.Tensor:
+def block_outputs(model: nn.Module | BlockSource, ids: torch.Tensor, seq_len: int,
+                  sample_tokens: int = DEFAULT_SAMPLE_TOKENS, seed: int = 0, batch_size: int = 4) -> torch.Tensor:
     """[depth + 1, n, hidden] float32: the first block's input, then every block's output, at n sampled tokens.
 
     Positions are sampled once (seeded) over the whole stream, so every block is seen on the same tokens.
     Each window's first token is never sampled: it is the attention sink, whose hidden states are orders of
     magnitude larger than the others' and would dominate CKA and cosine (measured on SmolLM2-135M).
     """
-    blocks = get_path(model, family_of(model).blocks)
-    windows = [(b, min(b + seq_len, ids.numel())) for b in range(0, ids.numel() - 1, seq_len)]
-    windows = [w for w in windows if w[1] - w[0] >= 2]
-    total = sum(e - b - 1 for b, e in windows)  # candidates: every position but each window's first
+    source = as_source(model)
+    stream = open_stream(source, ids, seq_len, batch_size)
+    windows = sorted(w for chunk in stream.chunks for w in chunk)
+    offsets, total = {}, 0
+    for b, e, _ in windows:  # candidates: every position but each window's first
+        offsets[b], total = total, total + e - b - 1
     g = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(total, generator=g)[:sample_tokens].sort().values
-    captured: list[list[torch.Tensor]] = [[] for _ in range(len(blocks) + 1)]
-    picks: list[torch.Tensor] = []  # per batch: flat indices into [batch * length] of the sampled tokens
+    picks = []  # per batch: flat indices into [batch * length] of the sampled tokens
+    for chunk in stream.chunks:
+        length = chunk[0][1] - chunk[0][0]
+        flat = [chosen[(chosen >= offsets[b]) & (chosen < offsets[b] + length - 1)] - offsets[b] + 1 + row * length
+                for row, (b, _, _) in enumerate(chunk)]
+        picks.append(torch.cat(flat))
+    captured: list[torch.Tensor] = []
 
-    def keep(slot: int, hidden: torch.Tensor) -> None:
-        captured[slot].append(hidden.reshape(-1, hidden.size(-1))[picks[-1]].float().cpu())
+    def keep(_block: int, _paths: list[int], states: list[torch.Tensor]) -> None:
+        captured.append(torch.cat([h.reshape(-1, h.size(-1))[pick.to(h.device)].float().cpu()
+                                   for h, pick in zip(states, picks)]))
 
-    def take_input(_m, args, kwargs):
-        keep(0, block_input(args, kwargs))
-
-    handles = [blocks[0].register_forward_pre_hook(take_input, with_kwargs=True)]
-    for i, block in enumerate(blocks):
-        handles.append(block.register_forward_hook(lambda _m, _a, out, slot=i + 1: keep(slot, block_output(out))))
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        offset = 0
-        by_len: dict[int, list[tuple[int, int, int]]] = {}
-        for b, e in windows:
-            by_len.setdefault(e - b, []).append((b, e, offset))
-            offset += e - b - 1
-        for length, group in by_len.items():
-            for start in range(0, len(group), batch_size):
-                chunk = group[start:start + batch_size]
-                flat = []
-                for row, (_, _, off) in enumerate(chunk):
-                    mine = chosen[(chosen >= off) & (chosen < off + length - 1)] - off + 1
-                    flat.append(mine + row * length)
-                picks.append(torch.cat(flat))
-                if picks[-1].numel() == 0:
-                    continue
-                inputs = torch.stack([ids[b:e] for b, e, _ in chunk]).to(device)
-                model(input_ids=inputs, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return torch.stack([torch.cat(c) for c in captured])
+    sweep(source, stream, [full_path(source)], visit=keep)
+    return torch.stack(captured)
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -153,21 +131,21 @@ def cosine_importance(reps: torch.Tensor, middle: list[int]) -> list[float]:
 
 
 @torch.no_grad()
-def drop_importance(model: nn.Module, ids: torch.Tensor, middle: list[int], seq_len: int,
+def drop_importance(model: nn.Module | BlockSource, ids: torch.Tensor, middle: list[int], seq_len: int,
                     progress: bool = False) -> list[float]:
-    """Perplexity ratio (without the block / full model) of each middle block dropped alone."""
-    from tqdm.auto import tqdm
+    """Perplexity ratio (without the block / full model) of each middle block dropped alone.
 
-    depth = len(get_path(model, family_of(model).blocks))
-    base = mean_nll(model, ids, seq_len)
-    scores = []
-    for i in tqdm(middle, desc="importance (drop one block)", disable=not progress):
-        with running_blocks(model, [p for p in range(depth) if p != i]):
-            scores.append(math.exp(mean_nll(model, ids, seq_len) - base))
-    return scores
+    One sweep: the variants share the full model's states up to the block they drop (about 1 + m/2 passes).
+    """
+    source = as_source(model)
+    full = full_path(source)
+    paths = [full] + [BlockPath(tuple(p for p in full.blocks if p != i)) for i in middle]
+    nlls = path_nlls(source, open_stream(source, ids, seq_len), paths,
+                     desc="importance (drop one block)" if progress else None)
+    return [math.exp(n - nlls[0]) for n in nlls[1:]]
 
 
-def importance_scores(model: nn.Module, ids: torch.Tensor, middle: list[int], seq_len: int, metric: str = "drop",
+def importance_scores(model: nn.Module | BlockSource, ids: torch.Tensor, middle: list[int], seq_len: int, metric: str = "drop",
                       sample_tokens: int = DEFAULT_SAMPLE_TOKENS, progress: bool = False) -> list[float]:
     """How much each middle block matters on the calibration text (higher = keep it)."""
     if metric == "drop":
@@ -177,7 +155,7 @@ def importance_scores(model: nn.Module, ids: torch.Tensor, middle: list[int], se
     raise DataError(f"unknown importance metric '{metric}'; choose one of {', '.join(IMPORTANCE_METRICS)}")
 
 
-def middle_similarity(model: nn.Module, ids: torch.Tensor, middle: list[int], seq_len: int,
+def middle_similarity(model: nn.Module | BlockSource, ids: torch.Tensor, middle: list[int], seq_len: int,
                       sample_tokens: int = DEFAULT_SAMPLE_TOKENS) -> list[list[float]]:
     """Linear CKA between the middle blocks' outputs (the CRaSh builder clusters on it)."""
     reps = block_outputs(model, ids, seq_len, sample_tokens)
@@ -185,15 +163,15 @@ def middle_similarity(model: nn.Module, ids: torch.Tensor, middle: list[int], se
 
 
 @torch.no_grad()
-def quality(full: nn.Module, emulator_positions: list[int], ids: torch.Tensor, seq_len: int, fingerprint: str,
-            replace: dict[int, nn.Module] | None = None) -> dict:
+def quality(full: nn.Module | BlockSource, emulator_positions: list[int], ids: torch.Tensor, seq_len: int,
+            fingerprint: str, replace: dict[int, nn.Module] | None = None) -> dict:
     """Zero-shot perplexity of the emulator and of the full model on the same calibration tokens.
 
     The emulator is the full model run with the original blocks `emulator_positions` (a shared emulator
-    repeats some; `replace` holds compressed copies of kept blocks), so the model is never copied.
+    repeats some; `replace` holds compressed or fitted copies of kept blocks), so the model is never copied.
     """
-    full_nll = mean_nll(full, ids, seq_len)
-    with running_blocks(full, emulator_positions, replace):
-        emulator_nll = mean_nll(full, ids, seq_len)
+    source = as_source(full)
+    full_nll, emulator_nll = path_nlls(source, open_stream(source, ids, seq_len),
+                                       [full_path(source), BlockPath(tuple(emulator_positions), replace or {})])
     return {"emulator_ppl": math.exp(emulator_nll), "full_ppl": math.exp(full_nll),
             "ratio": math.exp(emulator_nll - full_nll), "tokens": int(ids.numel()), "corpus_fingerprint": fingerprint}

@@ -23,7 +23,8 @@ from offsite_ds.fitting import FitSettings
 from offsite_ds.formats import WEIGHT_DTYPES
 from offsite_ds.manifests import METHODS
 from offsite_ds.shards import DEFAULT_SHARD_BYTES, ModelCheckpoint, ShardWriter
-from offsite_ds.surgery import running_blocks, select_blocks, set_depth
+from offsite_ds.block_stream import BlockSource, Path as BlockPath, Stream, StreamedBlocks, as_source, full_path, open_stream, path_nlls
+from offsite_ds.surgery import select_blocks, set_depth
 from offsite_ds.sandwich import (SELECTIONS, Layout, block_map_for, emulator_block_map, middle_indices, select_crash,
                                  select_important, select_kept, share_map_for)
 
@@ -99,7 +100,7 @@ def check_max_ratio(max_ratio: float | None) -> None:
         raise OffsiteError(f"--max-ratio {max_ratio:g} must be positive (emulator/full perplexity, e.g. 3)")
 
 
-def choose_blocks(model: PreTrainedModel, layout: Layout, select: str = "uniform", share: bool = False,
+def choose_blocks(model: PreTrainedModel | BlockSource, layout: Layout, select: str = "uniform", share: bool = False,
                   calib_ids: torch.Tensor | None = None, seq_len: int | None = None, importance: str = "drop",
                   sample_tokens: int | None = None, progress: bool = False,
                   max_ratio: float | None = None) -> tuple[Layout, list[int], list[int] | None, dict]:
@@ -111,13 +112,14 @@ def choose_blocks(model: PreTrainedModel, layout: Layout, select: str = "uniform
     `iterative` removes blocks one at a time, re-scoring the rest after each removal (offsite_ds.elimination).
     With `max_ratio` (the layout's K is then an upper bound) K is the fewest kept blocks whose emulator/full
     perplexity ratio on the calibration text stays within it, and the returned layout carries that K.
-    Only the owner's calibration ids are read.
+    Only the owner's calibration ids are read. `model` may be a BlockSource (the checkpoint streamed).
     """
     from offsite_ds import calibrate
 
     check_builder(select, share, calib_ids is not None)
     check_max_ratio(max_ratio)
-    n_layers = len(get_path(model, family_of(model).blocks))
+    model = as_source(model)
+    n_layers = model.depth
     middle = middle_indices(n_layers, layout)
     seq_len = seq_len or calibrate.calibration_seq_len(model)
     sample = sample_tokens or calibrate.DEFAULT_SAMPLE_TOKENS
@@ -152,26 +154,22 @@ def choose_blocks(model: PreTrainedModel, layout: Layout, select: str = "uniform
         similarity = calibrate.middle_similarity(model, calib_ids, middle, seq_len, sample)
         facts["scores"] = [similarity[i][i + 1] for i in range(len(middle) - 1)]
     if max_ratio is not None:
-        full_nll = calibrate.mean_nll(model, calib_ids, seq_len)  # once: every probed K is measured against it
-        layout = fewest_within(layout, max_ratio, lambda k: _ratio(model, n_layers, layout, k, rule, share, calib_ids,
-                                                                    seq_len, full_nll))
+        stream = open_stream(model, calib_ids, seq_len)
+        full_nll = path_nlls(model, stream, [full_path(model)])[0]  # once: every probed K is measured against it
+        layout = fewest_within(layout, max_ratio, lambda k: _ratio(model, stream, layout, k, rule, share, full_nll))
     kept, clusters = rule(layout.kept)
     share_map = share_map_for(n_layers, layout, clusters) if share and clusters is not None else None
     return layout, block_map_for(n_layers, layout, kept), share_map, facts
 
 
-def _ratio(model: PreTrainedModel, n_layers: int, layout: Layout, k: int, rule, share: bool, calib_ids: torch.Tensor,
-           seq_len: int, full_nll: float) -> float:
-    """Emulator/full perplexity ratio on the calibration ids of the emulator `rule` builds with K=k."""
-    from offsite_ds import calibrate
-
+def _ratio(source: BlockSource, stream: Stream, layout: Layout, k: int, rule, share: bool, full_nll: float) -> float:
+    """Emulator/full perplexity ratio on the calibration stream of the emulator `rule` builds with K=k."""
     trial = layout.with_kept(k)
     kept, clusters = rule(k)
-    block_map = block_map_for(n_layers, trial, kept)
+    block_map = block_map_for(source.depth, trial, kept)
     if share and clusters is not None:
-        block_map = [block_map[s] for s in share_map_for(n_layers, trial, clusters)]
-    with running_blocks(model, block_map):
-        return math.exp(calibrate.mean_nll(model, calib_ids, seq_len) - full_nll)
+        block_map = [block_map[s] for s in share_map_for(source.depth, trial, clusters)]
+    return math.exp(path_nlls(source, stream, [BlockPath(tuple(block_map))])[0] - full_nll)
 
 
 def fewest_within(layout: Layout, max_ratio: float, ratio_at) -> Layout:
@@ -391,14 +389,15 @@ def _calibrated_choice(model_dir, layout: Layout, method: str, prune_ratio: floa
                        share: bool, calib_data, calib_tokens: int | None, importance: str, text_field: str,
                        progress: bool, max_ratio: float | None = None, fit: FitSettings | None = None, log=None
                        ) -> tuple[Layout, list[int], list[int] | None, dict, dict, dict, dict[int, nn.Module]]:
-    """Load the model once (fp32) to choose the blocks on the owner's calibration text, fit them when asked,
-    and measure the guard: (layout, block_map, share_map, facts, calibration, quality, fitted blocks).
+    """Stream the model (fp32, block by block from its shards) to choose the blocks on the owner's calibration
+    text, fit them when asked, and measure the guard: (layout, block_map, share_map, facts, calibration,
+    quality, fitted blocks).
 
-    The guard's emulator is the full model run with the chosen blocks (compressed or fitted copies of the
-    kept middle), so no emulator is built here; the model is released before writing.
+    Memory is the embeddings and head, one block, the cached hidden states and the kept copies (compressed or
+    fitted), never the whole model. The guard's emulator is the full model run with the chosen blocks, so no
+    emulator is built here.
     """
     from offsite_ds import calibrate
-    from offsite_ds.runtime import load_model
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     n_calib = calib_tokens or calibrate.DEFAULT_CALIB_TOKENS
@@ -410,22 +409,20 @@ def _calibrated_choice(model_dir, layout: Layout, method: str, prune_ratio: floa
         raise OffsiteError(f"--fit-tokens {fit.tokens}: {calib_data} holds {fit_ids.numel()} tokens after the "
                            f"{n_calib} calibration tokens; give more public text (--calib-data builtin:wikipedia, "
                            "or your own) or fewer --fit-tokens")
-    model = load_model(model_dir)
-    if torch.cuda.is_available():  # an owner-scale model scores in seconds on a GPU, in hours on a CPU
-        model = model.to("cuda")
+    # an owner-scale model scores in seconds on a GPU, in hours on a CPU
+    model = StreamedBlocks(model_dir, device="cuda" if torch.cuda.is_available() else None)
     layout, block_map, share_map, facts = choose_blocks(model, layout, select, share, calib_ids, importance=importance,
                                                         progress=progress, max_ratio=max_ratio)
     executed = [block_map[s] for s in share_map] if share_map is not None else block_map
-    blocks = get_path(model, family_of(model).blocks)
     compressed, fitted = {}, {}
     for i in (block_map[layout.bottom:layout.bottom + layout.kept] if method != "drop" else []):
-        compressed[i] = copy.deepcopy(blocks[i])
+        compressed[i] = model.block(i)  # a fresh copy, read from the checkpoint
         compress_(compressed[i], method, prune_ratio, quant_bits)
     if fit is not None:
         from offsite_ds.fitting import fit_kept_blocks
 
-        fitted, report = fit_kept_blocks(model, fit_ids, block_map, layout.bottom, layout.kept, fit, progress, log)
-        facts = {**facts, "fit": {**asdict(fit), "blocks": report}}
+        fitted, report, kl = fit_kept_blocks(model, fit_ids, block_map, layout.bottom, layout.kept, fit, progress, log)
+        facts = {**facts, "fit": {**asdict(fit), "blocks": report, **({"kl": kl} if kl else {})}}
     quality = calibrate.quality(model, executed, calib_ids, calibrate.calibration_seq_len(model),
                                 calibration["corpus_fingerprint"], replace=compressed or fitted)
     return layout, block_map, share_map, facts, calibration, quality, fitted

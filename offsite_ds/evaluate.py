@@ -65,6 +65,21 @@ def _windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, i
     return out
 
 
+def window_batches(n_tokens: int, seq_len: int, stride: int, batch_size: int) -> list[list[tuple[int, int, int]]]:
+    """token_nll's batches: windows of equal length grouped `batch_size` at a time, each (begin, end, scored).
+
+    One home for the order, so a caller that runs the model block by block (offsite_ds.block_stream) sees
+    exactly the batches `token_nll` scores.
+    """
+    windows = _windows(n_tokens, seq_len, stride)
+    if not windows:
+        raise DataError(f"the evaluation text has {n_tokens} tokens; at least 2 are needed")
+    by_len: dict[int, list[tuple[int, int, int]]] = {}
+    for w in windows:
+        by_len.setdefault(w[1] - w[0], []).append(w)
+    return [group[i:i + batch_size] for group in by_len.values() for i in range(0, len(group), batch_size)]
+
+
 @torch.no_grad()
 def token_nll(model: torch.nn.Module, ids: torch.Tensor, seq_len: int, stride: int | None = None,
               batch_size: int = 4) -> tuple[float, int]:
@@ -77,24 +92,17 @@ def token_nll(model: torch.nn.Module, ids: torch.Tensor, seq_len: int, stride: i
     transform = logit_transform(model.config)
     was_training = model.training
     model.eval()
-    windows = _windows(ids.numel(), seq_len, stride)
-    if not windows:
-        raise DataError(f"the evaluation text has {ids.numel()} tokens; at least 2 are needed")
     nll, count = 0.0, 0
-    by_len: dict[int, list[tuple[int, int, int]]] = {}
-    for w in windows:
-        by_len.setdefault(w[1] - w[0], []).append(w)
-    for length, group in by_len.items():
-        for i in range(0, len(group), batch_size):
-            chunk = group[i:i + batch_size]
-            inputs = torch.stack([ids[b:e] for b, e, _ in chunk]).to(device)
-            labels = inputs.clone()
-            for row, (_, _, scored) in enumerate(chunk):
-                labels[row, : length - scored] = -100
-            hidden = backbone(input_ids=inputs)[0][:, :-1]
-            target = labels[:, 1:]
-            nll += head_nll(hidden.reshape(-1, hidden.size(-1)), target.reshape(-1), head, transform)
-            count += int((target != -100).sum())
+    for chunk in window_batches(ids.numel(), seq_len, stride, batch_size):
+        length = chunk[0][1] - chunk[0][0]
+        inputs = torch.stack([ids[b:e] for b, e, _ in chunk]).to(device)
+        labels = inputs.clone()
+        for row, (_, _, scored) in enumerate(chunk):
+            labels[row, : length - scored] = -100
+        hidden = backbone(input_ids=inputs)[0][:, :-1]
+        target = labels[:, 1:]
+        nll += head_nll(hidden.reshape(-1, hidden.size(-1)), target.reshape(-1), head, transform)
+        count += int((target != -100).sum())
     if was_training:
         model.train()
     return nll, count

@@ -6,8 +6,8 @@ end of its run (the input of the next kept block), one block at a time from the 
 the stream that the already-fitted blocks below it produce, so the errors it corrects are the ones the
 emulator really makes (not the teacher's, which it never sees at run time).
 
-Cost: one forward pass of the full model over the fitting tokens (teacher states cached at the K+1 run
-boundaries), then, per kept block, epochs of forward+backward through that one block on the cache - no
+Cost: one forward pass of the full model over the fitting tokens, up to the last run's end (teacher states
+cached at the K+1 run boundaries; streamed from the checkpoint block by block when the source is), then, per kept block, epochs of forward+backward through that one block on the cache - no
 embedding, head or other block is run, so a step costs about 1/depth of an end-to-end distillation step.
 
 Loss: each token's squared error relative to the teacher's squared norm there (positions 0, the attention
@@ -23,10 +23,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from offsite_ds.block_stream import BlockSource, LoadedBlocks, Path, Stream, as_source, open_stream, sweep
 from offsite_ds.data import max_positions
 from offsite_ds.errors import OffsiteError
-from offsite_ds.families import family_of, get_path
-from offsite_ds.surgery import block_input, block_output, with_block_input
 
 
 @dataclass(frozen=True)
@@ -39,6 +38,8 @@ class FitSettings:
     seq_len: int = 512
     weight_decay: float = 0.0
     seed: int = 0
+    kl_epochs: int = 0  # then end to end: KL(full || emulator) of the next-token distributions (0: off)
+    kl_lr: float = 1e-4
 
     def __post_init__(self) -> None:
         for name in ("tokens", "epochs", "batch_size"):
@@ -46,6 +47,9 @@ class FitSettings:
                 raise OffsiteError(f"--fit-{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
         if not self.lr > 0 or self.weight_decay < 0 or self.seq_len < 2:
             raise OffsiteError(f"--fit-lr {self.lr:g} must be positive (weight decay >= 0, seq_len >= 2)")
+        if self.kl_epochs < 0 or not self.kl_lr > 0:
+            raise OffsiteError(f"--fit-kl-epochs {self.kl_epochs} must be >= 0 and --fit-kl-lr {self.kl_lr:g} "
+                               "positive")
 
 
 def relative_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -55,92 +59,67 @@ def relative_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_states(model: nn.Module, batches: list[torch.Tensor], boundaries: list[int]
-                   ) -> tuple[list[dict[int, torch.Tensor]], list[tuple[tuple, dict]]]:
+def teacher_states(source: BlockSource, stream: Stream, boundaries: list[int]) -> list[dict[int, torch.Tensor]]:
     """The full model's hidden state at the INPUT of each block in `boundaries` (an index equal to the depth:
-    the last block's output), per batch; and each batch's block call (args, kwargs) - masks, rotary position
-    embeddings - which does not depend on which block is called (its hidden states are swapped per call)."""
-    blocks = get_path(model, family_of(model).blocks)
-    depth = len(blocks)
-    states: list[dict[int, torch.Tensor]] = [{} for _ in batches]
-    calls: list[tuple[tuple, dict] | None] = [None for _ in batches]
-    current = {"batch": 0}
+    the last block's output), per batch of the stream; blocks after the last boundary are never run."""
+    wanted = set(boundaries)
+    states: list[dict[int, torch.Tensor]] = [{} for _ in stream.inputs]
 
-    def take_input(slot: int):
-        def hook(_m, args, kwargs):
-            b = current["batch"]
-            states[b][slot] = block_input(args, kwargs).detach()
-            if calls[b] is None:
-                calls[b] = (args, kwargs)
-        return hook
+    def keep(b: int, _paths: list[int], hidden: list[torch.Tensor]) -> None:
+        if b in wanted:
+            for k, h in enumerate(hidden):
+                states[k][b] = h
 
-    def take_last_output(_m, _args, output):
-        states[current["batch"]][depth] = block_output(output).detach()
-
-    handles = [blocks[s].register_forward_pre_hook(take_input(s), with_kwargs=True) for s in boundaries if s < depth]
-    if depth in boundaries:
-        handles.append(blocks[depth - 1].register_forward_hook(take_last_output))
-    try:
-        for b, ids in enumerate(batches):
-            current["batch"] = b
-            model(input_ids=ids, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return states, calls
+    sweep(source, stream, [Path(tuple(range(max(boundaries))))], visit=keep)
+    return states
 
 
-def _call(block: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict]) -> torch.Tensor:
-    """`block` run on `hidden` with a recorded call's other arguments."""
-    args, kwargs = with_block_input(*call, hidden)
-    return block_output(block(*args, **kwargs))
-
-
-def fit_kept_blocks(model: nn.Module, ids: torch.Tensor, block_map: list[int], bottom: int, kept: int,
+def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map: list[int], bottom: int, kept: int,
                     settings: FitSettings = FitSettings(), progress: bool = False,
-                    log=None) -> tuple[dict[int, nn.Module], list[dict]]:
-    """Fitted copies of the kept middle blocks, {original block index: trained block}, and per block the
-    relative error to its run's end on the fitting tokens before and after ({block, end, before, after}).
+                    log=None) -> tuple[dict[int, nn.Module], list[dict], dict | None]:
+    """Fitted copies of the kept middle blocks, {original block index: trained block}; per block the
+    relative error to its run's end on the fitting tokens before and after ({block, end, before, after});
+    and with `settings.kl_epochs` the end-to-end phase's mean KL before and after ({before, after}, else None).
 
     `block_map` is the emulator's (original index per position; bottom adapter blocks first). The model is
     left unchanged. `ids` is the owner's public token stream; its first `settings.tokens` are used.
     """
     from tqdm.auto import tqdm
 
-    blocks = get_path(model, family_of(model).blocks)
-    depth = len(blocks)
+    source = as_source(model)
+    depth = source.depth
     middle = block_map[bottom:bottom + kept]
     after = block_map[bottom + kept] if bottom + kept < len(block_map) else depth
     ends = middle[1:] + [after]  # the teacher's state each fitted block must produce: its run's end
-    limit = max_positions(model.config)
+    limit = max_positions(source.model.config)
     seq_len = min(settings.seq_len, limit) if limit else settings.seq_len
     n = min(ids.numel(), settings.tokens) // seq_len
     if n < 1:
         raise OffsiteError(f"fitting needs at least {seq_len} tokens of public text; got {ids.numel()}")
-    windows = ids[: n * seq_len].view(n, seq_len)
-    device = next(model.parameters()).device
-    batches = [windows[i:i + settings.batch_size].to(device) for i in range(0, n, settings.batch_size)]
-    was_training = model.training
-    model.eval()
-    states, calls = teacher_states(model, batches, sorted({middle[0], *ends}))
+    data = open_stream(source, ids[: n * seq_len], seq_len, settings.batch_size)
+    states = teacher_states(source, data, sorted({middle[0], *ends} | ({depth} if settings.kl_epochs else set())))
+    batches = range(len(states))
     stream = [s[middle[0]] for s in states]  # the emulator's input to its first kept middle block (= teacher's)
+    dtype = next(source.model.parameters()).dtype
     fitted: dict[int, nn.Module] = {}
     report: list[dict] = []
     g = torch.Generator().manual_seed(settings.seed)
     for block_index, end in zip(middle, ends):
-        block = copy.deepcopy(blocks[block_index]).float().train()
+        block = source.block(block_index)
+        block = (copy.deepcopy(block) if isinstance(source, LoadedBlocks) else block).float().train()
+        source.release(block_index)
         for p in block.parameters():
             p.requires_grad_(True)
         opt = torch.optim.AdamW(block.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
         steps = settings.epochs * len(batches)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
         with torch.no_grad():
-            before = sum(float(relative_error(_call(block, x, call), s[end])) for x, call, s in
-                         zip(stream, calls, states)) / len(batches)
+            before = sum(float(relative_error(data.run(block, x, k, block_index), states[k][end]))
+                         for k, x in enumerate(stream)) / len(batches)
         bar = tqdm(total=steps, desc=f"fit block {block_index} -> {end}", disable=not progress)
         for _ in range(settings.epochs):
             for b in torch.randperm(len(batches), generator=g).tolist():
-                loss = relative_error(_call(block, stream[b], calls[b]), states[b][end])
+                loss = relative_error(data.run(block, stream[b], b, block_index), states[b][end])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -149,11 +128,99 @@ def fit_kept_blocks(model: nn.Module, ids: torch.Tensor, block_map: list[int], b
         bar.close()
         block.eval().requires_grad_(False)
         with torch.no_grad():
-            stream = [_call(block, x, call) for x, call in zip(stream, calls)]
+            stream = [data.run(block, x, k, block_index) for k, x in enumerate(stream)]
             after_fit = sum(float(relative_error(x, s[end])) for x, s in zip(stream, states)) / len(batches)
         if log is not None:
             log(f"fit block {block_index} (run to {end}): relative error {before:.4g} -> {after_fit:.4g}")
         report.append({"block": block_index, "end": end, "before": before, "after": after_fit})
-        fitted[block_index] = block.to(next(blocks[block_index].parameters()).dtype)
-    model.train(was_training)
-    return fitted, report
+        fitted[block_index] = block
+    kl = kl_finish(source, data, states, block_map, bottom, kept, fitted, settings, progress, log) \
+        if settings.kl_epochs else None
+    return {i: block.to(dtype) for i, block in fitted.items()}, report, kl
+
+
+def _final_normed(source: BlockSource, data: Stream, batch: int, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's own final norm (and any output projection) applied to the last block's output `hidden`,
+    differentiably: the model's forward with a stand-in last block that returns it."""
+    from offsite_ds.block_stream import _StandIn
+    from offsite_ds.families import backbone_and_head
+    from offsite_ds.surgery import running_blocks
+
+    last = source.depth - 1
+    stand_in = _StandIn(source.stand_in(last), lambda args, kwargs: data.wrap(hidden))
+    ids = torch.stack([data.ids[b:e] for b, e, _ in data.chunks[batch]]).to(hidden.device)
+    with running_blocks(source.model, [last], {last: stand_in}):
+        return backbone_and_head(source.model)[0](input_ids=ids, use_cache=False)[0]
+
+
+def _logprobs(source: BlockSource, normed: torch.Tensor) -> torch.Tensor:
+    from offsite_ds.families import backbone_and_head, logit_transform
+
+    logits = backbone_and_head(source.model)[1](normed[:, 1:]).float()  # position 0 (the sink) left out
+    transform = logit_transform(source.model.config)
+    return torch.log_softmax(transform(logits) if transform else logits, -1)
+
+
+def kl_finish(source: BlockSource, data: Stream, states: list[dict[int, torch.Tensor]], block_map: list[int],
+              bottom: int, kept: int, fitted: dict[int, nn.Module], settings: FitSettings, progress: bool = False,
+              log=None) -> dict:
+    """Train the fitted middle blocks end to end: KL(full model || emulator) of the next-token distributions
+    on the fitting tokens, the full model's being read from its cached final states (no teacher pass per
+    step). The emulator runs from the cached input of its first kept middle block (the bottom adapter blocks
+    are the full model's), through the fitted blocks and the frozen top blocks, the model's norm and head.
+    Returns the mean KL before and after (on the same tokens)."""
+    from tqdm.auto import tqdm
+
+    middle, top = block_map[bottom:bottom + kept], block_map[bottom + kept:]
+    frozen = {i: source.block(i) for i in top}
+    flags = {id(p): p.requires_grad for m in frozen.values() for p in m.parameters()}
+    frozen_params = [p for m in frozen.values() for p in m.parameters()] + list(source.model.parameters())
+    flags.update({id(p): p.requires_grad for p in source.model.parameters()})
+    for p in frozen_params:
+        p.requires_grad_(False)
+    trainable = [p for i in middle for p in fitted[i].parameters()]
+    with torch.no_grad():
+        teacher = [_logprobs(source, _final_normed(source, data, k, s[source.depth])) for k, s in enumerate(states)]
+
+    def student(k: int) -> torch.Tensor:
+        h = states[k][middle[0]]
+        for i in middle + top:
+            h = data.run(fitted.get(i) or frozen[i], h, k, i)
+        return _logprobs(source, _final_normed(source, data, k, h))
+
+    def kl(k: int) -> torch.Tensor:
+        t = teacher[k]
+        return (t.exp() * (t - student(k))).sum(-1).mean()
+
+    batches = len(states)
+    opt = torch.optim.AdamW(trainable, lr=settings.kl_lr, weight_decay=settings.weight_decay)
+    steps = settings.kl_epochs * batches
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    g = torch.Generator().manual_seed(settings.seed + 1)
+    try:
+        for m in fitted.values():
+            m.train().requires_grad_(True)
+        with torch.no_grad():
+            before = sum(float(kl(k)) for k in range(batches)) / batches
+        bar = tqdm(total=steps, desc="fit end to end (KL)", disable=not progress)
+        for _ in range(settings.kl_epochs):
+            for k in torch.randperm(batches, generator=g).tolist():
+                loss = kl(k)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                bar.update(1)
+        bar.close()
+        for m in fitted.values():
+            m.eval().requires_grad_(False)
+        with torch.no_grad():
+            after = sum(float(kl(k)) for k in range(batches)) / batches
+    finally:
+        for p in frozen_params:
+            p.requires_grad_(flags[id(p)])
+        for i in top:
+            source.release(i)
+    if log is not None:
+        log(f"fit end to end: KL(full || emulator) {before:.4g} -> {after:.4g}")
+    return {"before": before, "after": after}

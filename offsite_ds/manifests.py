@@ -154,6 +154,12 @@ class FitBlock(Strict):
     after: Annotated[float, Field(ge=0)]
 
 
+class FitKL(Strict):
+    """`emulate --fit --fit-kl-epochs N`: mean KL(full || emulator) on the fitting tokens before and after."""
+    before: Annotated[float, Field(ge=0)]
+    after: Annotated[float, Field(ge=0)]
+
+
 class FitRecord(Strict):
     """`emulate --fit`: the settings (offsite_ds.fitting.FitSettings) and each block's result."""
     tokens: Annotated[int, Field(ge=1)]
@@ -164,6 +170,9 @@ class FitRecord(Strict):
     weight_decay: Annotated[float, Field(ge=0)]
     seed: int
     blocks: Annotated[list[FitBlock], Field(max_length=MAX_DEPTH)]
+    kl_epochs: Annotated[int, Field(ge=0)] = 0
+    kl_lr: Positive = 1e-4
+    kl: FitKL | None = None
 
 
 class Compression(Strict):

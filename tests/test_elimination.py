@@ -1,5 +1,5 @@
-"""Iterative block elimination (SLEB) and the fidelity knob: cached-input scoring equals a full run, the path
-never removes the middle's ends, and --max-ratio returns the fewest blocks that meet the target."""
+"""Iterative block elimination (SLEB) and the fidelity knob (that each variant scores as running the model does:
+tests/test_block_stream.py): the path never removes the middle's ends, and --max-ratio returns the fewest blocks that meet the target."""
 import math
 
 import pytest
@@ -20,26 +20,6 @@ def _model(family, tiny_model_dir):
     from offsite_ds.runtime import load_model
 
     return load_model(tiny_model_dir(family)).eval()
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_scoring_from_a_cached_input_equals_running_the_whole_model(family, tiny_model_dir, public_ids):
-    from offsite_ds.calibrate import mean_nll
-    from offsite_ds.surgery import running_blocks
-    from offsite_ds.elimination import _record_inputs, nll_without
-    from offsite_ds.families import family_of, get_path
-
-    model = _model(family, tiny_model_dir)
-    blocks = get_path(model, family_of(model).blocks)
-    kept = [0, 1, 2, 4, 5, 6, 7]  # block 3 already gone: inputs are recorded on the current emulator
-    with running_blocks(model, kept), _record_inputs([blocks[p] for p in kept]) as seen:
-        mean_nll(model, public_ids, 64)
-    for i in (2, 3, 4):
-        fast = nll_without(model, kept, i, seen[i], public_ids, 64)
-        with running_blocks(model, kept[:i] + kept[i + 1:]):
-            slow = mean_nll(model, public_ids, 64)
-        assert fast == pytest.approx(slow, rel=1e-5, abs=1e-6)
-    assert len(blocks) == 8 and model.config.num_hidden_layers == 8  # restored
 
 
 def test_the_path_is_greedy_keeps_the_ends_and_its_ratios_are_the_emulators(tiny_model_dir, public_ids):

@@ -31,7 +31,7 @@ def test_fitted_blocks_bring_the_emulator_closer_to_the_full_model(family, tiny_
     full = mean_nll(model, held, 64)
     with running_blocks(model, block_map):
         before = mean_nll(model, held, 64) - full
-    fitted, report = fit_kept_blocks(model, fit_ids, block_map, 1, 3, FitSettings(tokens=2048, epochs=6, lr=3e-3,
+    fitted, report, _ = fit_kept_blocks(model, fit_ids, block_map, 1, 3, FitSettings(tokens=2048, epochs=6, lr=3e-3,
                                                                              seq_len=64, batch_size=8))
     assert sorted(fitted) == [1, 3, 6] and [r["end"] for r in report] == [3, 6, 7]
     assert all(r["after"] < r["before"] for r in report), report
@@ -77,3 +77,42 @@ def test_emulate_fit_writes_the_fitted_blocks_and_records_them(tiny_model_dir, t
     assert len(err.splitlines()) == 1 and "fewer --fit-tokens" in err and not (tmp_path / "x").exists()
     assert main([*argv, "--out", str(tmp_path / "y"), "--fit", "--fit-epochs", "0"]) == 2
     assert "--fit-epochs 0 must be at least 1" in capsys.readouterr().err
+
+
+def test_the_end_to_end_kl_phase_lowers_the_kl_and_leaves_the_model_alone(tiny_model_dir, tmp_path):
+    from offsite_ds.cli import main
+    from offsite_ds.data import tokenize_corpus
+    from offsite_ds.fitting import FitSettings, fit_kept_blocks
+    from offsite_ds.manifests import BUNDLE_FORMAT
+    from offsite_ds.runtime import load_model
+    from offsite_ds.tiny import byte_tokenizer
+    from offsite_ds.validation import read_manifest
+
+    torch.manual_seed(0)
+    model = load_model(tiny_model_dir("gpt2")).eval()
+    with torch.no_grad():  # as above: a random model's distributions are near uniform, every KL near 0
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "wte" not in name and "wpe" not in name:
+                p.mul_(6.0)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    before_state = {k: v.clone() for k, v in model.state_dict().items()}
+    text = " ".join(f"word{i % 37} and item {i % 11} ." for i in range(600))
+    ids = tokenize_corpus([text], byte_tokenizer())[:1024]
+    block_map = [0, 1, 3, 6, 7]
+    settings = FitSettings(tokens=1024, epochs=1, lr=1e-3, seq_len=64, batch_size=4, kl_epochs=3, kl_lr=1e-3)
+    fitted, report, kl = fit_kept_blocks(model, ids, block_map, 1, 3, settings)
+    assert kl is not None and kl["after"] < kl["before"], kl
+    assert sorted(fitted) == [1, 3, 6] and not any(p.requires_grad for b in fitted.values() for p in b.parameters())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before_state.items())
+    assert fit_kept_blocks(model, ids, block_map, 1, 3, FitSettings(tokens=1024, epochs=1, seq_len=64))[2] is None
+
+    public = tmp_path / "public.txt"
+    public.write_text(" ".join(f"word{i % 37} and item {i % 11} ." for i in range(800)))
+    assert main(["emulate", str(tiny_model_dir("llama")), "--layout", "2-2-2", "--calib-data", str(public),
+                 "--calib-tokens", "256", "--no-progress", "--allow-far", "--out", str(tmp_path / "kl"), "--fit",
+                 "--fit-tokens", "512", "--fit-epochs", "1", "--fit-kl-epochs", "1"]) == 0
+    fit = read_manifest(tmp_path / "kl", BUNDLE_FORMAT).compression.fit
+    assert fit.kl_epochs == 1 and fit.kl is not None and fit.kl.before >= 0
+    with pytest.raises(Exception, match="--fit-kl-epochs -1"):
+        FitSettings(kl_epochs=-1)

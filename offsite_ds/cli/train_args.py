@@ -124,10 +124,16 @@ def add_fit_arguments(p: argparse.ArgumentParser, who: str) -> None:
                    help=f"public tokens read after the calibration tokens ({d.tokens})")
     g.add_argument("--fit-epochs", type=int, default=d.epochs, help=f"epochs over them ({d.epochs})")
     g.add_argument("--fit-lr", type=float, default=d.lr, help=f"AdamW learning rate, cosine decay ({d.lr:g})")
+    g.add_argument("--fit-kl-epochs", type=int, default=d.kl_epochs,
+                   help="then train the fitted blocks end to end for N epochs on the same tokens: KL(full || "
+                        f"emulator) of the next-token distributions, the full model's read from cached states "
+                        f"({d.kl_epochs}: off)")
+    g.add_argument("--fit-kl-lr", type=float, default=d.kl_lr, help=f"its learning rate ({d.kl_lr:g})")
 
 
 def fit_settings_from_args(args: argparse.Namespace):
     """FitSettings from the flags of add_fit_arguments (a bad value: one line, before anything runs)."""
     from offsite_ds.fitting import FitSettings
 
-    return FitSettings(tokens=args.fit_tokens, epochs=args.fit_epochs, lr=args.fit_lr)
+    return FitSettings(tokens=args.fit_tokens, epochs=args.fit_epochs, lr=args.fit_lr, kl_epochs=args.fit_kl_epochs,
+                       kl_lr=args.fit_kl_lr)
