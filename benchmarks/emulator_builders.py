@@ -21,7 +21,7 @@ from offsite_ds import calibrate, surgery
 from offsite_ds.atomic import write_json
 from offsite_ds.runtime import load_model
 from offsite_ds.families import depth_of
-from offsite_ds.sandwich import (middle_indices, parse_layout, select_crash, select_important, select_kept,
+from offsite_ds.sandwich import (Layout, middle_indices, select_crash, select_important, select_kept,
                                  share_map_for)
 
 
@@ -42,7 +42,7 @@ def main() -> None:
     ids, record = calibrate.calibration_ids(args.calib_data, tok, args.calib_tokens)
     seq_len = calibrate.calibration_seq_len(model)
     n = depth_of(model)
-    first = parse_layout(args.layouts.split(",")[0], n)
+    first = Layout.parse(args.layouts.split(",")[0], n)
     middle = middle_indices(n, first)
     t = time.perf_counter()
     drop = calibrate.drop_importance(model, ids, middle, seq_len, progress=True) if args.drop else None
@@ -60,7 +60,7 @@ def main() -> None:
 
     rows = []
     for spec in args.layouts.split(","):
-        layout = parse_layout(spec, n)
+        layout = Layout.parse(spec, n)
         assert middle_indices(n, layout) == middle, "all layouts must share the adapter blocks"
         bottom, top = list(range(layout.bottom)), list(range(n - layout.top, n))
         kept_c, clusters = select_crash(middle, layout.kept, similarity)

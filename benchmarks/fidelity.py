@@ -28,7 +28,7 @@ from offsite_ds.data import load_texts, tokenize_corpus
 from offsite_ds.elimination import elimination_path, kept_after
 from offsite_ds.families import depth_of
 from offsite_ds.runtime import load_model
-from offsite_ds.sandwich import block_map_for, middle_indices, parse_layout, select_important, select_kept
+from offsite_ds.sandwich import Layout, block_map_for, middle_indices, select_important, select_kept
 from offsite_ds.surgery import running_blocks
 from results_index import write_meta  # benchmarks/, first on sys.path when run as a script
 
@@ -64,13 +64,13 @@ def main(argv: list[str] | None = None) -> None:
              "valid": tokenize_corpus(load_texts(valid), tok)[:args.eval_tokens]}
     seq_len = calibrate.calibration_seq_len(model)
     n = depth_of(model)
-    layout = parse_layout(args.layout, n)
+    layout = Layout.parse(args.layout, n)
     middle = middle_indices(n, layout)
     ks = sorted({int(k) for k in args.ks.split(",")} | {layout.kept}, reverse=True)
     full = {name: calibrate.mean_nll(model, ids, seq_len) for name, ids in evals.items()}
 
     def ratios(kept: list[int], k: int) -> dict:
-        bm = block_map_for(n, parse_layout(f"{layout.bottom}-{k}-{layout.top}", n), kept)
+        bm = block_map_for(n, Layout.parse(f"{layout.bottom}-{k}-{layout.top}", n), kept)
         with running_blocks(model, bm):
             return {name: math.exp(calibrate.mean_nll(model, ids, seq_len) - full[name]) for name, ids in evals.items()}
 

@@ -309,14 +309,15 @@ def bench_step(bench: Bench, batch: int, seq_len: int, smoke: bool) -> list[dict
     from offsite_ds.bench.shapes import BUILTIN
     from offsite_ds.kernels import patch
     from offsite_ds.peft_modes import apply_mode
+    from offsite_ds.sandwich import Layout
 
     model_type, fields, layout = BUILTIN["opt-1.3b"]
     fields = dict(fields)
     if smoke:
         fields.update(hidden_size=32, ffn_dim=128, num_attention_heads=4, word_embed_proj_dim=32, vocab_size=258,
                       pad_token_id=257, bos_token_id=256, eos_token_id=256)
-    bottom, kept, top = (int(v) for v in layout.split("-"))
-    fields["num_hidden_layers"] = bottom + kept + top  # the emulator's depth; same block shapes
+    lay = Layout.parse(layout, fields["num_hidden_layers"])
+    fields["num_hidden_layers"] = lay.depth  # the emulator's depth; same block shapes
     config = AutoConfig.for_model(model_type, **fields)
     dev = bench.device
     rows = []
@@ -336,7 +337,7 @@ def bench_step(bench: Bench, batch: int, seq_len: int, smoke: bool) -> list[dict
                 torch.manual_seed(0)
                 with torch.device(dev):
                     model = AutoModelForCausalLM.from_config(config)
-                apply_mode(model, list(range(bottom)) + list(range(bottom + kept, bottom + kept + top)), mode)
+                apply_mode(model, lay.adapter_positions, mode)
                 model.train()
                 if impl in ("liger", "cce"):  # the library's fused loss; the rest eager (--kernels liger|cce)
                     patch(model, ("loss",), loss_impl=impl)

@@ -27,15 +27,23 @@ def _tanh(x):
 
 
 @triton.jit
-def _bias_activation_forward_kernel(
-    x_ptr, b_ptr, y_ptr, n_rows, n_cols, stride_x, stride_y,
-    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
+def _program_tile(n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's BLOCK_M x BLOCK_N tile of the 2-D grid, shared by forward and backward so both walk the
+    tensor alike: (rows as int64, so row * stride cannot overflow past 2**31 elements, cols, column mask,
+    tile mask)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
     mask = (rows < n_rows)[:, None] & col_mask[None, :]
-    rows64 = rows.to(tl.int64)
+    return rows.to(tl.int64), cols, col_mask, mask
+
+
+@triton.jit
+def _bias_activation_forward_kernel(
+    x_ptr, b_ptr, y_ptr, n_rows, n_cols, stride_x, stride_y,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows64, cols, col_mask, mask = _program_tile(n_rows, n_cols, BLOCK_M, BLOCK_N)
     z = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         z = z + tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -54,11 +62,7 @@ def _bias_activation_backward_kernel(
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dz = dy * act'(z). For ReLU `saved` is the output y (y > 0 iff z > 0); for GELU it is the pre-bias x."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < n_cols
-    mask = (rows < n_rows)[:, None] & col_mask[None, :]
-    rows64 = rows.to(tl.int64)
+    rows64, cols, col_mask, mask = _program_tile(n_rows, n_cols, BLOCK_M, BLOCK_N)
     dy = tl.load(dy_ptr + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     s = tl.load(saved_ptr + rows64[:, None] * stride_saved + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if ACT == 0:

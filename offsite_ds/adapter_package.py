@@ -81,7 +81,7 @@ def expected_adapter_tensors(manifest: AdapterManifest, config: dict, dtype: tor
     """The tensors a package must hold for a model of `config`: its own settings bounded by the model's
     sizes first (LoRA r, bottleneck, targets), then the mode applied to a meta-device model."""
     from offsite_ds.families import family_of, get_path
-    from offsite_ds.peft_modes import apply_mode, trainable_state
+    from offsite_ds.peft_modes import apply_mode, check_bottleneck, trainable_state
 
     check_model_config(config, f"{where}: the model's config.json", manifest.family_spec, manifest.base_depth)
     meta = meta_model(config, dtype, f"{where}: the model's config.json")
@@ -103,12 +103,13 @@ def expected_adapter_tensors(manifest: AdapterManifest, config: dict, dtype: tor
         if settings.r > min(widths):
             raise ArtifactError(f"{where}: LoRA r={settings.r} exceeds min(in, out)={min(widths)} of its targets")
     if manifest.mode == "adapter":
-        hidden = linears.get(family.attn_out, (0, 0))[1]
-        if (settings.bottleneck or 0) > hidden:
-            raise ArtifactError(f"{where}: bottleneck {settings.bottleneck} exceeds the hidden size {hidden}")
+        try:
+            check_bottleneck(settings.bottleneck or 0, linears.get(family.attn_out, (0, 0))[1], "bottleneck")
+        except OffsiteError as exc:
+            raise ArtifactError(f"{where}: {exc}")
     try:
         with torch.device("meta"):
-            apply_mode(meta, manifest.adapter_blocks, manifest.mode, settings.model_dump())
+            apply_mode(meta, manifest.adapter_blocks, manifest.mode, settings)
     except OffsiteError as exc:
         raise ArtifactError(f"{where}: cannot re-create mode '{manifest.mode}': {exc}")
     return {n: (list(t.shape), dtype_name(t.dtype)) for n, t in trainable_state(meta).items()}

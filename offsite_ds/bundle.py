@@ -46,12 +46,27 @@ class Bundle:
         stored = set(self.manifest.adapter_positions)
         return [p for p, s in enumerate(self._positions()) if s in stored]
 
+    @property
+    def position_to_original(self) -> dict[int, int]:
+        """Adapter block position in the loaded model -> its original block index: the renaming between a
+        tuned emulator's tensors and the full model's (tune exports through it, apply_to_emulator inverts it)."""
+        block_map = self.block_map
+        return {p: block_map[p] for p in self.adapter_positions}
+
     def _positions(self) -> list[int]:
         """The stored block each executed position runs (the identity unless the bundle shares blocks)."""
         return self.manifest.share_map or list(range(len(self.manifest.block_map)))
 
 
-def save_bundle(model, tokenizer, manifest: dict, out_dir: str | Path) -> Path:
+@dataclass(frozen=True)
+class WrittenBundle:
+    """A bundle just written: its directory and the validated manifest it holds, so that the writer's caller
+    (emulate's summary line) need not read back what it wrote."""
+    path: Path
+    manifest: BundleManifest
+
+
+def save_bundle(model, tokenizer, manifest: dict, out_dir: str | Path) -> WrittenBundle:
     """Write an EmulatorBundle: a plain HF model dir (safetensors) + tokenizer + offsite.json (typed)."""
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -61,7 +76,7 @@ def save_bundle(model, tokenizer, manifest: dict, out_dir: str | Path) -> Path:
     return write_bundle(write, manifest, out_dir)
 
 
-def write_bundle(write: Callable[[Path], None], manifest: dict, out_dir: str | Path) -> Path:
+def write_bundle(write: Callable[[Path], None], manifest: dict, out_dir: str | Path) -> WrittenBundle:
     """Atomically write an EmulatorBundle whose model files `write(tmp_dir)` produces, then its offsite.json.
 
     The manifest lists every file `write` left (weights, shards and their index, config, tokenizer).
@@ -72,7 +87,7 @@ def write_bundle(write: Callable[[Path], None], manifest: dict, out_dir: str | P
         full = BundleManifest.model_validate({"format": BUNDLE_FORMAT, "version": FORMAT_VERSION, **manifest,
                                               "files": files, "fingerprint": files_fingerprint(files)})
         write_json(tmp / MANIFEST, dump(full))
-    return Path(out_dir)
+    return WrittenBundle(Path(out_dir), full)
 
 
 def _bundle_weights(directory: Path, files: dict) -> list[str]:

@@ -27,6 +27,7 @@ from offsite_ds.demo import TRAINING_KEYS, DemoSettings, train_config
 from offsite_ds.demo import round_trip as demo_round_trip
 from offsite_ds.errors import OffsiteError
 from offsite_ds.fitting import FitSettings
+from offsite_ds.manifests import ModeSettings
 from offsite_ds.sandwich import SELECTIONS
 
 CEILING = "ceiling"
@@ -40,7 +41,7 @@ class CompareSettings(DemoSettings):
 
     builders: tuple[str, ...] = ("uniform", "importance", "crash", "crash+share")
     layouts: tuple[str, ...] = ()  # the frontier: every builder at every layout (empty: just `layout`)
-    mode_settings: dict = field(default_factory=dict)
+    mode_settings: dict = field(default_factory=dict)  # keyword overrides of the mode's settings, as recorded
     calib_tokens: int = DEFAULT_CALIB_TOKENS
     importance: str = "drop"
     distill_steps: int = 100
@@ -50,6 +51,12 @@ class CompareSettings(DemoSettings):
     ceiling: bool = True
     ft: bool = False
     ft_lr: float = 1e-4
+
+    def tuning(self) -> ModeSettings:
+        """The typed settings of `mode` that `mode_settings` asks for (checked: one line on a bad one)."""
+        from offsite_ds.peft_modes import settings_for
+
+        return settings_for(self.mode, **self.mode_settings)
 
 
 def parse_builder(spec: str) -> tuple[str, bool, bool, bool]:
@@ -67,7 +74,7 @@ def parse_builder(spec: str) -> tuple[str, bool, bool, bool]:
     return select, "share" in flags, "fit" in flags, "distill" in flags
 
 
-def emulator_cost(bundle_dir: Path, mode: str, mode_settings: dict, seq_len: int) -> dict:
+def emulator_cost(bundle_dir: Path, mode: str, settings: ModeSettings, seq_len: int) -> dict:
     """Stored parameters of the emulator and the data owner's training FLOPs per token through it."""
     from offsite_ds.bench.flops import flops_per_token, plan_from_model
     from offsite_ds.bundle import load_bundle
@@ -75,7 +82,7 @@ def emulator_cost(bundle_dir: Path, mode: str, mode_settings: dict, seq_len: int
 
     bundle = load_bundle(bundle_dir)
     params = sum(p.numel() for p in {id(p): p for p in bundle.model.parameters()}.values())
-    apply_mode(bundle.model, bundle.adapter_positions, mode, dict(mode_settings))
+    apply_mode(bundle.model, bundle.adapter_positions, mode, settings)
     flops = flops_per_token(plan_from_model(bundle.model), seq_len)["total"]
     return {"emulator_params": params, "tune_flops_per_token": flops}
 
@@ -84,7 +91,7 @@ def round_trip(model_dir: Path, bundle: Path, train_file: Path, eval_files: dict
                s: CompareSettings) -> dict:
     """demo.round_trip with the comparison's adapter settings, as a result records it:
     {"rows", "tune_s", "plugin_s", "training"}; the adapter and plugged model stay under `out`."""
-    trip = demo_round_trip(model_dir, bundle, train_file, eval_files, out, s, dict(s.mode_settings))
+    trip = demo_round_trip(model_dir, bundle, train_file, eval_files, out, s, s.tuning())
     return {"rows": trip["rows"], "tune_s": trip["tune_s"], "plugin_s": trip["plugin_s"],
             "training": {k: trip["summary"].get(k) for k in TRAINING_KEYS}}
 
@@ -100,10 +107,11 @@ def run_builder(name: str, model_dir: Path, calib_data: Path, train_file: Path, 
     select, share, fitted, distilled = parse_builder("uniform" if name.startswith(CEILING) else name)
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    bundle = make_bundle(model_dir, layout, out / "bundle", select=select, share=share, calib_data=calib_data,
-                         calib_tokens=s.calib_tokens, importance=s.importance, progress=s.progress, log=log,
-                         allow_far=True,  # far builders are measured here on purpose
-                         fit=s.fit if fitted else None)
+    written = make_bundle(model_dir, layout, out / "bundle", select=select, share=share, calib_data=calib_data,
+                          calib_tokens=s.calib_tokens, importance=s.importance, progress=s.progress, log=log,
+                          allow_far=True,  # far builders are measured here on purpose
+                          fit=s.fit if fitted else None)
+    bundle, manifest = written.path, written.manifest
     timings["emulate_s"] = time.perf_counter() - t
     if distilled:
         t = time.perf_counter()
@@ -111,13 +119,13 @@ def run_builder(name: str, model_dir: Path, calib_data: Path, train_file: Path, 
                 cfg=train_config(s, out / "distill.checkpoints", s.distill_steps, s.distill_lr, 0),
                 seq_len=s.seq_len, max_train_blocks=s.distill_steps * s.batch_size, **s.distill)
         bundle = out / "distilled"
+        manifest = read_manifest(bundle, BUNDLE_FORMAT)  # distillation rewrote it
         timings["distill_s"] = time.perf_counter() - t
-    trip = round_trip(model_dir, Path(bundle), train_file, eval_files, out, s)
+    trip = round_trip(model_dir, bundle, train_file, eval_files, out, s)
     timings.update(tune_s=trip["tune_s"], plugin_s=trip["plugin_s"])
-    manifest = read_manifest(bundle, BUNDLE_FORMAT)
     return {"builder": name, "layout": layout, "rows": trip["rows"], "block_map": manifest.block_map,
             "share_map": manifest.share_map, "quality": manifest.quality and dump(manifest.quality),
-            **emulator_cost(Path(bundle), s.mode, s.mode_settings, s.seq_len),
+            **emulator_cost(bundle, s.mode, s.tuning(), s.seq_len),
             "owner_s": timings["emulate_s"] + timings.get("distill_s", 0.0) + timings["plugin_s"],
             "data_owner_s": timings["tune_s"], "timings": timings, "training": trip["training"]}
 
@@ -220,9 +228,9 @@ def plot_frontier(rows: list[dict], split: str, path: Path) -> None:
 def jobs_for(s: CompareSettings, depth: int) -> list[tuple[str, str, str]]:
     """(name, layout, folder) of every run: each builder at each layout, then one ceiling per adapter size
     (the same L+R blocks tuned on the full model). One layout keeps the single-layout folder names."""
-    from offsite_ds.sandwich import parse_layout
+    from offsite_ds.sandwich import Layout
 
-    layouts = [parse_layout(spec, depth) for spec in (s.layouts or (s.layout,))]
+    layouts = [Layout.parse(spec, depth) for spec in (s.layouts or (s.layout,))]
     single = len(layouts) == 1
     jobs, sizes = [], []
     for layout in layouts:

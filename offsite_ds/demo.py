@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from offsite_ds.emulator import DEFAULT_SELECT
+from offsite_ds.manifests import ModeSettings
 from offsite_ds.report import claims, format_rows
 
 
@@ -74,8 +75,8 @@ def train_config(s: DemoSettings, out: Path, steps: int, lr: float, eval_every: 
 
 
 def round_trip(model_dir: str | Path, bundle_dir: str | Path, train_file: str | Path,
-               eval_files: dict[str, str | Path], out: Path, s: DemoSettings, mode_settings: dict | None = None,
-               log=lambda line: None) -> dict:
+               eval_files: dict[str, str | Path], out: Path, s: DemoSettings,
+               mode_settings: ModeSettings | None = None, log=lambda line: None) -> dict:
     """The data owner tunes through `bundle_dir`, the owner validates and plugs the adapter in, and the four
     rows are scored on every eval split, each on the artifacts that crossed the boundary.
 
@@ -137,7 +138,7 @@ def run_demo(model_dir: str | Path, train_file: str | Path, eval_files: dict[str
     log(f"[owner] emulator {s.layout} of {model_dir}")
     t = time.perf_counter()
     bundle_dir = make_bundle(model_dir, s.layout, out / "bundle", select=s.select, progress=s.progress,
-                             fit=FitSettings() if s.fit else None, log=log)
+                             fit=FitSettings() if s.fit else None, log=log).path
     timings["emulate_s"] = time.perf_counter() - t
 
     trip = round_trip(model_dir, bundle_dir, train_file, eval_files, out, s, log=log)

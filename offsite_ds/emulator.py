@@ -16,18 +16,18 @@ import torch
 import torch.nn as nn
 from transformers import AutoTokenizer, PreTrainedModel
 
+from offsite_ds.bundle import WrittenBundle, write_bundle
 from offsite_ds.errors import OffsiteError
 from offsite_ds.families import block_prefix, family_of, get_path
 from offsite_ds.fitting import FitSettings
 from offsite_ds.formats import WEIGHT_DTYPES
+from offsite_ds.manifests import METHODS
 from offsite_ds.shards import DEFAULT_SHARD_BYTES, ModelCheckpoint, ShardWriter
 from offsite_ds.block_stream import BlockSource, Path as BlockPath, Stream, StreamedBlocks, as_source, full_path, open_stream, path_nlls
 from offsite_ds.surgery import select_blocks, set_depth
-from offsite_ds.sandwich import (SELECTIONS, Layout, block_map_for, emulator_adapter_positions, emulator_block_map,
-                                 middle_indices, parse_layout, select_crash, select_important, select_kept,
-                                 share_map_for)
+from offsite_ds.sandwich import (SELECTIONS, Layout, block_map_for, emulator_block_map, middle_indices, select_crash,
+                                 select_important, select_kept, share_map_for)
 
-METHODS = ("drop", "prune", "quantize")
 # Emulator/full zero-shot perplexity on the calibration text above which `emulate` warns, measured as
 # the ratio on 1,024 tokens of the public Wikipedia sample, SmolLM2-135M at the demo's budget
 # (benchmarks/results/2026-11-23-compare-2-8-2-cpu): adapters transferred (plug-in below zero-shot) at 67.6x
@@ -134,7 +134,7 @@ def choose_blocks(model: PreTrainedModel | BlockSource, layout: Layout, select: 
             if fewest > layout.kept or (not steps and max_ratio < 1.0):
                 raise OffsiteError(f"the fewest kept blocks within --max-ratio {max_ratio:g} are K={fewest}, more than "
                                    f"the layout allows (K <= {layout.kept}); raise --max-ratio or write L-*-R")
-            layout = Layout(layout.bottom, fewest, layout.top)
+            layout = layout.with_kept(fewest)
         kept = kept_after(middle, steps, layout.kept)
         elimination = [{"removed": st.removed, "ratio": st.ratio} for st in steps]
         return layout, block_map_for(n_layers, layout, kept), None, {"elimination": elimination}
@@ -164,7 +164,7 @@ def choose_blocks(model: PreTrainedModel | BlockSource, layout: Layout, select: 
 
 def _ratio(source: BlockSource, stream: Stream, layout: Layout, k: int, rule, share: bool, full_nll: float) -> float:
     """Emulator/full perplexity ratio on the calibration stream of the emulator `rule` builds with K=k."""
-    trial = Layout(layout.bottom, k, layout.top)
+    trial = layout.with_kept(k)
     kept, clusters = rule(k)
     block_map = block_map_for(source.depth, trial, kept)
     if share and clusters is not None:
@@ -190,7 +190,7 @@ def fewest_within(layout: Layout, max_ratio: float, ratio_at) -> Layout:
             high = mid
         else:
             low = mid + 1
-    return Layout(layout.bottom, high, layout.top)
+    return layout.with_kept(high)
 
 
 def compression_transform(method: str, prune_ratio: float = 0.5, quant_bits: int = 8):
@@ -298,7 +298,7 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
                 select: str = DEFAULT_SELECT, share: bool = False, calib_data: str | Path | None = PUBLIC_SAMPLE,
                 calib_tokens: int | None = None, importance: str = "drop", text_field: str = "text",
                 guard_ratio: float | None = None, progress: bool = False, log=None, max_ratio: float | None = None,
-                allow_far: bool = False, fit: FitSettings | None = None) -> Path:
+                allow_far: bool = False, fit: FitSettings | None = None) -> WrittenBundle:
     """Model owner's `emulate`: full model dir -> EmulatorBundle dir, its weights streamed from the checkpoint.
 
     The bundle keeps the checkpoint's dtype (a bf16 model gives a bf16 bundle) unless `dtype` is given.
@@ -313,9 +313,9 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
     whole middle) whose ratio stays within it, recorded in the manifest. `fit` trains each kept middle block to
     stand in for the run it replaces (offsite_ds.fitting) on the public text that follows the calibration
     tokens, so the guard still measures on tokens the fit never saw. The weights are written tensor by tensor
-    from the checkpoint (a fitted block's from its trained copy).
+    from the checkpoint (a fitted block's from its trained copy). Returns the bundle's directory and its
+    validated manifest.
     """
-    from offsite_ds.bundle import write_bundle
     from offsite_ds.fingerprints import fingerprint_checkpoint
 
     log = log or (lambda line: print(line, file=sys.stderr))
@@ -324,7 +324,7 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
     check_builder(select, share, calib_data is not None)
     checkpoint = ModelCheckpoint(model_dir)
     n_layers = checkpoint.depth
-    layout = parse_layout(layout_spec, n_layers, keep_ratio, upper_bound=max_ratio is not None)
+    layout = Layout.parse(layout_spec, n_layers, keep_ratio, upper_bound=max_ratio is not None)
     check_max_ratio(max_ratio)
     if max_ratio is not None and calib_data is None:
         raise OffsiteError("--max-ratio measures the emulator on the owner's public text: drop --no-calib")
@@ -337,7 +337,7 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
         layout, block_map, share_map, facts, calibration, quality, fitted = _calibrated_choice(
             model_dir, layout, method, prune_ratio, quant_bits, select, share, public_calibration(calib_data),
             calib_tokens, importance, text_field, progress, max_ratio, fit, log)
-        warning = guard_warning(quality, guard_ratio, str(layout), select)
+        warning = guard_warning(quality, guard_ratio, layout, select)
         if warning and not allow_far:
             raise OffsiteError(f"{warning}; nothing written (--allow-far writes it anyway)")
         if warning:
@@ -374,7 +374,7 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
         "base_fingerprint": fingerprint_checkpoint(checkpoint),
         "layout": str(layout),
         "block_map": block_map,
-        "adapter_positions": emulator_adapter_positions(layout),
+        "adapter_positions": layout.adapter_positions,
         "compression": compression,
         "dtype": str(dtype).removeprefix("torch."),
     }
@@ -428,7 +428,7 @@ def _calibrated_choice(model_dir, layout: Layout, method: str, prune_ratio: floa
     return layout, block_map, share_map, facts, calibration, quality, fitted
 
 
-def guard_warning(quality: dict, threshold: float | None, layout: str, select: str) -> str | None:
+def guard_warning(quality: dict, threshold: float | None, layout: Layout, select: str) -> str | None:
     """One line telling the owner its emulator is too far from the model for an adapter to transfer."""
     threshold = GUARD_RATIO if threshold is None else threshold
     if quality["ratio"] <= threshold:
@@ -436,7 +436,7 @@ def guard_warning(quality: dict, threshold: float | None, layout: str, select: s
     return (f"the {layout} {select} emulator's perplexity on the calibration text is "
             f"{quality['ratio']:.1f}x the full model's ({quality['emulator_ppl']:.1f} vs {quality['full_ppl']:.1f}; "
             f"guard {threshold:g}x): an adapter tuned through it may not transfer - let K follow a fidelity target "
-            f"(--layout {layout.split('-')[0]}-*-{layout.split('-')[2]} --max-ratio {threshold:g}), use "
+            f"(--layout {layout.bottom}-*-{layout.top} --max-ratio {threshold:g}), use "
             "--select iterative, or distil it (offsite-ds distill)")
 
 

@@ -26,8 +26,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 # safetensors dtype code -> the torch name a manifest records for it ('BF16' -> 'bfloat16')
 SAFETENSORS_NAMES = {code: dtype_name(dtype) for code, dtype in SAFETENSORS_TORCH.items()}
-# the weight dtypes a command accepts by name (--dtype of emulate / plug-in)
+# the weight dtypes a command accepts by name (--dtype of emulate / plug-in) and a bundle may record
 WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_DTYPE_NAMES = tuple(WEIGHT_DTYPES)
+# the dtypes an adapter package's tensors may have (its manifest's tensor table)
+TENSOR_DTYPE_NAMES = (*WEIGHT_DTYPE_NAMES, "float64")
 # the short spellings (lm-eval's --dtype, the benchmark settings) next to the long ones
 DTYPE_ALIASES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, **WEIGHT_DTYPES}
 

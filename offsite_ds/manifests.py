@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import re
 from functools import cached_property
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator, model_validator)
 
-from offsite_ds.errors import ArtifactError, OffsiteError
+from offsite_ds.errors import ArtifactError, LayoutError, OffsiteError
 from offsite_ds.families import Family, family_by_name
-from offsite_ds.sandwich import Layout
+from offsite_ds.formats import TENSOR_DTYPE_NAMES, WEIGHT_DTYPE_NAMES
+from offsite_ds.sandwich import SELECTIONS, Layout, adapter_indices
 
 MANIFEST = "offsite.json"
 BUNDLE_FORMAT = "offsite-ds.emulator-bundle"
@@ -26,7 +27,7 @@ ADAPTER_FORMAT = "offsite-ds.adapter-package"
 PLUGGED_FORMAT = "offsite-ds.plugged-model"
 FINETUNED_FORMAT = "offsite-ds.finetuned-model"
 FORMAT_VERSION = 1
-MODES = ("full", "lora", "adapter", "bitfit")
+METHODS = ("drop", "prune", "quantize")  # how the emulator's kept middle is compressed (emulator.compression_transform)
 
 MAX_DEPTH = 1024  # blocks of any model we accept (the largest open models have ~130)
 MAX_FILES = 4096
@@ -65,16 +66,26 @@ class FileEntry(Strict):
 
 class TensorEntry(Strict):
     shape: Annotated[list[Annotated[int, Field(ge=0, le=1 << 40)]], Field(max_length=8)]
-    dtype: Literal["float32", "float16", "bfloat16", "float64"]
+    dtype: Literal[TENSOR_DTYPE_NAMES]
 
 
 # --------------------------------------------------------------------------------- mode settings
+# The typed settings of each tuning mode: what the commands build from their flags, what
+# offsite_ds.peft_modes.apply_mode takes and resolves, and what a manifest records. Their defaults are the
+# only copy of the numbers (the flags' defaults and help read them from here).
+
+DEFAULT_BOTTLENECK = 64  # a bottleneck left unset becomes min(this, the hidden size) (apply_mode resolves it)
+
 
 class LoraSettings(Strict):
-    r: Annotated[int, Field(ge=1, le=MAX_RANK)]
-    alpha: Annotated[float, Field(gt=0, le=1e6)]
+    """LoRA on the adapter blocks; the defaults are the paper's (r=4, alpha=32), targets None: the family's."""
+    r: Annotated[int, Field(ge=1, le=MAX_RANK)] = 4
+    alpha: Annotated[float, Field(gt=0, le=1e6)] = 32.0
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
     targets: Annotated[list[str], Field(min_length=1, max_length=32)] | None = None
+    # a written manifest always holds these; a received one without them is refused, not read with the
+    # defaults (which would silently change the adapter that was trained)
+    RECORDED: ClassVar[tuple[str, ...]] = ("r", "alpha")
 
     @field_validator("targets")
     @classmethod
@@ -89,25 +100,37 @@ class LoraSettings(Strict):
 
 
 class BottleneckSettings(Strict):
-    bottleneck: Annotated[int, Field(ge=1, le=MAX_RANK)] | None = None  # None: the default for the model
+    """Houlsby adapters; bottleneck None: min(DEFAULT_BOTTLENECK, hidden size), at most the hidden size."""
+    bottleneck: Annotated[int, Field(ge=1, le=MAX_RANK)] | None = None
+    RECORDED: ClassVar[tuple[str, ...]] = ()
 
 
 class NoSettings(Strict):
-    pass
+    """Full and BitFit tuning have no settings."""
+    RECORDED: ClassVar[tuple[str, ...]] = ()
 
 
-SETTINGS: dict[str, type[Strict]] = {"lora": LoraSettings, "adapter": BottleneckSettings, "full": NoSettings,
+# the tuning modes, each with its settings class (adding a mode is one entry here)
+SETTINGS: dict[str, type[Strict]] = {"full": NoSettings, "lora": LoraSettings, "adapter": BottleneckSettings,
                                      "bitfit": NoSettings}
+MODES = tuple(SETTINGS)
+FINETUNE_SETTINGS: dict[str, type[Strict]] = {"ft": NoSettings, "ft+lora": LoraSettings}  # finetune's FT, FT+LoRA
+FINETUNE_MODES = tuple(FINETUNE_SETTINGS)
 ModeSettings = LoraSettings | BottleneckSettings | NoSettings
 
 
-def _settings_of(mode, value, handler):
+def _settings_of(classes: dict[str, type[Strict]], mode: Any, value: Any) -> ModeSettings:
     """Parse mode_settings with the class of the (already validated) mode: one clear error per field."""
-    if isinstance(value, Strict):
-        return value
-    if mode not in SETTINGS:
+    if mode not in classes:
         raise ValueError("cannot be checked without a valid 'mode'")
-    return SETTINGS[mode].model_validate(value)
+    cls = classes[mode]
+    if isinstance(value, cls):
+        return value
+    missing = [name for name in cls.RECORDED if not (isinstance(value, dict) and name in value)]
+    if isinstance(value, dict) and missing:
+        raise ValidationError.from_exception_data(cls.__name__, [{"type": "missing", "loc": (name,), "input": value}
+                                                                 for name in missing])
+    return cls.model_validate(value)
 
 
 # --------------------------------------------------------------------------------- shared sections
@@ -154,13 +177,13 @@ class FitRecord(Strict):
 
 class Compression(Strict):
     """How the emulator's middle was built; builder facts (select, shared, calibration, scores) included."""
-    method: Literal["drop", "prune", "quantize"]
+    method: Literal[METHODS]
     kept: Annotated[int, Field(ge=1, le=MAX_DEPTH)]
     middle: Annotated[int, Field(ge=1, le=MAX_DEPTH)]
     distilled: bool = False
     prune_ratio: Annotated[float, Field(gt=0, lt=1)] | None = None
     bits: Annotated[int, Field(ge=2, le=16)] | None = None
-    select: Literal["uniform", "importance", "crash", "iterative"] | None = None
+    select: Literal[SELECTIONS] | None = None
     shared: bool | None = None
     calibration: Calibration | None = None
     scores: Annotated[list[float], Field(max_length=MAX_DEPTH)] | None = None
@@ -214,25 +237,25 @@ class ModelFacts(Strict):
         family = self.family_spec
         if self.model_type is not None and self.model_type not in family.model_types:
             raise ValueError(f"model_type '{self.model_type}' is not of family '{family.name}'")
-        lay, n, base = self.layout_spec, len(self.block_map), self.base_depth
-        if lay.depth != n or lay.bottom + lay.top >= base or lay.kept > base - lay.bottom - lay.top or lay.kept < 1:
+        n, base = len(self.block_map), self.base_depth
+        try:
+            lay = self.layout_spec
+        except LayoutError:
+            lay = None
+        if lay is None or lay.depth != n:
             raise ValueError(f"layout {self.layout} does not fit block_map of {n} blocks in a {base}-block model")
         if any(b >= base for b in self.block_map) or any(a >= b for a, b in zip(self.block_map, self.block_map[1:])):
             raise ValueError(f"block_map must be strictly increasing block indices below base_depth {base}")
-        ends = list(range(lay.bottom)) + list(range(base - lay.top, base))
-        if [self.block_map[p] for p in self.adapter_position_list(lay)] != ends:
+        if [self.block_map[p] for p in lay.adapter_positions] != adapter_indices(base, lay):
             raise ValueError(f"block_map must keep the first {lay.bottom} and last {lay.top} blocks at the ends")
-        if self.adapter_positions != self.adapter_position_list(lay):
-            raise ValueError(f"adapter_positions must be {self.adapter_position_list(lay)} for layout {self.layout}")
+        if self.adapter_positions != lay.adapter_positions:
+            raise ValueError(f"adapter_positions must be {lay.adapter_positions} for layout {self.layout}")
         return self
-
-    @staticmethod
-    def adapter_position_list(lay: Layout) -> list[int]:
-        return list(range(lay.bottom)) + list(range(lay.bottom + lay.kept, lay.depth))
 
     @cached_property
     def layout_spec(self) -> Layout:
-        return Layout(*(int(x) for x in self.layout.split("-")))
+        """The layout as a Layout, checked against base_depth (LayoutError if it cannot be one)."""
+        return Layout.parse(self.layout, self.base_depth)
 
     @cached_property
     def family_spec(self) -> Family:
@@ -243,10 +266,6 @@ class ModelFacts(Strict):
         """Original indices of the adapter blocks."""
         return [self.block_map[p] for p in self.adapter_positions]
 
-    @property
-    def position_to_original(self) -> dict[int, int]:
-        return {p: self.block_map[p] for p in self.adapter_positions}
-
 
 class BundleManifest(ModelFacts):
     format: Literal["offsite-ds.emulator-bundle"]
@@ -254,7 +273,7 @@ class BundleManifest(ModelFacts):
     fingerprint: Hex32
     share_map: Annotated[list[Index], Field(max_length=MAX_DEPTH)] | None = None
     quality: Quality | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # of the weights (the checkpoint's own by default)
+    dtype: Literal[WEIGHT_DTYPE_NAMES] | None = None  # of the weights (the checkpoint's own by default)
 
     @model_validator(mode="after")
     def _bundle_consistent(self):
@@ -279,7 +298,7 @@ class BundleManifest(ModelFacts):
 class AdapterManifest(ModelFacts):
     format: Literal["offsite-ds.adapter-package"]
     bundle_fingerprint: Hex32
-    mode: Literal["full", "lora", "adapter", "bitfit"]
+    mode: Literal[MODES]
     mode_settings: ModeSettings
     tensors: Annotated[dict[str, TensorEntry], Field(min_length=1, max_length=1 << 16)]
     training: dict[str, JsonValue] = {}
@@ -287,7 +306,7 @@ class AdapterManifest(ModelFacts):
     @field_validator("mode_settings", mode="wrap")
     @classmethod
     def _by_mode(cls, value, handler, info):
-        return _settings_of(info.data.get("mode"), value, handler)
+        return _settings_of(SETTINGS, info.data.get("mode"), value)
 
     @field_validator("tensors")
     @classmethod
@@ -310,7 +329,7 @@ class PlugCheck(Strict):
 class PluggedManifest(Strict):
     format: Literal["offsite-ds.plugged-model"]
     version: Literal[1]
-    mode: Literal["full", "lora", "adapter", "bitfit"]
+    mode: Literal[MODES]
     mode_settings: ModeSettings
     adapter_blocks: Annotated[list[Index], Field(max_length=MAX_DEPTH)]
     base_fingerprint: Hex32
@@ -321,13 +340,13 @@ class PluggedManifest(Strict):
     @field_validator("mode_settings", mode="wrap")
     @classmethod
     def _by_mode(cls, value, handler, info):
-        return _settings_of(info.data.get("mode"), value, handler)
+        return _settings_of(SETTINGS, info.data.get("mode"), value)
 
 
 class FinetunedManifest(Strict):
     format: Literal["offsite-ds.finetuned-model"]
     version: Literal[1]
-    mode: Literal["ft", "ft+lora"]
+    mode: Literal[FINETUNE_MODES]
     mode_settings: LoraSettings | NoSettings
     family: str
     base_model: str
@@ -335,6 +354,11 @@ class FinetunedManifest(Strict):
     world_size: Annotated[int, Field(ge=1)]
     seq_len: Annotated[int, Field(ge=1)]
     training: dict[str, JsonValue] = {}
+
+    @field_validator("mode_settings", mode="wrap")
+    @classmethod
+    def _by_mode(cls, value, handler, info):
+        return _settings_of(FINETUNE_SETTINGS, info.data.get("mode"), value)
 
 
 MANIFEST_TYPES: dict[str, type[Strict]] = {BUNDLE_FORMAT: BundleManifest, ADAPTER_FORMAT: AdapterManifest,

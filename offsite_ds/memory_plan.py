@@ -19,13 +19,15 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
 from offsite_ds.errors import OffsiteError
+from offsite_ds.manifests import LoraSettings
 from offsite_ds.paper_models import PAPER_MODELS, paper_config, paper_layout, read_model_config
-from offsite_ds.sandwich import Layout, parse_layout
+from offsite_ds.sandwich import Layout
 
 GiB = 1 << 30
 BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor for CPU memory
 RUNTIME_OVERHEAD = 1.5 * GiB  # CUDA context, NCCL and allocator reserve per GPU (assumed, not measured)
 ROLES = ("distill", "ft", "ft-lora", "tune")
+LORA_R = LoraSettings().r  # the rank planned for when none is given: tune's and finetune's default
 
 KNOWN_MODELS = PAPER_MODELS  # the paper's models: plan for them by name, no download
 
@@ -184,7 +186,7 @@ class RoleEstimate:
                 "setup": asdict(self.setup)}
 
 
-def role_counts(shape: ModelShape, role: str, layout: Layout, lora_r: int = 4,
+def role_counts(shape: ModelShape, role: str, layout: Layout, lora_r: int = LORA_R,
                 lora_targets: tuple[str, ...] | None = None) -> tuple[int, int, int, int]:
     """(resident params, trainable params, blocks gradients cross, blocks run without gradients)."""
     n, blk, outer = shape.n_layers, shape.block_params, shape.outer_params
@@ -208,7 +210,7 @@ def role_counts(shape: ModelShape, role: str, layout: Layout, lora_r: int = 4,
     raise OffsiteError(f"unknown role '{role}'; choose from {', '.join(ROLES)}")
 
 
-def estimate(shape: ModelShape, role: str, setup: Setup, layout: Layout, lora_r: int = 4) -> RoleEstimate:
+def estimate(shape: ModelShape, role: str, setup: Setup, layout: Layout, lora_r: int = LORA_R) -> RoleEstimate:
     params, trainable, backward_blocks, no_grad_blocks = role_counts(shape, role, layout, lora_r)
     gpu_states, cpu = model_state_bytes(params, trainable, shape.largest_layer_params, setup)
     acts = activation_bytes(shape, setup, backward_blocks, no_grad_blocks)
@@ -226,7 +228,7 @@ def candidate_setups(base: Setup) -> list[Setup]:
 
 
 def suggestion(shape: ModelShape, role: str, base: Setup, layout: Layout, gpu_bytes: float, cpu_bytes: float,
-               lora_r: int = 4) -> str:
+               lora_r: int = LORA_R) -> str:
     """What would make `role` fit: the cheapest setting on this allocation, or how many nodes are needed."""
     for setup in candidate_setups(base):
         if estimate(shape, role, setup, layout, lora_r).fits(gpu_bytes, cpu_bytes):
@@ -244,13 +246,13 @@ def suggestion(shape: ModelShape, role: str, base: Setup, layout: Layout, gpu_by
 
 
 def plan(spec: str, setup: Setup, layout_spec: str | None = None, roles: tuple[str, ...] = ROLES,
-         gpu_gib: float = 80.0, cpu_gib: float = 512.0, lora_r: int = 4) -> dict:
+         gpu_gib: float = 80.0, cpu_gib: float = 512.0, lora_r: int = LORA_R) -> dict:
     """Estimates for every role on `setup`, with a fit verdict and a suggestion when one does not fit."""
     if setup.gpus_per_node < 1 or setup.nodes < 1:
         raise OffsiteError("--gpus and --nodes must be >= 1")
     shape = model_shape(spec)
     layout_spec = layout_spec or shape.default_layout or f"2-{max(1, (shape.n_layers - 4) // 2)}-2"
-    layout = parse_layout(layout_spec, shape.n_layers)
+    layout = Layout.parse(layout_spec, shape.n_layers)
     gpu_bytes, cpu_bytes = gpu_gib * GiB, cpu_gib * GiB
     rows = []
     for role in roles:

@@ -14,16 +14,9 @@ from pydantic import ValidationError
 
 from offsite_ds.errors import OffsiteError, UnsupportedModelError
 from offsite_ds.families import Family, fan_in_fan_out, family_of, get_path, out_features
-from offsite_ds.manifests import MODES, SETTINGS, describe_error
+from offsite_ds.manifests import DEFAULT_BOTTLENECK, MODES, SETTINGS, LoraSettings, ModeSettings, describe_error
 
-DEFAULTS = {
-    "lora": {"r": 4, "alpha": 32, "dropout": 0.0, "targets": None},
-    "adapter": {"bottleneck": None},  # None: min(DEFAULT_BOTTLENECK, hidden size), resolved by apply_mode
-    "full": {},
-    "bitfit": {},
-}
 LORA_ADAPTER_NAME = "default"
-DEFAULT_BOTTLENECK = 64
 
 
 class BottleneckAdapter(nn.Module):
@@ -77,7 +70,7 @@ def lora_target_regex(family: Family, positions: list[int], targets: list[str] |
     return rf"{blocks}\.({pos})\.(.*\.)?({names})"
 
 
-def lora_config(model: nn.Module, positions: list[int], settings: dict, task_type: str | None = None):
+def lora_config(model: nn.Module, positions: list[int], settings: LoraSettings, task_type: str | None = None):
     """The one PEFT LoraConfig for resolved LoRA `settings` on blocks `positions` of `model`.
 
     Used to inject LoRA for training and to write the PEFT export, so both describe the same adapter.
@@ -85,34 +78,48 @@ def lora_config(model: nn.Module, positions: list[int], settings: dict, task_typ
     from peft import LoraConfig
 
     family = family_of(model)
-    return LoraConfig(r=int(settings["r"]), lora_alpha=float(settings["alpha"]),
-                      lora_dropout=float(settings["dropout"]),
-                      target_modules=lora_target_regex(family, positions, settings["targets"] or family.lora_targets),
+    return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                      target_modules=lora_target_regex(family, positions, settings.targets or family.lora_targets),
                       fan_in_fan_out=fan_in_fan_out(model), bias="none", task_type=task_type)
 
 
-def resolve_settings(mode: str, settings: dict | None) -> dict:
+def settings_for(mode: str, **values) -> ModeSettings:
+    """The typed settings of `mode` from keyword values (None: the default), one line on a bad one.
+
+    How the commands build what `apply_mode` takes from their flags, checked with the manifests' own schema.
+    """
     if mode not in MODES:
         raise OffsiteError(f"unknown tuning mode '{mode}'; choose one of {', '.join(MODES)}")
-    merged = {**DEFAULTS[mode], **{k: v for k, v in (settings or {}).items() if v is not None}}
-    unknown = set(merged) - set(DEFAULTS[mode])
+    given = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items() if v is not None}
+    unknown = set(given) - set(SETTINGS[mode].model_fields)
     if unknown:
         raise OffsiteError(f"mode '{mode}' has no setting(s) {', '.join(sorted(unknown))}")
-    if isinstance(merged.get("targets"), tuple):
-        merged["targets"] = list(merged["targets"])
-    try:  # the same strict schema and bounds as the AdapterPackage's mode_settings
-        return SETTINGS[mode].model_validate(merged).model_dump()
+    try:
+        return SETTINGS[mode].model_validate(given)
     except ValidationError as exc:
         raise OffsiteError(f"mode '{mode}' setting {describe_error(exc)}")
 
 
-def apply_mode(model: nn.Module, positions: list[int], mode: str = "full", settings: dict | None = None) -> dict:
+def check_bottleneck(bottleneck: int, hidden: int, what: str = "--bottleneck") -> None:
+    """The one bound on a Houlsby bottleneck, for a tuning request and a received package alike: at most the
+    hidden size it projects down from (wider would add parameters without narrowing anything)."""
+    if bottleneck > hidden:
+        raise OffsiteError(f"{what} {bottleneck} exceeds the hidden size {hidden}; a bottleneck is at most the "
+                           "hidden size")
+
+
+def apply_mode(model: nn.Module, positions: list[int], mode: str = "full",
+               settings: ModeSettings | None = None) -> ModeSettings:
     """Freeze everything, then make the `mode`'s parameters inside blocks `positions` trainable.
 
-    Returns the resolved settings (what the AdapterPackage records). Embeddings, head and final norm
-    always stay frozen; so does every block not listed.
+    Returns the settings resolved against the model (LoRA's targets, the bottleneck's width): what the
+    AdapterPackage records. Embeddings, head and final norm always stay frozen; so does every block not listed.
     """
-    settings = resolve_settings(mode, settings)
+    if mode not in MODES:
+        raise OffsiteError(f"unknown tuning mode '{mode}'; choose one of {', '.join(MODES)}")
+    settings = SETTINGS[mode]() if settings is None else settings
+    if not isinstance(settings, SETTINGS[mode]):
+        raise OffsiteError(f"mode '{mode}' takes {SETTINGS[mode].__name__}, not {type(settings).__name__}")
     family = family_of(model)
     blocks = get_path(model, family.blocks)
     for p in model.parameters():
@@ -131,11 +138,9 @@ def apply_mode(model: nn.Module, positions: list[int], mode: str = "full", setti
             raise OffsiteError(f"BitFit trains biases, but {family.name} blocks have none; use --mode lora or adapter")
     elif mode == "adapter":
         hidden = out_features(get_path(blocks[positions[0]], family.attn_out)) if positions else DEFAULT_BOTTLENECK
-        settings["bottleneck"] = settings["bottleneck"] or min(DEFAULT_BOTTLENECK, hidden)
-        if settings["bottleneck"] > hidden:
-            raise OffsiteError(f"--bottleneck {settings['bottleneck']} exceeds the hidden size {hidden}; a bottleneck "
-                               "is at most the hidden size")
-        insert_bottleneck_adapters(model, positions, settings["bottleneck"])
+        settings = settings.model_copy(update={"bottleneck": settings.bottleneck or min(DEFAULT_BOTTLENECK, hidden)})
+        check_bottleneck(settings.bottleneck, hidden)
+        insert_bottleneck_adapters(model, positions, settings.bottleneck)
         for pos in positions:
             for name, p in blocks[pos].named_parameters():
                 if ".bottleneck_adapter." in f".{name}":
@@ -143,8 +148,8 @@ def apply_mode(model: nn.Module, positions: list[int], mode: str = "full", setti
     elif mode == "lora":
         from peft import inject_adapter_in_model
 
-        targets = list(settings["targets"] or family.lora_targets)
-        settings["targets"] = targets
+        targets = list(settings.targets or family.lora_targets)
+        settings = settings.model_copy(update={"targets": targets})
         config = lora_config(model, positions, settings)
         try:
             inject_adapter_in_model(config, model, adapter_name=LORA_ADAPTER_NAME)

@@ -43,7 +43,7 @@ def install_adapter(model: torch.nn.Module, package: AdapterPackage, original_to
         raise ArtifactError(f"{package.path}: adapter blocks {manifest.adapter_blocks} do not fit a model of "
                             f"{n_blocks} blocks")
     try:
-        apply_mode(model, positions, package.mode, manifest.mode_settings.model_dump())
+        apply_mode(model, positions, package.mode, manifest.mode_settings)
     except OffsiteError as exc:
         raise ArtifactError(f"{package.path}: cannot re-create mode '{package.mode}': {exc}")
     position_to_original = {p: i for i, p in original_to_position.items()}
@@ -99,7 +99,7 @@ def apply_to_emulator(bundle: Bundle, package: AdapterPackage) -> torch.nn.Modul
     """The 'OT Emulator' row: the shipped emulator carrying the tuned adapter blocks."""
     if package.manifest.bundle_fingerprint != bundle.fingerprint:
         raise ArtifactError(f"{package.path}: adapter was tuned on another emulator bundle than {bundle.path}")
-    mapping = {bundle.block_map[p]: p for p in bundle.adapter_positions}
+    mapping = {original: p for p, original in bundle.position_to_original.items()}
     install_adapter(bundle.model, package, mapping)
     if package.mode == "lora":
         merge_lora_(bundle.model)
@@ -229,7 +229,7 @@ def load_model_dir(directory: str | Path, dtype: torch.dtype = torch.float32):
     if manifest is not None and manifest.mode == "adapter":
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        apply_mode(model, manifest.adapter_blocks, "adapter", manifest.mode_settings.model_dump())
+        apply_mode(model, manifest.adapter_blocks, "adapter", manifest.mode_settings)
         state = {}
         for file in sorted(path.glob("*.safetensors")):
             state.update(read_safetensors(path, file.name))

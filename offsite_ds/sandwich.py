@@ -11,8 +11,12 @@ from dataclasses import dataclass
 from offsite_ds.errors import LayoutError
 
 
+_SPEC = re.compile(r"\s*(\d+)-(\d+|\*)-(\d+)\s*")
+
+
 @dataclass(frozen=True)
 class Layout:
+    """An L-K-R split; the one place that parses the spelling and knows which emulator blocks are adapters."""
     bottom: int
     kept: int
     top: int
@@ -25,41 +29,51 @@ class Layout:
         """Depth of the emulator model: adapter blocks plus kept middle blocks."""
         return self.bottom + self.kept + self.top
 
+    @property
+    def adapter_positions(self) -> list[int]:
+        """Emulator block positions that are adapter blocks (trainable on the data owner's side)."""
+        return list(range(self.bottom)) + list(range(self.bottom + self.kept, self.depth))
 
-def parse_layout(spec: str | None, n_layers: int, keep_ratio: float | None = None,
-                 upper_bound: bool = False) -> Layout:
-    """Parse 'L-K-R' (or 'L-*-R' with keep_ratio) and check it against a model of n_layers blocks.
+    @classmethod
+    def parse(cls, spec: str | None, n_layers: int, keep_ratio: float | None = None,
+              upper_bound: bool = False) -> Layout:
+        """Parse 'L-K-R' (or 'L-*-R' with keep_ratio) and check it against a model of n_layers blocks.
 
-    `upper_bound` (a fidelity target will choose K): K is at most the given one, and '*' means the whole middle.
-    """
-    if spec is None:
-        raise LayoutError("no layout given: pass --layout L-K-R, e.g. --layout 2-8-2")
-    m = re.fullmatch(r"\s*(\d+)-(\d+|\*)-(\d+)\s*", spec)
-    if not m:
-        raise LayoutError(f"layout '{spec}' is not of the form L-K-R (e.g. 2-8-2, or 2-*-2 with --keep-ratio)")
-    bottom, top = int(m.group(1)), int(m.group(3))
-    middle = n_layers - bottom - top
-    if middle < 1:
-        raise LayoutError(
-            f"layout {spec}: {bottom}+{top} adapter blocks leave no middle in a {n_layers}-block model; "
-            f"choose L+R <= {n_layers - 1}"
-        )
-    if m.group(2) == "*" and upper_bound and keep_ratio is None:
-        kept = middle
-    elif m.group(2) == "*" or keep_ratio is not None:
-        if keep_ratio is None:
-            raise LayoutError(f"layout {spec} has '*' for K: pass --keep-ratio (0 < r <= 1) or --max-ratio R "
-                              "(the fewest blocks whose emulator stays within R x the full model's perplexity)")
-        if m.group(2) != "*":
-            raise LayoutError("give K in --layout or --keep-ratio, not both (write L-*-R with --keep-ratio)")
-        if not 0.0 < keep_ratio <= 1.0:
-            raise LayoutError(f"--keep-ratio {keep_ratio} must be in (0, 1]")
-        kept = max(1, round(middle * keep_ratio))
-    else:
-        kept = int(m.group(2))
-    if not 1 <= kept <= middle:
-        raise LayoutError(f"layout {spec}: K={kept} must be between 1 and the middle's size {middle}")
-    return Layout(bottom, kept, top)
+        `upper_bound` (a fidelity target will choose K): K is at most the given one, and '*' means the whole
+        middle. The CLI, the manifests and the benchmarks all read layouts here, so they refuse the same ones.
+        """
+        if spec is None:
+            raise LayoutError("no layout given: pass --layout L-K-R, e.g. --layout 2-8-2")
+        m = _SPEC.fullmatch(spec)
+        if not m:
+            raise LayoutError(f"layout '{spec}' is not of the form L-K-R (e.g. 2-8-2, or 2-*-2 with --keep-ratio)")
+        bottom, top = int(m.group(1)), int(m.group(3))
+        middle = n_layers - bottom - top
+        if middle < 1:
+            raise LayoutError(
+                f"layout {spec}: {bottom}+{top} adapter blocks leave no middle in a {n_layers}-block model; "
+                f"choose L+R <= {n_layers - 1}"
+            )
+        if m.group(2) == "*" and upper_bound and keep_ratio is None:
+            kept = middle
+        elif m.group(2) == "*" or keep_ratio is not None:
+            if keep_ratio is None:
+                raise LayoutError(f"layout {spec} has '*' for K: pass --keep-ratio (0 < r <= 1) or --max-ratio R "
+                                  "(the fewest blocks whose emulator stays within R x the full model's perplexity)")
+            if m.group(2) != "*":
+                raise LayoutError("give K in --layout or --keep-ratio, not both (write L-*-R with --keep-ratio)")
+            if not 0.0 < keep_ratio <= 1.0:
+                raise LayoutError(f"--keep-ratio {keep_ratio} must be in (0, 1]")
+            kept = max(1, round(middle * keep_ratio))
+        else:
+            kept = int(m.group(2))
+        if not 1 <= kept <= middle:
+            raise LayoutError(f"layout {spec}: K={kept} must be between 1 and the middle's size {middle}")
+        return cls(bottom, kept, top)
+
+    def with_kept(self, kept: int) -> Layout:
+        """The same adapter blocks around another number of kept middle blocks."""
+        return Layout(self.bottom, kept, self.top)
 
 
 def middle_indices(n_layers: int, layout: Layout) -> list[int]:
@@ -88,14 +102,7 @@ def select_kept(middle: list[int], kept: int) -> list[int]:
 
 def emulator_block_map(n_layers: int, layout: Layout) -> list[int]:
     """For each emulator block (in order), the original block index it was copied from."""
-    middle = middle_indices(n_layers, layout)
-    top = list(range(n_layers - layout.top, n_layers))
-    return list(range(layout.bottom)) + select_kept(middle, layout.kept) + top
-
-
-def emulator_adapter_positions(layout: Layout) -> list[int]:
-    """Emulator block positions that are adapter blocks (trainable on the data owner's side)."""
-    return list(range(layout.bottom)) + list(range(layout.bottom + layout.kept, layout.depth))
+    return block_map_for(n_layers, layout, select_kept(middle_indices(n_layers, layout), layout.kept))
 
 
 # ------------------------------------------------------------------------- calibrated selection rules

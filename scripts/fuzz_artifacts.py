@@ -70,7 +70,7 @@ def build_seeds(root: Path) -> list[Seed]:
     seeds = []
     for family, modes in (("opt", ("full", "lora")), ("llama", ("adapter", "lora"))):
         model = save_tiny_model(family, root / f"model_{family}", n_layers=6)
-        bundle = make_bundle(model, "2-1-2", root / f"bundle_{family}", select="uniform", calib_data=None)
+        bundle = make_bundle(model, "2-1-2", root / f"bundle_{family}", select="uniform", calib_data=None).path
         seeds.append(Seed(f"{family}-bundle", "bundle", model, bundle))
         for mode in modes:
             out = root / f"package_{family}_{mode}"

@@ -88,3 +88,44 @@ def corpus_file(tmp_path_factory) -> Path:
     path.write_text("\n".join(CORPUS for _ in range(40)))
     return path
 
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_model_dir, tmp_path_factory):
+    """Return a function (family, layout="2-2-2") -> the uniform EmulatorBundle of that tiny model, built once.
+
+    Shared by every test that only reads a bundle (tunes through it, loads it, validates it); a test that
+    edits one copies it first (shutil.copytree), so the next test still gets what make_bundle wrote.
+    """
+    from offsite_ds.emulator import make_bundle
+
+    cache: dict[tuple[str, str], Path] = {}
+
+    def make(family: str = "opt", layout: str = "2-2-2") -> Path:
+        if (family, layout) not in cache:
+            out = tmp_path_factory.mktemp(f"bundle_{family}_{layout}") / "bundle"
+            cache[family, layout] = make_bundle(tiny_model_dir(family), layout, out, select="uniform",
+                                                calib_data=None).path
+        return cache[family, layout]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_round_trip(tiny_model_dir, tiny_bundle, corpus_file, tmp_path_factory) -> dict:
+    """The tiny OPT round trip, built once: the 2-2-2 bundle, an adapter tuned through it (full mode, 3 steps
+    that lower the loss) and the plugged-in model exported as a plain HF dir.
+
+    {"model", "bundle", "adapter", "plugged", "corpus"}; read only (copy an artifact to edit it).
+    """
+    from offsite_ds.plugin import plugin
+    from offsite_ds.roles.tune_adapter import tune
+    from offsite_ds.train import TrainConfig
+
+    root = tmp_path_factory.mktemp("round_trip")
+    model_dir, bundle = tiny_model_dir("opt"), tiny_bundle("opt")
+    tune(bundle, corpus_file, root / "adapter", mode="full", seq_len=32,
+         cfg=TrainConfig(steps=3, lr=5e-3, batch_size=2, progress=False))
+    plugged = plugin(model_dir, root / "adapter", root / "plugged")
+    return {"model": model_dir, "bundle": bundle, "adapter": root / "adapter", "plugged": plugged,
+            "corpus": corpus_file}

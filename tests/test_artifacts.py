@@ -9,21 +9,15 @@ from safetensors.torch import load_file, save_file
 from offsite_ds.adapter_package import load_adapter_package
 from offsite_ds.bundle import load_bundle
 from offsite_ds.cli import main
-from offsite_ds.emulator import make_bundle
 from offsite_ds.errors import ArtifactError
 from offsite_ds.fingerprints import sha256_file
 from offsite_ds.plugin import plug_in, plugin
-from offsite_ds.roles.tune_adapter import tune
-from offsite_ds.train import TrainConfig
 
 
-@pytest.fixture(scope="module")
-def artifacts(tiny_model_dir, corpus_file, tmp_path_factory):
-    root = tmp_path_factory.mktemp("artifacts")
-    bundle = make_bundle(tiny_model_dir("opt"), "2-2-2", root / "bundle", select="uniform", calib_data=None)
-    tune(bundle, corpus_file, root / "adapter", mode="full",
-         cfg=TrainConfig(steps=2, batch_size=2, progress=False), seq_len=32)
-    return {"model": tiny_model_dir("opt"), "bundle": bundle, "adapter": root / "adapter"}
+@pytest.fixture
+def artifacts(tiny_round_trip):
+    """The shared tiny round trip's model, bundle and adapter; every test below edits a copy (_copy)."""
+    return tiny_round_trip
 
 
 def _copy(src, tmp_path, name="copy"):

@@ -74,7 +74,7 @@ def _trained(family: str, setting: str):
 
     from offsite_ds.emulator import build_emulator
     from offsite_ds.peft_modes import apply_mode
-    from offsite_ds.sandwich import emulator_adapter_positions, parse_layout
+    from offsite_ds.sandwich import Layout
     from offsite_ds.tiny import tiny_config
 
     torch.manual_seed(0)
@@ -83,9 +83,9 @@ def _trained(family: str, setting: str):
     model = AutoModelForCausalLM.from_config(config)
     positions = list(range(6))
     if setting.startswith("ot"):
-        layout = parse_layout("1-2-1", 6)
+        layout = Layout.parse("1-2-1", 6)
         model, _ = build_emulator(model, layout)
-        positions = emulator_adapter_positions(layout)
+        positions = layout.adapter_positions
     if setting == "ft":
         model.requires_grad_(True)
     else:

@@ -153,6 +153,6 @@ def test_emulate_scores_and_guards_without_loading_the_model(select, tiny_model_
 
     monkeypatch.setattr(offsite_ds.runtime, "load_model", refuse)
     out = make_bundle(tiny_model_dir("llama"), "1-3-1", tmp_path / "bundle", select=select, calib_data=corpus_file,
-                      calib_tokens=256, allow_far=True)
+                      calib_tokens=256, allow_far=True).path
     manifest = read_manifest(out, BUNDLE_FORMAT)
     assert manifest.quality.ratio > 0 and len(manifest.block_map) == 5

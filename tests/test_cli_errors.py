@@ -6,7 +6,6 @@ import sys
 import pytest
 
 from offsite_ds.cli import main
-from offsite_ds.emulator import make_bundle
 
 
 def _run(capsys, *argv):
@@ -15,9 +14,9 @@ def _run(capsys, *argv):
     return code, err
 
 
-@pytest.fixture(scope="module")
-def bundle(tiny_model_dir, tmp_path_factory):
-    return make_bundle(tiny_model_dir("gpt2"), "2-2-2", tmp_path_factory.mktemp("cli") / "bundle", select="uniform", calib_data=None)
+@pytest.fixture
+def bundle(tiny_bundle):
+    return tiny_bundle("gpt2")
 
 
 def test_impossible_layout(capsys, tiny_model_dir, tmp_path):
@@ -72,8 +71,8 @@ def test_bundle_passed_as_model_and_bad_mode_settings(capsys, bundle, corpus_fil
     assert code == 2 and "LoRA targets" in err
 
 
-def test_bitfit_on_a_family_without_biases(capsys, tiny_model_dir, corpus_file, tmp_path):
-    bundle = make_bundle(tiny_model_dir("llama"), "2-2-2", tmp_path / "b", select="uniform", calib_data=None)
+def test_bitfit_on_a_family_without_biases(capsys, tiny_bundle, corpus_file, tmp_path):
+    bundle = tiny_bundle("llama")
     code, err = _run(capsys, "tune", bundle, "--data", corpus_file, "--out", tmp_path / "a", "--mode", "bitfit",
                      "--seq-len", "32")
     assert code == 2 and "have none" in err

@@ -18,7 +18,6 @@ import torch
 
 from offsite_ds.bundle import load_bundle
 from offsite_ds.data import load_blocks
-from offsite_ds.emulator import make_bundle
 from offsite_ds.roles.distill import build_distill_model
 
 TRAIN = ["--seq-len", "32", "--batch-size", "2", "--warmup", "0", "--no-progress", "--torch-adam", "--log-every", "1"]
@@ -101,9 +100,9 @@ sys.exit(main())
 '''
 
 
-def test_distill_opt_zero3_two_ranks(tiny_model_dir, corpus_file, tmp_path):
+def test_distill_opt_zero3_two_ranks(tiny_model_dir, tiny_bundle, corpus_file, tmp_path):
     model_dir = tiny_model_dir("opt")
-    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None)
+    bundle = tiny_bundle("opt")
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     out = tmp_path / "distilled"
@@ -134,9 +133,9 @@ def test_distill_opt_zero3_two_ranks(tiny_model_dir, corpus_file, tmp_path):
     assert held_out_kd(model_dir, out, ids) < 0.8 * held_out_kd(model_dir, bundle, ids)
 
 
-def test_distill_bloom_zero3_offload_two_ranks(tiny_model_dir, corpus_file, tmp_path):
+def test_distill_bloom_zero3_offload_two_ranks(tiny_model_dir, tiny_bundle, corpus_file, tmp_path):
     model_dir = tiny_model_dir("bloom")
-    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None)
+    bundle = tiny_bundle("bloom")
     out = tmp_path / "distilled"
     proc = launch("offsite_ds", "distill", str(model_dir), "--bundle", str(bundle), "--data", str(corpus_file),
                   "--out", str(out), "--steps", "12", "--lr", "1e-3", "--deepspeed", "zero3_offload", *TRAIN)
@@ -266,15 +265,14 @@ def test_resume_on_another_world_size_two_ranks_to_one(tiny_model_dir, corpus_fi
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
-def test_tune_under_zero3_exports_whole_tensors_that_plug_in(ranks, tiny_model_dir, corpus_file, tmp_path):
+def test_tune_under_zero3_exports_whole_tensors_that_plug_in(ranks, tiny_model_dir, tiny_bundle, corpus_file, tmp_path):
     """A ZeRO-3 parameter is an empty shard until gathered: the exported adapter must hold the full tensors
     (one rank, as a data owner on one GPU, and two), and the owner's plugin must accept them."""
     from offsite_ds.adapter_package import load_adapter_package
-    from offsite_ds.emulator import make_bundle
     from offsite_ds.plugin import plugin
 
     model_dir = tiny_model_dir("opt")
-    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None)
+    bundle = tiny_bundle("opt")
     launch("offsite_ds", "tune", str(bundle), "--data", str(corpus_file), "--out", str(tmp_path / "adapter"),
            "--steps", "3", "--lr", "1e-3", "--deepspeed", "zero3", "--torch-adam", "--seq-len", "32",
            "--batch-size", "2", "--no-progress", ranks=ranks)

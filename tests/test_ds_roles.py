@@ -43,12 +43,12 @@ def test_per_token_kd_weighs_every_token_alike_and_logit_kl_is_a_divergence():
     assert torch.allclose(logit_kl(a, b), ref, atol=1e-6)
 
 
-def test_logit_kd_teacher_logits_are_the_full_models(tiny_model_dir, tmp_path):
+def test_logit_kd_teacher_logits_are_the_full_models(tiny_model_dir, tiny_bundle):
     """The teacher pass runs the emulator's outer parts on the teacher middle's output: exactly the full model."""
     from transformers import AutoModelForCausalLM
 
     model_dir = tiny_model_dir("llama")
-    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None)
+    bundle = tiny_bundle("llama")
     model = build_distill_model(model_dir, bundle, load_bundle(bundle).manifest, None, 30.0, 1.0, logit_weight=2.0)
     ids = torch.randint(0, 256, (2, 16))
     mask = torch.ones_like(ids)
@@ -61,12 +61,12 @@ def test_logit_kd_teacher_logits_are_the_full_models(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["opt", "bloom", "gpt2", "llama"])
-def test_teacher_sees_the_students_input_with_its_arguments(family, tiny_model_dir, tmp_path):
+def test_teacher_sees_the_students_input_with_its_arguments(family, tiny_model_dir, tiny_bundle):
     """Keeping the whole middle makes the student a copy of the teacher: KD must be exactly 0 and the LM
     loss the full model's own - which holds only if the teacher got the same hidden states, mask,
     positions (rotary, ALiBi) the model passed its blocks."""
     model_dir = tiny_model_dir(family)
-    bundle = make_bundle(model_dir, "2-4-2", tmp_path / "bundle", select="uniform", calib_data=None)
+    bundle = tiny_bundle(family, "2-4-2")
     model = build_distill_model(model_dir, bundle, load_bundle(bundle).manifest, None, 30.0, 1.0)
     ids = torch.randint(0, 256, (2, 16))
     mask = torch.ones_like(ids)
@@ -85,9 +85,9 @@ def test_teacher_sees_the_students_input_with_its_arguments(family, tiny_model_d
     assert not any(p.requires_grad for p in model.teacher.parameters())
 
 
-def test_layer_drop_student_differs_from_teacher(tiny_model_dir, tmp_path):
+def test_layer_drop_student_differs_from_teacher(tiny_model_dir, tiny_bundle):
     model_dir = tiny_model_dir("opt")
-    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None)
+    bundle = tiny_bundle("opt")
     model = build_distill_model(model_dir, bundle, load_bundle(bundle).manifest, None, 30.0, 1.0)
     ids = torch.randint(0, 256, (2, 16))
     with torch.no_grad():
@@ -98,7 +98,7 @@ def test_layer_drop_student_differs_from_teacher(tiny_model_dir, tmp_path):
 
 def test_a_bundle_from_another_model_is_refused(tiny_model_dir, tmp_path):
     other = save_tiny_model("opt", tmp_path / "other", n_layers=8, seed=1)
-    bundle = make_bundle(other, "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None)
+    bundle = make_bundle(other, "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None).path
     with pytest.raises(ArtifactError, match="differs from the full model"):
         build_distill_model(tiny_model_dir("opt"), bundle, load_bundle(bundle).manifest, None, 30.0, 1.0)
     deeper = save_tiny_model("opt", tmp_path / "deeper", n_layers=10)
@@ -108,11 +108,12 @@ def test_a_bundle_from_another_model_is_refused(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("family", ["opt", "gpt2"])  # gpt2: Conv1D, fan_in_fan_out
 def test_merging_lora_in_the_state_dict_matches_the_lora_model(family):
+    from offsite_ds.manifests import LoraSettings
     from offsite_ds.peft_modes import apply_mode
 
     model = tiny_model(family, n_layers=3)
     base = tiny_model(family, n_layers=3)
-    apply_mode(model, [0, 1, 2], "lora", {"r": 2})
+    apply_mode(model, [0, 1, 2], "lora", LoraSettings(r=2))
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -127,10 +128,10 @@ def test_merging_lora_in_the_state_dict_matches_the_lora_model(family):
         assert not torch.allclose(base(input_ids=ids).logits, tiny_model(family, n_layers=3)(input_ids=ids).logits)
 
 
-def test_cli_distill_one_process_with_eval(tiny_model_dir, corpus_file, tmp_path, capsys):
+def test_cli_distill_one_process_with_eval(tiny_model_dir, tiny_bundle, corpus_file, tmp_path, capsys):
     from offsite_ds.cli import main
 
-    bundle = make_bundle(tiny_model_dir("bloom"), "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None)
+    bundle = tiny_bundle("bloom")
     rc = main(["distill", str(tiny_model_dir("bloom")), "--bundle", str(bundle), "--data", str(corpus_file),
                "--eval-data", str(corpus_file), "--max-eval-blocks", "4", "--eval-every", "3", "--out",
                str(tmp_path / "distilled"), "--steps", "6", "--seq-len", "32", "--batch-size", "2", "--warmup", "0",
@@ -146,10 +147,10 @@ def test_cli_distill_one_process_with_eval(tiny_model_dir, corpus_file, tmp_path
     assert "distilled emulator bundle" in capsys.readouterr().out
 
 
-def test_cli_refuses_bad_weights(tiny_model_dir, corpus_file, tmp_path, capsys):
+def test_cli_refuses_bad_weights(tiny_model_dir, tiny_bundle, corpus_file, tmp_path, capsys):
     from offsite_ds.cli import main
 
-    bundle = make_bundle(tiny_model_dir("opt"), "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None)
+    bundle = tiny_bundle("opt")
     rc = main(["distill", str(tiny_model_dir("opt")), "--bundle", str(bundle), "--data", str(corpus_file),
                "--out", str(tmp_path / "d"), "--kd-weight", "0", "--lm-weight", "0"])
     assert rc == 2 and "must be >= 0 and finite, not all 0" in capsys.readouterr().err
@@ -163,10 +164,10 @@ def test_cli_refuses_bad_weights(tiny_model_dir, corpus_file, tmp_path, capsys):
         finetune(tmp_path, corpus_file, tmp_path / "ft")
 
 
-def test_activation_checkpointing_changes_nothing_but_memory(tiny_model_dir, tmp_path):
+def test_activation_checkpointing_changes_nothing_but_memory(tiny_model_dir, tiny_bundle):
     """The student's hooks fire again during recomputation; the gradients must not notice."""
     model_dir = tiny_model_dir("llama")
-    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None)
+    bundle = tiny_bundle("llama")
     manifest = load_bundle(bundle).manifest
     ids = torch.randint(0, 256, (2, 16))
     grads = []

@@ -47,10 +47,10 @@ def test_max_ratio_keeps_the_fewest_blocks_that_meet_it(select, tiny_model_dir, 
     from offsite_ds.calibrate import quality
     from offsite_ds.emulator import choose_blocks
     from offsite_ds.errors import OffsiteError
-    from offsite_ds.sandwich import Layout, parse_layout
+    from offsite_ds.sandwich import Layout
 
     model = _model("gpt2", tiny_model_dir)
-    whole = parse_layout("1-*-1", 8, upper_bound=True)
+    whole = Layout.parse("1-*-1", 8, upper_bound=True)
     assert whole == Layout(1, 6, 1)
     ratios = {}
     for k in range(2, 7):

@@ -120,7 +120,8 @@ def test_each_builder_makes_a_bundle(family, select, share, tiny_model_dir, cali
     assert not (tmp_path / "b").exists()
     warnings = []
     out = make_bundle(tiny_model_dir(family), "2-2-2", tmp_path / "b", select=select, share=share,
-                      calib_data=calib_file, calib_tokens=512, guard_ratio=0.5, log=warnings.append, allow_far=True)
+                      calib_data=calib_file, calib_tokens=512, guard_ratio=0.5, log=warnings.append,
+                      allow_far=True).path
     manifest = json.loads((out / "offsite.json").read_text())
     c = manifest["compression"]
     assert c["select"] == select and c["shared"] is share
@@ -155,7 +156,7 @@ def test_shared_bundle_loads_tunes_and_plugs_in(family, tiny_model_dir, calib_fi
 
     model_dir = tiny_model_dir(family)
     out = make_bundle(model_dir, "2-2-2", tmp_path / "b", select="crash", share=True, calib_data=calib_file,
-                      calib_tokens=512, guard_ratio=1e9)
+                      calib_tokens=512, guard_ratio=1e9).path
     share_map = json.loads((out / "offsite.json").read_text())["share_map"]
     bundle = load_bundle(out)
     blocks = blocks_of(bundle.model)
@@ -293,16 +294,15 @@ def test_compare_emulators_end_to_end_and_resume(tiny_model_dir, calib_file, cor
     assert main(argv[:-1] + ["--builders", "crash+share+distill", "--no-progress"]) == 2
 
 
-def test_plugin_check_warns_when_the_plug_in_got_worse(tiny_model_dir, corpus_file, tmp_path, capsys):
+def test_plugin_check_warns_when_the_plug_in_got_worse(tiny_model_dir, tiny_bundle, corpus_file, tmp_path, capsys):
     import random
 
     from offsite_ds.cli import main
-    from offsite_ds.emulator import make_bundle
     from offsite_ds.roles.tune_adapter import tune
     from offsite_ds.train import TrainConfig
 
     model_dir = tiny_model_dir("opt")
-    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "b", select="uniform", calib_data=None)
+    bundle = tiny_bundle("opt")
     tune(bundle, corpus_file, tmp_path / "a", cfg=TrainConfig(steps=8, lr=2e-2, batch_size=2, progress=False),
          seq_len=32)
     # owner text of uniformly random characters: the untrained model is near its best there, an adapter
@@ -328,7 +328,7 @@ def test_guard_scores_the_compressed_middle(tiny_model_dir, calib_file, tmp_path
     ratios = {}
     for method in ("drop", "quantize"):
         out = make_bundle(tiny_model_dir("bloom"), "2-2-2", tmp_path / method, method=method, quant_bits=2,
-                          calib_data=calib_file, calib_tokens=256, guard_ratio=1e9, select="uniform")
+                          calib_data=calib_file, calib_tokens=256, guard_ratio=1e9, select="uniform").path
         q = json.loads((out / "offsite.json").read_text())["quality"]
         bundle = load_bundle(out)  # the guard's figure is the shipped emulator's perplexity
         ids, _ = calibration_ids(calib_file, bundle.tokenizer, 256)

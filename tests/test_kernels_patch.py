@@ -22,7 +22,7 @@ from offsite_ds.families import family_of, get_path
 from offsite_ds.kernels import (PARTS, kernels_enabled, kernels_for_training, patch, patch_for_training, patched,
                                resolve_kernels, unpatch)
 from offsite_ds.peft_modes import apply_mode
-from offsite_ds.sandwich import emulator_adapter_positions, parse_layout
+from offsite_ds.sandwich import Layout
 from offsite_ds.tiny import byte_tokenizer, tiny_model
 
 TEXT = ("the quick brown fox jumps over the lazy dog . a stitch in time saves nine . "
@@ -32,9 +32,9 @@ TEXT = ("the quick brown fox jumps over the lazy dog . a stitch in time saves ni
 def emulator(family: str, mode: str = "full", layout: str = "1-2-1", n_layers: int = 6):
     """A data owner's emulator of a tiny random model: adapter blocks trainable, the rest frozen."""
     full = tiny_model(family, n_layers=n_layers)
-    lay = parse_layout(layout, n_layers)
+    lay = Layout.parse(layout, n_layers)
     emu, _ = build_emulator(full, lay)
-    apply_mode(emu, emulator_adapter_positions(lay), mode)
+    apply_mode(emu, lay.adapter_positions, mode)
     return emu
 
 
@@ -356,13 +356,12 @@ def test_mini_model_convergence_patched_matches_unpatched(family, mode):
 # ---------------------------------------------------------------- through the data owner's `tune`
 
 @pytest.mark.parametrize("family,mode", [("opt", "lora"), ("bloom", "full")])
-def test_tune_with_kernels_on_matches_kernels_off(family, mode, tiny_model_dir, corpus_file, tmp_path):
+def test_tune_with_kernels_on_matches_kernels_off(family, mode, tiny_bundle, corpus_file, tmp_path):
     """`tune --kernels on` (the Triton kernels, here interpreted) follows `--kernels off` step by step."""
-    from offsite_ds.emulator import make_bundle
     from offsite_ds.roles.tune_adapter import tune
     from offsite_ds.train import TrainConfig
 
-    bundle = make_bundle(tiny_model_dir(family), "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None)
+    bundle = tiny_bundle(family)
     history = {}
     for kernels in ("off", "on"):
         torch.manual_seed(0)  # LoRA's initialisation draws from the global generator
@@ -376,14 +375,13 @@ def test_tune_with_kernels_on_matches_kernels_off(family, mode, tiny_model_dir, 
         assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), f"step {step}: off {a:.6f} vs on {b:.6f}"
 
 
-def test_zero3_with_kernels_is_refused_or_skipped(tiny_model_dir, corpus_file, tmp_path, capsys):
+def test_zero3_with_kernels_is_refused_or_skipped(tiny_bundle, corpus_file, tmp_path, capsys):
     """ZeRO-3 partitions the weights the fused loss/LoRA kernels read outside their modules: `tune --kernels on`
     refuses before any work, auto leaves the model alone and says so."""
-    from offsite_ds.emulator import make_bundle
     from offsite_ds.roles.tune_adapter import tune
     from offsite_ds.train import TrainConfig
 
-    bundle = make_bundle(tiny_model_dir("opt"), "1-1-1", tmp_path / "bundle", select="uniform", calib_data=None)
+    bundle = tiny_bundle("opt", "1-1-1")
     master = os.environ.get("MASTER_ADDR")
     cfg = TrainConfig(steps=1, batch_size=2, deepspeed={"zero_optimization": {"stage": 3}})
     with pytest.raises(OffsiteError, match="--kernels on cannot run under ZeRO-3"):

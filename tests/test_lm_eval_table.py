@@ -5,28 +5,18 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from offsite_ds.cli import main
-from offsite_ds.emulator import make_bundle
 from offsite_ds.errors import ArtifactError
 from offsite_ds.eval_table import PRIVACY_GAP, ROW_FILES, ROWS, TUNING_GAIN, EvalOptions, eval_table
 from offsite_ds.lm_eval_bridge import run_tasks
-from offsite_ds.plugin import plugin
-from offsite_ds.roles.tune_adapter import tune
-from offsite_ds.train import TrainConfig
 
 TASKS = "mmlu_demo,qa_demo,prose_demo"
 
 
-@pytest.fixture(scope="module")
-def round_trip(tiny_model_dir, corpus_file, tmp_path_factory):
-    root = tmp_path_factory.mktemp("round_trip")
-    model_dir = tiny_model_dir("opt")
-    bundle = make_bundle(model_dir, "2-2-2", root / "bundle", select="uniform", calib_data=None)
-    tune(bundle, corpus_file, root / "adapter", mode="full", seq_len=32,
-         cfg=TrainConfig(steps=3, lr=5e-3, batch_size=2, progress=False))
-    # the plugged-in model exported as a plain HF dir doubles as the FT row: its numbers must equal OT Plug-in's
-    plugged = plugin(model_dir, root / "adapter", root / "plugged")
-    return {"model": model_dir, "bundle": bundle, "adapter": root / "adapter", "plugged": plugged,
-            "corpus": corpus_file, "root": root}
+@pytest.fixture
+def round_trip(tiny_round_trip):
+    """The shared tiny round trip; its plugged-in model (a plain HF dir) doubles as the FT row: its numbers must
+    equal OT Plug-in's."""
+    return tiny_round_trip
 
 
 def test_five_row_table_from_the_cli(round_trip, tmp_path):
@@ -77,9 +67,9 @@ def test_rows_evaluate_the_shipped_artifacts_themselves(round_trip, tmp_path):
     assert "FT" not in table["rows"]
 
 
-def test_adapter_from_another_bundle_is_refused_before_evaluating(round_trip, tmp_path):
+def test_adapter_from_another_bundle_is_refused_before_evaluating(round_trip, tiny_bundle, tmp_path):
     rt = round_trip
-    other = make_bundle(rt["model"], "1-2-1", tmp_path / "other_bundle", select="uniform", calib_data=None)
+    other = tiny_bundle("opt", "1-2-1")
     with pytest.raises(ArtifactError, match="another emulator bundle"):
         eval_table(rt["model"], other, rt["adapter"], tmp_path / "t", EvalOptions(tasks=["mmlu_demo"]))
     assert not (tmp_path / "t").exists()

@@ -1,9 +1,10 @@
 """`plan`: exact parameter counts, model-state figures equal to DeepSpeed's own estimators, advice that fits."""
 import pytest
 
+from offsite_ds.manifests import LoraSettings
 from offsite_ds.memory_plan import (KNOWN_MODELS, Setup, estimate, model_shape, model_state_bytes, plan,
                                     role_counts)
-from offsite_ds.sandwich import parse_layout
+from offsite_ds.sandwich import Layout
 
 
 def test_counts_match_the_real_model_and_deepspeeds_counter(tiny_model_dir):
@@ -48,21 +49,21 @@ def test_role_counts(tiny_model_dir):
     from offsite_ds.tiny import tiny_model
 
     shape = model_shape(str(tiny_model_dir("opt")))
-    layout = parse_layout("2-2-2", 8)
+    layout = Layout.parse("2-2-2", 8)
     params, trainable, backward, no_grad = role_counts(shape, "distill", layout)
     assert trainable == 2 * shape.block_params and (backward, no_grad) == (4, 6)
     assert params == shape.outer_params + (6 + 4) * shape.block_params  # emulator + teacher middle
     assert role_counts(shape, "tune", layout)[1] == 4 * shape.block_params
     assert role_counts(shape, "ft", layout)[:2] == (shape.total_params, shape.total_params)
     model = tiny_model("opt", n_layers=8)
-    apply_mode(model, list(range(8)), "lora", {"r": 4})
+    apply_mode(model, list(range(8)), "lora", LoraSettings(r=4))
     real_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert role_counts(shape, "ft-lora", layout, lora_r=4)[1] == real_lora
 
 
 def test_frozen_weights_cost_less_and_offload_moves_states_to_cpu():
     shape = model_shape("opt-6.7b")
-    layout = parse_layout("2-18-2", 32)
+    layout = Layout.parse("2-18-2", 32)
     base = Setup(8, 1, 3)
     ft, lora = estimate(shape, "ft", base, layout), estimate(shape, "ft-lora", base, layout)
     assert lora.gpu_model_states < ft.gpu_model_states / 5

@@ -8,14 +8,13 @@ import time
 
 import pytest
 
-from offsite_ds.emulator import make_bundle
 from offsite_ds.roles.tune_adapter import tune
 from offsite_ds.train import TrainConfig
 
 
-@pytest.fixture(scope="module")
-def bundle(tiny_model_dir, tmp_path_factory):
-    return make_bundle(tiny_model_dir("opt"), "2-2-2", tmp_path_factory.mktemp("resume") / "bundle", select="uniform", calib_data=None)
+@pytest.fixture
+def bundle(tiny_bundle):
+    return tiny_bundle("opt")
 
 
 def _cfg(tmp, steps, **kw):

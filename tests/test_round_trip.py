@@ -8,7 +8,6 @@ from transformers import AutoModelForCausalLM
 from conftest import FAMILIES
 from offsite_ds.adapter_package import load_adapter_package
 from offsite_ds.bundle import load_bundle
-from offsite_ds.emulator import make_bundle
 from offsite_ds.families import blocks_of
 from offsite_ds.plugin import load_model_dir, plugin
 from offsite_ds.roles.tune_adapter import tune
@@ -24,9 +23,9 @@ def _params(model):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_round_trip_full_mode(family, tiny_model_dir, corpus_file, tmp_path):
+def test_round_trip_full_mode(family, tiny_model_dir, tiny_bundle, corpus_file, tmp_path):
     model_dir = tiny_model_dir(family)
-    bundle_dir = make_bundle(model_dir, "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None)
+    bundle_dir = tiny_bundle(family)
     manifest = json.loads((bundle_dir / "offsite.json").read_text())
     assert manifest["block_map"] == [0, 1, 2, 5, 6, 7]  # middle 2..5, K=2 keeps its first and last
     emulator = AutoModelForCausalLM.from_pretrained(bundle_dir)  # plain transformers loads the bundle
@@ -53,9 +52,9 @@ def test_round_trip_full_mode(family, tiny_model_dir, corpus_file, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["lora", "adapter", "bitfit"])
-def test_round_trip_peft_modes_on_opt(mode, tiny_model_dir, corpus_file, tmp_path):
+def test_round_trip_peft_modes_on_opt(mode, tiny_model_dir, tiny_bundle, corpus_file, tmp_path):
     model_dir = tiny_model_dir("opt")
-    bundle_dir = make_bundle(model_dir, "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None)
+    bundle_dir = tiny_bundle("opt")
     tune(bundle_dir, corpus_file, tmp_path / "adapter", mode=mode, cfg=_cfg(), seq_len=32)
     package = load_adapter_package(tmp_path / "adapter")
     key = {"lora": "lora_", "adapter": "bottleneck_adapter", "bitfit": "bias"}[mode]
@@ -73,10 +72,10 @@ def test_round_trip_peft_modes_on_opt(mode, tiny_model_dir, corpus_file, tmp_pat
         torch.testing.assert_close(peft_model(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_emulator_stays_frozen_but_adapter_moves(tiny_model_dir, corpus_file, tmp_path):
+def test_emulator_stays_frozen_but_adapter_moves(tiny_bundle, corpus_file, tmp_path):
     from offsite_ds.plugin import apply_to_emulator
 
-    bundle_dir = make_bundle(tiny_model_dir("bloom"), "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None)
+    bundle_dir = tiny_bundle("bloom")
     tune(bundle_dir, corpus_file, tmp_path / "adapter", mode="full", cfg=_cfg(), seq_len=32)
     bundle = load_bundle(bundle_dir)
     before = _params(bundle.model)
@@ -87,8 +86,8 @@ def test_emulator_stays_frozen_but_adapter_moves(tiny_model_dir, corpus_file, tm
                                        "transformer.h.5.")) for n in moved)
 
 
-def test_best_adapter_is_kept_by_emulator_eval(tiny_model_dir, corpus_file, tmp_path):
-    bundle_dir = make_bundle(tiny_model_dir("gpt2"), "1-2-1", tmp_path / "bundle", select="uniform", calib_data=None)
+def test_best_adapter_is_kept_by_emulator_eval(tiny_bundle, corpus_file, tmp_path):
+    bundle_dir = tiny_bundle("gpt2", "1-2-1")
     summary = tune(bundle_dir, corpus_file, tmp_path / "adapter", mode="full", cfg=_cfg(steps=6, eval_every=2),
                    seq_len=32, eval_data=corpus_file, max_eval_tokens=256)
     training = load_adapter_package(tmp_path / "adapter").manifest.training
@@ -111,12 +110,12 @@ def test_compression_ablation_methods(tiny_model_dir, tmp_path):
     assert torch.equal(blocks_of(quant)[0].fc1.weight, blocks_of(model)[0].fc1.weight)
 
 
-def test_report_command_scores_the_four_rows(tiny_model_dir, corpus_file, tmp_path, capsys):
+def test_report_command_scores_the_four_rows(tiny_model_dir, tiny_bundle, corpus_file, tmp_path, capsys):
     from offsite_ds.cli import main
     from offsite_ds.evaluate import perplexity
 
     model_dir = tiny_model_dir("gpt2")
-    bundle_dir = make_bundle(model_dir, "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None)
+    bundle_dir = tiny_bundle("gpt2")
     tune(bundle_dir, corpus_file, tmp_path / "adapter", mode="full", cfg=_cfg(), seq_len=32)
     assert main(["report", "--model", str(model_dir), "--bundle", str(bundle_dir), "--adapter",
                  str(tmp_path / "adapter"), "--data", str(corpus_file), "--seq-len", "32", "--max-tokens", "256",

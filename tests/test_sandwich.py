@@ -1,8 +1,7 @@
 import pytest
 
 from offsite_ds.errors import LayoutError
-from offsite_ds.sandwich import (Layout, adapter_indices, emulator_adapter_positions, emulator_block_map,
-                                 parse_layout, select_kept)
+from offsite_ds.sandwich import Layout, adapter_indices, emulator_block_map, select_kept
 
 
 def test_selection_matches_the_original_rule():
@@ -25,17 +24,17 @@ def test_selection_is_sorted_unique_and_keeps_ends(n, k):
 
 
 def test_paper_layouts():
-    assert parse_layout("2-18-2", 32) == Layout(2, 18, 2)  # OPT-6.7B
-    assert parse_layout("2-12-2", 30) == Layout(2, 12, 2)  # BLOOM-7.1B
+    assert Layout.parse("2-18-2", 32) == Layout(2, 18, 2)  # OPT-6.7B
+    assert Layout.parse("2-12-2", 30) == Layout(2, 12, 2)  # BLOOM-7.1B
     block_map = emulator_block_map(30, Layout(2, 12, 2))
     assert block_map[:2] == [0, 1] and block_map[-2:] == [28, 29] and len(block_map) == 16
-    assert emulator_adapter_positions(Layout(2, 12, 2)) == [0, 1, 14, 15]
+    assert Layout(2, 12, 2).adapter_positions == [0, 1, 14, 15]
     assert adapter_indices(30, Layout(2, 12, 2)) == [0, 1, 28, 29]
 
 
 def test_keep_ratio():
-    assert parse_layout("2-*-2", 24, keep_ratio=0.4) == Layout(2, 8, 2)
-    assert parse_layout("1-*-1", 6, keep_ratio=0.01).kept == 1
+    assert Layout.parse("2-*-2", 24, keep_ratio=0.4) == Layout(2, 8, 2)
+    assert Layout.parse("1-*-1", 6, keep_ratio=0.01).kept == 1
 
 
 @pytest.mark.parametrize("spec,n,ratio,needle", [
@@ -50,4 +49,4 @@ def test_keep_ratio():
 ])
 def test_bad_layouts_say_what_to_do(spec, n, ratio, needle):
     with pytest.raises(LayoutError, match=needle):
-        parse_layout(spec, n, keep_ratio=ratio)
+        Layout.parse(spec, n, keep_ratio=ratio)

@@ -57,7 +57,8 @@ def test_shard_writer_round_trip_and_hostile_header(tmp_path):
 @pytest.mark.parametrize("family,method", [(f, "drop") for f in FAMILIES] + [("opt", "prune"), ("llama", "quantize")])
 def test_streamed_bundle_equals_in_memory_emulator(family, method, tiny_model_dir, tmp_path):
     model_dir = tiny_model_dir(family)
-    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "b", method=method, max_shard_bytes=20_000, select="uniform", calib_data=None)
+    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "b", method=method, max_shard_bytes=20_000, select="uniform",
+                         calib_data=None).path
     manifest = json.loads((bundle / "offsite.json").read_text())
     full = load_model(model_dir)
     assert manifest["base_fingerprint"] == fingerprint_model(full)  # from the shards == from the model
@@ -72,9 +73,9 @@ def _cfg():
 
 
 @pytest.mark.parametrize("family,mode", [("llama", "full"), ("opt", "lora"), ("opt", "adapter"), ("bloom", "bitfit")])
-def test_streamed_plugin_equals_in_memory_plug_in(family, mode, tiny_model_dir, corpus_file, tmp_path):
+def test_streamed_plugin_equals_in_memory_plug_in(family, mode, tiny_model_dir, tiny_bundle, corpus_file, tmp_path):
     model_dir = tiny_model_dir(family)
-    bundle = make_bundle(model_dir, "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None)
+    bundle = tiny_bundle(family)
     tune(bundle, corpus_file, tmp_path / "adapter", mode=mode, cfg=_cfg(), seq_len=32)
     package = load_adapter_package(tmp_path / "adapter")
     plugged = plugin(model_dir, tmp_path / "adapter", tmp_path / "plugged", max_shard_bytes=20_000)
@@ -90,14 +91,14 @@ def test_bf16_checkpoint_stays_bf16_through_the_round_trip(corpus_file, tmp_path
     tiny_model("llama", n_layers=6).to(torch.bfloat16).save_pretrained(model_dir, max_shard_size="20KB")
     byte_tokenizer().save_pretrained(model_dir)
     assert (model_dir / INDEX).is_file()
-    bundle = make_bundle(model_dir, "1-2-1", tmp_path / "bundle", select="uniform", calib_data=None)
+    bundle = make_bundle(model_dir, "1-2-1", tmp_path / "bundle", select="uniform", calib_data=None).path
     manifest = json.loads((bundle / "offsite.json").read_text())
     assert manifest["dtype"] == "bfloat16"
     reader = CheckpointReader(bundle)
     assert {reader.dtype(n) for n in reader.names()} == {torch.bfloat16}
     assert manifest["base_fingerprint"] == fingerprint_model(load_model(model_dir))
     assert json.loads((bundle / "config.json").read_text())["dtype"] == "bfloat16"
-    fp32 = make_bundle(model_dir, "1-2-1", tmp_path / "fp32", dtype="float32", select="uniform", calib_data=None)
+    fp32 = make_bundle(model_dir, "1-2-1", tmp_path / "fp32", dtype="float32", select="uniform", calib_data=None).path
     assert json.loads((fp32 / "offsite.json").read_text())["dtype"] == "float32"
 
     tune(bundle, corpus_file, tmp_path / "adapter", mode="full", cfg=_cfg(), seq_len=32)
@@ -110,10 +111,10 @@ def test_bf16_checkpoint_stays_bf16_through_the_round_trip(corpus_file, tmp_path
     assert changed and all(n.startswith(("model.layers.0.", "model.layers.5.")) for n in changed)
 
 
-def test_plugin_refuses_other_weights_before_writing(tiny_model_dir, corpus_file, tmp_path):
+def test_plugin_refuses_other_weights_before_writing(tiny_bundle, corpus_file, tmp_path):
     from offsite_ds.tiny import save_tiny_model
 
-    bundle = make_bundle(tiny_model_dir("opt"), "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None)
+    bundle = tiny_bundle("opt")
     tune(bundle, corpus_file, tmp_path / "adapter", mode="bitfit", cfg=_cfg(), seq_len=32)
     other = save_tiny_model("opt", tmp_path / "other", n_layers=8, seed=1)
     with pytest.raises(ArtifactError, match="base fingerprint"):
@@ -123,7 +124,7 @@ def test_plugin_refuses_other_weights_before_writing(tiny_model_dir, corpus_file
         make_bundle(tmp_path / "adapter", "2-2-2", tmp_path / "b2", select="uniform", calib_data=None)
 
 
-def test_checkpoint_names_as_older_checkpoints_store_them(tiny_model_dir, tmp_path, monkeypatch):
+def test_checkpoint_names_as_older_checkpoints_store_them(tiny_model_dir, tiny_bundle, tmp_path, monkeypatch):
     """No base-model prefix (as GPT-2/OPT/BLOOM hub checkpoints) and stale buffers: read as from_pretrained does."""
     import shutil
 
@@ -140,11 +141,12 @@ def test_checkpoint_names_as_older_checkpoints_store_them(tiny_model_dir, tmp_pa
     for name, t in tensors.items():
         writer.add(name, t)
     writer.close()
-    a = load_bundle(make_bundle(source, "2-2-2", tmp_path / "a", select="uniform", calib_data=None)).model.state_dict()
-    b_dir = make_bundle(legacy, "2-2-2", tmp_path / "b", select="uniform", calib_data=None)
+    a_dir = tiny_bundle("gpt2")  # the bundle of the checkpoint as transformers writes it
+    a = load_bundle(a_dir).model.state_dict()
+    b_dir = make_bundle(legacy, "2-2-2", tmp_path / "b", select="uniform", calib_data=None).path
     _assert_same(load_bundle(b_dir).model.state_dict(), a)
     assert json.loads((b_dir / "offsite.json").read_text())["base_fingerprint"] == \
-        json.loads((tmp_path / "a" / "offsite.json").read_text())["base_fingerprint"]
+        json.loads((a_dir / "offsite.json").read_text())["base_fingerprint"]
     reader.entries.pop("transformer.h.3.mlp.c_fc.weight")  # a missing tensor is refused, not left random
     monkeypatch.setattr("offsite_ds.shards.CheckpointReader", lambda _dir: reader)
     with pytest.raises(OffsiteError, match="lacks tensor 'transformer.h.3.mlp.c_fc.weight'"):

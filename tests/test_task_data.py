@@ -138,11 +138,10 @@ def test_loader_for_a_json_file_and_too_few_examples(tok, tmp_path):
         task_loader(str(path), tok, batch_size=8)
 
 
-def test_tune_cli_trains_on_a_task(tiny_model_dir, tmp_path):
+def test_tune_cli_trains_on_a_task(tiny_bundle, tmp_path):
     from offsite_ds.adapter_package import load_adapter_package
-    from offsite_ds.emulator import make_bundle
 
-    bundle = make_bundle(tiny_model_dir("opt"), "2-2-2", tmp_path / "bundle", select="uniform", calib_data=None)
+    bundle = tiny_bundle("opt")
     code = main(["tune", str(bundle), "--task", "mmlu_demo", "--out", str(tmp_path / "adapter"), "--steps", "2",
                  "--batch-size", "2", "--seq-len", "128", "--max-examples", "8", "--no-progress"])
     assert code == 0

@@ -30,7 +30,7 @@ from offsite_ds import demo_assets
 from offsite_ds.data import load_texts, tokenize_corpus
 from offsite_ds.runtime import load_model
 from offsite_ds.evaluate import token_nll
-from offsite_ds.sandwich import emulator_block_map, parse_layout
+from offsite_ds.sandwich import Layout, emulator_block_map
 
 OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "block_study.json")  # resumed from when it exists
 N_LAYERS, BOTTOM, TOP = 30, 2, 2
@@ -173,7 +173,7 @@ def main() -> None:
     emus = state.setdefault("emulators", {})
     selections = {}
     for k in KS:
-        layout = parse_layout(f"{BOTTOM}-{k}-{TOP}", N_LAYERS)
+        layout = Layout.parse(f"{BOTTOM}-{k}-{TOP}", N_LAYERS)
         clusters = crash_clusters(state["cka"], k)
         selections[k] = {
             "uniform": (emulator_block_map(N_LAYERS, layout)[BOTTOM:BOTTOM + k], None),

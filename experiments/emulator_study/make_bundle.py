@@ -18,7 +18,7 @@ def main(out_dir: str, kept_csv: str) -> None:
     block_map = [0, 1, *kept, 28, 29]
     emulator.emulator_block_map = lambda n_layers, layout: block_map  # the one rule make_bundle asks
     path = emulator.make_bundle(demo_assets.smollm2_dir(), f"2-{len(kept)}-2", out_dir,
-                                select="uniform", calib_data=None)
+                                select="uniform", calib_data=None).path
     print(path, block_map)
 
 

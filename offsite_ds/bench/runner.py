@@ -32,6 +32,8 @@ from offsite_ds.bench.shapes import BenchModel, resolve_shape
 from offsite_ds.ds_config import CONFIG_DIR
 from offsite_ds.errors import DataError, LayoutError, OffsiteError
 from offsite_ds.formats import DTYPE_ALIASES
+from offsite_ds.manifests import LoraSettings
+from offsite_ds.peft_modes import settings_for
 from offsite_ds.roles.base import Role
 from offsite_ds.runtime import Runtime
 
@@ -58,8 +60,8 @@ class BenchSpec:
     device: str = "auto"  # auto | cuda | cpu
     smoke: bool = False  # tiny shapes of the same family and depth (the CPU smoke test)
     weights: str = "fp32"  # master weights; compute is bf16 autocast on CUDA either way
-    lora_r: int = 4
-    lora_alpha: float = 32.0
+    lora_r: int = LoraSettings().r
+    lora_alpha: float = LoraSettings().alpha
     ft_offload: str = "auto"  # auto: ZeRO-3 CPU offload when FT does not fit the GPU; on; off
     ds_config: str | None = None  # defaults to ds_configs/zero3_offload.json
     max_batch: int = 64  # upper bound of the "max" batch search
@@ -198,7 +200,7 @@ def measure(case: dict) -> dict:
             build_on, dtype = None, runtime.weight_dtype  # zero.Init places the shards itself
         _cuda_reset(device)
         prepared = prepare(setting, shape.config, case.get("layout"), build_on, dtype,
-                           {"r": case["lora_r"], "alpha": case["lora_alpha"]}, seed=case["seed"])
+                           settings_for("lora", r=case["lora_r"], alpha=case["lora_alpha"]), seed=case["seed"])
         model = prepared.model
         flops = flops_per_token(prepared.flop_plan, s)
         role = BenchRole(model, device)
@@ -357,7 +359,7 @@ class Suite:
         self.records: list[dict] = []
 
     def _check_layouts(self) -> None:
-        from offsite_ds.sandwich import parse_layout
+        from offsite_ds.sandwich import Layout
 
         needs_layout = any(s.emulator for s in parse_settings(self.spec.settings))
         for shape in self.shapes:
@@ -365,7 +367,7 @@ class Suite:
             if layout is None and needs_layout:
                 raise OffsiteError(f"model {shape.name} has no default layout: pass --layout L-K-R")
             if layout is not None:
-                parse_layout(layout, shape.depth)  # a bad layout fails now, not after an hour of FT
+                Layout.parse(layout, shape.depth)  # a bad layout fails now, not after an hour of FT
 
     def run_case(self, case: dict) -> dict:
         runner = run_case_isolated if self.isolate else run_case_inline

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from offsite_ds.bench.flops import FlopPlan, plan_from_model
 from offsite_ds.errors import OffsiteError
+from offsite_ds.manifests import LoraSettings
 from offsite_ds.zero3 import full_numel
 
 
@@ -94,10 +95,10 @@ def meta_model(config: PretrainedConfig) -> nn.Module:
 def _materialise_emulator(config: PretrainedConfig, layout_spec: str, device, dtype, seed: int):
     from offsite_ds.emulator import build_emulator
     from offsite_ds.families import depth_of
-    from offsite_ds.sandwich import parse_layout
+    from offsite_ds.sandwich import Layout
 
     full = meta_model(config)
-    layout = parse_layout(layout_spec, depth_of(full))
+    layout = Layout.parse(layout_spec, depth_of(full))
     selected, block_map = build_emulator(full, layout)
     base_params = count_params(full)
     model = build_random(selected.config, device, dtype, seed)
@@ -147,11 +148,10 @@ def kernel_report(handle) -> dict:
 
 
 def prepare(setting: Setting, config: PretrainedConfig, layout: str | None, device: torch.device | str | None,
-            dtype: torch.dtype, lora: dict | None = None, seed: int = 0) -> Prepared:
+            dtype: torch.dtype, lora: LoraSettings | None = None, seed: int = 0) -> Prepared:
     """Build the model for `setting` and freeze what the setting freezes (the toolkit's `apply_mode`)."""
     from offsite_ds.families import depth_of
     from offsite_ds.peft_modes import apply_mode
-    from offsite_ds.sandwich import emulator_adapter_positions
 
     patch = load_kernel_patch() if setting.kernels else None  # skip before spending time on a model
     block_map = None
@@ -159,7 +159,7 @@ def prepare(setting: Setting, config: PretrainedConfig, layout: str | None, devi
         if layout is None:
             raise OffsiteError(f"setting {setting.name} needs a layout: pass --layout L-K-R")
         model, parsed, block_map, base_params = _materialise_emulator(config, layout, device, dtype, seed)
-        positions = emulator_adapter_positions(parsed)
+        positions = parsed.adapter_positions
     else:
         model = build_random(config, device, dtype, seed)
         base_params = count_params(model)

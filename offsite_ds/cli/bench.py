@@ -31,6 +31,7 @@ def _int_list(text: str, flag: str, allow_max: bool = False) -> list:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from offsite_ds.bench.runner import DEFAULT_SETTINGS
     from offsite_ds.bench.shapes import BUILTIN
+    from offsite_ds.manifests import LoraSettings
 
     p.add_argument("--model", default="opt-1.3b",
                    help=f"comma-separated: {', '.join(BUILTIN)}, tiny-<family>[:depth], or a local config.json "
@@ -51,8 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="fp32", choices=("fp32", "bf16"),
                    help="master weight dtype (default fp32, as `offsite-ds tune` trains; compute is bf16 "
                         "autocast on CUDA either way)")
-    p.add_argument("--lora-r", type=int, default=4, help="LoRA rank (paper: 4)")
-    p.add_argument("--lora-alpha", type=float, default=32.0)
+    lora = LoraSettings()
+    p.add_argument("--lora-r", type=int, default=lora.r, help=f"LoRA rank (the paper's {lora.r})")
+    p.add_argument("--lora-alpha", type=float, default=lora.alpha, help=f"LoRA alpha (the paper's {lora.alpha:g})")
     p.add_argument("--ft-offload", default="auto", choices=("auto", "on", "off"),
                    help="FT with ZeRO-3 CPU offload: auto = when FT does not fit the GPU (or runs out of memory)")
     p.add_argument("--ds-config", default=None, help="DeepSpeed config for offloaded FT "

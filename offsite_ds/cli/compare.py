@@ -8,8 +8,10 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from offsite_ds.calibrate import IMPORTANCE_METRICS
     from offsite_ds.cli.train_args import add_distill_loss_arguments, add_fit_arguments
     from offsite_ds.compare import CompareSettings
+    from offsite_ds.manifests import MODES
 
     d = CompareSettings()
     p.add_argument("--model", default=None, help="the owner's full model directory (default: SmolLM2-135M)")
@@ -26,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--builders", default=",".join(d.builders),
                    help="comma-separated SELECT[+share][+fit][+distill], SELECT in uniform|importance|crash|iterative "
                         f"({','.join(d.builders)})")
-    p.add_argument("--mode", default=d.mode, choices=["full", "lora", "adapter", "bitfit"])
+    p.add_argument("--mode", default=d.mode, choices=MODES)
     p.add_argument("--steps", type=int, default=d.steps, help=f"data owner's tuning steps ({d.steps})")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -35,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="score the first N tokens (0: all)")
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--calib-tokens", type=int, default=d.calib_tokens)
-    p.add_argument("--importance", default=d.importance, choices=["drop", "cosine"])
+    p.add_argument("--importance", default=d.importance, choices=IMPORTANCE_METRICS)
     p.add_argument("--distill-steps", type=int, default=d.distill_steps, help="steps of +distill builders")
     p.add_argument("--distill-lr", type=float, default=d.distill_lr)
     add_distill_loss_arguments(p)  # of the +distill builders

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from offsite_ds.demo import DemoSettings, demo_inputs, format_table, run_demo
-from offsite_ds.peft_modes import MODES
+from offsite_ds.manifests import MODES
 from offsite_ds.report import format_claims
 from offsite_ds.sandwich import SELECTIONS
 

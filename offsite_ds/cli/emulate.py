@@ -8,6 +8,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from offsite_ds.calibrate import DEFAULT_CALIB_TOKENS, IMPORTANCE_METRICS
     from offsite_ds.cli.train_args import add_fit_arguments
     from offsite_ds.emulator import DEFAULT_SELECT, GUARD_RATIO, PUBLIC_CORPUS, PUBLIC_SAMPLE
+    from offsite_ds.formats import WEIGHT_DTYPE_NAMES
+    from offsite_ds.manifests import METHODS
     from offsite_ds.sandwich import SELECTIONS
 
     p.add_argument("model", help="local Hugging Face model directory (the owner's full model)")
@@ -45,11 +47,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "text after the calibration tokens (one teacher pass, then per-block epochs)")
     add_fit_arguments(p, "--fit")
     p.add_argument("--text-field", default="text", help="field holding the text in .json/.jsonl/.parquet data")
-    p.add_argument("--method", default="drop", choices=["drop", "prune", "quantize"],
+    p.add_argument("--method", default="drop", choices=METHODS,
                    help="compression of the middle: uniform layer-drop (paper), or the ablation's prune/quantize")
     p.add_argument("--prune-ratio", type=float, default=0.5, help="--method prune: fraction of weights zeroed")
     p.add_argument("--bits", type=int, default=8, help="--method quantize: fake-quantisation bits")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default=None, choices=WEIGHT_DTYPE_NAMES,
                    help="dtype of the bundle's weights (default: the checkpoint's own, e.g. bf16 stays bf16)")
     p.add_argument("--no-progress", action="store_true")
 
@@ -57,18 +59,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from offsite_ds.cli.train_args import fit_settings_from_args
     from offsite_ds.emulator import make_bundle
-    from offsite_ds.manifests import BUNDLE_FORMAT
-    from offsite_ds.validation import read_manifest
 
-    out = make_bundle(args.model, args.layout, args.out, keep_ratio=args.keep_ratio, method=args.method,
-                      prune_ratio=args.prune_ratio, quant_bits=args.bits, select=args.select, share=args.share,
-                      calib_data=args.calib_data, calib_tokens=args.calib_tokens, importance=args.importance,
-                      text_field=args.text_field, guard_ratio=args.guard_ratio, progress=not args.no_progress,
-                      dtype=args.dtype, max_ratio=args.max_ratio, allow_far=args.allow_far,
-                      fit=fit_settings_from_args(args) if args.fit else None)
-    manifest = read_manifest(out, BUNDLE_FORMAT)
+    written = make_bundle(args.model, args.layout, args.out, keep_ratio=args.keep_ratio, method=args.method,
+                          prune_ratio=args.prune_ratio, quant_bits=args.bits, select=args.select, share=args.share,
+                          calib_data=args.calib_data, calib_tokens=args.calib_tokens, importance=args.importance,
+                          text_field=args.text_field, guard_ratio=args.guard_ratio, progress=not args.no_progress,
+                          dtype=args.dtype, max_ratio=args.max_ratio, allow_far=args.allow_far,
+                          fit=fit_settings_from_args(args) if args.fit else None)
+    manifest = written.manifest
     shared = f", shared over {len(manifest.share_map)} positions" if manifest.share_map is not None else ""
-    print(f"emulator bundle {out}: layout {manifest.layout} of {manifest.base_depth} blocks ({args.select}"
+    print(f"emulator bundle {written.path}: layout {manifest.layout} of {manifest.base_depth} blocks ({args.select}"
           f"{shared}), blocks kept {manifest.block_map}, fingerprint {manifest.fingerprint[:12]}")
     if manifest.quality is not None:
         q = manifest.quality

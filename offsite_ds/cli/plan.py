@@ -6,7 +6,7 @@ import json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from offsite_ds.memory_plan import KNOWN_MODELS, ROLES
+    from offsite_ds.memory_plan import KNOWN_MODELS, LORA_R, ROLES
 
     p.add_argument("model", help=f"{', '.join(KNOWN_MODELS)}, or a local config.json / model directory")
     p.add_argument("--gpus", type=int, required=True, help="GPUs per node")
@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="micro-batch per GPU")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--layout", default=None, help="L-K-R (default: the paper's for known models)")
-    p.add_argument("--lora-r", type=int, default=4, help="LoRA rank for the FT+LoRA role")
+    p.add_argument("--lora-r", type=int, default=LORA_R, help=f"LoRA rank for the FT+LoRA role ({LORA_R})")
     p.add_argument("--roles", default=",".join(ROLES), help=f"comma-separated subset of {', '.join(ROLES)}")
     p.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU (80: A100/H100 80GB)")
     p.add_argument("--cpu-mem", type=float, default=512.0, help="GiB of CPU memory per node")

@@ -95,6 +95,25 @@ def distill_loss_from_args(args: argparse.Namespace) -> dict:
             "logit_weight": args.logit_weight}
 
 
+def add_lora_arguments(p: argparse.ArgumentParser) -> None:
+    """The LoRA flags of `tune --mode lora` and `finetune --lora`; defaults and help read from LoraSettings."""
+    from offsite_ds.manifests import LoraSettings
+
+    d = LoraSettings()
+    p.add_argument("--lora-r", type=int, default=d.r, help=f"LoRA rank ({d.r})")
+    p.add_argument("--lora-alpha", type=float, default=d.alpha, help=f"LoRA alpha ({d.alpha:g})")
+    p.add_argument("--lora-dropout", type=float, default=d.dropout, help=f"LoRA dropout ({d.dropout:g})")
+    p.add_argument("--lora-targets", default=None, help="comma-separated module names (default: the family's q/v)")
+
+
+def lora_settings_from_args(args: argparse.Namespace):
+    """LoraSettings from the flags of add_lora_arguments (a bad value: one line, before anything loads)."""
+    from offsite_ds.peft_modes import settings_for
+
+    targets = [t.strip() for t in args.lora_targets.split(",")] if args.lora_targets else None
+    return settings_for("lora", r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets)
+
+
 def add_fit_arguments(p: argparse.ArgumentParser, who: str) -> None:
     """The block-fitting flags (FitSettings) of `emulate --fit` and the +fit builders of `compare-emulators`."""
     from offsite_ds.fitting import FitSettings

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 
-from offsite_ds.cli.train_args import add_train_arguments, train_config_from_args
-from offsite_ds.peft_modes import MODES
+from offsite_ds.cli.train_args import (add_lora_arguments, add_train_arguments, lora_settings_from_args,
+                                       train_config_from_args)
+from offsite_ds.manifests import DEFAULT_BOTTLENECK, MODES, ModeSettings
+from offsite_ds.peft_modes import settings_for
 from offsite_ds.roles.tune_adapter import DEFAULT_KERNELS, tune
 
 
@@ -21,11 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="AdapterPackage directory to write (the best adapter)")
     p.add_argument("--mode", default="full", choices=MODES,
                    help="what trains inside the adapter blocks")
-    p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default 4)")
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 32)")
-    p.add_argument("--lora-dropout", type=float, default=None)
-    p.add_argument("--lora-targets", default=None, help="comma-separated module names (default: the family's q/v)")
-    p.add_argument("--bottleneck", type=int, default=None, help="Houlsby adapter bottleneck, at most the hidden size (default min(64, hidden))")
+    add_lora_arguments(p)
+    p.add_argument("--bottleneck", type=int, default=None,
+                   help=f"Houlsby adapter bottleneck, at most the hidden size (default min({DEFAULT_BOTTLENECK}, hidden))")
     p.add_argument("--eval-data", default=None, help="validation corpus: emulator perplexity, best adapter kept")
     p.add_argument("--max-eval-tokens", type=int, default=None, help="cap the validation tokens (speed)")
     p.add_argument("--max-train-blocks", type=int, default=None, help="use only the first N packed blocks")
@@ -35,13 +35,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_train_arguments(p, lr=1e-4, batch_size=8, seq_len=512)
 
 
-def mode_settings(args: argparse.Namespace) -> dict:
+def mode_settings(args: argparse.Namespace) -> ModeSettings:
+    """The typed settings of --mode from its flags (the other modes' flags are not read)."""
     if args.mode == "lora":
-        targets = [t.strip() for t in args.lora_targets.split(",")] if args.lora_targets else None
-        return {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout, "targets": targets}
+        return lora_settings_from_args(args)
     if args.mode == "adapter":
-        return {"bottleneck": args.bottleneck}
-    return {}
+        return settings_for("adapter", bottleneck=args.bottleneck)
+    return settings_for(args.mode)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,7 +16,8 @@ from offsite_ds.atomic import atomic_dir, utc_stamp, write_json
 from offsite_ds.data import load_blocks
 from offsite_ds.evaluate import token_nll
 from offsite_ds.families import blocks_of, family_of
-from offsite_ds.manifests import FINETUNED_FORMAT, MANIFEST, FinetunedManifest, dump
+from offsite_ds.manifests import (FINETUNED_FORMAT, MANIFEST, FinetunedManifest, LoraSettings, ModeSettings, NoSettings,
+                                  dump)
 from offsite_ds.peft_modes import apply_mode, lora_layers, merge_lora_state
 from offsite_ds.roles.base import Role, owner_corpus
 from offsite_ds.runtime import Runtime
@@ -28,7 +29,7 @@ from offsite_ds.zero3 import enable_activation_checkpointing, gathered_state_dic
 class FinetuneFull(Role):
     name = "finetune"
 
-    def __init__(self, model: nn.Module, tokenizer, out_dir: str | Path, mode: str, settings: dict,
+    def __init__(self, model: nn.Module, tokenizer, out_dir: str | Path, mode: str, settings: ModeSettings,
                  record: dict, eval_ids: torch.Tensor | None = None, seq_len: int = 512, eval_batch_size: int = 4,
                  runtime: Runtime | None = None):
         super().__init__(model, runtime)
@@ -62,7 +63,7 @@ class FinetuneFull(Role):
 
 
 def finetune(model_dir: str | Path, data: str | Path, out_dir: str | Path, lora: bool = False,
-             lora_settings: dict | None = None, cfg: TrainConfig | None = None, seq_len: int = 512,
+             lora_settings: LoraSettings | None = None, cfg: TrainConfig | None = None, seq_len: int = 512,
              eval_data: str | Path | None = None, text_field: str = "text", max_train_blocks: int | None = None,
              max_eval_tokens: int | None = None, gradient_checkpointing: bool = False) -> dict:
     """Owner's `finetune`: the full model (sharded under ZeRO-3) trained on a corpus -> plain HF dir at out_dir."""
@@ -75,7 +76,7 @@ def finetune(model_dir: str | Path, data: str | Path, out_dir: str | Path, lora:
             eval_blocks, _ = load_blocks(eval_data, tokenizer, seq_len, text_field)
             eval_ids = eval_blocks.reshape(-1)[:max_eval_tokens] if max_eval_tokens else eval_blocks.reshape(-1)
         model = runtime.load_model(model_dir)
-        settings: dict = {}
+        settings: ModeSettings = NoSettings()
         torch.manual_seed(cfg.seed)  # LoRA's initial A matrices: the same on every run (and rank)
         if lora:
             settings = apply_mode(model, list(range(len(blocks_of(model)))), "lora", lora_settings)

@@ -19,6 +19,7 @@ from offsite_ds.data import check_seq_len, load_blocks
 from offsite_ds.errors import OffsiteError
 from offsite_ds.evaluate import token_nll
 from offsite_ds.families import family_of
+from offsite_ds.manifests import ModeSettings
 from offsite_ds.peft_modes import apply_mode, lora_config, rename_blocks, trainable_state
 from offsite_ds.roles.base import Role
 from offsite_ds.runtime import Runtime
@@ -31,7 +32,7 @@ DEFAULT_KERNELS = "auto"  # on CUDA the library kernels measured best, else off:
 class TuneAdapter(Role):
     name = "tune"
 
-    def __init__(self, bundle: Bundle, out_dir: str | Path, mode: str = "full", settings: dict | None = None,
+    def __init__(self, bundle: Bundle, out_dir: str | Path, mode: str = "full", settings: ModeSettings | None = None,
                  eval_ids: torch.Tensor | None = None, seq_len: int = 512, eval_batch_size: int = 4,
                  data_fingerprint: str | None = None, runtime: Runtime | None = None):
         super().__init__(bundle.model, runtime)
@@ -57,8 +58,7 @@ class TuneAdapter(Role):
             return
         family = family_of(model)
         manifest = self.bundle.manifest
-        position_to_original = {p: self.bundle.block_map[p] for p in self.bundle.adapter_positions}
-        tensors = rename_blocks(state, family, position_to_original)
+        tensors = rename_blocks(state, family, self.bundle.position_to_original)
         peft_files = self._peft_export(tensors) if self.mode == "lora" else None
         save_adapter_package(tensors, {
             "family": manifest.family, "model_type": manifest.model_type,
@@ -86,7 +86,7 @@ class TuneAdapter(Role):
 
 
 def tune(bundle_dir: str | Path, data: str | Path | None, out_dir: str | Path, mode: str = "full",
-         settings: dict | None = None, cfg: TrainConfig | None = None, seq_len: int = 512,
+         settings: ModeSettings | None = None, cfg: TrainConfig | None = None, seq_len: int = 512,
          eval_data: str | Path | None = None, text_field: str = "text", kernels: str = DEFAULT_KERNELS,
          max_train_blocks: int | None = None, max_eval_tokens: int | None = None, task: str | None = None,
          task_split: str = "train", include_path: list[str] | None = None,
