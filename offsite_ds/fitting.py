@@ -74,6 +74,26 @@ def teacher_states(source: BlockSource, stream: Stream, boundaries: list[int]) -
     return states
 
 
+def _train(params: list[nn.Parameter], loss_of, batches: int, epochs: int, lr: float, weight_decay: float,
+           generator: torch.Generator, desc: str | None) -> None:
+    """`epochs` shuffled passes over `batches` minimising `loss_of(batch)`: AdamW, cosine decay to 0."""
+    from tqdm.auto import tqdm
+
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    steps = epochs * batches
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    bar = tqdm(total=steps, desc=desc, disable=desc is None)
+    for _ in range(epochs):
+        for b in torch.randperm(batches, generator=generator).tolist():
+            loss = loss_of(b)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+    bar.close()
+
+
 def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map: list[int], bottom: int, kept: int,
                     settings: FitSettings = FitSettings(), progress: bool = False,
                     log=None) -> tuple[dict[int, nn.Module], list[dict], dict | None]:
@@ -84,8 +104,6 @@ def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map
     `block_map` is the emulator's (original index per position; bottom adapter blocks first). The model is
     left unchanged. `ids` is the owner's public token stream; its first `settings.tokens` are used.
     """
-    from tqdm.auto import tqdm
-
     source = as_source(model)
     depth = source.depth
     middle = block_map[bottom:bottom + kept]
@@ -110,22 +128,13 @@ def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map
         source.release(block_index)
         for p in block.parameters():
             p.requires_grad_(True)
-        opt = torch.optim.AdamW(block.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-        steps = settings.epochs * len(batches)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
         with torch.no_grad():
             before = sum(float(relative_error(data.run(block, x, k, block_index), states[k][end]))
                          for k, x in enumerate(stream)) / len(batches)
-        bar = tqdm(total=steps, desc=f"fit block {block_index} -> {end}", disable=not progress)
-        for _ in range(settings.epochs):
-            for b in torch.randperm(len(batches), generator=g).tolist():
-                loss = relative_error(data.run(block, stream[b], b, block_index), states[b][end])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                bar.update(1)
-        bar.close()
+        _train(list(block.parameters()), lambda b: relative_error(data.run(block, stream[b], b, block_index),
+                                                                  states[b][end]),
+               len(batches), settings.epochs, settings.lr, settings.weight_decay, g,
+               f"fit block {block_index} -> {end}" if progress else None)
         block.eval().requires_grad_(False)
         with torch.no_grad():
             stream = [data.run(block, x, k, block_index) for k, x in enumerate(stream)]
@@ -169,8 +178,6 @@ def kl_finish(source: BlockSource, data: Stream, states: list[dict[int, torch.Te
     step). The emulator runs from the cached input of its first kept middle block (the bottom adapter blocks
     are the full model's), through the fitted blocks and the frozen top blocks, the model's norm and head.
     Returns the mean KL before and after (on the same tokens)."""
-    from tqdm.auto import tqdm
-
     middle, top = block_map[bottom:bottom + kept], block_map[bottom + kept:]
     frozen = {i: source.block(i) for i in top}
     flags = {id(p): p.requires_grad for m in frozen.values() for p in m.parameters()}
@@ -193,25 +200,13 @@ def kl_finish(source: BlockSource, data: Stream, states: list[dict[int, torch.Te
         return (t.exp() * (t - student(k))).sum(-1).mean()
 
     batches = len(states)
-    opt = torch.optim.AdamW(trainable, lr=settings.kl_lr, weight_decay=settings.weight_decay)
-    steps = settings.kl_epochs * batches
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    g = torch.Generator().manual_seed(settings.seed + 1)
     try:
         for m in fitted.values():
             m.train().requires_grad_(True)
         with torch.no_grad():
             before = sum(float(kl(k)) for k in range(batches)) / batches
-        bar = tqdm(total=steps, desc="fit end to end (KL)", disable=not progress)
-        for _ in range(settings.kl_epochs):
-            for k in torch.randperm(batches, generator=g).tolist():
-                loss = kl(k)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                bar.update(1)
-        bar.close()
+        _train(trainable, kl, batches, settings.kl_epochs, settings.kl_lr, settings.weight_decay,
+               torch.Generator().manual_seed(settings.seed + 1), "fit end to end (KL)" if progress else None)
         for m in fitted.values():
             m.eval().requires_grad_(False)
         with torch.no_grad():
