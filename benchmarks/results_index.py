@@ -165,12 +165,14 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--notes", default="")
     meta.add_argument("--command", required=True)
     meta.add_argument("--input", nargs="*", default=[], help="input files or folders to fingerprint")
+    meta.add_argument("--commit", default=None, help="the commit the run started from (default: HEAD now)")
     back.add_argument("--device", default=None, help="the device as the run's README states it")
     back.add_argument("--command", default=None, help="the exact command as the run's README states it")
     sub.add_parser("index", help="rewrite benchmarks/results/README.md")
     args = p.parse_args(argv)
     if args.action == "meta":
-        write_meta(Path(args.folder).resolve(), args.what, args.command, args.input, args.code, args.notes)
+        write_meta(Path(args.folder).resolve(), args.what, args.command, args.input, args.code, args.notes,
+                   args.commit)
     elif args.action == "backfill":
         backfill_meta(Path(args.folder).resolve(), args.what, args.device, args.code, args.notes, args.command)
     write_text(INDEX, index_text())
