@@ -125,6 +125,8 @@ def builder_rows(args, work: Path, log: Path, facts: dict) -> list[dict]:
             if fit:
                 flags += ["--fit", "--fit-tokens", str(args.fit_tokens), "--fit-epochs", "1"]
             for when, tree in (("before", before), ("after", ROOT)):
+                if when == "before" and args.builders_after_only:
+                    continue
                 bundle = work / f"bundle-{builder}-{when}"
                 row = measure(tree, ["emulate", str(ckpt), "--layout", args.builders_layout, "--out", str(bundle),
                                      "--no-progress", *flags], f"emulate --select {builder} {when}", log)
@@ -160,6 +162,8 @@ def main() -> None:
     p.add_argument("--builders-before-ref", default="a81a0cb",
                    help="the commit measured as 'before' in the builders case (whole model loaded to score)")
     p.add_argument("--calib-tokens", type=int, default=128, help="calibration tokens of the builders case")
+    p.add_argument("--builders-after-only", action="store_true",
+                   help="re-measure only the 'after' rows of the builders case (the others are kept)")
     p.add_argument("--fit-tokens", type=int, default=512, help="--fit-tokens of the +fit builder")
     args = p.parse_args()
     out, work = Path(args.out).resolve(), Path(args.work).resolve()

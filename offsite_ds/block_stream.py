@@ -151,6 +151,22 @@ class StreamedBlocks(BlockSource):
         return block.to(self.target).eval()
 
 
+class Upcast(nn.Module):
+    """A block kept in a narrower dtype (the bundle's, e.g. bf16) run in `dtype`: a working copy per call.
+
+    So K fitted blocks cost what the bundle will hold while they wait to be written, and the guard measures
+    the weights that are shipped, rounding included."""
+
+    def __init__(self, block: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.block, self.compute_dtype = block, dtype
+
+    def forward(self, *args, **kwargs):
+        stored = next(self.block.parameters()).dtype
+        block = self.block if stored == self.compute_dtype else copy.deepcopy(self.block).to(self.compute_dtype)
+        return block(*args, **kwargs)
+
+
 def as_source(model: nn.Module | BlockSource) -> BlockSource:
     return model if isinstance(model, BlockSource) else LoadedBlocks(model)
 

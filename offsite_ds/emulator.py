@@ -23,7 +23,9 @@ from offsite_ds.fitting import FitSettings
 from offsite_ds.formats import WEIGHT_DTYPES
 from offsite_ds.manifests import METHODS
 from offsite_ds.shards import DEFAULT_SHARD_BYTES, ModelCheckpoint, ShardWriter
-from offsite_ds.block_stream import BlockSource, Path as BlockPath, Stream, StreamedBlocks, as_source, full_path, open_stream, path_nlls
+from offsite_ds.block_stream import (BlockSource, Stream, StreamedBlocks, Upcast, as_source, full_path, open_stream,
+                                     path_nlls)
+from offsite_ds.block_stream import Path as BlockPath
 from offsite_ds.surgery import select_blocks, set_depth
 from offsite_ds.sandwich import (SELECTIONS, Layout, block_map_for, emulator_block_map, middle_indices, select_crash,
                                  select_important, select_kept, share_map_for)
@@ -336,7 +338,7 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
     if calib_data is not None:
         layout, block_map, share_map, facts, calibration, quality, fitted = _calibrated_choice(
             model_dir, layout, method, prune_ratio, quant_bits, select, share, public_calibration(calib_data),
-            calib_tokens, importance, text_field, progress, max_ratio, fit, log)
+            calib_tokens, importance, text_field, progress, max_ratio, fit, log, dtype or checkpoint.dtype())
         warning = guard_warning(quality, guard_ratio, layout, select)
         if warning and not allow_far:
             raise OffsiteError(f"{warning}; nothing written (--allow-far writes it anyway)")
@@ -387,7 +389,8 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
 
 def _calibrated_choice(model_dir, layout: Layout, method: str, prune_ratio: float, quant_bits: int, select: str,
                        share: bool, calib_data, calib_tokens: int | None, importance: str, text_field: str,
-                       progress: bool, max_ratio: float | None = None, fit: FitSettings | None = None, log=None
+                       progress: bool, max_ratio: float | None = None, fit: FitSettings | None = None, log=None,
+                       bundle_dtype: torch.dtype | None = None
                        ) -> tuple[Layout, list[int], list[int] | None, dict, dict, dict, dict[int, nn.Module]]:
     """Stream the model (fp32, block by block from its shards) to choose the blocks on the owner's calibration
     text, fit them when asked, and measure the guard: (layout, block_map, share_map, facts, calibration,
@@ -421,10 +424,12 @@ def _calibrated_choice(model_dir, layout: Layout, method: str, prune_ratio: floa
     if fit is not None:
         from offsite_ds.fitting import fit_kept_blocks
 
-        fitted, report, kl = fit_kept_blocks(model, fit_ids, block_map, layout.bottom, layout.kept, fit, progress, log)
+        fitted, report, kl = fit_kept_blocks(model, fit_ids, block_map, layout.bottom, layout.kept, fit, progress, log,
+                                             store_dtype=bundle_dtype)
         facts = {**facts, "fit": {**asdict(fit), "blocks": report, **({"kl": kl} if kl else {})}}
     quality = calibrate.quality(model, executed, calib_ids, calibrate.calibration_seq_len(model),
-                                calibration["corpus_fingerprint"], replace=compressed or fitted)
+                                calibration["corpus_fingerprint"],
+                                replace=compressed or {i: Upcast(b, model.dtype) for i, b in fitted.items()})
     return layout, block_map, share_map, facts, calibration, quality, fitted
 
 

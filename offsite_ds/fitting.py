@@ -92,17 +92,22 @@ def _train(params: list[nn.Parameter], loss_of, batches: int, epochs: int, lr: f
             sched.step()
             bar.update(1)
     bar.close()
+    opt.zero_grad(set_to_none=True)  # the trained modules are kept: not their last gradients or Adam's moments
+    opt.state.clear()
 
 
 def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map: list[int], bottom: int, kept: int,
                     settings: FitSettings = FitSettings(), progress: bool = False,
-                    log=None) -> tuple[dict[int, nn.Module], list[dict], dict | None]:
+                    log=None, store_dtype: torch.dtype | None = None
+                    ) -> tuple[dict[int, nn.Module], list[dict], dict | None]:
     """Fitted copies of the kept middle blocks, {original block index: trained block}; per block the
     relative error to its run's end on the fitting tokens before and after ({block, end, before, after});
     and with `settings.kl_epochs` the end-to-end phase's mean KL before and after ({before, after}, else None).
 
     `block_map` is the emulator's (original index per position; bottom adapter blocks first). The model is
-    left unchanged. `ids` is the owner's public token stream; its first `settings.tokens` are used.
+    left unchanged. `ids` is the owner's public token stream; its first `settings.tokens` are used. The
+    fitted blocks are returned (and, without the KL phase, kept from the moment each is done) in `store_dtype`
+    (default: the source's), the dtype the bundle writes: K fitted blocks cost their size in the bundle.
     """
     source = as_source(model)
     depth = source.depth
@@ -118,7 +123,7 @@ def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map
     states = teacher_states(source, data, sorted({middle[0], *ends} | ({depth} if settings.kl_epochs else set())))
     batches = range(len(states))
     stream = [s[middle[0]] for s in states]  # the emulator's input to its first kept middle block (= teacher's)
-    dtype = next(source.model.parameters()).dtype
+    store_dtype = store_dtype or next(source.model.parameters()).dtype
     fitted: dict[int, nn.Module] = {}
     report: list[dict] = []
     g = torch.Generator().manual_seed(settings.seed)
@@ -142,10 +147,10 @@ def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map
         if log is not None:
             log(f"fit block {block_index} (run to {end}): relative error {before:.4g} -> {after_fit:.4g}")
         report.append({"block": block_index, "end": end, "before": before, "after": after_fit})
-        fitted[block_index] = block
+        fitted[block_index] = block if settings.kl_epochs else block.to(store_dtype)  # KL trains them all again
     kl = kl_finish(source, data, states, block_map, bottom, kept, fitted, settings, progress, log) \
         if settings.kl_epochs else None
-    return {i: block.to(dtype) for i, block in fitted.items()}, report, kl
+    return {i: block.to(store_dtype) for i, block in fitted.items()}, report, kl
 
 
 def _final_normed(source: BlockSource, data: Stream, batch: int, hidden: torch.Tensor) -> torch.Tensor:

@@ -156,3 +156,25 @@ def test_emulate_scores_and_guards_without_loading_the_model(select, tiny_model_
                       calib_tokens=256, allow_far=True).path
     manifest = read_manifest(out, BUNDLE_FORMAT)
     assert manifest.quality.ratio > 0 and len(manifest.block_map) == 5
+
+
+def test_fitted_blocks_wait_in_the_bundles_dtype_and_are_measured_as_shipped(tiny_model_dir, public_ids):
+    from offsite_ds.block_stream import LoadedBlocks, Path, Upcast, open_stream, path_nlls
+    from offsite_ds.fitting import FitSettings, fit_kept_blocks
+    from offsite_ds.runtime import load_model
+
+    model = load_model(tiny_model_dir("llama"))
+    settings = FitSettings(tokens=256, epochs=1, lr=1e-3, seq_len=64, batch_size=2)
+    fitted, _, _ = fit_kept_blocks(model, public_ids, [0, 1, 2, 5, 7], 2, 2, settings, store_dtype=torch.bfloat16)
+    params = [p for b in fitted.values() for p in b.parameters()]
+    assert all(p.dtype == torch.bfloat16 and p.grad is None and not p.requires_grad for p in params)
+    source = LoadedBlocks(model)
+    stream = open_stream(source, public_ids, 64)
+    import copy
+
+    shipped = {i: copy.deepcopy(b).float() for i, b in fitted.items()}  # what a bf16 bundle loads back, in fp32
+    upcast, exact = path_nlls(source, stream, [Path((0, 1, 2, 5, 7), {i: Upcast(b, torch.float32)
+                                                                    for i, b in fitted.items()}),
+                                               Path((0, 1, 2, 5, 7), shipped)])
+    assert upcast == pytest.approx(exact, rel=1e-6)
+    assert all(p.dtype == torch.bfloat16 for b in fitted.values() for p in b.parameters())  # never upcast in place
