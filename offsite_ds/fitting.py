@@ -38,7 +38,7 @@ class FitSettings:
     seq_len: int = 512
     weight_decay: float = 0.0
     seed: int = 0
-    kl_epochs: int = 0  # then end to end: KL(full || emulator) of the next-token distributions (0: off)
+    kl_epochs: int = 2  # then end to end: KL(full || emulator) of the next-token distributions (0: off)
     kl_lr: float = 1e-4
 
     def __post_init__(self) -> None:

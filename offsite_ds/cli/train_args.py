@@ -127,7 +127,7 @@ def add_fit_arguments(p: argparse.ArgumentParser, who: str) -> None:
     g.add_argument("--fit-kl-epochs", type=int, default=d.kl_epochs,
                    help="then train the fitted blocks end to end for N epochs on the same tokens: KL(full || "
                         f"emulator) of the next-token distributions, the full model's read from cached states "
-                        f"({d.kl_epochs}: off)")
+                        f"({d.kl_epochs}; 0: the block fit alone)")
     g.add_argument("--fit-kl-lr", type=float, default=d.kl_lr, help=f"its learning rate ({d.kl_lr:g})")
 
 
