@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 
 from offsite_ds.errors import OffsiteError
-from offsite_ds.evaluate import token_nll, window_batches
-from offsite_ds.families import block_prefix, family_of, get_path, set_path
+from offsite_ds.evaluate import token_nll, window_batches, window_ids
+from offsite_ds.families import backbone_and_head, block_prefix, family_of, get_path, set_path
 from offsite_ds.surgery import block_input, block_output, running_blocks, with_block_input
 
 Call = tuple[tuple, dict]  # the (args, kwargs) a block is called with; its hidden states are swapped per run
@@ -50,6 +50,10 @@ class BlockSource:
 
     def release(self, index: int) -> None:
         """Free block `index` (streamed sources drop it; a loaded model keeps it)."""
+
+    def own_copy(self, index: int) -> nn.Module:
+        """Block `index` as a module of the caller's own, to train or compress (the model stays untouched)."""
+        return copy.deepcopy(self.block(index))
 
     @property
     def device(self) -> torch.device:
@@ -130,7 +134,7 @@ class StreamedBlocks(BlockSource):
                 _set_tensor(model, name, self._read(name))
         for name, first in self.checkpoint.alias.items():  # tied weights share the loaded tensor
             if not name.startswith(head):
-                _set_tensor(model, name, get_path(model, first.rpartition(".")[0])._parameters[first.rpartition(".")[2]])
+                _set_tensor(model, name, model.get_parameter(first))
         model.to(self.target)
         set_path(model, self.family.blocks, self._meta_blocks)
         self.model = model.eval()
@@ -147,8 +151,11 @@ class StreamedBlocks(BlockSource):
         block = copy.deepcopy(self._meta_blocks[index])  # meta parameters copy for free; buffers are real
         prefix = block_prefix(self.family, index)
         for name in block.state_dict():
-            _set_tensor(block, name, self._read(self.checkpoint.alias.get(prefix + name, prefix + name)))
+            _set_tensor(block, name, self._read(prefix + name))
         return block.to(self.target).eval()
+
+    def own_copy(self, index: int) -> nn.Module:
+        return self.block(index)  # read afresh from the checkpoint: already the caller's own
 
 
 class Upcast(nn.Module):
@@ -220,7 +227,7 @@ def open_stream(source: BlockSource, ids: torch.Tensor, seq_len: int, batch_size
     """Record, per batch of `ids`' windows, the first block's input and every block's call arguments."""
     model = source.model
     chunks = window_batches(ids.numel(), seq_len, seq_len, batch_size)
-    batches = [torch.stack([ids[b:e] for b, e, _ in chunk]).to(source.device) for chunk in chunks]
+    batches = [window_ids(ids, chunk).to(source.device) for chunk in chunks]
     depth = source.depth
     caught: list[Call] = []
 
@@ -338,15 +345,32 @@ def _sweep(source: BlockSource, stream: Stream, paths: Sequence[Path], visit: Vi
     return groups
 
 
+@contextlib.contextmanager
+def _last_block_returns(source: BlockSource, stream: Stream, state: Callable[[], torch.Tensor]) -> Iterator[None]:
+    """The model's forward with a stand-in last block that returns `state()` (the rest of the forward - final
+    norm, output projection - is the model's own)."""
+    last = source.depth - 1
+    stand_in = _StandIn(source.stand_in(last), lambda args, kwargs: stream.wrap(state()))
+    with running_blocks(source.model, [last], {last: stand_in}):
+        yield
+
+
 @torch.no_grad()
 def mean_nll_of(source: BlockSource, stream: Stream, finals: list[torch.Tensor]) -> float:
     """Mean NLL of the stream's tokens given the last block's output per batch: the model's own final norm,
     head and logit transform, through a stand-in block that returns the given states."""
     feed = iter(finals)
-    stand_in = _StandIn(source.stand_in(source.depth - 1), lambda args, kwargs: stream.wrap(next(feed)))
-    with running_blocks(source.model, [source.depth - 1], {source.depth - 1: stand_in}):
+    with _last_block_returns(source, stream, lambda: next(feed)):
         nll, count = token_nll(source.model, stream.ids, stream.seq_len, stream.seq_len, stream.batch_size)
     return nll / count
+
+
+def final_states(source: BlockSource, stream: Stream, batch: int, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's final norm (and any output projection) on batch `batch`'s last-block output `hidden`,
+    differentiably (what the head reads)."""
+    ids = window_ids(stream.ids, stream.chunks[batch]).to(hidden.device)
+    with _last_block_returns(source, stream, lambda: hidden):
+        return backbone_and_head(source.model)[0](input_ids=ids, use_cache=False)[0]
 
 
 def path_nlls(source: BlockSource, stream: Stream, paths: Sequence[Path], desc: str | None = None) -> list[float]:

@@ -18,7 +18,8 @@ import torch.nn as nn
 from offsite_ds.data import corpus_fingerprint, load_texts, max_positions, tokenize_corpus
 from offsite_ds.errors import DataError
 from offsite_ds.evaluate import token_nll
-from offsite_ds.block_stream import BlockSource, Path as BlockPath, as_source, full_path, open_stream, path_nlls, sweep
+from offsite_ds.block_stream import BlockSource, as_source, full_path, open_stream, path_nlls, sweep
+from offsite_ds.block_stream import Path as BlockPath
 
 # importance (drop) runs the model once per middle block on these; 1,024 tokens of the public Wikipedia sample
 # found SmolLM2-135M's critical blocks (11, 2, 24, 8: helper e2's study, benchmarks/results/2026-11-23-emulator-study-cpu)
@@ -145,8 +146,9 @@ def drop_importance(model: nn.Module | BlockSource, ids: torch.Tensor, middle: l
     return [math.exp(n - nlls[0]) for n in nlls[1:]]
 
 
-def importance_scores(model: nn.Module | BlockSource, ids: torch.Tensor, middle: list[int], seq_len: int, metric: str = "drop",
-                      sample_tokens: int = DEFAULT_SAMPLE_TOKENS, progress: bool = False) -> list[float]:
+def importance_scores(model: nn.Module | BlockSource, ids: torch.Tensor, middle: list[int], seq_len: int,
+                      metric: str = "drop", sample_tokens: int = DEFAULT_SAMPLE_TOKENS,
+                      progress: bool = False) -> list[float]:
     """How much each middle block matters on the calibration text (higher = keep it)."""
     if metric == "drop":
         return drop_importance(model, ids, middle, seq_len, progress)

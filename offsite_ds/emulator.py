@@ -419,7 +419,7 @@ def _calibrated_choice(model_dir, layout: Layout, method: str, prune_ratio: floa
     executed = [block_map[s] for s in share_map] if share_map is not None else block_map
     compressed, fitted = {}, {}
     for i in (block_map[layout.bottom:layout.bottom + layout.kept] if method != "drop" else []):
-        compressed[i] = model.block(i)  # a fresh copy, read from the checkpoint
+        compressed[i] = model.own_copy(i)
         compress_(compressed[i], method, prune_ratio, quant_bits)
     if fit is not None:
         from offsite_ds.fitting import fit_kept_blocks

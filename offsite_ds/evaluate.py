@@ -80,6 +80,20 @@ def window_batches(n_tokens: int, seq_len: int, stride: int, batch_size: int) ->
     return [group[i:i + batch_size] for group in by_len.values() for i in range(0, len(group), batch_size)]
 
 
+def window_ids(ids: torch.Tensor, chunk: list[tuple[int, int, int]]) -> torch.Tensor:
+    """[batch, length] ids of one of `window_batches`' batches."""
+    return torch.stack([ids[b:e] for b, e, _ in chunk])
+
+
+def logit_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None
+             ) -> torch.Tensor:
+    """Mean over real tokens of KL(teacher || student) of the next-token distributions, in fp32."""
+    t = torch.log_softmax(teacher_logits.float(), -1)
+    kl = (t.exp() * (t - torch.log_softmax(student_logits.float(), -1))).sum(-1)
+    m = torch.ones_like(kl) if mask is None else mask.to(kl.dtype)
+    return (kl * m).sum() / m.sum().clamp_min(1)
+
+
 @torch.no_grad()
 def token_nll(model: torch.nn.Module, ids: torch.Tensor, seq_len: int, stride: int | None = None,
               batch_size: int = 4) -> tuple[float, int]:
@@ -95,7 +109,7 @@ def token_nll(model: torch.nn.Module, ids: torch.Tensor, seq_len: int, stride: i
     nll, count = 0.0, 0
     for chunk in window_batches(ids.numel(), seq_len, stride, batch_size):
         length = chunk[0][1] - chunk[0][0]
-        inputs = torch.stack([ids[b:e] for b, e, _ in chunk]).to(device)
+        inputs = window_ids(ids, chunk).to(device)
         labels = inputs.clone()
         for row, (_, _, scored) in enumerate(chunk):
             labels[row, : length - scored] = -100

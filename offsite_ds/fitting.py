@@ -7,7 +7,8 @@ the stream that the already-fitted blocks below it produce, so the errors it cor
 emulator really makes (not the teacher's, which it never sees at run time).
 
 Cost: one forward pass of the full model over the fitting tokens, up to the last run's end (teacher states
-cached at the K+1 run boundaries; streamed from the checkpoint block by block when the source is), then, per kept block, epochs of forward+backward through that one block on the cache - no
+cached at the K+1 run boundaries; streamed from the checkpoint block by block when the source is), then, per
+kept block, epochs of forward+backward through that one block on the cache - no
 embedding, head or other block is run, so a step costs about 1/depth of an end-to-end distillation step.
 
 Loss: each token's squared error relative to the teacher's squared norm there (positions 0, the attention
@@ -16,16 +17,16 @@ cosine term. Calibration text only: the data owner's corpus never enters.
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from offsite_ds.block_stream import BlockSource, LoadedBlocks, Path, Stream, as_source, open_stream, sweep
+from offsite_ds.block_stream import BlockSource, Path, Stream, as_source, final_states, open_stream, sweep
 from offsite_ds.data import max_positions
 from offsite_ds.errors import OffsiteError
+from offsite_ds.evaluate import logit_kl
 
 
 @dataclass(frozen=True)
@@ -128,8 +129,7 @@ def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map
     report: list[dict] = []
     g = torch.Generator().manual_seed(settings.seed)
     for block_index, end in zip(middle, ends):
-        block = source.block(block_index)
-        block = (copy.deepcopy(block) if isinstance(source, LoadedBlocks) else block).float().train()
+        block = source.own_copy(block_index).float().train()
         source.release(block_index)
         for p in block.parameters():
             p.requires_grad_(True)
@@ -153,26 +153,13 @@ def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map
     return {i: block.to(store_dtype) for i, block in fitted.items()}, report, kl
 
 
-def _final_normed(source: BlockSource, data: Stream, batch: int, hidden: torch.Tensor) -> torch.Tensor:
-    """The model's own final norm (and any output projection) applied to the last block's output `hidden`,
-    differentiably: the model's forward with a stand-in last block that returns it."""
-    from offsite_ds.block_stream import _StandIn
-    from offsite_ds.families import backbone_and_head
-    from offsite_ds.surgery import running_blocks
-
-    last = source.depth - 1
-    stand_in = _StandIn(source.stand_in(last), lambda args, kwargs: data.wrap(hidden))
-    ids = torch.stack([data.ids[b:e] for b, e, _ in data.chunks[batch]]).to(hidden.device)
-    with running_blocks(source.model, [last], {last: stand_in}):
-        return backbone_and_head(source.model)[0](input_ids=ids, use_cache=False)[0]
-
-
-def _logprobs(source: BlockSource, normed: torch.Tensor) -> torch.Tensor:
+def _logits(source: BlockSource, normed: torch.Tensor) -> torch.Tensor:
+    """The head's logits (and the family's logit transform) at every position but 0 (the attention sink)."""
     from offsite_ds.families import backbone_and_head, logit_transform
 
-    logits = backbone_and_head(source.model)[1](normed[:, 1:]).float()  # position 0 (the sink) left out
+    logits = backbone_and_head(source.model)[1](normed[:, 1:]).float()
     transform = logit_transform(source.model.config)
-    return torch.log_softmax(transform(logits) if transform else logits, -1)
+    return transform(logits) if transform else logits
 
 
 def kl_finish(source: BlockSource, data: Stream, states: list[dict[int, torch.Tensor]], block_map: list[int],
@@ -192,17 +179,13 @@ def kl_finish(source: BlockSource, data: Stream, states: list[dict[int, torch.Te
         p.requires_grad_(False)
     trainable = [p for i in middle for p in fitted[i].parameters()]
     with torch.no_grad():
-        teacher = [_logprobs(source, _final_normed(source, data, k, s[source.depth])) for k, s in enumerate(states)]
+        teacher = [_logits(source, final_states(source, data, k, s[source.depth])) for k, s in enumerate(states)]
 
-    def student(k: int) -> torch.Tensor:
+    def kl(k: int) -> torch.Tensor:
         h = states[k][middle[0]]
         for i in middle + top:
             h = data.run(fitted.get(i) or frozen[i], h, k, i)
-        return _logprobs(source, _final_normed(source, data, k, h))
-
-    def kl(k: int) -> torch.Tensor:
-        t = teacher[k]
-        return (t.exp() * (t - student(k))).sum(-1).mean()
+        return logit_kl(_logits(source, final_states(source, data, k, h)), teacher[k])
 
     batches = len(states)
     try:

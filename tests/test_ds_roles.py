@@ -7,7 +7,8 @@ import torch
 from offsite_ds.bundle import load_bundle
 from offsite_ds.emulator import make_bundle
 from offsite_ds.errors import ArtifactError, OffsiteError
-from offsite_ds.roles.distill import build_distill_model, kd_loss, logit_kl
+from offsite_ds.evaluate import logit_kl
+from offsite_ds.roles.distill import build_distill_model, kd_loss
 from offsite_ds.peft_modes import lora_layers, merge_lora_state
 from offsite_ds.tiny import save_tiny_model, tiny_model
 

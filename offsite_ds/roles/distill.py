@@ -25,6 +25,7 @@ from offsite_ds.atomic import utc_stamp
 from offsite_ds.bundle import check_bundle, save_bundle
 from offsite_ds.data import load_blocks
 from offsite_ds.errors import ArtifactError, OffsiteError
+from offsite_ds.evaluate import logit_kl
 from offsite_ds.manifests import BundleManifest, dump
 from offsite_ds.families import block_prefix, family_of, get_path
 from offsite_ds.roles.base import Role, owner_corpus
@@ -51,15 +52,6 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | N
     if norm == "token":
         return (err / energy.clamp_min(1e-12) * m).sum() / m.sum().clamp_min(1)
     return (err * m).sum() / (energy * m).sum().clamp_min(1e-12)
-
-
-def logit_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None
-             ) -> torch.Tensor:
-    """Mean over real tokens of KL(teacher || student) of the next-token distributions, in fp32."""
-    t = torch.log_softmax(teacher_logits.float(), -1)
-    kl = (t.exp() * (t - torch.log_softmax(student_logits.float(), -1))).sum(-1)
-    m = torch.ones_like(kl) if mask is None else mask.to(kl.dtype)
-    return (kl * m).sum() / m.sum().clamp_min(1)
 
 
 class DistillModel(nn.Module):
