@@ -405,13 +405,14 @@ def _calibrated_choice(model_dir, layout: Layout, method: str, prune_ratio: floa
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     n_calib = calib_tokens or calibrate.DEFAULT_CALIB_TOKENS
     calib_ids, calibration = calibrate.calibration_ids(calib_data, tokenizer,  # a bad corpus fails before the load
-                                                       n_calib + (fit.tokens if fit else 0), text_field)
+                                                       n_calib + (fit.public_tokens if fit else 0), text_field)
     calib_ids, fit_ids = calib_ids[:n_calib], calib_ids[n_calib:]
     calibration["tokens"] = int(calib_ids.numel())
-    if fit is not None and fit_ids.numel() < fit.tokens:
-        raise OffsiteError(f"--fit-tokens {fit.tokens}: {calib_data} holds {fit_ids.numel()} tokens after the "
+    if fit is not None and fit_ids.numel() < fit.public_tokens:
+        flag = "--fit-tokens" if fit.public_tokens == fit.tokens else "--fit-kl-tokens"
+        raise OffsiteError(f"{flag} {fit.public_tokens}: {calib_data} holds {fit_ids.numel()} tokens after the "
                            f"{n_calib} calibration tokens; give more public text (--calib-data builtin:wikipedia, "
-                           "or your own) or fewer --fit-tokens")
+                           f"or your own) or fewer {flag}")
     # an owner-scale model scores in seconds on a GPU, in hours on a CPU
     model = StreamedBlocks(model_dir, device="cuda" if torch.cuda.is_available() else None)
     layout, block_map, share_map, facts = choose_blocks(model, layout, select, share, calib_ids, importance=importance,

@@ -41,6 +41,7 @@ class FitSettings:
     seed: int = 0
     kl_epochs: int = 2  # then end to end: KL(full || emulator) of the next-token distributions (0: off)
     kl_lr: float = 1e-4
+    kl_tokens: int = 0  # public tokens the KL phase reads (0: the block fit's `tokens`); the block fit's come first
 
     def __post_init__(self) -> None:
         for name in ("tokens", "epochs", "batch_size"):
@@ -48,9 +49,14 @@ class FitSettings:
                 raise OffsiteError(f"--fit-{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
         if not self.lr > 0 or self.weight_decay < 0 or self.seq_len < 2:
             raise OffsiteError(f"--fit-lr {self.lr:g} must be positive (weight decay >= 0, seq_len >= 2)")
-        if self.kl_epochs < 0 or not self.kl_lr > 0:
-            raise OffsiteError(f"--fit-kl-epochs {self.kl_epochs} must be >= 0 and --fit-kl-lr {self.kl_lr:g} "
-                               "positive")
+        if self.kl_epochs < 0 or not self.kl_lr > 0 or self.kl_tokens < 0:
+            raise OffsiteError(f"--fit-kl-epochs {self.kl_epochs} and --fit-kl-tokens {self.kl_tokens} must be >= 0 "
+                               f"and --fit-kl-lr {self.kl_lr:g} positive")
+
+    @property
+    def public_tokens(self) -> int:
+        """Public tokens the fit reads in all: the block fit's, or the KL phase's when it reads more."""
+        return max(self.tokens, self.kl_tokens if self.kl_epochs else 0)
 
 
 def relative_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -106,7 +112,8 @@ def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map
     and with `settings.kl_epochs` the end-to-end phase's mean KL before and after ({before, after}, else None).
 
     `block_map` is the emulator's (original index per position; bottom adapter blocks first). The model is
-    left unchanged. `ids` is the owner's public token stream; its first `settings.tokens` are used. The
+    left unchanged. `ids` is the owner's public token stream: the block fit reads its first `settings.tokens`,
+    the KL phase its first `settings.kl_tokens` (or the same). The
     fitted blocks are returned (and, without the KL phase, kept from the moment each is done) in `store_dtype`
     (default: the source's), the dtype the bundle writes: K fitted blocks cost their size in the bundle.
     """
@@ -120,8 +127,10 @@ def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map
     n = min(ids.numel(), settings.tokens) // seq_len
     if n < 1:
         raise OffsiteError(f"fitting needs at least {seq_len} tokens of public text; got {ids.numel()}")
+    kl_n = min(ids.numel(), settings.kl_tokens or settings.tokens) // seq_len if settings.kl_epochs else 0
     data = open_stream(source, ids[: n * seq_len], seq_len, settings.batch_size)
-    states = teacher_states(source, data, sorted({middle[0], *ends} | ({depth} if settings.kl_epochs else set())))
+    shared = kl_n == n  # the KL phase reads the block fit's tokens: one teacher pass gives both their states
+    states = teacher_states(source, data, sorted({middle[0], *ends} | ({depth} if shared else set())))
     batches = range(len(states))
     stream = [s[middle[0]] for s in states]  # the emulator's input to its first kept middle block (= teacher's)
     store_dtype = store_dtype or next(source.model.parameters()).dtype
@@ -148,8 +157,16 @@ def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map
             log(f"fit block {block_index} (run to {end}): relative error {before:.4g} -> {after_fit:.4g}")
         report.append({"block": block_index, "end": end, "before": before, "after": after_fit})
         fitted[block_index] = block if settings.kl_epochs else block.to(store_dtype)  # KL trains them all again
-    kl = kl_finish(source, data, states, block_map, bottom, kept, fitted, settings, progress, log) \
-        if settings.kl_epochs else None
+    kl = None
+    if settings.kl_epochs:
+        inputs, finals = [s[middle[0]] for s in states], [s.get(depth) for s in states]
+        del states, stream  # the fit's states are dropped before the KL phase (and its own teacher pass)
+        if not shared:
+            data = open_stream(source, ids[: kl_n * seq_len], seq_len, settings.batch_size)
+            kl_states = teacher_states(source, data, [middle[0], depth])
+            inputs, finals = [s[middle[0]] for s in kl_states], [s[depth] for s in kl_states]
+            del kl_states
+        kl = kl_finish(source, data, inputs, finals, block_map, bottom, kept, fitted, settings, progress, log)
     return {i: block.to(store_dtype) for i, block in fitted.items()}, report, kl
 
 
@@ -162,14 +179,15 @@ def _logits(source: BlockSource, normed: torch.Tensor) -> torch.Tensor:
     return transform(logits) if transform else logits
 
 
-def kl_finish(source: BlockSource, data: Stream, states: list[dict[int, torch.Tensor]], block_map: list[int],
-              bottom: int, kept: int, fitted: dict[int, nn.Module], settings: FitSettings, progress: bool = False,
-              log=None) -> dict:
+def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], finals: list[torch.Tensor],
+              block_map: list[int], bottom: int, kept: int, fitted: dict[int, nn.Module], settings: FitSettings,
+              progress: bool = False, log=None) -> dict:
     """Train the fitted middle blocks end to end: KL(full model || emulator) of the next-token distributions
-    on the fitting tokens, the full model's being read from its cached final states (no teacher pass per
-    step). The emulator runs from the cached input of its first kept middle block (the bottom adapter blocks
-    are the full model's), through the fitted blocks and the frozen top blocks, the model's norm and head.
-    Returns the mean KL before and after (on the same tokens)."""
+    on `data`'s tokens. Per batch, `inputs` is the full model's input to the first kept middle block (the
+    bottom adapter blocks are the full model's) and `finals` its last block's output: the teacher's logits are
+    recomputed from it at each step (one head product; caching them would cost tokens x vocabulary floats).
+    The emulator runs from there through the fitted blocks and the frozen top blocks, the model's norm and
+    head. Returns the mean KL before and after (on the same tokens)."""
     middle, top = block_map[bottom:bottom + kept], block_map[bottom + kept:]
     frozen = {i: source.block(i) for i in top}
     flags = {id(p): p.requires_grad for m in frozen.values() for p in m.parameters()}
@@ -178,16 +196,16 @@ def kl_finish(source: BlockSource, data: Stream, states: list[dict[int, torch.Te
     for p in frozen_params:
         p.requires_grad_(False)
     trainable = [p for i in middle for p in fitted[i].parameters()]
-    with torch.no_grad():
-        teacher = [_logits(source, final_states(source, data, k, s[source.depth])) for k, s in enumerate(states)]
 
     def kl(k: int) -> torch.Tensor:
-        h = states[k][middle[0]]
+        with torch.no_grad():
+            teacher = _logits(source, final_states(source, data, k, finals[k]))
+        h = inputs[k]
         for i in middle + top:
             h = data.run(fitted.get(i) or frozen[i], h, k, i)
-        return logit_kl(_logits(source, final_states(source, data, k, h)), teacher[k])
+        return logit_kl(_logits(source, final_states(source, data, k, h)), teacher)
 
-    batches = len(states)
+    batches = len(inputs)
     try:
         for m in fitted.values():
             m.train().requires_grad_(True)

@@ -172,6 +172,7 @@ class FitRecord(Strict):
     blocks: Annotated[list[FitBlock], Field(max_length=MAX_DEPTH)]
     kl_epochs: Annotated[int, Field(ge=0)] = 0
     kl_lr: Positive = 1e-4
+    kl_tokens: Annotated[int, Field(ge=0)] = 0
     kl: FitKL | None = None
 
 

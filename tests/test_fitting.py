@@ -79,7 +79,8 @@ def test_emulate_fit_writes_the_fitted_blocks_and_records_them(tiny_model_dir, t
     assert "--fit-epochs 0 must be at least 1" in capsys.readouterr().err
 
 
-def test_the_end_to_end_kl_phase_lowers_the_kl_and_leaves_the_model_alone(tiny_model_dir, tmp_path):
+def test_the_end_to_end_kl_phase_lowers_the_kl_and_leaves_the_model_alone(tiny_model_dir, tmp_path, monkeypatch,
+                                                                         capsys):
     from offsite_ds.cli import main
     from offsite_ds.data import tokenize_corpus
     from offsite_ds.fitting import FitSettings, fit_kept_blocks
@@ -108,12 +109,33 @@ def test_the_end_to_end_kl_phase_lowers_the_kl_and_leaves_the_model_alone(tiny_m
     assert fit_kept_blocks(model, ids, block_map, 1, 3, FitSettings(tokens=1024, epochs=1, seq_len=64,
                                                                     kl_epochs=0))[2] is None
 
+    import offsite_ds.fitting as fitting  # the KL phase reads more tokens than the block fit: its own teacher pass
+
+    streamed = []
+    open_stream = fitting.open_stream
+    monkeypatch.setattr(fitting, "open_stream", lambda s, i, *a: streamed.append(i.numel()) or open_stream(s, i, *a))
+    more = FitSettings(tokens=512, epochs=1, lr=1e-3, seq_len=64, batch_size=4, kl_epochs=2, kl_lr=1e-3,
+                       kl_tokens=1024)
+    assert more.public_tokens == 1024 and FitSettings(tokens=512, kl_tokens=1024, kl_epochs=0).public_tokens == 512
+    kl_more = fit_kept_blocks(model, ids, block_map, 1, 3, more)[2]
+    assert streamed == [512, 1024] and kl_more["after"] < kl_more["before"], (streamed, kl_more)
+    streamed.clear()
+    fit_kept_blocks(model, ids, block_map, 1, 3, FitSettings(tokens=1024, epochs=1, seq_len=64, kl_epochs=1))
+    assert streamed == [1024]  # the same tokens: one teacher pass gives the fit's and the KL's states
+    monkeypatch.undo()
+
     public = tmp_path / "public.txt"
     public.write_text(" ".join(f"word{i % 37} and item {i % 11} ." for i in range(800)))
     assert main(["emulate", str(tiny_model_dir("llama")), "--layout", "2-2-2", "--calib-data", str(public),
                  "--calib-tokens", "256", "--no-progress", "--allow-far", "--out", str(tmp_path / "kl"), "--fit",
                  "--fit-tokens", "512", "--fit-epochs", "1", "--fit-kl-epochs", "1"]) == 0
     fit = read_manifest(tmp_path / "kl", BUNDLE_FORMAT).compression.fit
-    assert fit.kl_epochs == 1 and fit.kl is not None and fit.kl.before >= 0
+    assert fit.kl_epochs == 1 and fit.kl is not None and fit.kl.before >= 0 and fit.kl_tokens == 0
+    capsys.readouterr()
+    assert main(["emulate", str(tiny_model_dir("llama")), "--layout", "2-2-2", "--calib-data", str(public),
+                 "--calib-tokens", "256", "--no-progress", "--allow-far", "--out", str(tmp_path / "x"), "--fit",
+                 "--fit-tokens", "512", "--fit-kl-tokens", "100000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "fewer --fit-kl-tokens" in err and not (tmp_path / "x").exists()
     with pytest.raises(Exception, match="--fit-kl-epochs -1"):
         FitSettings(kl_epochs=-1)

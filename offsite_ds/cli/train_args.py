@@ -125,10 +125,12 @@ def add_fit_arguments(p: argparse.ArgumentParser, who: str) -> None:
     g.add_argument("--fit-epochs", type=int, default=d.epochs, help=f"epochs over them ({d.epochs})")
     g.add_argument("--fit-lr", type=float, default=d.lr, help=f"AdamW learning rate, cosine decay ({d.lr:g})")
     g.add_argument("--fit-kl-epochs", type=int, default=d.kl_epochs,
-                   help="then train the fitted blocks end to end for N epochs on the same tokens: KL(full || "
+                   help="then train the fitted blocks end to end for N epochs: KL(full || "
                         f"emulator) of the next-token distributions, the full model's read from cached states "
                         f"({d.kl_epochs}; 0: the block fit alone)")
     g.add_argument("--fit-kl-lr", type=float, default=d.kl_lr, help=f"its learning rate ({d.kl_lr:g})")
+    g.add_argument("--fit-kl-tokens", type=int, default=d.kl_tokens,
+                   help=f"public tokens the KL phase reads, the block fit's first ({d.kl_tokens}: --fit-tokens)")
 
 
 def fit_settings_from_args(args: argparse.Namespace):
@@ -136,4 +138,4 @@ def fit_settings_from_args(args: argparse.Namespace):
     from offsite_ds.fitting import FitSettings
 
     return FitSettings(tokens=args.fit_tokens, epochs=args.fit_epochs, lr=args.fit_lr, kl_epochs=args.fit_kl_epochs,
-                       kl_lr=args.fit_kl_lr)
+                       kl_lr=args.fit_kl_lr, kl_tokens=args.fit_kl_tokens)
