@@ -2,7 +2,7 @@
 (kept middle blocks 2, 6, 8, 11, 22, 23, 24, 27), fitted on the public Wikipedia train text after the first 1,024
 (calibration) tokens; emulator/full perplexity ratio on 2,048 tokens of the public held-out split and of PTB valid.
 
-    python experiments/fit_lr_sweep.py TOKENS EPOCHS LR [KL_EPOCHS KL_LR [KL_TOKENS]]  # e.g. 16384 4 3e-4 2 1e-4
+    python experiments/fit_lr_sweep.py TOKENS EPOCHS LR [KL_EPOCHS KL_LR [KL_TOKENS [KL_RANK]]]  # e.g. 16384 4 3e-4 2 1e-4
                                                      # prints before/after ratios (KL_EPOCHS: --fit-kl-epochs)
 """
 import math
@@ -20,6 +20,7 @@ from offsite_ds.surgery import running_blocks
 tokens, epochs, lr = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 kl_epochs, kl_lr = (int(sys.argv[4]), float(sys.argv[5])) if len(sys.argv) > 5 else (0, 1e-4)
 kl_tokens = int(sys.argv[6]) if len(sys.argv) > 6 else 0
+kl_rank = int(sys.argv[7]) if len(sys.argv) > 7 else 0
 md = demo_assets.smollm2_dir()
 tok = AutoTokenizer.from_pretrained(md, local_files_only=True)
 model = load_model(md).eval()
@@ -38,6 +39,6 @@ def ratios(replace=None):
 
 print("before", ratios(), flush=True)
 t = time.process_time()
-fitted, _, _ = fit_kept_blocks(model, train[1024:], bm, 2, 8, FitSettings(tokens=tokens, epochs=epochs, lr=lr, kl_epochs=kl_epochs, kl_lr=kl_lr, kl_tokens=kl_tokens), log=print, progress=True)
+fitted, _, _ = fit_kept_blocks(model, train[1024:], bm, 2, 8, FitSettings(tokens=tokens, epochs=epochs, lr=lr, kl_epochs=kl_epochs, kl_lr=kl_lr, kl_tokens=kl_tokens, kl_rank=kl_rank), log=print, progress=True)
 print("fit cpu s", time.process_time() - t, flush=True)
 print("after", ratios(fitted), flush=True)

@@ -42,6 +42,7 @@ class FitSettings:
     kl_epochs: int = 2  # then end to end: KL(full || emulator) of the next-token distributions (0: off)
     kl_lr: float = 1e-4
     kl_tokens: int = 0  # public tokens the KL phase reads (0: the block fit's `tokens`); the block fit's come first
+    kl_rank: int = 0  # the KL phase trains a rank-r update of each matrix, and the norms and biases (0: all weights)
 
     def __post_init__(self) -> None:
         for name in ("tokens", "epochs", "batch_size"):
@@ -49,9 +50,9 @@ class FitSettings:
                 raise OffsiteError(f"--fit-{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
         if not self.lr > 0 or self.weight_decay < 0 or self.seq_len < 2:
             raise OffsiteError(f"--fit-lr {self.lr:g} must be positive (weight decay >= 0, seq_len >= 2)")
-        if self.kl_epochs < 0 or not self.kl_lr > 0 or self.kl_tokens < 0:
-            raise OffsiteError(f"--fit-kl-epochs {self.kl_epochs} and --fit-kl-tokens {self.kl_tokens} must be >= 0 "
-                               f"and --fit-kl-lr {self.kl_lr:g} positive")
+        if self.kl_epochs < 0 or not self.kl_lr > 0 or self.kl_tokens < 0 or self.kl_rank < 0:
+            raise OffsiteError(f"--fit-kl-epochs {self.kl_epochs}, --fit-kl-tokens {self.kl_tokens} and --fit-kl-rank "
+                               f"{self.kl_rank} must be >= 0 and --fit-kl-lr {self.kl_lr:g} positive")
 
     @property
     def public_tokens(self) -> int:
@@ -179,6 +180,50 @@ def _logits(source: BlockSource, normed: torch.Tensor) -> torch.Tensor:
     return transform(logits) if transform else logits
 
 
+class LowRankDelta(nn.Module):
+    """W + B A, a rank-r update of one frozen matrix (a torch parametrization, so any module's 2-D `weight`:
+    Linear, GPT-2's Conv1D). B starts at zero: the block starts as fitted."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, generator: torch.Generator):
+        super().__init__()
+        rows, cols = weight.shape
+        self.a = nn.Parameter(torch.randn(rank, cols, generator=generator, dtype=weight.dtype) / math.sqrt(cols))
+        self.b = nn.Parameter(torch.zeros(rows, rank, dtype=weight.dtype))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.b @ self.a
+
+
+def low_rank_params(blocks: list[nn.Module], rank: int, generator: torch.Generator) -> list[nn.Parameter]:
+    """Put a LowRankDelta on every 2-D weight of `blocks` (frozen) and return what the KL phase trains: the
+    deltas, and every other (1-D: norm, bias) parameter. Merge with merge_low_rank. The optimiser then holds
+    r (rows + cols) per matrix instead of rows x cols: the owner's memory for K blocks' gradients and moments."""
+    from torch.nn.utils import parametrize
+
+    trainable = []
+    for block in blocks:
+        for module in list(block.modules()):
+            weight = module._parameters.get("weight")
+            if weight is not None and weight.dim() == 2:
+                weight.requires_grad_(False)
+                delta = LowRankDelta(weight, min(rank, *weight.shape), generator)
+                parametrize.register_parametrization(module, "weight", delta)
+                trainable += [delta.a, delta.b]
+        trainable += [p for name, p in block.named_parameters()
+                      if p.dim() < 2 and "parametrizations" not in name]
+    return trainable
+
+
+def merge_low_rank(blocks: list[nn.Module]) -> None:
+    """Fold each LowRankDelta into its weight: plain modules again, the same state dict keys as before."""
+    from torch.nn.utils import parametrize
+
+    for block in blocks:
+        for module in list(block.modules()):
+            if parametrize.is_parametrized(module, "weight"):
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+
+
 def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], finals: list[torch.Tensor],
               block_map: list[int], bottom: int, kept: int, fitted: dict[int, nn.Module], settings: FitSettings,
               progress: bool = False, log=None) -> dict:
@@ -195,7 +240,12 @@ def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], fin
     flags.update({id(p): p.requires_grad for p in source.model.parameters()})
     for p in frozen_params:
         p.requires_grad_(False)
-    trainable = [p for i in middle for p in fitted[i].parameters()]
+    blocks = [fitted[i] for i in middle]
+    for m in blocks:
+        m.train().requires_grad_(True)
+    g = torch.Generator().manual_seed(settings.seed + 1)
+    trainable = low_rank_params(blocks, settings.kl_rank, g) if settings.kl_rank else \
+        [p for m in blocks for p in m.parameters()]
 
     def kl(k: int) -> torch.Tensor:
         with torch.no_grad():
@@ -207,13 +257,12 @@ def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], fin
 
     batches = len(inputs)
     try:
-        for m in fitted.values():
-            m.train().requires_grad_(True)
         with torch.no_grad():
             before = sum(float(kl(k)) for k in range(batches)) / batches
-        _train(trainable, kl, batches, settings.kl_epochs, settings.kl_lr, settings.weight_decay,
-               torch.Generator().manual_seed(settings.seed + 1), "fit end to end (KL)" if progress else None)
-        for m in fitted.values():
+        _train(trainable, kl, batches, settings.kl_epochs, settings.kl_lr, settings.weight_decay, g,
+               "fit end to end (KL)" if progress else None)
+        merge_low_rank(blocks)
+        for m in blocks:
             m.eval().requires_grad_(False)
         with torch.no_grad():
             after = sum(float(kl(k)) for k in range(batches)) / batches

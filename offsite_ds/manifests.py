@@ -173,6 +173,7 @@ class FitRecord(Strict):
     kl_epochs: Annotated[int, Field(ge=0)] = 0
     kl_lr: Positive = 1e-4
     kl_tokens: Annotated[int, Field(ge=0)] = 0
+    kl_rank: Annotated[int, Field(ge=0)] = 0
     kl: FitKL | None = None
 
 

@@ -124,13 +124,26 @@ def test_the_end_to_end_kl_phase_lowers_the_kl_and_leaves_the_model_alone(tiny_m
     assert streamed == [1024]  # the same tokens: one teacher pass gives the fit's and the KL's states
     monkeypatch.undo()
 
+    # --fit-kl-rank: a low-rank update of each matrix (GPT-2's are Conv1D), merged back into plain blocks
+    plain = fit_kept_blocks(model, ids, block_map, 1, 3, FitSettings(tokens=1024, epochs=1, lr=1e-3, seq_len=64,
+                                                                      batch_size=4, kl_epochs=0))[0]
+    low, _, kl_low = fit_kept_blocks(model, ids, block_map, 1, 3, FitSettings(
+        tokens=1024, epochs=1, lr=1e-3, seq_len=64, batch_size=4, kl_epochs=3, kl_lr=3e-3, kl_rank=2))
+    assert kl_low["after"] < kl_low["before"], kl_low
+    for i in (1, 3, 6):
+        assert sorted(low[i].state_dict()) == sorted(plain[i].state_dict())  # merged: no parametrization left
+        attn, attn_plain = low[i].attn.c_attn.weight, plain[i].attn.c_attn.weight
+        update = (attn - attn_plain).double()
+        assert update.abs().max() > 0 and torch.linalg.matrix_rank(update, atol=1e-6) <= 2  # rank 2, not more
+
     public = tmp_path / "public.txt"
     public.write_text(" ".join(f"word{i % 37} and item {i % 11} ." for i in range(800)))
     assert main(["emulate", str(tiny_model_dir("llama")), "--layout", "2-2-2", "--calib-data", str(public),
                  "--calib-tokens", "256", "--no-progress", "--allow-far", "--out", str(tmp_path / "kl"), "--fit",
-                 "--fit-tokens", "512", "--fit-epochs", "1", "--fit-kl-epochs", "1"]) == 0
+                 "--fit-tokens", "512", "--fit-epochs", "1", "--fit-kl-epochs", "1", "--fit-kl-rank", "2"]) == 0
     fit = read_manifest(tmp_path / "kl", BUNDLE_FORMAT).compression.fit
     assert fit.kl_epochs == 1 and fit.kl is not None and fit.kl.before >= 0 and fit.kl_tokens == 0
+    assert fit.kl_rank == 2
     capsys.readouterr()
     assert main(["emulate", str(tiny_model_dir("llama")), "--layout", "2-2-2", "--calib-data", str(public),
                  "--calib-tokens", "256", "--no-progress", "--allow-far", "--out", str(tmp_path / "x"), "--fit",

@@ -131,6 +131,9 @@ def add_fit_arguments(p: argparse.ArgumentParser, who: str) -> None:
     g.add_argument("--fit-kl-lr", type=float, default=d.kl_lr, help=f"its learning rate ({d.kl_lr:g})")
     g.add_argument("--fit-kl-tokens", type=int, default=d.kl_tokens,
                    help=f"public tokens the KL phase reads, the block fit's first ({d.kl_tokens}: --fit-tokens)")
+    g.add_argument("--fit-kl-rank", type=int, default=d.kl_rank,
+                   help="train a rank-R update of each matrix (and the norms, biases) in the KL phase: the optimiser "
+                        f"holds R x (rows + cols) per matrix, not rows x cols ({d.kl_rank}: all weights)")
 
 
 def fit_settings_from_args(args: argparse.Namespace):
@@ -138,4 +141,4 @@ def fit_settings_from_args(args: argparse.Namespace):
     from offsite_ds.fitting import FitSettings
 
     return FitSettings(tokens=args.fit_tokens, epochs=args.fit_epochs, lr=args.fit_lr, kl_epochs=args.fit_kl_epochs,
-                       kl_lr=args.fit_kl_lr, kl_tokens=args.fit_kl_tokens)
+                       kl_lr=args.fit_kl_lr, kl_tokens=args.fit_kl_tokens, kl_rank=args.fit_kl_rank)
