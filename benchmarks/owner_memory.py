@@ -122,8 +122,9 @@ def builder_rows(args, work: Path, log: Path, facts: dict) -> list[dict]:
             select, _, fit = builder.partition("+")
             flags = ["--select", select, "--calib-data", str(text), "--calib-tokens", str(args.calib_tokens),
                      "--allow-far"]
-            if fit:
+            if fit:  # fit: the default KL phase (all weights); fit-rN: its rank-N update (--fit-kl-rank N)
                 flags += ["--fit", "--fit-tokens", str(args.fit_tokens), "--fit-epochs", "1"]
+                flags += ["--fit-kl-rank", fit.removeprefix("fit-r")] if fit.startswith("fit-r") else []
             for when, tree in (("before", before), ("after", ROOT)):
                 if when == "before" and args.builders_after_only:
                     continue
@@ -157,7 +158,7 @@ def main() -> None:
     p.add_argument("--layout", default="2-2-2")
     p.add_argument("--skip", default="", help="comma list of cases to skip: owner,builders,eval")
     p.add_argument("--builders", default="importance,iterative,crash,importance+fit",
-                   help="emulate --select of the builders case (+fit adds --fit)")
+                   help="emulate --select of the builders case (+fit adds --fit; +fit-r8 also --fit-kl-rank 8)")
     p.add_argument("--builders-layout", default="2-14-2", help="layout of the builders case")
     p.add_argument("--builders-before-ref", default="a81a0cb",
                    help="the commit measured as 'before' in the builders case (whole model loaded to score)")
