@@ -63,24 +63,11 @@ def save_adapter_package(tensors: dict[str, torch.Tensor], manifest: dict, out_d
     return Path(out_dir)
 
 
-def block_linears(block: torch.nn.Module) -> dict[str, tuple[int, int]]:
-    """Name -> (in, out) of every linear layer inside a block (nn.Linear and GPT-2's Conv1D)."""
-    from offsite_ds.families import is_transposed_linear
-
-    out = {}
-    for name, m in block.named_modules():
-        if isinstance(m, torch.nn.Linear):
-            out[name] = (m.in_features, m.out_features)
-        elif is_transposed_linear(m):  # stores [in, out]
-            out[name] = tuple(m.weight.shape)
-    return out
-
-
 def expected_adapter_tensors(manifest: AdapterManifest, config: dict, dtype: torch.dtype, where: str
                              ) -> dict[str, tuple[list[int], str]]:
     """The tensors a package must hold for a model of `config`: its own settings bounded by the model's
     sizes first (LoRA r, bottleneck, targets), then the mode applied to a meta-device model."""
-    from offsite_ds.families import family_of, get_path
+    from offsite_ds.families import block_linears, family_of, get_path
     from offsite_ds.peft_modes import apply_mode, check_bottleneck, trainable_state
 
     check_model_config(config, f"{where}: the model's config.json", manifest.family_spec, manifest.base_depth)

@@ -191,6 +191,17 @@ def is_transposed_linear(module: nn.Module) -> bool:
     return isinstance(module, Conv1D)
 
 
+def block_linears(block: nn.Module) -> dict[str, tuple[int, int]]:
+    """Name -> (in, out) of every linear layer inside a block (nn.Linear and GPT-2's Conv1D)."""
+    out = {}
+    for name, m in block.named_modules():
+        if isinstance(m, nn.Linear):
+            out[name] = (m.in_features, m.out_features)
+        elif is_transposed_linear(m):  # stores [in, out]
+            out[name] = tuple(m.weight.shape)
+    return out
+
+
 def out_features(module: nn.Module) -> int:
     """Output width of a linear layer, whichever way round it stores its weight."""
     if isinstance(module, nn.Linear):

@@ -157,7 +157,8 @@ def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map
         if log is not None:
             log(f"fit block {block_index} (run to {end}): relative error {before:.4g} -> {after_fit:.4g}")
         report.append({"block": block_index, "end": end, "before": before, "after": after_fit})
-        fitted[block_index] = block if settings.kl_epochs else block.to(store_dtype)  # KL trains them all again
+        # the KL phase trains all K blocks again: in fp32, or (low rank) as they wait, in the bundle's dtype
+        fitted[block_index] = block if settings.kl_epochs and not settings.kl_rank else block.to(store_dtype)
     kl = None
     if settings.kl_epochs:
         inputs, finals = [s[middle[0]] for s in states], [s.get(depth) for s in states]
@@ -180,48 +181,56 @@ def _logits(source: BlockSource, normed: torch.Tensor) -> torch.Tensor:
     return transform(logits) if transform else logits
 
 
-class LowRankDelta(nn.Module):
-    """W + B A, a rank-r update of one frozen matrix (a torch parametrization, so any module's 2-D `weight`:
-    Linear, GPT-2's Conv1D). B starts at zero: the block starts as fitted."""
+class LowRankUpdate(nn.Module):
+    """A rank-r update (x A^T) B^T added to one frozen linear layer's output (nn.Linear or GPT-2's Conv1D). The
+    layer's weight is read as it waits, in the bundle's dtype: never copied, never given a gradient. B starts
+    at zero, so the block starts as fitted."""
 
-    def __init__(self, weight: torch.Tensor, rank: int, generator: torch.Generator):
+    def __init__(self, n_in: int, n_out: int, rank: int, generator: torch.Generator):
         super().__init__()
-        rows, cols = weight.shape
-        self.a = nn.Parameter(torch.randn(rank, cols, generator=generator, dtype=weight.dtype) / math.sqrt(cols))
-        self.b = nn.Parameter(torch.zeros(rows, rank, dtype=weight.dtype))
+        self.a = nn.Parameter(torch.randn(rank, n_in, generator=generator) / math.sqrt(n_in))
+        self.b = nn.Parameter(torch.zeros(n_out, rank))
 
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self.b @ self.a
+    def add_to(self, _module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output + (inputs[0] @ self.a.t()) @ self.b.t()
+
+    @torch.no_grad()
+    def merge_into(self, module: nn.Module) -> None:
+        from offsite_ds.families import is_transposed_linear
+
+        delta = self.b @ self.a  # [out, in]
+        weight = module.weight
+        weight.copy_((weight.float() + (delta.t() if is_transposed_linear(module) else delta)).to(weight.dtype))
 
 
-def low_rank_params(blocks: list[nn.Module], rank: int, generator: torch.Generator) -> list[nn.Parameter]:
-    """Put a LowRankDelta on every 2-D weight of `blocks` (frozen) and return what the KL phase trains: the
-    deltas, and every other (1-D: norm, bias) parameter. Merge with merge_low_rank. The optimiser then holds
-    r (rows + cols) per matrix instead of rows x cols: the owner's memory for K blocks' gradients and moments."""
-    from torch.nn.utils import parametrize
+def low_rank_params(blocks: list[nn.Module], rank: int, generator: torch.Generator
+                    ) -> tuple[list[nn.Parameter], list[tuple[nn.Module, LowRankUpdate, object]]]:
+    """Hook a LowRankUpdate on every linear layer of `blocks` (their matrices frozen) and return what the KL
+    phase trains - the updates and the 1-D parameters (norms, biases, made fp32) - and the updates to merge
+    (merge_low_rank). The owner then holds the blocks as the bundle will, plus r x (in + out) per layer."""
+    from offsite_ds.families import block_linears
 
-    trainable = []
+    trainable, updates = [], []
     for block in blocks:
-        for module in list(block.modules()):
-            weight = module._parameters.get("weight")
-            if weight is not None and weight.dim() == 2:
-                weight.requires_grad_(False)
-                delta = LowRankDelta(weight, min(rank, *weight.shape), generator)
-                parametrize.register_parametrization(module, "weight", delta)
-                trainable += [delta.a, delta.b]
-        trainable += [p for name, p in block.named_parameters()
-                      if p.dim() < 2 and "parametrizations" not in name]
-    return trainable
+        for p in block.parameters():
+            if p.dim() >= 2:
+                p.requires_grad_(False)
+            else:
+                p.data = p.data.float()
+                trainable.append(p)
+        for name, (n_in, n_out) in block_linears(block).items():
+            module = block.get_submodule(name)
+            update = LowRankUpdate(n_in, n_out, min(rank, n_in, n_out), generator)
+            updates.append((module, update, module.register_forward_hook(update.add_to)))
+            trainable += [update.a, update.b]
+    return trainable, updates
 
 
-def merge_low_rank(blocks: list[nn.Module]) -> None:
-    """Fold each LowRankDelta into its weight: plain modules again, the same state dict keys as before."""
-    from torch.nn.utils import parametrize
-
-    for block in blocks:
-        for module in list(block.modules()):
-            if parametrize.is_parametrized(module, "weight"):
-                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+def merge_low_rank(updates: list[tuple[nn.Module, LowRankUpdate, object]]) -> None:
+    """Fold each update into its layer's weight and remove its hook: plain blocks again."""
+    for module, update, handle in updates:
+        handle.remove()
+        update.merge_into(module)
 
 
 def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], finals: list[torch.Tensor],
@@ -244,15 +253,20 @@ def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], fin
     for m in blocks:
         m.train().requires_grad_(True)
     g = torch.Generator().manual_seed(settings.seed + 1)
-    trainable = low_rank_params(blocks, settings.kl_rank, g) if settings.kl_rank else \
-        [p for m in blocks for p in m.parameters()]
+    trainable, updates = low_rank_params(blocks, settings.kl_rank, g) if settings.kl_rank else \
+        ([p for m in blocks for p in m.parameters()], [])
+    # low rank: the blocks wait in the bundle's dtype; a narrower one runs them under autocast
+    narrow = next(blocks[0].parameters()).dtype if settings.kl_rank else torch.float32
+    device_type = torch.device(source.device).type
 
     def kl(k: int) -> torch.Tensor:
         with torch.no_grad():
             teacher = _logits(source, final_states(source, data, k, finals[k]))
         h = inputs[k]
         for i in middle + top:
-            h = data.run(fitted.get(i) or frozen[i], h, k, i)
+            with torch.autocast(device_type, dtype=narrow, enabled=i in fitted and narrow != torch.float32):
+                h = data.run(fitted.get(i) or frozen[i], h, k, i)
+            h = h.float()
         return logit_kl(_logits(source, final_states(source, data, k, h)), teacher)
 
     batches = len(inputs)
@@ -261,7 +275,7 @@ def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], fin
             before = sum(float(kl(k)) for k in range(batches)) / batches
         _train(trainable, kl, batches, settings.kl_epochs, settings.kl_lr, settings.weight_decay, g,
                "fit end to end (KL)" if progress else None)
-        merge_low_rank(blocks)
+        merge_low_rank(updates)
         for m in blocks:
             m.eval().requires_grad_(False)
         with torch.no_grad():

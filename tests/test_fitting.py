@@ -136,6 +136,22 @@ def test_the_end_to_end_kl_phase_lowers_the_kl_and_leaves_the_model_alone(tiny_m
         update = (attn - attn_plain).double()
         assert update.abs().max() > 0 and torch.linalg.matrix_rank(update, atol=1e-6) <= 2  # rank 2, not more
 
+    # a bf16 owner, streamed as emulate streams it: the fitted blocks wait and train in bf16 (autocast), only the
+    # updates and norms in fp32
+    from offsite_ds.block_stream import StreamedBlocks
+
+    llama = load_model(tiny_model_dir("llama")).eval()
+    with torch.no_grad():
+        for name, p in llama.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.mul_(6.0)
+    llama.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    low, _, kl_bf16 = fit_kept_blocks(StreamedBlocks(tmp_path / "bf16"), ids, block_map, 1, 3, FitSettings(
+        tokens=1024, epochs=1, lr=1e-3, seq_len=64, batch_size=4, kl_epochs=3, kl_lr=3e-3, kl_rank=2),
+        store_dtype=torch.bfloat16)
+    assert math.isfinite(kl_bf16["after"]) and kl_bf16["after"] < kl_bf16["before"], kl_bf16
+    assert {p.dtype for b in low.values() for p in b.parameters()} == {torch.bfloat16}
+
     public = tmp_path / "public.txt"
     public.write_text(" ".join(f"word{i % 37} and item {i % 11} ." for i in range(800)))
     assert main(["emulate", str(tiny_model_dir("llama")), "--layout", "2-2-2", "--calib-data", str(public),
@@ -152,3 +168,24 @@ def test_the_end_to_end_kl_phase_lowers_the_kl_and_leaves_the_model_alone(tiny_m
     assert len(err.splitlines()) == 1 and "fewer --fit-kl-tokens" in err and not (tmp_path / "x").exists()
     with pytest.raises(Exception, match="--fit-kl-epochs -1"):
         FitSettings(kl_epochs=-1)
+
+
+def test_a_low_rank_update_merges_into_the_weight_it_was_added_to():
+    """The hooked layer and the merged one compute the same, whichever way round the layer stores its weight
+    (square layers included, where a transposed merge would pass unnoticed by shape)."""
+    from transformers.pytorch_utils import Conv1D
+
+    from offsite_ds.fitting import low_rank_params, merge_low_rank
+
+    torch.manual_seed(0)
+    for layer in (torch.nn.Linear(8, 8), Conv1D(8, 8), torch.nn.Linear(8, 5), Conv1D(5, 8)):
+        block = torch.nn.Sequential(layer)
+        trainable, updates = low_rank_params([block], 2, torch.Generator().manual_seed(0))
+        assert len(updates) == 1 and all(p.requires_grad for p in trainable)
+        with torch.no_grad():
+            updates[0][1].b.normal_()
+        x = torch.randn(3, 8)
+        hooked = block(x)
+        merge_low_rank(updates)
+        assert torch.allclose(block(x), hooked, atol=1e-5), type(layer).__name__
+        assert not layer._forward_hooks
