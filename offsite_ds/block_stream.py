@@ -169,8 +169,8 @@ class Upcast(nn.Module):
         self.block, self.compute_dtype = block, dtype
 
     def forward(self, *args, **kwargs):
-        stored = next(self.block.parameters()).dtype
-        block = self.block if stored == self.compute_dtype else copy.deepcopy(self.block).to(self.compute_dtype)
+        same = all(p.dtype == self.compute_dtype for p in self.block.parameters())
+        block = self.block if same else copy.deepcopy(self.block).to(self.compute_dtype)
         return block(*args, **kwargs)
 
 

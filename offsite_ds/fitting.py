@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 
-from offsite_ds.block_stream import BlockSource, Path, Stream, as_source, final_states, open_stream, sweep
+from offsite_ds.block_stream import BlockSource, Path, Stream, Upcast, as_source, final_states, open_stream, sweep
 from offsite_ds.data import max_positions
 from offsite_ds.errors import OffsiteError
 from offsite_ds.evaluate import logit_kl
@@ -157,7 +158,7 @@ def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map
         if log is not None:
             log(f"fit block {block_index} (run to {end}): relative error {before:.4g} -> {after_fit:.4g}")
         report.append({"block": block_index, "end": end, "before": before, "after": after_fit})
-        # the KL phase trains all K blocks again: in fp32, or (low rank) as they wait, in the bundle's dtype
+        # the KL phase trains all K blocks again: in fp32, or (low rank) their matrices as they wait
         fitted[block_index] = block if settings.kl_epochs and not settings.kl_rank else block.to(store_dtype)
     kl = None
     if settings.kl_epochs:
@@ -179,6 +180,30 @@ def _logits(source: BlockSource, normed: torch.Tensor) -> torch.Tensor:
     logits = backbone_and_head(source.model)[1](normed[:, 1:]).float()
     transform = logit_transform(source.model.config)
     return transform(logits) if transform else logits
+
+
+class _NarrowLinear(torch.autograd.Function):
+    """x W^T for a frozen W stored narrow (the bundle's bf16): upcast for the product in forward and again in
+    backward, so only the narrow W is kept for the backward pass (a CPU without bf16 units computes in fp32)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return x @ weight.to(x.dtype).t()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        return grad @ weight.to(grad.dtype), None
+
+
+def _narrow_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A linear layer (nn.Linear, or Conv1D storing [in, out]) whose frozen weight waits narrow."""
+    from offsite_ds.families import is_transposed_linear
+
+    weight = module.weight.t() if is_transposed_linear(module) else module.weight  # a view: [out, in]
+    y = _NarrowLinear.apply(x, weight)
+    return y if module.bias is None else y + module.bias
 
 
 class LowRankUpdate(nn.Module):
@@ -207,7 +232,8 @@ def low_rank_params(blocks: list[nn.Module], rank: int, generator: torch.Generat
                     ) -> tuple[list[nn.Parameter], list[tuple[nn.Module, LowRankUpdate, object]]]:
     """Hook a LowRankUpdate on every linear layer of `blocks` (their matrices frozen) and return what the KL
     phase trains - the updates and the 1-D parameters (norms, biases, made fp32) - and the updates to merge
-    (merge_low_rank). The owner then holds the blocks as the bundle will, plus r x (in + out) per layer."""
+    (merge_low_rank). A matrix that waits narrower than fp32 stays so (_NarrowLinear): the owner then holds
+    the blocks as the bundle will, plus r x (in + out) per layer."""
     from offsite_ds.families import block_linears
 
     trainable, updates = [], []
@@ -220,6 +246,8 @@ def low_rank_params(blocks: list[nn.Module], rank: int, generator: torch.Generat
                 trainable.append(p)
         for name, (n_in, n_out) in block_linears(block).items():
             module = block.get_submodule(name)
+            if module.weight.dtype != torch.float32:
+                module.forward = partial(_narrow_forward, module)  # the instance's; merge_low_rank removes it
             update = LowRankUpdate(n_in, n_out, min(rank, n_in, n_out), generator)
             updates.append((module, update, module.register_forward_hook(update.add_to)))
             trainable += [update.a, update.b]
@@ -230,6 +258,7 @@ def merge_low_rank(updates: list[tuple[nn.Module, LowRankUpdate, object]]) -> No
     """Fold each update into its layer's weight and remove its hook: plain blocks again."""
     for module, update, handle in updates:
         handle.remove()
+        module.__dict__.pop("forward", None)
         update.merge_into(module)
 
 
@@ -255,18 +284,15 @@ def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], fin
     g = torch.Generator().manual_seed(settings.seed + 1)
     trainable, updates = low_rank_params(blocks, settings.kl_rank, g) if settings.kl_rank else \
         ([p for m in blocks for p in m.parameters()], [])
-    # low rank: the blocks wait in the bundle's dtype; a narrower one runs them under autocast
-    narrow = next(blocks[0].parameters()).dtype if settings.kl_rank else torch.float32
-    device_type = torch.device(source.device).type
+
+    run = {**frozen, **fitted}
 
     def kl(k: int) -> torch.Tensor:
         with torch.no_grad():
             teacher = _logits(source, final_states(source, data, k, finals[k]))
         h = inputs[k]
         for i in middle + top:
-            with torch.autocast(device_type, dtype=narrow, enabled=i in fitted and narrow != torch.float32):
-                h = data.run(fitted.get(i) or frozen[i], h, k, i)
-            h = h.float()
+            h = data.run(run[i], h, k, i)
         return logit_kl(_logits(source, final_states(source, data, k, h)), teacher)
 
     batches = len(inputs)
@@ -278,6 +304,7 @@ def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], fin
         merge_low_rank(updates)
         for m in blocks:
             m.eval().requires_grad_(False)
+        run.update({i: Upcast(fitted[i], torch.float32) for i in middle})  # merged narrow matrices: as the guard runs them
         with torch.no_grad():
             after = sum(float(kl(k)) for k in range(batches)) / batches
     finally:

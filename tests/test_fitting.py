@@ -136,7 +136,7 @@ def test_the_end_to_end_kl_phase_lowers_the_kl_and_leaves_the_model_alone(tiny_m
         update = (attn - attn_plain).double()
         assert update.abs().max() > 0 and torch.linalg.matrix_rank(update, atol=1e-6) <= 2  # rank 2, not more
 
-    # a bf16 owner, streamed as emulate streams it: the fitted blocks wait and train in bf16 (autocast), only the
+    # a bf16 owner, streamed as emulate streams it: the fitted matrices wait and stay in bf16 (_NarrowLinear), only the
     # updates and norms in fp32
     from offsite_ds.block_stream import StreamedBlocks
 
