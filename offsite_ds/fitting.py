@@ -23,6 +23,7 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from offsite_ds.block_stream import BlockSource, Path, Stream, Upcast, as_source, final_states, open_stream, sweep
 from offsite_ds.data import max_positions
@@ -232,8 +233,9 @@ def low_rank_params(blocks: list[nn.Module], rank: int, generator: torch.Generat
                     ) -> tuple[list[nn.Parameter], list[tuple[nn.Module, LowRankUpdate, object]]]:
     """Hook a LowRankUpdate on every linear layer of `blocks` (their matrices frozen) and return what the KL
     phase trains - the updates and the 1-D parameters (norms, biases, made fp32) - and the updates to merge
-    (merge_low_rank). A matrix that waits narrower than fp32 stays so (_NarrowLinear): the owner then holds
-    the blocks as the bundle will, plus r x (in + out) per layer."""
+    (merge_low_rank). A matrix that waits narrower than fp32 stays so (_NarrowLinear), and kl_finish recomputes
+    each block's activations in the backward pass instead of keeping them: the owner then holds the blocks as
+    the bundle will, plus r x (in + out) per layer and one block's activations."""
     from offsite_ds.families import block_linears
 
     trainable, updates = [], []
@@ -292,7 +294,10 @@ def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], fin
             teacher = _logits(source, final_states(source, data, k, finals[k]))
         h = inputs[k]
         for i in middle + top:
-            h = data.run(run[i], h, k, i)
+            if settings.kl_rank and i in fitted and torch.is_grad_enabled():  # low memory: recompute, not keep
+                h = checkpoint(partial(data.run, run[i], batch=k, index=i), h, use_reentrant=False)
+            else:
+                h = data.run(run[i], h, k, i)
         return logit_kl(_logits(source, final_states(source, data, k, h)), teacher)
 
     batches = len(inputs)
