@@ -163,13 +163,13 @@ def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map
         fitted[block_index] = block if settings.kl_epochs and not settings.kl_rank else block.to(store_dtype)
     kl = None
     if settings.kl_epochs:
-        inputs, finals = [s[middle[0]] for s in states], [s.get(depth) for s in states]
-        del states, stream  # the fit's states are dropped before the KL phase (and its own teacher pass)
+        kl_states = states if shared else None
+        del states, stream  # the fit's states are dropped before the KL phase's own teacher pass
         if not shared:
             data = open_stream(source, ids[: kl_n * seq_len], seq_len, settings.batch_size)
             kl_states = teacher_states(source, data, [middle[0], depth])
-            inputs, finals = [s[middle[0]] for s in kl_states], [s[depth] for s in kl_states]
-            del kl_states
+        inputs, finals = [s[middle[0]] for s in kl_states], [s[depth] for s in kl_states]
+        del kl_states  # only the two states per batch the KL phase reads stay
         kl = kl_finish(source, data, inputs, finals, block_map, bottom, kept, fitted, settings, progress, log)
     return {i: block.to(store_dtype) for i, block in fitted.items()}, report, kl
 
@@ -309,7 +309,8 @@ def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], fin
         merge_low_rank(updates)
         for m in blocks:
             m.eval().requires_grad_(False)
-        run.update({i: Upcast(fitted[i], torch.float32) for i in middle})  # merged narrow matrices: as the guard runs them
+        # merged blocks whose matrices wait narrow run as the guard runs them: a working fp32 copy per call
+        run.update({i: Upcast(fitted[i], torch.float32) for i in middle})
         with torch.no_grad():
             after = sum(float(kl(k)) for k in range(batches)) / batches
     finally:
