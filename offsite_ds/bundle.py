@@ -53,6 +53,13 @@ class Bundle:
         block_map = self.block_map
         return {p: block_map[p] for p in self.adapter_positions}
 
+    @property
+    def aligned(self) -> bool:
+        """Its adapter blocks were trained with the emulator (emulate --fit-align): they are not the model's own,
+        so the plug-in adds the data owner's change to the model's blocks, not the shipped ones."""
+        fit = self.manifest.compression.fit
+        return fit is not None and fit.align
+
     def _positions(self) -> list[int]:
         """The stored block each executed position runs (the identity unless the bundle shares blocks)."""
         return self.manifest.share_map or list(range(len(self.manifest.block_map)))

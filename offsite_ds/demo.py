@@ -103,7 +103,7 @@ def round_trip(model_dir: str | Path, bundle_dir: str | Path, train_file: str | 
 
     log("[owner] validate the adapter package and plug it into the full model")
     t = time.perf_counter()
-    plugged_dir = plugin(model_dir, out / "adapter", out / "plugged")
+    plugged_dir = plugin(model_dir, out / "adapter", out / "plugged", bundle_dir=bundle_dir)
     plugin_s = time.perf_counter() - t
 
     log(f"[owner] perplexity of the four rows on the first {s.eval_tokens} tokens of {', '.join(eval_files)}")

@@ -45,6 +45,7 @@ class FitSettings:
     kl_lr: float = 1e-4
     kl_tokens: int = 0  # public tokens the KL phase reads (0: the block fit's `tokens`); the block fit's come first
     kl_rank: int = 0  # the KL phase trains a rank-r update of each matrix, and the norms and biases (0: all weights)
+    align: bool = False  # the KL phase also trains the adapter blocks; the plug-in takes that shift out again
 
     def __post_init__(self) -> None:
         for name in ("tokens", "epochs", "batch_size"):
@@ -55,6 +56,8 @@ class FitSettings:
         if self.kl_epochs < 0 or not self.kl_lr > 0 or self.kl_tokens < 0 or self.kl_rank < 0:
             raise OffsiteError(f"--fit-kl-epochs {self.kl_epochs}, --fit-kl-tokens {self.kl_tokens} and --fit-kl-rank "
                                f"{self.kl_rank} must be >= 0 and --fit-kl-lr {self.kl_lr:g} positive")
+        if self.align and not self.kl_epochs:
+            raise OffsiteError("--fit-align trains the adapter blocks in the KL phase: give --fit-kl-epochs >= 1")
 
     @property
     def public_tokens(self) -> int:
@@ -133,7 +136,8 @@ def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map
     kl_n = min(ids.numel(), settings.kl_tokens or settings.tokens) // seq_len if settings.kl_epochs else 0
     data = open_stream(source, ids[: n * seq_len], seq_len, settings.batch_size)
     shared = kl_n == n  # the KL phase reads the block fit's tokens: one teacher pass gives both their states
-    states = teacher_states(source, data, sorted({middle[0], *ends} | ({depth} if shared else set())))
+    start = block_map[0] if settings.align else middle[0]  # where the KL phase's emulator starts
+    states = teacher_states(source, data, sorted({middle[0], *ends} | ({start, depth} if shared else set())))
     batches = range(len(states))
     stream = [s[middle[0]] for s in states]  # the emulator's input to its first kept middle block (= teacher's)
     store_dtype = store_dtype or next(source.model.parameters()).dtype
@@ -167,10 +171,15 @@ def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map
         del states, stream  # the fit's states are dropped before the KL phase's own teacher pass
         if not shared:
             data = open_stream(source, ids[: kl_n * seq_len], seq_len, settings.batch_size)
-            kl_states = teacher_states(source, data, [middle[0], depth])
-        inputs, finals = [s[middle[0]] for s in kl_states], [s[depth] for s in kl_states]
+            kl_states = teacher_states(source, data, sorted({start, depth}))
+        inputs, finals = [s[start] for s in kl_states], [s[depth] for s in kl_states]
         del kl_states  # only the two states per batch the KL phase reads stay
-        kl = kl_finish(source, data, inputs, finals, block_map, bottom, kept, fitted, settings, progress, log)
+        if settings.align:  # the adapter blocks train too, from the model's own (fp32, or waiting narrow)
+            for i in block_map[:bottom] + block_map[bottom + kept:]:
+                fitted[i] = source.own_copy(i).to(torch.float32 if not settings.kl_rank else store_dtype)
+                source.release(i)
+        kl = kl_finish(source, data, inputs, finals, block_map[block_map.index(start):], fitted, settings, progress,
+                       log)
     return {i: block.to(store_dtype) for i, block in fitted.items()}, report, kl
 
 
@@ -265,36 +274,35 @@ def merge_low_rank(updates: list[tuple[nn.Module, LowRankUpdate, object]]) -> No
 
 
 def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], finals: list[torch.Tensor],
-              block_map: list[int], bottom: int, kept: int, fitted: dict[int, nn.Module], settings: FitSettings,
-              progress: bool = False, log=None) -> dict:
-    """Train the fitted middle blocks end to end: KL(full model || emulator) of the next-token distributions
-    on `data`'s tokens. Per batch, `inputs` is the full model's input to the first kept middle block (the
-    bottom adapter blocks are the full model's) and `finals` its last block's output: the teacher's logits are
-    recomputed from it at each step (one head product; caching them would cost tokens x vocabulary floats).
-    The emulator runs from there through the fitted blocks and the frozen top blocks, the model's norm and
-    head. Returns the mean KL before and after (on the same tokens)."""
-    middle, top = block_map[bottom:bottom + kept], block_map[bottom + kept:]
-    frozen = {i: source.block(i) for i in top}
+              path: list[int], trained: dict[int, nn.Module], settings: FitSettings, progress: bool = False,
+              log=None) -> dict:
+    """Train the blocks in `trained` end to end: KL(full model || emulator) of the next-token distributions on
+    `data`'s tokens. The emulator runs the original blocks `path` (those in `trained` as trained, the others
+    frozen from the source), then the model's norm and head. Per batch, `inputs` is the full model's input to
+    path[0] (the blocks before it are the model's) and `finals` its last block's output: the teacher's logits
+    are recomputed from it at each step (one head product; caching them would cost tokens x vocabulary
+    floats). Returns the mean KL before and after (on the same tokens)."""
+    frozen = {i: source.block(i) for i in path if i not in trained}
     flags = {id(p): p.requires_grad for m in frozen.values() for p in m.parameters()}
     frozen_params = [p for m in frozen.values() for p in m.parameters()] + list(source.model.parameters())
     flags.update({id(p): p.requires_grad for p in source.model.parameters()})
     for p in frozen_params:
         p.requires_grad_(False)
-    blocks = [fitted[i] for i in middle]
+    blocks = [trained[i] for i in path if i in trained]
     for m in blocks:
         m.train().requires_grad_(True)
     g = torch.Generator().manual_seed(settings.seed + 1)
     trainable, updates = low_rank_params(blocks, settings.kl_rank, g) if settings.kl_rank else \
         ([p for m in blocks for p in m.parameters()], [])
 
-    run = {**frozen, **fitted}
+    run = {**frozen, **trained}
 
     def kl(k: int) -> torch.Tensor:
         with torch.no_grad():
             teacher = _logits(source, final_states(source, data, k, finals[k]))
         h = inputs[k]
-        for i in middle + top:
-            if settings.kl_rank and i in fitted and torch.is_grad_enabled():  # low memory: recompute, not keep
+        for i in path:
+            if settings.kl_rank and i in trained and torch.is_grad_enabled():  # low memory: recompute, not keep
                 h = checkpoint(partial(data.run, run[i], batch=k, index=i), h, use_reentrant=False)
             else:
                 h = data.run(run[i], h, k, i)
@@ -310,13 +318,13 @@ def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], fin
         for m in blocks:
             m.eval().requires_grad_(False)
         # merged blocks whose matrices wait narrow run as the guard runs them: a working fp32 copy per call
-        run.update({i: Upcast(fitted[i], torch.float32) for i in middle})
+        run.update({i: Upcast(trained[i], torch.float32) for i in trained})
         with torch.no_grad():
             after = sum(float(kl(k)) for k in range(batches)) / batches
     finally:
         for p in frozen_params:
             p.requires_grad_(flags[id(p)])
-        for i in top:
+        for i in frozen:
             source.release(i)
     if log is not None:
         log(f"fit end to end: KL(full || emulator) {before:.4g} -> {after:.4g}")

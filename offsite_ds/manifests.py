@@ -174,6 +174,7 @@ class FitRecord(Strict):
     kl_lr: Positive = 1e-4
     kl_tokens: Annotated[int, Field(ge=0)] = 0
     kl_rank: Annotated[int, Field(ge=0)] = 0
+    align: bool = False  # the KL phase also trained the adapter blocks: the plug-in takes their shift out
     kl: FitKL | None = None
 
 
@@ -304,6 +305,7 @@ class AdapterManifest(ModelFacts):
     mode_settings: ModeSettings
     tensors: Annotated[dict[str, TensorEntry], Field(min_length=1, max_length=1 << 16)]
     training: dict[str, JsonValue] = {}
+    aligned: bool = False  # tuned from an aligned bundle's adapter blocks (emulate --fit-align): see plugin
 
     @field_validator("mode_settings", mode="wrap")
     @classmethod

@@ -30,8 +30,15 @@ from offsite_ds.shards import DEFAULT_SHARD_BYTES, ModelCheckpoint, ShardWriter
 from offsite_ds.validation import read_model_config, read_safetensors
 
 
-def install_adapter(model: torch.nn.Module, package: AdapterPackage, original_to_position: dict[int, int]) -> None:
-    """Apply the package's mode at the mapped block positions and load its tensors, after checking them."""
+def install_adapter(model: torch.nn.Module, package: AdapterPackage, original_to_position: dict[int, int],
+                    shipped: dict[str, torch.Tensor] | None = None, into_model: bool = True) -> None:
+    """Apply the package's mode at the mapped block positions and load its tensors, after checking them.
+
+    With `shipped` (an aligned bundle's adapter tensors, `shipped_adapter`) a tensor of the block itself gets
+    the model's value plus the data owner's change, model + (tuned - shipped): the alignment is the owner's
+    emulator's, not the task's. New tensors (LoRA, Houlsby) are added to the model's blocks as they are.
+    `into_model=False` installs into the emulator the package was tuned on, where the tensors are what they say.
+    """
     family = family_of(model)
     manifest = package.manifest
     if family.name != manifest.family:
@@ -42,11 +49,14 @@ def install_adapter(model: torch.nn.Module, package: AdapterPackage, original_to
     if any(p >= n_blocks for p in positions):
         raise ArtifactError(f"{package.path}: adapter blocks {manifest.adapter_blocks} do not fit a model of "
                             f"{n_blocks} blocks")
+    position_to_original = {p: i for i, p in original_to_position.items()}
+    blocks = get_path(model, family.blocks)
+    base = {f"{block_prefix(family, i)}{n}" for i, p in original_to_position.items()  # the blocks' own tensors
+            for n, _ in blocks[p].named_parameters()}
     try:
         apply_mode(model, positions, package.mode, manifest.mode_settings)
     except OffsiteError as exc:
         raise ArtifactError(f"{package.path}: cannot re-create mode '{package.mode}': {exc}")
-    position_to_original = {p: i for i, p in original_to_position.items()}
     live = {canonical_name(n): p for n, p in model.named_parameters() if p.requires_grad}
     expected = rename_blocks(live, family, position_to_original)
     missing = sorted(set(expected) - set(package.tensors))
@@ -65,9 +75,15 @@ def install_adapter(model: torch.nn.Module, package: AdapterPackage, original_to
                                 f"{list(param.shape)}")
         if tensor.dtype != param.dtype:
             raise ArtifactError(f"{package.path}: tensor '{name}' is {tensor.dtype}, the model needs {param.dtype}")
+    if manifest.aligned and into_model and shipped is None and any(n in base for n in by_original):
+        raise ArtifactError(f"{package.path}: tuned ({package.mode}) on an aligned emulator bundle, whose adapter "
+                            "blocks are not the model's: pass the bundle you shipped (plugin --bundle BUNDLE)")
     with torch.no_grad():
         for name, param in by_original.items():
-            param.copy_(package.tensors[name].to(param.device))
+            tensor = package.tensors[name].to(param.device)
+            if shipped is not None and name in base:  # param still holds the model's own value
+                tensor = param.float() + (tensor.float() - shipped[name].to(param.device).float())
+            param.copy_(tensor)
     for p in model.parameters():
         p.requires_grad_(False)
 
@@ -84,12 +100,40 @@ def check_base(package: AdapterPackage, depth: int, fingerprint=None) -> None:
                             "the model its emulator was made from")
 
 
-def plug_in(model: torch.nn.Module, package: AdapterPackage, check_fingerprint: bool = True) -> torch.nn.Module:
-    """The owner's full model with the tuned adapter blocks (in place); LoRA merged into the weights."""
+def shipped_adapter(bundle_dir: str | Path, package: AdapterPackage) -> dict[str, torch.Tensor]:
+    """The adapter blocks' tensors as the bundle shipped them, by original block index (the package's names):
+    where an aligned bundle's data owner started. The bundle is validated and must be the one the package
+    was tuned on; only the adapter blocks' tensors are read."""
+    from offsite_ds.bundle import check_bundle
+
+    manifest = check_bundle(bundle_dir)
+    if manifest.fingerprint != package.manifest.bundle_fingerprint:
+        raise ArtifactError(f"{bundle_dir}: not the bundle {package.path} was tuned on (its fingerprint differs); "
+                            "pass the emulator bundle you shipped for it")
+    checkpoint = ModelCheckpoint(bundle_dir)
+    family = checkpoint.family
+    shipped = {}
+    for position in manifest.adapter_positions:
+        prefix = block_prefix(family, position)
+        for name in checkpoint.state_names():
+            if name.startswith(prefix):
+                shipped[block_prefix(family, manifest.block_map[position]) + name[len(prefix):]] = checkpoint.get(name)
+    return shipped
+
+
+def shipped_for(package: AdapterPackage, bundle_dir: str | Path | None) -> dict[str, torch.Tensor] | None:
+    """`shipped_adapter` where the package was tuned on an aligned bundle (and the bundle is given), else None."""
+    return shipped_adapter(bundle_dir, package) if bundle_dir is not None and package.manifest.aligned else None
+
+
+def plug_in(model: torch.nn.Module, package: AdapterPackage, check_fingerprint: bool = True,
+            shipped: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """The owner's full model with the tuned adapter blocks (in place); LoRA merged into the weights.
+    `shipped`: the bundle's adapter tensors, which a package tuned on an aligned bundle needs (install_adapter)."""
     manifest = package.manifest
     check_base(package, len(get_path(model, family_of(model).blocks)),
                (lambda: fingerprint_model(model)) if check_fingerprint else None)
-    install_adapter(model, package, {i: i for i in manifest.adapter_blocks})
+    install_adapter(model, package, {i: i for i in manifest.adapter_blocks}, shipped)
     if package.mode == "lora":
         merge_lora_(model)
     return model
@@ -100,13 +144,14 @@ def apply_to_emulator(bundle: Bundle, package: AdapterPackage) -> torch.nn.Modul
     if package.manifest.bundle_fingerprint != bundle.fingerprint:
         raise ArtifactError(f"{package.path}: adapter was tuned on another emulator bundle than {bundle.path}")
     mapping = {original: p for p, original in bundle.position_to_original.items()}
-    install_adapter(bundle.model, package, mapping)
+    install_adapter(bundle.model, package, mapping, into_model=False)
     if package.mode == "lora":
         merge_lora_(bundle.model)
     return bundle.model
 
 
-def tuned_blocks(checkpoint: ModelCheckpoint, package: AdapterPackage) -> dict[str, torch.Tensor]:
+def tuned_blocks(checkpoint: ModelCheckpoint, package: AdapterPackage,
+                 shipped: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of the adapter blocks after plug-in (merged LoRA, BitFit, full; Houlsby modules added).
 
     Only the adapter blocks are built (in fp32, as the owner's model always loaded): the model is made on
@@ -127,7 +172,7 @@ def tuned_blocks(checkpoint: ModelCheckpoint, package: AdapterPackage) -> dict[s
         names = block.state_dict()
         block.load_state_dict({rest: checkpoint.get(f"{block_prefix(family, original)}{rest}").float()
                                for rest in names}, strict=True)
-    install_adapter(model, package, {original: position for position, original in enumerate(blocks)})
+    install_adapter(model, package, {original: position for position, original in enumerate(blocks)}, shipped)
     if package.mode == "lora":
         merge_lora_(model)
     return {f"{block_prefix(family, original)}{rest}": tensor.detach()
@@ -136,7 +181,8 @@ def tuned_blocks(checkpoint: ModelCheckpoint, package: AdapterPackage) -> dict[s
 
 def plugin(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,
            max_shard_bytes: int = DEFAULT_SHARD_BYTES, check_data: str | Path | None = None,
-           check_tokens: int | None = None, text_field: str = "text", log=None) -> Path:
+           check_tokens: int | None = None, text_field: str = "text", log=None,
+           bundle_dir: str | Path | None = None) -> Path:
     """Owner's `plugin` command: validate, plug in, export a model dir that `from_pretrained` loads.
 
     Streamed: the package is validated in full against the owner's config.json first, the base
@@ -145,7 +191,9 @@ def plugin(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,
     blocks plus one tensor, not the model. With `check_data` (the owner's public text) the full model
     and the written plug-in are scored on its first `check_tokens` tokens (this loads both, one after
     the other), recorded as `check` in the plugged manifest, and a plug-in worse than the full model's
-    zero-shot is reported through `log` (default: stderr) - the round trip did harm there.
+    zero-shot is reported through `log` (default: stderr) - the round trip did harm there. `bundle_dir`, the
+    emulator the package was tuned on, is needed when that bundle was aligned (emulate --fit-align) and the
+    package holds the blocks' own tensors (full, BitFit): its adapter tensors are taken out (install_adapter).
     """
     from offsite_ds.emulator import write_model_files
 
@@ -153,7 +201,7 @@ def plugin(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,
     manifest = package.manifest
     checkpoint = ModelCheckpoint(model_dir)
     check_base(package, checkpoint.depth, lambda: fingerprint_checkpoint(checkpoint))
-    tuned = tuned_blocks(checkpoint, package)
+    tuned = tuned_blocks(checkpoint, package, shipped_for(package, bundle_dir))
     dtype = checkpoint.dtype()
     with atomic_dir(out_dir) as tmp:
         stored = {name: checkpoint.reader.dtype(source) for name, source in checkpoint.stored.items()}

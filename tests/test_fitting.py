@@ -189,3 +189,86 @@ def test_a_low_rank_update_merges_into_the_weight_it_was_added_to():
         merge_low_rank(updates)
         assert torch.allclose(block(x), hooked, atol=1e-5), type(layer).__name__
         assert not layer._forward_hooks
+
+
+def test_an_aligned_bundle_ships_trained_adapter_blocks_and_the_plug_in_takes_them_out(tiny_model_dir, corpus_file,
+                                                                                      tmp_path, capsys):
+    """--fit-align: the KL phase trains the adapter blocks too (the emulator gets closer with them), the data owner
+    tunes from those, and the plug-in adds only the data owner's change to the model's own blocks."""
+    from offsite_ds.adapter_package import load_adapter_package
+    from offsite_ds.bundle import load_bundle
+    from offsite_ds.cli import main
+    from offsite_ds.data import tokenize_corpus
+    from offsite_ds.fitting import FitSettings, fit_kept_blocks
+    from offsite_ds.plugin import load_model_dir
+    from offsite_ds.roles.tune_adapter import tune
+    from offsite_ds.runtime import load_model
+    from offsite_ds.tiny import byte_tokenizer
+    from offsite_ds.train import TrainConfig
+
+    torch.manual_seed(0)
+    model = load_model(tiny_model_dir("gpt2")).eval()
+    with torch.no_grad():  # as above: far from the identity, so the emulator is far from the model
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "wte" not in name and "wpe" not in name:
+                p.mul_(6.0)
+    text = " ".join(f"word{i % 37} and item {i % 11} ." for i in range(600))
+    ids = tokenize_corpus([text], byte_tokenizer())[:1024]
+    block_map = [0, 1, 3, 6, 7]
+    kw = dict(tokens=1024, epochs=1, lr=1e-3, seq_len=64, batch_size=4, kl_epochs=3, kl_lr=1e-3)
+    middle_only = fit_kept_blocks(model, ids, block_map, 1, 3, FitSettings(**kw))[2]
+    aligned, _, kl = fit_kept_blocks(model, ids, block_map, 1, 3, FitSettings(**kw, align=True))
+    assert sorted(aligned) == [0, 1, 3, 6, 7]  # the adapter blocks 0 and 7 trained too
+    assert kl["before"] == pytest.approx(middle_only["before"], rel=1e-4)  # from the embeddings, same blocks: same KL
+    assert kl["after"] < kl["before"], kl
+    assert not torch.equal(aligned[7].mlp.c_fc.weight, model.transformer.h[7].mlp.c_fc.weight)
+    with pytest.raises(Exception, match="--fit-align .*--fit-kl-epochs"):
+        FitSettings(align=True, kl_epochs=0)
+
+    public = tmp_path / "public.txt"
+    public.write_text(" ".join(f"word{i % 37} and item {i % 11} ." for i in range(800)))
+    model_dir = tiny_model_dir("llama")
+    assert main(["emulate", str(model_dir), "--layout", "2-2-2", "--calib-data", str(public), "--calib-tokens", "256",
+                 "--no-progress", "--allow-far", "--out", str(tmp_path / "bundle"), "--select", "uniform", "--fit",
+                 "--fit-tokens", "512", "--fit-epochs", "1", "--fit-kl-epochs", "2", "--fit-kl-lr", "1e-2",
+                 "--fit-align"]) == 0
+    bundle = load_bundle(tmp_path / "bundle")
+    full = load_model(model_dir)
+    assert bundle.aligned and bundle.manifest.compression.fit.align
+    shipped_0 = bundle.model.model.layers[0].mlp.up_proj.weight
+    assert not torch.equal(shipped_0, full.model.layers[0].mlp.up_proj.weight)  # not the model's own block
+
+    cfg = TrainConfig(steps=3, lr=5e-3, batch_size=2, progress=False)
+    tune(tmp_path / "bundle", corpus_file, tmp_path / "full", mode="full", cfg=cfg, seq_len=32)
+    package = load_adapter_package(tmp_path / "full")
+    assert package.manifest.aligned
+    capsys.readouterr()
+    argv = ["plugin", str(model_dir), str(tmp_path / "full")]
+    assert main([*argv, "--out", str(tmp_path / "p0")]) == 2  # the blocks' own tensors need the shipped ones
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--bundle" in err and not (tmp_path / "p0").exists()
+    assert main([*argv, "--out", str(tmp_path / "p1"), "--bundle", str(tmp_path / "bundle")]) == 0
+    plugged = load_model_dir(tmp_path / "p1")[0].state_dict()
+    shipped = bundle.model.state_dict()
+    for name, tuned in package.tensors.items():
+        position = bundle.block_map.index(int(name.split(".")[2]))
+        at = name.replace(f"layers.{name.split('.')[2]}.", f"layers.{position}.")
+        expected = full.state_dict()[name] + (tuned - shipped[at])  # the model's block + the data owner's change
+        assert torch.allclose(plugged[name], expected, atol=1e-6), name
+    untouched = [n for n in plugged if n not in package.tensors]
+    assert all(torch.equal(plugged[n], full.state_dict()[n]) for n in untouched)
+    other = tmp_path / "other"
+    assert main(["emulate", str(model_dir), "--layout", "2-2-2", "--no-calib", "--select", "uniform", "--out",
+                 str(other)]) == 0
+    assert main([*argv, "--out", str(tmp_path / "p2"), "--bundle", str(other)]) == 2
+    assert "not the bundle" in capsys.readouterr().err
+
+    # LoRA adds its product to the model's own blocks: no bundle needed, and the alignment stays out
+    tune(tmp_path / "bundle", corpus_file, tmp_path / "lora", mode="lora", cfg=cfg, seq_len=32)
+    assert main(["plugin", str(model_dir), str(tmp_path / "lora"), "--out", str(tmp_path / "p3")]) == 0
+    plugged = load_model_dir(tmp_path / "p3")[0].state_dict()
+    lora = load_adapter_package(tmp_path / "lora")
+    for key in [n for n in lora.tensors if ".lora_A." in n]:
+        weight = key.replace(".lora_A.weight", ".weight")
+        change = (plugged[weight] - full.state_dict()[weight]).double()
+        assert torch.linalg.matrix_rank(change, atol=1e-5) <= lora.manifest.mode_settings.r, weight  # B A alone

@@ -134,6 +134,9 @@ def add_fit_arguments(p: argparse.ArgumentParser, who: str) -> None:
     g.add_argument("--fit-kl-rank", type=int, default=d.kl_rank,
                    help="train a rank-R update of each matrix (and the norms, biases) in the KL phase: the optimiser "
                         f"holds R x (rows + cols) per matrix, not rows x cols ({d.kl_rank}: all weights)")
+    g.add_argument("--fit-align", action="store_true", default=d.align,
+                   help="the KL phase trains the adapter blocks too, so the data owner starts from blocks that make "
+                        "the emulator behave like the model; plugin --bundle takes that shift out again")
 
 
 def fit_settings_from_args(args: argparse.Namespace):
@@ -141,4 +144,5 @@ def fit_settings_from_args(args: argparse.Namespace):
     from offsite_ds.fitting import FitSettings
 
     return FitSettings(tokens=args.fit_tokens, epochs=args.fit_epochs, lr=args.fit_lr, kl_epochs=args.fit_kl_epochs,
-                       kl_lr=args.fit_kl_lr, kl_tokens=args.fit_kl_tokens, kl_rank=args.fit_kl_rank)
+                       kl_lr=args.fit_kl_lr, kl_tokens=args.fit_kl_tokens, kl_rank=args.fit_kl_rank,
+                       align=args.fit_align)
