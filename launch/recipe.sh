@@ -54,8 +54,9 @@ case "$STAGE" in
         launcher tune "$TUNE_BUNDLE" --data "$TUNE_DATA" --out "$OUT/adapter" \
             --deepspeed "${TUNE_DS_CONFIG:-$REPO/ds_configs/zero2.json}" --lr 1e-4 --epochs 5 --seq-len 512 \
             --batch-size "$BATCH" --save-every 500 "${EVAL_FLAGS[@]+"${EVAL_FLAGS[@]}"}" ;;
-    plugin)    # one process: validate the returned adapter, plug it into the full model
-        single plugin "$MODEL_DIR" "$OUT/adapter" --out "$OUT/plugged" ;;
+    plugin)    # one process: validate the returned adapter, plug it into the full model (the bundle it was tuned
+               # on is read only when that bundle was aligned: emulate --fit-align)
+        single plugin "$MODEL_DIR" "$OUT/adapter" --bundle "$TUNE_BUNDLE" --out "$OUT/plugged" ;;
     ft)        # the paper's FT baseline (lr 2e-5, 3 epochs), all weights, ZeRO-3
         launcher finetune "$MODEL_DIR" --data "$TUNE_DATA" --out "$OUT/ft" --deepspeed "$DS_CONFIG" \
             --lr 2e-5 --epochs 3 --seq-len 512 --batch-size "$BATCH" --save-every 500 --gradient-checkpointing \

@@ -90,7 +90,7 @@ def row_models(model_dir: str | Path, bundle_dir: str | Path, package: AdapterPa
     from transformers import AutoTokenizer
 
     from offsite_ds.runtime import load_model
-    from offsite_ds.plugin import apply_to_emulator, load_model_dir, plug_in, shipped_for
+    from offsite_ds.plugin import apply_to_emulator, load_model_dir, plug_in, shipped_adapter
 
     def emulator():
         bundle = load_bundle(bundle_dir)
@@ -105,7 +105,7 @@ def row_models(model_dir: str | Path, bundle_dir: str | Path, package: AdapterPa
 
     def plugged():
         model, tokenizer = full()
-        return plug_in(model, package, shipped=shipped_for(package, bundle_dir)), tokenizer
+        return plug_in(model, package, shipped=shipped_adapter(bundle_dir, package)), tokenizer
 
     yield "Emulator zero-shot", emulator
     yield "OT Emulator", ot_emulator

@@ -14,6 +14,11 @@ embedding, head or other block is run, so a step costs about 1/depth of an end-t
 Loss: each token's squared error relative to the teacher's squared norm there (positions 0, the attention
 sinks with hidden states orders of magnitude larger, left out), so every token counts alike; optionally a
 cosine term. Calibration text only: the data owner's corpus never enters.
+
+Then (kl_epochs) the blocks are trained end to end on KL(full || emulator) of the next-token distributions;
+with `align` the adapter blocks train with them, so the bundle ships adapter blocks under which the emulator
+behaves more like the model. The data owner tunes from those, and the plug-in adds only its change to the
+model's own blocks (offsite_ds.plugin.install_adapter): the alignment is the emulator's, not the task's.
 """
 from __future__ import annotations
 
@@ -113,7 +118,8 @@ def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map
                     settings: FitSettings = FitSettings(), progress: bool = False,
                     log=None, store_dtype: torch.dtype | None = None
                     ) -> tuple[dict[int, nn.Module], list[dict], dict | None]:
-    """Fitted copies of the kept middle blocks, {original block index: trained block}; per block the
+    """Fitted copies of the kept middle blocks (with `settings.align`, of the adapter blocks too: the KL phase then
+    runs from the embeddings and trains them as well), {original block index: trained block}; per block the
     relative error to its run's end on the fitting tokens before and after ({block, end, before, after});
     and with `settings.kl_epochs` the end-to-end phase's mean KL before and after ({before, after}, else None).
 

@@ -100,16 +100,18 @@ def check_base(package: AdapterPackage, depth: int, fingerprint=None) -> None:
                             "the model its emulator was made from")
 
 
-def shipped_adapter(bundle_dir: str | Path, package: AdapterPackage) -> dict[str, torch.Tensor]:
-    """The adapter blocks' tensors as the bundle shipped them, by original block index (the package's names):
-    where an aligned bundle's data owner started. The bundle is validated and must be the one the package
-    was tuned on; only the adapter blocks' tensors are read."""
+def shipped_adapter(bundle_dir: str | Path, package: AdapterPackage) -> dict[str, torch.Tensor] | None:
+    """The adapter blocks' tensors as the bundle shipped them, by original block index (the package's names),
+    where the package was tuned on an aligned bundle (else None: the model's own blocks were shipped). The
+    bundle is validated and must be the one the package was tuned on; only the adapter blocks are read."""
     from offsite_ds.bundle import check_bundle
 
     manifest = check_bundle(bundle_dir)
     if manifest.fingerprint != package.manifest.bundle_fingerprint:
         raise ArtifactError(f"{bundle_dir}: not the bundle {package.path} was tuned on (its fingerprint differs); "
                             "pass the emulator bundle you shipped for it")
+    if not package.manifest.aligned:
+        return None
     checkpoint = ModelCheckpoint(bundle_dir)
     family = checkpoint.family
     shipped = {}
@@ -119,11 +121,6 @@ def shipped_adapter(bundle_dir: str | Path, package: AdapterPackage) -> dict[str
             if name.startswith(prefix):
                 shipped[block_prefix(family, manifest.block_map[position]) + name[len(prefix):]] = checkpoint.get(name)
     return shipped
-
-
-def shipped_for(package: AdapterPackage, bundle_dir: str | Path | None) -> dict[str, torch.Tensor] | None:
-    """`shipped_adapter` where the package was tuned on an aligned bundle (and the bundle is given), else None."""
-    return shipped_adapter(bundle_dir, package) if bundle_dir is not None and package.manifest.aligned else None
 
 
 def plug_in(model: torch.nn.Module, package: AdapterPackage, check_fingerprint: bool = True,
@@ -201,7 +198,7 @@ def plugin(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,
     manifest = package.manifest
     checkpoint = ModelCheckpoint(model_dir)
     check_base(package, checkpoint.depth, lambda: fingerprint_checkpoint(checkpoint))
-    tuned = tuned_blocks(checkpoint, package, shipped_for(package, bundle_dir))
+    tuned = tuned_blocks(checkpoint, package, shipped_adapter(bundle_dir, package) if bundle_dir else None)
     dtype = checkpoint.dtype()
     with atomic_dir(out_dir) as tmp:
         stored = {name: checkpoint.reader.dtype(source) for name, source in checkpoint.stored.items()}

@@ -13,7 +13,7 @@ from offsite_ds.bundle import load_bundle
 from offsite_ds.errors import ArtifactError
 from offsite_ds.manifests import BUNDLE_FORMAT, BundleManifest
 from offsite_ds.evaluate import perplexity
-from offsite_ds.plugin import apply_to_emulator, load_model_dir, plug_in, shipped_for
+from offsite_ds.plugin import apply_to_emulator, load_model_dir, plug_in, shipped_adapter
 from offsite_ds.runtime import load_model
 from offsite_ds.validation import read_manifest, read_model_config
 
@@ -63,7 +63,7 @@ def perplexity_rows(model_dir: str | Path, bundle_dir: str | Path, adapter_dir: 
         del full
         rows["OT Plug-in"] = score(load_model_dir(plugged_dir)[0])
     else:
-        rows["OT Plug-in"] = score(plug_in(full, package, shipped=shipped_for(package, bundle_dir)))
+        rows["OT Plug-in"] = score(plug_in(full, package, shipped=shipped_adapter(bundle_dir, package)))
     return {name: rows[name] for name in ROWS}
 
 
