@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 from conftest import FAMILIES
 from offsite_ds.adapter_package import load_adapter_package
 from offsite_ds.bundle import load_bundle
+from offsite_ds.errors import ArtifactError
 from offsite_ds.families import blocks_of
 from offsite_ds.plugin import load_model_dir, plugin
 from offsite_ds.roles.tune_adapter import tune
@@ -49,6 +50,14 @@ def test_round_trip_full_mode(family, tiny_model_dir, tiny_bundle, corpus_file, 
     assert changed == names, "exactly the adapter blocks' tensors changed"
     for name in names:
         assert torch.equal(plugged_sd[name], package.tensors[name])
+    # the bundle it was tuned on (not aligned): read for nothing but its check; another bundle is refused
+    again = AutoModelForCausalLM.from_pretrained(plugin(model_dir, tmp_path / "adapter", tmp_path / "again",
+                                                        bundle_dir=bundle_dir)).state_dict()
+    assert all(torch.equal(again[n], plugged_sd[n]) for n in names)
+    other = tiny_bundle(family, "1-2-1")
+    with pytest.raises(ArtifactError, match="not the bundle"):
+        plugin(model_dir, tmp_path / "adapter", tmp_path / "wrong", bundle_dir=other)
+    assert not (tmp_path / "wrong").exists()
 
 
 @pytest.mark.parametrize("mode", ["lora", "adapter", "bitfit"])
