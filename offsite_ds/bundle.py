@@ -55,10 +55,7 @@ class Bundle:
 
     @property
     def aligned(self) -> bool:
-        """Its adapter blocks were trained with the emulator (emulate --fit-align): they are not the model's own,
-        so the plug-in adds the data owner's change to the model's blocks, not the shipped ones."""
-        fit = self.manifest.compression.fit
-        return fit is not None and fit.align
+        return self.manifest.aligned
 
     def _positions(self) -> list[int]:
         """The stored block each executed position runs (the identity unless the bundle shares blocks)."""

@@ -294,6 +294,12 @@ class BundleManifest(ModelFacts):
         return self
 
     @property
+    def aligned(self) -> bool:
+        """Its adapter blocks were trained with the emulator (emulate --fit-align): they are not the model's own,
+        so the plug-in adds the data owner's change to the model's blocks, not the shipped ones."""
+        return self.compression.fit is not None and self.compression.fit.align
+
+    @property
     def executed_depth(self) -> int:
         return len(self.share_map) if self.share_map is not None else len(self.block_map)
 

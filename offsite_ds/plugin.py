@@ -102,15 +102,19 @@ def check_base(package: AdapterPackage, depth: int, fingerprint=None) -> None:
 
 def shipped_adapter(bundle_dir: str | Path, package: AdapterPackage) -> dict[str, torch.Tensor] | None:
     """The adapter blocks' tensors as the bundle shipped them, by original block index (the package's names),
-    where the package was tuned on an aligned bundle (else None: the model's own blocks were shipped). The
-    bundle is validated and must be the one the package was tuned on; only the adapter blocks are read."""
+    where the bundle was aligned (else None: the model's own blocks were shipped). The bundle is validated and
+    must be the one the package was tuned on, its alignment what the package says; only the adapter blocks
+    are read."""
     from offsite_ds.bundle import check_bundle
 
     manifest = check_bundle(bundle_dir)
     if manifest.fingerprint != package.manifest.bundle_fingerprint:
         raise ArtifactError(f"{bundle_dir}: not the bundle {package.path} was tuned on (its fingerprint differs); "
                             "pass the emulator bundle you shipped for it")
-    if not package.manifest.aligned:
+    if package.manifest.aligned != manifest.aligned:  # the owner's own bundle says what was shipped
+        raise ArtifactError(f"{package.path}: says aligned={package.manifest.aligned}, but {bundle_dir} was "
+                            f"{'' if manifest.aligned else 'not '}aligned; the package was altered: ask for it again")
+    if not manifest.aligned:
         return None
     checkpoint = ModelCheckpoint(bundle_dir)
     family = checkpoint.family

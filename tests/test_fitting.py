@@ -257,6 +257,14 @@ def test_an_aligned_bundle_ships_trained_adapter_blocks_and_the_plug_in_takes_th
         assert torch.allclose(plugged[name], expected, atol=1e-6), name
     untouched = [n for n in plugged if n not in package.tensors]
     assert all(torch.equal(plugged[n], full.state_dict()[n]) for n in untouched)
+    import json
+    import shutil
+    shutil.copytree(tmp_path / "full", tmp_path / "altered")  # a package that hides what it was tuned on
+    manifest = json.loads((tmp_path / "altered" / "offsite.json").read_text())
+    (tmp_path / "altered" / "offsite.json").write_text(json.dumps({**manifest, "aligned": False}))
+    assert main(["plugin", str(model_dir), str(tmp_path / "altered"), "--out", str(tmp_path / "pa"), "--bundle",
+                 str(tmp_path / "bundle")]) == 2
+    assert "altered" in capsys.readouterr().err and not (tmp_path / "pa").exists()
     other = tmp_path / "other"
     assert main(["emulate", str(model_dir), "--layout", "2-2-2", "--no-calib", "--select", "uniform", "--out",
                  str(other)]) == 0
