@@ -53,10 +53,6 @@ class Bundle:
         block_map = self.block_map
         return {p: block_map[p] for p in self.adapter_positions}
 
-    @property
-    def aligned(self) -> bool:
-        return self.manifest.aligned
-
     def _positions(self) -> list[int]:
         """The stored block each executed position runs (the identity unless the bundle shares blocks)."""
         return self.manifest.share_map or list(range(len(self.manifest.block_map)))

@@ -142,7 +142,8 @@ def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map
     kl_n = min(ids.numel(), settings.kl_tokens or settings.tokens) // seq_len if settings.kl_epochs else 0
     data = open_stream(source, ids[: n * seq_len], seq_len, settings.batch_size)
     shared = kl_n == n  # the KL phase reads the block fit's tokens: one teacher pass gives both their states
-    start = block_map[0] if settings.align else middle[0]  # where the KL phase's emulator starts
+    first = 0 if settings.align else bottom  # the position the KL phase's emulator starts at
+    start = block_map[first]
     states = teacher_states(source, data, sorted({middle[0], *ends} | ({start, depth} if shared else set())))
     batches = range(len(states))
     stream = [s[middle[0]] for s in states]  # the emulator's input to its first kept middle block (= teacher's)
@@ -184,8 +185,7 @@ def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map
             for i in block_map[:bottom] + block_map[bottom + kept:]:
                 fitted[i] = source.own_copy(i).to(torch.float32 if not settings.kl_rank else store_dtype)
                 source.release(i)
-        kl = kl_finish(source, data, inputs, finals, block_map[block_map.index(start):], fitted, settings, progress,
-                       log)
+        kl = kl_finish(source, data, inputs, finals, block_map[first:], fitted, settings, progress, log)
     return {i: block.to(store_dtype) for i, block in fitted.items()}, report, kl
 
 

@@ -117,13 +117,12 @@ def shipped_adapter(bundle_dir: str | Path, package: AdapterPackage) -> dict[str
     if not manifest.aligned:
         return None
     checkpoint = ModelCheckpoint(bundle_dir)
-    family = checkpoint.family
+    adapter = set(manifest.adapter_positions)
     shipped = {}
-    for position in manifest.adapter_positions:
-        prefix = block_prefix(family, position)
-        for name in checkpoint.state_names():
-            if name.startswith(prefix):
-                shipped[block_prefix(family, manifest.block_map[position]) + name[len(prefix):]] = checkpoint.get(name)
+    for name in checkpoint.state_names():
+        position, rest = checkpoint.block_of(name) or (None, "")
+        if position in adapter:
+            shipped[block_prefix(checkpoint.family, manifest.block_map[position]) + rest] = checkpoint.get(name)
     return shipped
 
 

@@ -234,7 +234,7 @@ def test_an_aligned_bundle_ships_trained_adapter_blocks_and_the_plug_in_takes_th
                  "--fit-align"]) == 0
     bundle = load_bundle(tmp_path / "bundle")
     full = load_model(model_dir)
-    assert bundle.aligned and bundle.manifest.compression.fit.align
+    assert bundle.manifest.aligned and bundle.manifest.compression.fit.align
     shipped_0 = bundle.model.model.layers[0].mlp.up_proj.weight
     assert not torch.equal(shipped_0, full.model.layers[0].mlp.up_proj.weight)  # not the model's own block
 

@@ -65,7 +65,7 @@ class TuneAdapter(Role):
             "base_depth": manifest.base_depth, "base_fingerprint": manifest.base_fingerprint,
             "bundle_fingerprint": self.bundle.fingerprint, "layout": manifest.layout,
             "block_map": manifest.block_map, "adapter_positions": manifest.adapter_positions,
-            "mode": self.mode, "mode_settings": self.settings, "aligned": self.bundle.aligned,
+            "mode": self.mode, "mode_settings": self.settings, "aligned": self.bundle.manifest.aligned,
             "training": {**{k: v for k, v in summary.items() if k != "loss_history"},
                          "data_fingerprint": self.data_fingerprint,
                          "exported_at": utc_stamp()},
