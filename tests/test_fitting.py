@@ -232,6 +232,11 @@ def test_an_aligned_bundle_ships_trained_adapter_blocks_and_the_plug_in_takes_th
                  "--no-progress", "--allow-far", "--out", str(tmp_path / "bundle"), "--select", "uniform", "--fit",
                  "--fit-tokens", "512", "--fit-epochs", "1", "--fit-kl-epochs", "2", "--fit-kl-lr", "1e-2",
                  "--fit-align"]) == 0
+    capsys.readouterr()
+    assert main(["emulate", str(model_dir), "--layout", "2-2-2", "--calib-data", str(public), "--no-progress",
+                 "--out", str(tmp_path / "nofit"), "--fit-align"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "add --fit" in err and not (tmp_path / "nofit").exists()
     bundle = load_bundle(tmp_path / "bundle")
     full = load_model(model_dir)
     assert bundle.manifest.aligned and bundle.manifest.compression.fit.align
