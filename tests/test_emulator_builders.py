@@ -374,3 +374,25 @@ def test_compare_emulators_frontier_over_layouts_and_adapter_sizes(tiny_model_di
     assert (tmp_path / "f" / "2-2-2_iterative_fit" / "result.json").is_file()
     manifest = json.loads((tmp_path / "f" / "1-3-1_iterative_fit" / "bundle" / "offsite.json").read_text())
     assert manifest["compression"]["fit"]["tokens"] == 512 and len(manifest["compression"]["fit"]["blocks"]) == 3
+
+def test_fit_flags_without_a_fitting_builder_are_refused(tiny_model_dir, calib_file, corpus_file, tmp_path, capsys):
+    """--fit-* flags where nothing is fitted would change nothing: one line, exit 2, nothing written."""
+    from offsite_ds.cli import main
+
+    model_dir = str(tiny_model_dir("opt"))
+    assert main(["emulate", model_dir, "--layout", "2-2-2", "--out", str(tmp_path / "b"), "--calib-data",
+                 str(calib_file), "--fit-kl-rank", "8", "--fit-tokens", "1024"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--fit-tokens --fit-kl-rank" in err and "add --fit" in err
+    assert main(["compare-emulators", "--model", model_dir, "--calib-data", str(calib_file), "--train",
+                 str(corpus_file), "--valid", str(corpus_file), "--test", str(corpus_file), "--builders",
+                 "uniform,importance", "--fit-align", "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--fit-align" in err and "importance+fit" in err
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    # a value equal to the default is not "given": the flag is harmless and accepted
+    from offsite_ds.cli.train_args import fit_flags_given
+    from offsite_ds.cli import build_parser
+
+    args = build_parser().parse_args(["emulate", model_dir, "--layout", "2-2-2", "--out", "x", "--fit-epochs", "4"])
+    assert fit_flags_given(args) == []

@@ -51,9 +51,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from offsite_ds.cli.train_args import distill_loss_from_args, fit_settings_from_args
-    from offsite_ds.compare import CompareSettings, best_builder, compare_emulators
+    from offsite_ds.cli.train_args import distill_loss_from_args, fit_flags_given, fit_settings_from_args
+    from offsite_ds.compare import CompareSettings, best_builder, compare_emulators, parse_builder
     from offsite_ds.errors import OffsiteError
+
+    builders = tuple(b.strip() for b in args.builders.split(",") if b.strip())
+    unused = [] if any(parse_builder(b)[2] for b in builders) else fit_flags_given(args)
+    if unused:  # flags that would otherwise change nothing
+        raise OffsiteError(f"{' '.join(unused)} set how the +fit builders fit: add one to --builders "
+                           "(e.g. importance+fit)")
 
     files = {split: getattr(args, split) for split in ("train", "valid", "test")}
     if any(files.values()) and not all(files.values()):
@@ -77,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     settings = CompareSettings(
         layout=args.layout.split(",")[0].strip(),
         layouts=tuple(x.strip() for x in args.layout.split(",") if x.strip()) if "," in args.layout else (),
-        builders=tuple(b.strip() for b in args.builders.split(",") if b.strip()), mode=args.mode,
+        builders=builders, mode=args.mode,
         steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
         eval_seq_len=args.eval_seq_len, eval_tokens=args.eval_tokens or None, eval_every=args.eval_every,
         seed=args.seed, calib_tokens=args.calib_tokens, importance=args.importance,

@@ -57,12 +57,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from offsite_ds.cli.train_args import fit_settings_from_args
+    from offsite_ds.cli.train_args import fit_flags_given, fit_settings_from_args
     from offsite_ds.emulator import make_bundle
     from offsite_ds.errors import OffsiteError
 
-    if args.fit_align and not args.fit:  # a flag that would otherwise change nothing
-        raise OffsiteError("--fit-align aligns the adapter blocks in --fit's KL phase: add --fit")
+    unused = [] if args.fit else fit_flags_given(args)
+    if unused:  # flags that would otherwise change nothing
+        raise OffsiteError(f"{' '.join(unused)} set how --fit fits the kept blocks: add --fit")
     written = make_bundle(args.model, args.layout, args.out, keep_ratio=args.keep_ratio, method=args.method,
                           prune_ratio=args.prune_ratio, quant_bits=args.bits, select=args.select, share=args.share,
                           calib_data=args.calib_data, calib_tokens=args.calib_tokens, importance=args.importance,

@@ -146,3 +146,15 @@ def fit_settings_from_args(args: argparse.Namespace):
     return FitSettings(tokens=args.fit_tokens, epochs=args.fit_epochs, lr=args.fit_lr, kl_epochs=args.fit_kl_epochs,
                        kl_lr=args.fit_kl_lr, kl_tokens=args.fit_kl_tokens, kl_rank=args.fit_kl_rank,
                        align=args.fit_align)
+
+
+def fit_flags_given(args: argparse.Namespace) -> list[str]:
+    """The --fit-* flags set away from their defaults: where nothing is fitted they would change nothing, so the
+    commands refuse them in one line instead of ignoring them."""
+    from dataclasses import fields
+
+    from offsite_ds.fitting import FitSettings
+
+    given, default = fit_settings_from_args(args), FitSettings()
+    return [f"--fit-{f.name.replace('_', '-')}" for f in fields(FitSettings)
+            if hasattr(args, f"fit_{f.name}") and getattr(given, f.name) != getattr(default, f.name)]
