@@ -2,7 +2,9 @@
 (the same adapter blocks tuned on the full model) and FT, each at each lr, in one run with one budget (the demo's:
 100 steps x 4 x 256 PTB train tokens, full adapter blocks). Resumable: each finished run keeps its result.json.
 
-    python experiments/lr_side_by_side.py OUT --lrs 1e-3 3e-3 --ft-lrs 3e-4 1e-3
+    python experiments/lr_side_by_side.py OUT --lrs 1e-3 3e-3 --ft-lrs 3e-4 1e-3 [--ceiling-lrs ...] [--fit]
+
+--fit builds the emulator with `emulate --fit` (FitSettings' defaults) instead of `emulate`'s default.
 """
 import argparse, json, time
 from pathlib import Path
@@ -14,33 +16,37 @@ from offsite_ds.compare import CEILING, CompareSettings, cached, round_trip, run
 from offsite_ds.demo import demo_inputs
 from offsite_ds.demo_assets import wikipedia_file
 from offsite_ds.emulator import DEFAULT_SELECT, make_bundle
+from offsite_ds.fitting import FitSettings
 
 p = argparse.ArgumentParser()
 p.add_argument("out", type=Path)
 p.add_argument("--lrs", type=float, nargs="*", default=[1e-3, 3e-3])
 p.add_argument("--ft-lrs", type=float, nargs="*", default=[3e-4, 1e-3])
+p.add_argument("--ceiling-lrs", type=float, nargs="*", default=None, help="default: --lrs")
+p.add_argument("--fit", action="store_true")
 p.add_argument("--layout", default="2-8-2")
 a = p.parse_args()
 model_dir, files, _ = demo_inputs()
 evals = {"valid": Path(files["valid"]), "test": Path(files["test"])}
 train, calib = Path(files["train"]), Path(wikipedia_file("train"))
-bundle = a.out / "emulator"
+bundle = a.out / ("emulator_fit" if a.fit else "emulator")
 if not (bundle / "offsite.json").is_file():
     t = time.time()
-    make_bundle(model_dir, a.layout, bundle, select=DEFAULT_SELECT, progress=False)
+    make_bundle(model_dir, a.layout, bundle, select=DEFAULT_SELECT, progress=False, fit=FitSettings() if a.fit else None)
     print(json.dumps({"emulate_s": time.time() - t}), flush=True)
 depth = depth_of_config(AutoConfig.from_pretrained(model_dir, local_files_only=True))
 bottom, top = (int(x) for x in a.layout.split("-")[::2])
-for lr in a.lrs:
+tag = "_fit" if a.fit else ""
+runs = [(f"plugin{tag}_lr{lr:g}", lr, lambda o, s: round_trip(model_dir, bundle, train, evals, o, s)) for lr in a.lrs]
+runs += [(f"ceiling_lr{lr:g}", lr, lambda o, s: run_builder(CEILING, model_dir, calib, train, evals, o, s,
+                                                              f"{bottom}-{depth - bottom - top}-{top}",
+                                                              log=lambda *_: None))
+         for lr in (a.lrs if a.ceiling_lrs is None else a.ceiling_lrs)]
+for name, lr, run in runs:
     s = CompareSettings(lr=lr, progress=False)
-    for name, run in [
-        (f"plugin_lr{lr:g}", lambda o: round_trip(model_dir, bundle, train, evals, o, s)),
-        (f"ceiling_lr{lr:g}", lambda o: run_builder(CEILING, model_dir, calib, train, evals, o, s,
-                                                    f"{bottom}-{depth - bottom - top}-{top}", log=lambda *_: None)),
-    ]:
-        t = time.time()
-        r = cached(a.out / name, lambda: run(a.out / name))
-        print(json.dumps({"run": name, "rows": r["rows"], "wall_s": time.time() - t}), flush=True)
+    t = time.time()
+    r = cached(a.out / name, lambda: run(a.out / name, s))
+    print(json.dumps({"run": name, "rows": r["rows"], "wall_s": time.time() - t}), flush=True)
 for lr in a.ft_lrs:
     s = CompareSettings(ft_lr=lr, progress=False)
     t = time.time()
