@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from offsite_ds.cli import main
-from offsite_ds.demo import DemoSettings, format_table, run_demo
+from offsite_ds.demo import DATA_OWNER_LR, DemoSettings, format_table, run_demo
 from offsite_ds.report import ROWS, claims
 
 FAST = dict(layout="2-2-2", steps=4, lr=1e-3, warmup=1, batch_size=2, seq_len=32, eval_seq_len=32,
@@ -102,6 +102,8 @@ def test_cli_defaults_are_the_demo_settings():
 
     args = build_parser(only="demo").parse_args(["demo"])
     d = DemoSettings()
-    for name in ("layout", "select", "fit", "mode", "steps", "lr", "warmup", "batch_size", "seq_len", "eval_seq_len",
+    assert args.lr is None and d.lr == DATA_OWNER_LR[False] and DemoSettings(fit=True).lr == DATA_OWNER_LR[True]
+    assert DemoSettings(fit=True, lr=5e-4).lr == 5e-4  # --lr given: taken as it is
+    for name in ("layout", "select", "fit", "mode", "steps", "warmup", "batch_size", "seq_len", "eval_seq_len",
                  "eval_tokens", "eval_every", "seed"):
         assert getattr(args, name) == getattr(d, name), name

@@ -15,7 +15,7 @@ import argparse
 import time
 from pathlib import Path
 
-from offsite_ds.demo import DemoSettings, demo_inputs, format_table, run_demo
+from offsite_ds.demo import DATA_OWNER_LR, DemoSettings, demo_inputs, format_table, run_demo
 from offsite_ds.manifests import MODES
 from offsite_ds.report import format_claims
 from offsite_ds.sandwich import SELECTIONS
@@ -28,11 +28,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"the owner's emulator builder ({d.select}, emulate's default)")
     p.add_argument("--fit", action="store_true",
                    help="fit the kept blocks to their runs, then end to end (emulate --fit): the measured best "
-                        "(SmolLM2 2-8-2 plug-in 44.16 valid / 50.27 test against 48.81 / 55.29) at about 5.5x the "
-                        "owner's time (1,359 s against 247 s on the same shared CPU)")
+                        "(SmolLM2 2-8-2 plug-in 43.06 valid / 47.79 test at its lr against 48.81 / 55.29), 12.8 "
+                        "minutes in all on an idle 2-core CPU against 8.8")
     p.add_argument("--mode", default=d.mode, choices=MODES)
     p.add_argument("--steps", type=int, default=d.steps, help=f"tuning steps ({d.steps})")
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr", type=float, default=None,
+                   help="the data owner's learning rate (default: the one measured best for the plug-in through the "
+                        f"emulator: {DATA_OWNER_LR[False]:g}, with --fit {DATA_OWNER_LR[True]:g})")
     p.add_argument("--warmup", type=int, default=d.warmup)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="training sequence length")
