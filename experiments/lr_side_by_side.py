@@ -12,11 +12,12 @@ from pathlib import Path
 from transformers import AutoConfig
 
 from offsite_ds.bench.shapes import depth_of_config
-from offsite_ds.compare import CEILING, CompareSettings, cached, round_trip, run_builder, run_ft
+from offsite_ds.compare import CEILING, CompareSettings, cached, ceiling_layout, round_trip, run_builder, run_ft
 from offsite_ds.demo import demo_inputs
 from offsite_ds.demo_assets import wikipedia_file
 from offsite_ds.emulator import DEFAULT_SELECT, make_bundle
 from offsite_ds.fitting import FitSettings
+from offsite_ds.sandwich import Layout
 
 p = argparse.ArgumentParser()
 p.add_argument("out", type=Path)
@@ -35,11 +36,11 @@ if not (bundle / "offsite.json").is_file():
     make_bundle(model_dir, a.layout, bundle, select=DEFAULT_SELECT, progress=False, fit=FitSettings() if a.fit else None)
     print(json.dumps({"emulate_s": time.time() - t}), flush=True)
 depth = depth_of_config(AutoConfig.from_pretrained(model_dir, local_files_only=True))
-bottom, top = (int(x) for x in a.layout.split("-")[::2])
+layout = Layout.parse(a.layout, depth)
 tag = "_fit" if a.fit else ""
 runs = [(f"plugin{tag}_lr{lr:g}", lr, lambda o, s: round_trip(model_dir, bundle, train, evals, o, s)) for lr in a.lrs]
 runs += [(f"ceiling_lr{lr:g}", lr, lambda o, s: run_builder(CEILING, model_dir, calib, train, evals, o, s,
-                                                              f"{bottom}-{depth - bottom - top}-{top}",
+                                                              ceiling_layout(layout.bottom, layout.top, depth),
                                                               log=lambda *_: None))
          for lr in (a.lrs if a.ceiling_lrs is None else a.ceiling_lrs)]
 for name, lr, run in runs:

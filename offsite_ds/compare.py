@@ -227,6 +227,11 @@ def plot_frontier(rows: list[dict], split: str, path: Path) -> None:
     save_figure(fig, path)
 
 
+def ceiling_layout(bottom: int, top: int, depth: int) -> str:
+    """The ceiling's layout for a bottom+top adapter: the whole middle kept, so no emulator can do better."""
+    return f"{bottom}-{depth - bottom - top}-{top}"
+
+
 def jobs_for(s: CompareSettings, depth: int) -> list[tuple[str, str, str]]:
     """(name, layout, folder) of every run: each builder at each layout, then one ceiling per adapter size
     (the same L+R blocks tuned on the full model). One layout keeps the single-layout folder names."""
@@ -241,7 +246,7 @@ def jobs_for(s: CompareSettings, depth: int) -> list[tuple[str, str, str]]:
         if (layout.bottom, layout.top) not in sizes:
             sizes.append((layout.bottom, layout.top))
     for bottom, top in sizes if s.ceiling else []:
-        whole = f"{bottom}-{depth - bottom - top}-{top}"  # the whole middle kept
+        whole = ceiling_layout(bottom, top, depth)
         name = CEILING if len(sizes) == 1 else f"{CEILING} {bottom}+{top}"
         jobs.append((name, whole, name.replace(" ", "_").replace("+", "_")))
     return jobs

@@ -157,4 +157,4 @@ def fit_flags_given(args: argparse.Namespace) -> list[str]:
 
     given, default = fit_settings_from_args(args), FitSettings()
     return [f"--fit-{f.name.replace('_', '-')}" for f in fields(FitSettings)
-            if hasattr(args, f"fit_{f.name}") and getattr(given, f.name) != getattr(default, f.name)]
+            if getattr(given, f.name) != getattr(default, f.name)]  # fields without a flag keep their default
