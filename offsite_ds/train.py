@@ -51,6 +51,10 @@ class TrainConfig:
     device: str | None = None
     torch_adam: bool = False  # DeepSpeed engine: torch's AdamW instead of the fused/CPU Adam (no JIT op build)
 
+    def __post_init__(self) -> None:  # a non-positive lr would train silently in the wrong direction, or not at all
+        if not self.lr > 0:
+            raise OffsiteError(f"--lr {self.lr:g} must be positive")
+
     def total_steps(self, micro_batches_per_epoch: int) -> int:
         if self.steps is not None:
             if self.steps < 1:

@@ -107,3 +107,11 @@ def test_cli_defaults_are_the_demo_settings():
     for name in ("layout", "select", "fit", "mode", "steps", "warmup", "batch_size", "seq_len", "eval_seq_len",
                  "eval_tokens", "eval_every", "seed"):
         assert getattr(args, name) == getattr(d, name), name
+
+
+def test_a_non_positive_lr_is_refused_in_one_line(corpus_file, tmp_path, capsys):
+    rc = main(["tune", str(tmp_path / "no-bundle"), "--data", str(corpus_file), "--out", str(tmp_path / "a"),
+               "--lr", "0"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "--lr 0 must be positive" in err
+    assert not (tmp_path / "a").exists()
