@@ -25,7 +25,8 @@ from pathlib import Path
 
 from offsite_ds.atomic import save_figure, write_json, write_text
 from offsite_ds.cli.train_args import add_distill_loss_arguments, distill_loss_from_args
-from offsite_ds.compare import CompareSettings, cached, round_trip
+from offsite_ds.atomic import cached
+from offsite_ds.compare import CompareSettings, round_trip
 from offsite_ds.demo import train_config
 from offsite_ds.errors import OffsiteError
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from transformers import AutoConfig
 
 from offsite_ds.bench.shapes import depth_of_config
-from offsite_ds.compare import CEILING, CompareSettings, cached, ceiling_layout, round_trip, run_builder, run_ft
+from offsite_ds.atomic import cached
+from offsite_ds.compare import CEILING, CompareSettings, ceiling_layout, round_trip, run_builder, run_ft
 from offsite_ds.demo import demo_inputs
 from offsite_ds.demo_assets import wikipedia_file
 from offsite_ds.emulator import DEFAULT_SELECT, make_bundle

@@ -29,6 +29,18 @@ def write_json(path: str | Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def cached(out: str | Path, make) -> dict:
+    """Resume: a finished step's OUT/result.json is kept and reused; otherwise `make()` runs and its result is
+    stored atomically."""
+    path = Path(out) / "result.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    result = make()
+    write_json(path, result)
+    return result
+
+
 def save_figure(fig, path: str | Path, dpi: int = 110) -> None:
     """Save a matplotlib figure as PNG atomically (see write_text); a pyplot figure is closed (no leak)."""
     import sys

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from offsite_ds.atomic import save_figure, write_json, write_text
+from offsite_ds.atomic import cached, save_figure, write_json, write_text
 from offsite_ds.calibrate import DEFAULT_CALIB_TOKENS
 from offsite_ds.demo import DATA_OWNER_LR, TRAINING_KEYS, DemoSettings, train_config
 from offsite_ds.demo import round_trip as demo_round_trip
@@ -148,19 +148,6 @@ def run_ft(model_dir: Path, train_file: Path, eval_files: dict[str, Path], out: 
     ppl = {split: perplexity(model, tokenizer, load_texts(path), seq_len=s.eval_seq_len, max_tokens=s.eval_tokens)
            for split, path in eval_files.items()}
     return {"builder": FT, "ppl": ppl, "wall_s": seconds}
-
-
-def cached(out: Path, make) -> dict:
-    """Resume: a finished step's result.json is kept and reused; otherwise run it and store it atomically."""
-    import json
-
-    path = out / "result.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    out.mkdir(parents=True, exist_ok=True)
-    result = make()
-    write_json(path, result)
-    return result
 
 
 def table_rows(results: list[dict], ft: dict | None, split: str) -> list[dict]:

@@ -205,6 +205,35 @@ class Quality(Strict):
     corpus_fingerprint: ShortText
 
 
+LearningRate = Annotated[float, Field(gt=0, le=1)]
+MAX_PROBE_LRS = 16
+
+
+class ProbePoint(Strict):
+    lr: LearningRate
+    plugin_ppl: Positive
+
+
+class LrAdvice(Strict):
+    """The owner's learning-rate probe (`offsite-ds probe-lr`): the adapter tuned through this emulator on public
+    text at each lr and plugged into the full model; `lr` is the one whose plug-in scored best on public held-out
+    text. `tune` uses it when no --lr is given and its --mode is `mode`."""
+    lr: LearningRate
+    mode: Literal[MODES]
+    steps: Annotated[int, Field(ge=1, le=1 << 24)]
+    tokens: Annotated[int, Field(ge=1)]  # tuning tokens per lr
+    eval_tokens: Annotated[int, Field(ge=1)]
+    full_ppl: Positive
+    points: Annotated[list[ProbePoint], Field(min_length=1, max_length=MAX_PROBE_LRS)]
+    corpus_fingerprint: ShortText
+
+    @model_validator(mode="after")
+    def _lr_probed(self):
+        if self.lr not in [p.lr for p in self.points]:
+            raise ValueError("advice.lr is not one of the probed points")
+        return self
+
+
 class ModelFacts(Strict):
     """What bundle and package both say about the model and its split."""
     version: Literal[1]
@@ -277,6 +306,7 @@ class BundleManifest(ModelFacts):
     share_map: Annotated[list[Index], Field(max_length=MAX_DEPTH)] | None = None
     quality: Quality | None = None
     dtype: Literal[WEIGHT_DTYPE_NAMES] | None = None  # of the weights (the checkpoint's own by default)
+    advice: LrAdvice | None = None  # the owner's probe; outside the fingerprint, which covers the files
 
     @model_validator(mode="after")
     def _bundle_consistent(self):
