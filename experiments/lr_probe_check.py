@@ -3,7 +3,7 @@ default 2-8-2 emulator of SmolLM2-135M and the --fit one, probes each on the own
 advice beside the PTB plug-in rows of the lr study (benchmarks/results/2026-12-05-lr-side-by-side-smollm2-cpu).
 Resumable: the bundles and each probed lr's result are kept under OUT.
 
-    python experiments/lr_probe_check.py OUT [--public builtin:wikipedia] [--steps 50] [--builders importance fit]
+    python experiments/lr_probe_check.py OUT [--public builtin:wikipedia | FILE --heldout FILE] [--steps 50] [--builders importance fit]
 """
 import argparse, json, time
 from pathlib import Path
@@ -16,6 +16,7 @@ from offsite_ds.lr_probe import PROBE_LRS, ProbeSettings, probe_lr
 p = argparse.ArgumentParser()
 p.add_argument("out", type=Path)
 p.add_argument("--public", default=PUBLIC_CORPUS)
+p.add_argument("--heldout", default=None, help="with a --public file: its held-out file")
 p.add_argument("--steps", type=int, default=50)
 p.add_argument("--lrs", type=float, nargs="*", default=list(PROBE_LRS))
 p.add_argument("--builders", nargs="*", default=["importance", "fit"])
@@ -28,7 +29,7 @@ for builder in a.builders:
         make_bundle(model_dir, "2-8-2", bundle, select=DEFAULT_SELECT, fit=FitSettings() if builder == "fit" else None)
         print(json.dumps({"builder": builder, "emulate_s": time.time() - t}), flush=True)
     t = time.time()
-    advice = probe_lr(model_dir, bundle, a.public, settings=ProbeSettings(lrs=tuple(a.lrs), steps=a.steps),
+    advice = probe_lr(model_dir, bundle, a.public, a.heldout, settings=ProbeSettings(lrs=tuple(a.lrs), steps=a.steps),
                       work_dir=a.out / f"probe_{builder}_{Path(str(a.public)).name}_s{a.steps}")
     print(json.dumps({"builder": builder, "public": str(a.public), "probe_s": time.time() - t, "advice": advice}),
           flush=True)

@@ -329,6 +329,10 @@ class BundleManifest(ModelFacts):
         so the plug-in adds the data owner's change to the model's blocks, not the shipped ones."""
         return self.compression.fit is not None and self.compression.fit.align
 
+    def advised_lr(self, mode: str) -> float | None:
+        """The owner's probed lr for tuning in `mode` (offsite_ds.lr_probe), if it probed that mode."""
+        return self.advice.lr if self.advice is not None and self.advice.mode == mode else None
+
     @property
     def executed_depth(self) -> int:
         return len(self.share_map) if self.share_map is not None else len(self.block_map)

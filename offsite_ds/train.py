@@ -28,7 +28,7 @@ class TrainConfig:
 
     steps: int | None = None  # optimizer steps; None -> derived from epochs
     epochs: float = 1.0
-    lr: float = 1e-4
+    lr: float | None = 1e-4  # None: `tune` takes the owner's advised lr from the bundle (offsite_ds.lr_probe)
     weight_decay: float = 0.0
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
@@ -52,7 +52,7 @@ class TrainConfig:
     torch_adam: bool = False  # DeepSpeed engine: torch's AdamW instead of the fused/CPU Adam (no JIT op build)
 
     def __post_init__(self) -> None:  # a non-positive lr would train silently in the wrong direction, or not at all
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise OffsiteError(f"--lr {self.lr:g} must be positive")
 
     def total_steps(self, micro_batches_per_epoch: int) -> int:
@@ -79,6 +79,8 @@ def train(role, loader, cfg: TrainConfig, runtime: Runtime | None = None) -> dic
     Exports via `role.export` whenever the evaluation improves (or once at the end when the role has no
     evaluation). `runtime` defaults to the one `cfg` asks for (and is then closed at the end).
     """
+    if cfg.lr is None:
+        raise OffsiteError("no learning rate: pass --lr")
     if runtime is not None:
         return _train(role, loader, cfg, runtime)
     with Runtime.from_config(cfg) as own:

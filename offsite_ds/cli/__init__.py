@@ -14,6 +14,7 @@ import sys
 # command name -> (module under offsite_ds.cli, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "emulate": ("emulate", "model owner: split a model and build an EmulatorBundle"),
+    "probe-lr": ("probe_lr", "model owner: find the data owner's lr that transfers through a bundle, record it"),
     "tune": ("tune", "data owner: tune the adapter through the emulator -> AdapterPackage"),
     "plugin": ("plugin", "model owner: validate an AdapterPackage and plug it into the full model"),
     "eval": ("evaluate", "perplexity (and lm-eval tasks) of one model directory"),

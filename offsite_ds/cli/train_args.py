@@ -7,12 +7,12 @@ import json
 from offsite_ds.train import TrainConfig
 
 
-def add_train_arguments(p: argparse.ArgumentParser, lr: float = 1e-4, batch_size: int = 8,
-                        seq_len: int = 512) -> None:
+def add_train_arguments(p: argparse.ArgumentParser, lr: float | None = 1e-4, batch_size: int = 8,
+                        seq_len: int = 512, lr_help: str | None = None) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: from --epochs)")
     g.add_argument("--epochs", type=float, default=1.0)
-    g.add_argument("--lr", type=float, default=lr)
+    g.add_argument("--lr", type=float, default=lr, help=lr_help or f"AdamW peak learning rate ({lr:g})")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--warmup", type=int, default=0, help="warm-up optimizer steps before cosine decay")
     g.add_argument("--batch-size", type=int, default=batch_size, help="micro-batch per rank")

@@ -7,7 +7,7 @@ from offsite_ds.cli.train_args import (add_lora_arguments, add_train_arguments, 
                                        train_config_from_args)
 from offsite_ds.manifests import DEFAULT_BOTTLENECK, MODES, ModeSettings
 from offsite_ds.peft_modes import settings_for
-from offsite_ds.roles.tune_adapter import DEFAULT_KERNELS, tune
+from offsite_ds.roles.tune_adapter import DEFAULT_KERNELS, DEFAULT_TUNE_LR, tune
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,7 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", default=DEFAULT_KERNELS,
                    help="fused kernels: auto (on CUDA: the library kernels measured best, else off), ours, liger, "
                         "cce or off (see the README's kernel section)")
-    add_train_arguments(p, lr=1e-4, batch_size=8, seq_len=512)
+    add_train_arguments(p, lr=None, batch_size=8, seq_len=512,
+                        lr_help=f"AdamW peak learning rate (default: the lr the owner's probe recorded in the bundle "
+                                f"for --mode, else {DEFAULT_TUNE_LR:g})")
 
 
 def mode_settings(args: argparse.Namespace) -> ModeSettings:

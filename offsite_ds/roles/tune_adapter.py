@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,6 +28,7 @@ from offsite_ds.runtime import Runtime
 from offsite_ds.train import TrainConfig, for_output, train
 from offsite_ds.zero3 import gathered
 
+DEFAULT_TUNE_LR = 1e-4  # without --lr and without the owner's advice (BundleManifest.advice) for the mode
 DEFAULT_KERNELS = "auto"  # on CUDA the library kernels measured best, else off: the CLI's default and the API's
 
 
@@ -34,8 +37,9 @@ class TuneAdapter(Role):
 
     def __init__(self, bundle: Bundle, out_dir: str | Path, mode: str = "full", settings: ModeSettings | None = None,
                  eval_ids: torch.Tensor | None = None, seq_len: int = 512, eval_batch_size: int = 4,
-                 data_fingerprint: str | None = None, runtime: Runtime | None = None):
+                 data_fingerprint: str | None = None, runtime: Runtime | None = None, lr: dict | None = None):
         super().__init__(bundle.model, runtime)
+        self.lr_record = lr or {}  # {"lr", "lr_from"}: recorded in the package's training record
         self.bundle, self.out_dir = bundle, Path(out_dir)
         self.mode = mode
         self.settings = apply_mode(bundle.model, bundle.adapter_positions, mode, settings)
@@ -67,7 +71,7 @@ class TuneAdapter(Role):
             "block_map": manifest.block_map, "adapter_positions": manifest.adapter_positions,
             "mode": self.mode, "mode_settings": self.settings, "aligned": self.bundle.manifest.aligned,
             "training": {**{k: v for k, v in summary.items() if k != "loss_history"},
-                         "data_fingerprint": self.data_fingerprint,
+                         "data_fingerprint": self.data_fingerprint, **self.lr_record,
                          "exported_at": utc_stamp()},
         }, self.out_dir, peft_files=peft_files)
 
@@ -99,7 +103,7 @@ def tune(bundle_dir: str | Path, data: str | Path | None, out_dir: str | Path, m
     """
     if (data is None) == (task is None):
         raise OffsiteError("pass exactly one of --data FILE (a corpus) or --task TASK (task-format examples)")
-    cfg = for_output(cfg or TrainConfig(), out_dir)
+    cfg = for_output(cfg or TrainConfig(lr=None), out_dir)
     if kernels != "off":  # resolved (and a refusal raised) before any work; "off", "ours", "liger" or "cce" after
         from offsite_ds.ds_config import is_zero3, load_ds_config
         from offsite_ds.kernels import kernels_for_training
@@ -110,6 +114,11 @@ def tune(bundle_dir: str | Path, data: str | Path | None, out_dir: str | Path, m
         if runtime is None:
             runtime = stack.enter_context(Runtime.from_config(cfg))
         bundle = load_bundle(bundle_dir)  # validated before its tokenizer or weights are used
+        lr_from = "given"
+        if cfg.lr is None:
+            advised = bundle.manifest.advised_lr(mode)
+            lr_from = "probe" if advised is not None else "default"
+            cfg = replace(cfg, lr=advised or DEFAULT_TUNE_LR)
         check_seq_len(seq_len, bundle.model.config)
         fingerprint = None
         if task is not None:
@@ -125,9 +134,13 @@ def tune(bundle_dir: str | Path, data: str | Path | None, out_dir: str | Path, m
         if eval_data is not None:
             eval_blocks, _ = load_blocks(eval_data, bundle.tokenizer, seq_len, text_field)
             eval_ids = eval_blocks.reshape(-1)[:max_eval_tokens] if max_eval_tokens else eval_blocks.reshape(-1)
+        if runtime.is_main and lr_from != "given":  # once the data is read: a bad input fails in one line first
+            why = ("the owner's probe, recorded in the bundle" if lr_from == "probe"
+                   else f"the default: the bundle holds no probed lr for --mode {mode}")
+            print(f"tune: lr {cfg.lr:g} ({why}; --lr overrides)", file=sys.stderr)
         torch.manual_seed(cfg.seed)  # LoRA / bottleneck initialisation is part of the run: seed it too
         role = TuneAdapter(bundle, out_dir, mode, settings, eval_ids, seq_len, data_fingerprint=fingerprint,
-                           runtime=runtime)
+                           runtime=runtime, lr={"lr": cfg.lr, "lr_from": lr_from})
         if kernels != "off":
             from offsite_ds.kernels import patch_for_training
 
