@@ -1,5 +1,5 @@
 """Does the owner's lr probe (offsite_ds.lr_probe) pick the data-owner lr that PTB would pick? Builds `emulate`'s
-default 2-8-2 emulator of SmolLM2-135M and the --fit one, probes each on the owner's public text, and prints the
+default 2-8-2 emulator of SmolLM2-135M and the --fit ones, probes each on the owner's public text, and prints the
 advice beside the PTB plug-in rows of the lr study (benchmarks/results/2026-12-05-lr-side-by-side-smollm2-cpu).
 Resumable: the bundles and each probed lr's result are kept under OUT.
 
@@ -19,14 +19,16 @@ p.add_argument("--public", default=PUBLIC_CORPUS)
 p.add_argument("--heldout", default=None, help="with a --public file: its held-out file")
 p.add_argument("--steps", type=int, default=50)
 p.add_argument("--lrs", type=float, nargs="*", default=list(PROBE_LRS))
-p.add_argument("--builders", nargs="*", default=["importance", "fit"])
+BUILDERS = {"importance": None, "fit": FitSettings(),  # emulate's default; --fit; --fit-align with 48 KL steps
+            "fit-align-48": FitSettings(align=True, kl_tokens=32768, kl_epochs=3)}
+p.add_argument("--builders", nargs="*", default=["importance", "fit"], choices=list(BUILDERS))
 a = p.parse_args()
 model_dir, _, _ = demo_inputs()
 for builder in a.builders:
     bundle = a.out / f"emulator_{builder}"
     if not (bundle / "offsite.json").is_file():
         t = time.time()
-        make_bundle(model_dir, "2-8-2", bundle, select=DEFAULT_SELECT, fit=FitSettings() if builder == "fit" else None)
+        make_bundle(model_dir, "2-8-2", bundle, select=DEFAULT_SELECT, fit=BUILDERS[builder])
         print(json.dumps({"builder": builder, "emulate_s": time.time() - t}), flush=True)
     t = time.time()
     advice = probe_lr(model_dir, bundle, a.public, a.heldout, settings=ProbeSettings(lrs=tuple(a.lrs), steps=a.steps),

@@ -216,14 +216,16 @@ class ProbePoint(Strict):
 
 class LrAdvice(Strict):
     """The owner's learning-rate probe (`offsite-ds probe-lr`): the adapter tuned through this emulator on public
-    text at each lr and plugged into the full model; `lr` is the one whose plug-in scored best on public held-out
-    text. `tune` uses it when no --lr is given and its --mode is `mode`."""
+    text at each lr and plugged into the full model; `lr` is the largest whose plug-in stayed within `tolerance` x
+    `full_ppl` on public held-out text (offsite_ds.lr_probe). `tune` uses it when no --lr is given and its --mode
+    is `mode`."""
     lr: LearningRate
     mode: Literal[MODES]
     steps: Annotated[int, Field(ge=1, le=1 << 24)]
     tokens: Annotated[int, Field(ge=1)]  # tuning tokens per lr
     eval_tokens: Annotated[int, Field(ge=1)]
     full_ppl: Positive
+    tolerance: Annotated[float, Field(ge=1)]
     points: Annotated[list[ProbePoint], Field(min_length=1, max_length=MAX_PROBE_LRS)]
     corpus_fingerprint: ShortText
 

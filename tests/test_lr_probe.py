@@ -8,7 +8,7 @@ import pytest
 from offsite_ds.adapter_package import load_adapter_package
 from offsite_ds.cli import main
 from offsite_ds.errors import ArtifactError, OffsiteError
-from offsite_ds.lr_probe import ProbeSettings, probe_lr
+from offsite_ds.lr_probe import ProbeSettings, choose_lr, probe_lr
 from offsite_ds.roles.tune_adapter import DEFAULT_TUNE_LR, tune
 from offsite_ds.train import TrainConfig
 from offsite_ds.validation import read_manifest
@@ -25,18 +25,32 @@ def probed(tiny_model_dir, tiny_bundle, corpus_file, tmp_path):
     heldout.write_text(corpus_file.read_text()[:3000])
     advice = probe_lr(tiny_model_dir("opt"), bundle, corpus_file, heldout, ProbeSettings(lrs=(1e-2, 1e-6, 1.0), **TINY),
                       work_dir=tmp_path / "work", log=lambda *_: None)
+    assert read_manifest(bundle, "offsite-ds.emulator-bundle").advised_lr("full") == advice["lr"]
     return {"bundle": bundle, "heldout": heldout, "advice": advice, "work": tmp_path / "work"}
 
 
-def test_the_probe_records_the_lr_whose_plug_in_scores_best(probed, tiny_bundle):
+def _points(*pairs):
+    return [{"lr": lr, "plugin_ppl": ppl} for lr, ppl in pairs]
+
+
+def test_the_advice_is_the_largest_lr_within_the_tolerance():
+    # SmolLM2-135M on public Wikipedia, 2026-12-05: the importance emulator's plug-ins, then the fitted one's
+    importance = _points((1e-4, 29.70), (3e-4, 32.02), (1e-3, 39.34), (3e-3, 58.87))
+    assert choose_lr(importance, 29.68, 1.10) == 3e-4
+    assert choose_lr(_points((1e-4, 29.05), (3e-4, 29.29), (1e-3, 31.60)), 29.68, 1.10) == 1e-3
+    assert choose_lr(importance, 29.68, 1.0) == 1e-4  # none within: the smallest
+    assert choose_lr(_points((1e-3, 40.0), (1e-4, 31.0), (3e-4, 20.0)), 29.68, 1.10) == 3e-4  # order-free
+
+
+def test_the_probe_records_its_choice_in_the_bundle(probed, tiny_bundle):
     advice = probed["advice"]
     by_lr = {p["lr"]: p["plugin_ppl"] for p in advice["points"]}
     assert list(by_lr) == [1e-6, 1e-2, 1.0]  # probed in order
-    assert advice["lr"] == min(by_lr, key=by_lr.get) == 1e-2  # 1e-6 changes nothing, 1.0 overshoots
-    assert by_lr[1e-2] < advice["full_ppl"]
+    assert by_lr[1e-2] < advice["full_ppl"]  # tuning on the text helps the plug-in; 1e-6 changes nothing
     assert abs(by_lr[1e-6] / advice["full_ppl"] - 1) < 1e-3
+    assert advice["lr"] == choose_lr(advice["points"], advice["full_ppl"], advice["tolerance"])
     manifest = read_manifest(probed["bundle"], "offsite-ds.emulator-bundle")
-    assert manifest.advised_lr("full") == 1e-2 and manifest.advised_lr("lora") is None
+    assert manifest.advised_lr("full") == advice["lr"] and manifest.advised_lr("lora") is None
     # the advice does not change what the data owner receives: the fingerprint covers the files
     assert manifest.fingerprint == read_manifest(tiny_bundle("opt"), "offsite-ds.emulator-bundle").fingerprint
 
@@ -45,8 +59,8 @@ def test_tune_without_an_lr_takes_the_advice_for_its_mode(probed, corpus_file, t
     cfg = TrainConfig(steps=1, batch_size=2, lr=None, progress=False)
     tune(probed["bundle"], corpus_file, tmp_path / "a", seq_len=32, cfg=cfg)
     training = load_adapter_package(tmp_path / "a").manifest.training
-    assert (training["lr"], training["lr_from"]) == (1e-2, "probe")
-    assert "lr 0.01 (the owner's probe" in capsys.readouterr().err
+    assert (training["lr"], training["lr_from"]) == (probed["advice"]["lr"], "probe")
+    assert f"lr {probed['advice']['lr']:g} (the owner's probe" in capsys.readouterr().err
     tune(probed["bundle"], corpus_file, tmp_path / "l", mode="lora", seq_len=32, cfg=cfg)  # no advice for lora
     training = load_adapter_package(tmp_path / "l").manifest.training
     assert (training["lr"], training["lr_from"]) == (DEFAULT_TUNE_LR, "default")
@@ -73,6 +87,7 @@ def test_an_interrupted_probe_resumes_from_its_kept_results(probed, tiny_model_d
     (lambda a: a.update(lr=2.0, points=[{"lr": 2.0, "plugin_ppl": 1.0}]), "less than or equal to 1"),
     (lambda a: a.update(points=[{"lr": 1e-2, "plugin_ppl": 1.0}] * 17), "at most 16"),
     (lambda a: a.update(mode="sideways"), "mode"),
+    (lambda a: a.update(tolerance=0.5), "greater than or equal to 1"),
     (lambda a: a.update(extra=1), "extra"),
 ])
 def test_a_hostile_advice_is_refused(probed, edit, message):
@@ -89,6 +104,8 @@ def test_bad_probe_input_is_one_line(tiny_model_dir, tiny_bundle, corpus_file, t
         ProbeSettings(lrs=(1e-3, 1e-3))
     with pytest.raises(OffsiteError, match=r"in \(0, 1\]"):
         ProbeSettings(lrs=(-1e-3,))
+    with pytest.raises(OffsiteError, match="--tolerance 0.9 must be >= 1"):
+        ProbeSettings(tolerance=0.9)
     code = main(["probe-lr", str(tiny_model_dir("opt")), str(tiny_bundle("opt")), "--public", str(corpus_file)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--heldout FILE" in err and len(err.splitlines()) == 1
