@@ -36,10 +36,10 @@ def _points(*pairs):
 def test_the_advice_is_the_largest_lr_within_the_tolerance():
     # SmolLM2-135M on public Wikipedia, 2026-12-05: the importance emulator's plug-ins, then the fitted one's
     importance = _points((1e-4, 29.70), (3e-4, 32.02), (1e-3, 39.34), (3e-3, 58.87))
-    assert choose_lr(importance, 29.68, 1.10) == 3e-4
-    assert choose_lr(_points((1e-4, 29.05), (3e-4, 29.29), (1e-3, 31.60)), 29.68, 1.10) == 1e-3
+    assert choose_lr(importance, 29.68, 1.2) == 3e-4
+    assert choose_lr(_points((1e-4, 29.05), (3e-4, 29.29), (1e-3, 31.60), (3e-3, 45.56)), 29.68, 1.2) == 1e-3
     assert choose_lr(importance, 29.68, 1.0) == 1e-4  # none within: the smallest
-    assert choose_lr(_points((1e-3, 40.0), (1e-4, 31.0), (3e-4, 20.0)), 29.68, 1.10) == 3e-4  # order-free
+    assert choose_lr(_points((1e-3, 40.0), (1e-4, 31.0), (3e-4, 20.0)), 29.68, 1.2) == 3e-4  # order-free
 
 
 def test_the_probe_records_its_choice_in_the_bundle(probed, tiny_bundle):
