@@ -67,17 +67,30 @@ def public_split(public: str | Path, heldout: str | Path | None) -> tuple[Path, 
     needs its held-out file beside it."""
     from offsite_ds.demo_assets import public_sample_file, wikipedia_file
 
-    if str(public) in BUILTIN_TEXTS:
-        train = Path(public_calibration(public))
-        if heldout is None:
-            heldout = public_sample_file("heldout") if str(public) == PUBLIC_SAMPLE else wikipedia_file("heldout")
-    elif heldout is None:
+    builtin = str(public) in BUILTIN_TEXTS
+    if not builtin and heldout is None:
         raise OffsiteError(f"--public {public}: also pass --heldout FILE (public text the probe does not tune on), "
                            f"or use a builtin public text ({', '.join(BUILTIN_TEXTS)})")
-    for flag, path in (("--public", public if str(public) not in BUILTIN_TEXTS else train), ("--heldout", heldout)):
-        if not Path(path).is_file():
+    train = Path(public_calibration(public)) if builtin else Path(public)
+    if heldout is None:
+        heldout = public_sample_file("heldout") if str(public) == PUBLIC_SAMPLE else wikipedia_file("heldout")
+    for flag, path in (("--public", train), ("--heldout", Path(heldout))):
+        if not path.is_file():
             raise OffsiteError(f"{flag} {path}: no such file")
-    return Path(train if str(public) in BUILTIN_TEXTS else public), Path(heldout)
+    return train, Path(heldout)
+
+
+def _claim_work(work: Path, identity: dict) -> None:
+    """Resume only a probe of the same bundle, text and settings (the lrs may differ): another one's results
+    would be reused silently."""
+    import json
+
+    path = work / "probe.json"
+    if path.is_file() and json.loads(path.read_text()) != identity:
+        raise OffsiteError(f"--work {work} holds a probe of another bundle, text or settings; pass another --work "
+                           "or remove it")
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(path, identity)
 
 
 def choose_lr(points: list[dict], full_ppl: float, tolerance: float = TOLERANCE) -> float:
@@ -117,7 +130,7 @@ def probe_lr(model_dir: str | Path, bundle_dir: str | Path, public: str | Path =
     from offsite_ds.validation import read_model_config
 
     s = settings or ProbeSettings()
-    check_bundle(bundle_dir)  # a bad bundle fails before any work, its tokenizer checked before it loads
+    manifest = check_bundle(bundle_dir)  # a bad bundle fails before any work, its tokenizer checked before it loads
     train_file, heldout_file = public_split(public, heldout)
     work = Path(work_dir) if work_dir is not None else Path(f"{Path(bundle_dir)}.lr-probe")
     texts = load_texts(heldout_file)
@@ -147,6 +160,9 @@ def probe_lr(model_dir: str | Path, bundle_dir: str | Path, public: str | Path =
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         return {"lr": lr, "plugin_ppl": ppl, "final_loss": summary.get("final_loss"), "tokens": summary["tokens"]}
 
+    fingerprint = corpus_fingerprint(load_texts(train_file))
+    _claim_work(work, {"bundle": manifest.fingerprint, "public": fingerprint, "heldout": corpus_fingerprint(texts),
+                       **{k: v for k, v in asdict(s).items() if k not in ("lrs", "tolerance")}})
     full = cached(work / "zero_shot", zero_shot)["full_ppl"]
     log(f"[owner] lr probe: full model {full:.2f} on {s.eval_tokens} held-out tokens of {heldout_file.name}")
     points = []
@@ -155,7 +171,6 @@ def probe_lr(model_dir: str | Path, bundle_dir: str | Path, public: str | Path =
         points.append(point)
         log(f"[owner] lr {lr:g}: plug-in {point['plugin_ppl']:.2f} ({point['plugin_ppl'] / full:.3f}x the full model)")
     best = next(p for p in points if p["lr"] == choose_lr(points, full, s.tolerance))
-    fingerprint = corpus_fingerprint(load_texts(train_file))
     advice = {"lr": best["lr"], "mode": s.mode, "steps": s.steps, "tokens": best["tokens"],
               "eval_tokens": s.eval_tokens, "full_ppl": full, "tolerance": s.tolerance,
               "points": [{"lr": p["lr"], "plugin_ppl": p["plugin_ppl"]} for p in points],

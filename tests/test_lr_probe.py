@@ -80,6 +80,9 @@ def test_an_interrupted_probe_resumes_from_its_kept_results(probed, tiny_model_d
     again = probe_lr(tiny_model_dir("opt"), probed["bundle"], corpus_file, probed["heldout"],
                      ProbeSettings(lrs=(1e-2, 1e-6, 1.0), **TINY), work_dir=probed["work"], log=lambda *_: None)
     assert again["points"] == probed["advice"]["points"]
+    with pytest.raises(OffsiteError, match="holds a probe of another bundle, text or settings"):  # not reused
+        probe_lr(tiny_model_dir("opt"), probed["bundle"], corpus_file, probed["heldout"],
+                 ProbeSettings(lrs=(1e-2,), **{**TINY, "steps": 5}), work_dir=probed["work"], log=lambda *_: None)
 
 
 @pytest.mark.parametrize("edit, message", [
