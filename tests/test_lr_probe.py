@@ -115,3 +115,17 @@ def test_bad_probe_input_is_one_line(tiny_model_dir, tiny_bundle, corpus_file, t
     code = main(["probe-lr", str(tiny_model_dir("opt")), str(tmp_path), "--public", str(corpus_file),
                  "--heldout", str(corpus_file)])
     assert code == 2 and "offsite.json" in capsys.readouterr().err
+
+
+def test_cli_defaults_are_the_probe_settings():
+    import inspect
+
+    from offsite_ds.cli import build_parser
+
+    args = build_parser(only="probe-lr").parse_args(["probe-lr", "m", "b"])
+    d = ProbeSettings()
+    assert (tuple(args.lrs), args.mode, args.steps, args.batch_size, args.seq_len, args.eval_tokens,
+            args.tolerance) == (d.lrs, d.mode, d.steps, d.batch_size, d.seq_len, d.eval_tokens, d.tolerance)
+    assert args.public == inspect.signature(probe_lr).parameters["public"].default
+    tune_args = build_parser(only="tune").parse_args(["tune", "b", "--out", "a"])
+    assert tune_args.lr is None  # the bundle's advice, else DEFAULT_TUNE_LR, as tune() without a cfg
