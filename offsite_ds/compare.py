@@ -23,7 +23,7 @@ from pathlib import Path
 
 from offsite_ds.atomic import cached, save_figure, write_json, write_text
 from offsite_ds.calibrate import DEFAULT_CALIB_TOKENS
-from offsite_ds.demo import DATA_OWNER_LR, TRAINING_KEYS, DemoSettings, train_config
+from offsite_ds.demo import TRAINING_KEYS, DemoSettings, train_config
 from offsite_ds.demo import round_trip as demo_round_trip
 from offsite_ds.errors import OffsiteError
 from offsite_ds.fitting import FitSettings
@@ -35,12 +35,16 @@ FT = "FT"
 COLUMNS = ("Full zero-shot", "Emulator zero-shot", "OT Emulator", "OT Plug-in")
 
 
+COMPARE_LR = 3e-4  # one data-owner lr for every builder (README, "The data owner's learning rate")
+
+
 @dataclass
 class CompareSettings(DemoSettings):
     """The demo's data-owner budget (layout, mode, steps, ...) for every builder, plus the owner's side. One lr for
-    every builder, the default emulator's (DATA_OWNER_LR[False]), so rows compare at one budget; `--lr` moves it."""
+    every builder (`COMPARE_LR`, at which every comparison in the README was measured), so rows compare at one
+    budget; `--lr` moves it."""
 
-    lr: float = DATA_OWNER_LR[False]
+    lr: float = COMPARE_LR
     builders: tuple[str, ...] = ("uniform", "importance", "crash", "crash+share")
     layouts: tuple[str, ...] = ()  # the frontier: every builder at every layout (empty: just `layout`)
     mode_settings: dict = field(default_factory=dict)  # keyword overrides of the mode's settings, as recorded
