@@ -171,7 +171,8 @@ def probe_lr(model_dir: str | Path, bundle_dir: str | Path, public: str | Path =
         point = cached(work / f"lr{lr:g}", lambda lr=lr: one(lr))
         points.append(point)
         log(f"[owner] lr {lr:g}: plug-in {point['plugin_ppl']:.2f} ({point['plugin_ppl'] / full:.3f}x the full model)")
-    best = next(p for p in points if p["lr"] == choose_lr(points, full, s.tolerance))
+    chosen = choose_lr(points, full, s.tolerance)
+    best = next(p for p in points if p["lr"] == chosen)
     advice = {"lr": best["lr"], "mode": s.mode, "steps": s.steps, "tokens": best["tokens"],
               "eval_tokens": s.eval_tokens, "full_ppl": full, "tolerance": s.tolerance,
               "points": [{"lr": p["lr"], "plugin_ppl": p["plugin_ppl"]} for p in points],
