@@ -1,6 +1,12 @@
 """The Runtime: the one home of rank/device/precision facts, the ds config filled once, the ZeRO-3 lifetime."""
 import dataclasses
 import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,3 +68,40 @@ def test_step_window_averages_loss_and_role_metrics():
 def test_the_one_loader_names_the_problem(tmp_path):
     with pytest.raises(OffsiteError, match="no config.json"):
         load_model(tmp_path)
+
+
+_FRAGMENT = r"""
+import json, sys, torch
+from offsite_ds.runtime import return_freed_memory
+took = return_freed_memory() if sys.argv[1] == "fixed" else None
+
+def rss_mb():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
+
+torch.empty(1 << 21)  # one 8 MiB buffer freed: glibc's dynamic threshold rises above 2 MiB
+buf = [torch.ones(1 << 19) for _ in range(100)]  # 100 x 2 MiB
+keep = torch.ones(1 << 19)  # a live buffer above them
+before = rss_mb()
+del buf
+print(json.dumps({"took": took, "freed_mb": before - rss_mb()}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists() or platform.libc_ver()[0] != "glibc",
+                    reason="glibc's malloc on Linux")
+def test_return_freed_memory_gives_freed_buffers_back():
+    """200 MiB of 2 MiB buffers freed below a live one: glibc's default keeps them; the fixed threshold does not."""
+    def run(mode: str) -> dict:
+        env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+        out = subprocess.run([sys.executable, "-c", _FRAGMENT, mode], env=env, capture_output=True, text=True,
+                             check=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    default, fixed = run("default"), run("fixed")
+    assert default["freed_mb"] < 50  # the pattern does fragment under glibc's own policy
+    assert fixed["took"] is True and fixed["freed_mb"] > 150
+
+
+def test_return_freed_memory_keeps_the_users_setting(monkeypatch):
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert rt.return_freed_memory() is False
