@@ -94,6 +94,55 @@ def logit_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: t
     return (kl * m).sum() / m.sum().clamp_min(1)
 
 
+class _HeadKL(torch.autograd.Function):
+    """head_kl's training path: the loss and the student's gradient, both computed a chunk of rows at a time in
+    forward (the fused-linear-loss pattern), so backward only scales the stored gradient."""
+
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, logits_of, rows: int) -> torch.Tensor:
+        grad = torch.empty_like(student)
+        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        for i in range(0, student.shape[0], rows):
+            t = torch.log_softmax(logits_of(teacher[i:i + rows]), -1)
+            with torch.enable_grad():
+                s = student[i:i + rows].detach().requires_grad_(True)
+                kl = (t.exp() * (t - torch.log_softmax(logits_of(s), -1))).sum()
+                grad[i:i + rows] = torch.autograd.grad(kl, s)[0]
+            total += kl.detach()
+        ctx.save_for_backward(grad)
+        ctx.n = student.shape[0]
+        return total / ctx.n
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * (grad_output / ctx.n), None, None, None
+
+
+def head_kl(student: torch.Tensor, teacher: torch.Tensor, head: torch.nn.Module, transform=None,
+            chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+    """logit_kl of `head(student)` against `head(teacher)` (final hidden states, one row per token, any leading
+    shape), never holding either model's logits whole: rows go through the head `chunk_bytes` of fp32 logits
+    at a time, and with a gradient wanted it is computed per chunk in the same pass. Why: the emulator's KL
+    phase would otherwise hold several tokens x vocabulary fp32 tensors per step (0.4 GB each for SmolLM2's
+    vocabulary at 4 x 512 tokens; 2 GB for BLOOM's). The head must be frozen: it gets no gradient here."""
+    if any(p.requires_grad for p in head.parameters()):
+        raise ValueError("head_kl trains only what produces `student`: freeze the head first")
+    student, teacher = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
+    vocab = getattr(head, "out_features", None) or head.weight.shape[0]
+    rows = max(1, chunk_bytes // (4 * vocab))
+
+    def logits_of(x: torch.Tensor) -> torch.Tensor:
+        logits = head(x).float()
+        return transform(logits) if transform is not None else logits
+
+    if torch.is_grad_enabled() and student.requires_grad:
+        return _HeadKL.apply(student, teacher.detach(), logits_of, rows)
+    with torch.no_grad():
+        return sum(logit_kl(logits_of(student[i:i + rows]), logits_of(teacher[i:i + rows])) * len(student[i:i + rows])
+                   for i in range(0, student.shape[0], rows)) / student.shape[0]
+
+
 @torch.no_grad()
 def token_nll(model: torch.nn.Module, ids: torch.Tensor, seq_len: int, stride: int | None = None,
               batch_size: int = 4) -> tuple[float, int]:

@@ -33,7 +33,8 @@ from torch.utils.checkpoint import checkpoint
 from offsite_ds.block_stream import BlockSource, Path, Stream, Upcast, as_source, final_states, open_stream, sweep
 from offsite_ds.data import max_positions
 from offsite_ds.errors import OffsiteError
-from offsite_ds.evaluate import logit_kl
+from offsite_ds.evaluate import head_kl
+from offsite_ds.families import backbone_and_head, block_linears, is_transposed_linear, logit_transform
 
 
 @dataclass(frozen=True)
@@ -189,15 +190,6 @@ def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map
     return {i: block.to(store_dtype) for i, block in fitted.items()}, report, kl
 
 
-def _logits(source: BlockSource, normed: torch.Tensor) -> torch.Tensor:
-    """The head's logits (and the family's logit transform) at every position but 0 (the attention sink)."""
-    from offsite_ds.families import backbone_and_head, logit_transform
-
-    logits = backbone_and_head(source.model)[1](normed[:, 1:]).float()
-    transform = logit_transform(source.model.config)
-    return transform(logits) if transform else logits
-
-
 class _NarrowLinear(torch.autograd.Function):
     """x W^T for a frozen W stored narrow (the bundle's bf16): upcast for the product in forward and again in
     backward, so only the narrow W is kept for the backward pass (a CPU without bf16 units computes in fp32)."""
@@ -215,8 +207,6 @@ class _NarrowLinear(torch.autograd.Function):
 
 def _narrow_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A linear layer (nn.Linear, or Conv1D storing [in, out]) whose frozen weight waits narrow."""
-    from offsite_ds.families import is_transposed_linear
-
     weight = module.weight.t() if is_transposed_linear(module) else module.weight  # a view: [out, in]
     y = _NarrowLinear.apply(x, weight)
     return y if module.bias is None else y + module.bias
@@ -237,8 +227,6 @@ class LowRankUpdate(nn.Module):
 
     @torch.no_grad()
     def merge_into(self, module: nn.Module) -> None:
-        from offsite_ds.families import is_transposed_linear
-
         delta = self.b @ self.a  # [out, in]
         weight = module.weight
         weight.copy_((weight.float() + (delta.t() if is_transposed_linear(module) else delta)).to(weight.dtype))
@@ -251,8 +239,6 @@ def low_rank_params(blocks: list[nn.Module], rank: int, generator: torch.Generat
     (merge_low_rank). A matrix that waits narrower than fp32 stays so (_NarrowLinear), and kl_finish recomputes
     each block's activations in the backward pass instead of keeping them: the owner then holds the blocks as
     the bundle will, plus r x (in + out) per layer and one block's activations."""
-    from offsite_ds.families import block_linears
-
     trainable, updates = [], []
     for block in blocks:
         for p in block.parameters():
@@ -286,8 +272,9 @@ def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], fin
     `data`'s tokens. The emulator runs the original blocks `path` (those in `trained` as trained, the others
     frozen from the source), then the model's norm and head. Per batch, `inputs` is the full model's input to
     path[0] (the blocks before it are the model's) and `finals` its last block's output: the teacher's logits
-    are recomputed from it at each step (one head product; caching them would cost tokens x vocabulary
-    floats). Returns the mean KL before and after (on the same tokens)."""
+    are recomputed from it at each step, a chunk of rows at a time with the student's (evaluate.head_kl): neither
+    model's logits are held whole, nor cached (tokens x vocabulary floats). Returns the mean KL before and after
+    (on the same tokens)."""
     frozen = {i: source.block(i) for i in path if i not in trained}
     flags = {id(p): p.requires_grad for m in frozen.values() for p in m.parameters()}
     frozen_params = [p for m in frozen.values() for p in m.parameters()] + list(source.model.parameters())
@@ -302,17 +289,18 @@ def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], fin
         ([p for m in blocks for p in m.parameters()], [])
 
     run = {**frozen, **trained}
+    head, transform = backbone_and_head(source.model)[1], logit_transform(source.model.config)
 
-    def kl(k: int) -> torch.Tensor:
+    def kl(k: int) -> torch.Tensor:  # every position but 0, the attention sink
         with torch.no_grad():
-            teacher = _logits(source, final_states(source, data, k, finals[k]))
+            teacher = final_states(source, data, k, finals[k])[:, 1:]
         h = inputs[k]
         for i in path:
             if settings.kl_rank and i in trained and torch.is_grad_enabled():  # low memory: recompute, not keep
                 h = checkpoint(partial(data.run, run[i], batch=k, index=i), h, use_reentrant=False)
             else:
                 h = data.run(run[i], h, k, i)
-        return logit_kl(_logits(source, final_states(source, data, k, h)), teacher)
+        return head_kl(final_states(source, data, k, h)[:, 1:], teacher, head, transform)
 
     batches = len(inputs)
     try:

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import FAMILIES
-from offsite_ds.evaluate import _windows, head_nll, token_nll
+from offsite_ds.evaluate import _windows, head_kl, head_nll, logit_kl, token_nll
 from offsite_ds.tiny import tiny_model
 
 
@@ -52,3 +52,29 @@ def test_lm_eval_batch_is_capped_so_its_logits_fit():
     assert fitting_batch_size(model, 4, 2048) == 1  # 4.3 GB of logits per 2048-token sequence
     assert fitting_batch_size(model, 4, 128) == 4
     assert fitting_batch_size(model, 64, 256) == HFLM_LOGITS_BUDGET // (8 * 262_144 * 256)
+
+
+@pytest.mark.parametrize("transform", [None, lambda x: 30 * torch.tanh(x / 30)], ids=["plain", "soft-capped"])
+def test_head_kl_equals_the_full_logits_kl_in_value_and_gradient(transform):
+    """Chunks of 3 rows out of 2 x 7 (the last chunk short): the same loss and student gradient as logit_kl on
+    all logits at once, with and without a family's logit transform; no gradient path gives the same value."""
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(50, 16, generator=g))
+    teacher = torch.randn(2, 7, 16, generator=g)
+    student = (teacher + 0.5 * torch.randn(2, 7, 16, generator=g)).requires_grad_(True)
+    tf = transform or (lambda x: x)
+    full = logit_kl(tf(head(student).float()), tf(head(teacher).float()))
+    (want,) = torch.autograd.grad(full, student)
+    chunked = head_kl(student, teacher, head, transform, chunk_bytes=3 * 4 * 50)
+    (got,) = torch.autograd.grad(2.0 * chunked, student)  # an outer factor reaches the stored gradient
+    assert torch.allclose(chunked, full, rtol=1e-5) and torch.allclose(got, 2.0 * want, rtol=1e-4, atol=1e-7)
+    with torch.no_grad():
+        assert torch.allclose(head_kl(student, teacher, head, transform, chunk_bytes=3 * 4 * 50), full, rtol=1e-5)
+
+
+def test_head_kl_refuses_a_trainable_head():
+    head = torch.nn.Linear(4, 5)
+    with pytest.raises(ValueError, match="freeze the head"):
+        head_kl(torch.randn(3, 4, requires_grad=True), torch.randn(3, 4), head)
