@@ -155,7 +155,7 @@ def probe_lr(model_dir: str | Path, bundle_dir: str | Path, public: str | Path =
         summary = tune(bundle_dir, train_file, out / "adapter", mode=s.mode, settings=settings_for(s.mode), cfg=cfg,
                        seq_len=s.seq_len, max_train_blocks=s.steps * s.batch_size, kernels="off")
         package = load_adapter_package(out / "adapter", model_config=read_model_config(model_dir))
-        plugged = plug_in(load_model(model_dir), package, shipped=shipped_adapter(bundle_dir, package))
+        plugged = plug_in(load_model(model_dir), package, shipped=shipped_adapter(bundle_dir, package, manifest))
         ppl = score(plugged)
         shutil.rmtree(out / "adapter", ignore_errors=True)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)

@@ -24,7 +24,7 @@ from offsite_ds.errors import ArtifactError, OffsiteError
 from offsite_ds.families import block_prefix, family_of, get_path
 from offsite_ds.fingerprints import fingerprint_checkpoint, fingerprint_model
 from offsite_ds.manifests import MANIFEST as PLUGGED_MANIFEST
-from offsite_ds.manifests import PLUGGED_FORMAT, PlugCheck, PluggedManifest, dump, parse_manifest
+from offsite_ds.manifests import PLUGGED_FORMAT, BundleManifest, PlugCheck, PluggedManifest, dump, parse_manifest
 from offsite_ds.peft_modes import apply_mode, canonical_name, merge_lora_, rename_blocks
 from offsite_ds.shards import DEFAULT_SHARD_BYTES, ModelCheckpoint, ShardWriter
 from offsite_ds.validation import read_model_config, read_safetensors
@@ -100,14 +100,16 @@ def check_base(package: AdapterPackage, depth: int, fingerprint=None) -> None:
                             "the model its emulator was made from")
 
 
-def shipped_adapter(bundle_dir: str | Path, package: AdapterPackage) -> dict[str, torch.Tensor] | None:
+def shipped_adapter(bundle_dir: str | Path, package: AdapterPackage, manifest: BundleManifest | None = None
+                    ) -> dict[str, torch.Tensor] | None:
     """The adapter blocks' tensors as the bundle shipped them, by original block index (the package's names),
     where the bundle was aligned (else None: the model's own blocks were shipped). The bundle is validated and
     must be the one the package was tuned on, its alignment what the package says; only the adapter blocks
-    are read."""
+    are read. `manifest`: the bundle's, already checked in this process (check_bundle hashes every shard:
+    minutes for a 7B owner's bundle, which a caller plugging several packages in pays once)."""
     from offsite_ds.bundle import check_bundle
 
-    manifest = check_bundle(bundle_dir)
+    manifest = manifest or check_bundle(bundle_dir)
     if manifest.fingerprint != package.manifest.bundle_fingerprint:
         raise ArtifactError(f"{bundle_dir}: not the bundle {package.path} was tuned on (its fingerprint differs); "
                             "pass the emulator bundle you shipped for it")

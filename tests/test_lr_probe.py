@@ -129,3 +129,21 @@ def test_cli_defaults_are_the_probe_settings():
     assert args.public == inspect.signature(probe_lr).parameters["public"].default
     tune_args = build_parser(only="tune").parse_args(["tune", "b", "--out", "a"])
     assert tune_args.lr is None  # the bundle's advice, else DEFAULT_TUNE_LR, as tune() without a cfg
+
+
+def test_the_probe_hashes_the_bundle_once_per_lr_plus_once(tiny_model_dir, tiny_bundle, corpus_file, tmp_path,
+                                                           monkeypatch):
+    """check_bundle hashes every shard (minutes for a 7B owner): once up front, then once per lr in `tune` (the
+    data owner's own check); the plug-in reuses the probe's checked manifest."""
+    import offsite_ds.bundle as bundle_module
+
+    calls = []
+    real = bundle_module.check_bundle
+    monkeypatch.setattr(bundle_module, "check_bundle", lambda *a, **k: calls.append(a) or real(*a, **k))
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle("opt"), bundle)
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text(corpus_file.read_text()[:3000])
+    probe_lr(tiny_model_dir("opt"), bundle, corpus_file, heldout, ProbeSettings(lrs=(1e-2, 1e-3), **TINY),
+             log=lambda *_: None)
+    assert len(calls) == 1 + 2
