@@ -37,6 +37,12 @@ from offsite_ds.evaluate import head_kl
 from offsite_ds.families import backbone_and_head, block_linears, is_transposed_linear, logit_transform
 
 
+# {low rank: the KL phase's lr}, chosen on PTB valid at the default budget (16 KL steps; emulator / full model):
+# all weights 11.61x at 1e-4, 10.58x at 3e-4, 11.37x at 1e-3, 19.92x at 3e-3; rank 8 12.44x at 1e-3, 11.04x at 3e-3,
+# 11.99x at 1e-2 (rank 32 at 3e-3: 10.66x). A low-rank update wants a 10x larger lr, as LoRA does.
+KL_LR = {False: 3e-4, True: 3e-3}
+
+
 @dataclass(frozen=True)
 class FitSettings:
     """How the kept blocks are fitted: tokens read from the public text, epochs, optimiser, sequence length."""
@@ -48,12 +54,14 @@ class FitSettings:
     weight_decay: float = 0.0
     seed: int = 0
     kl_epochs: int = 2  # then end to end: KL(full || emulator) of the next-token distributions (0: off)
-    kl_lr: float = 3e-4  # chosen on PTB valid: 1e-4 11.61x, 3e-4 10.58x, 1e-3 11.37x, 3e-3 19.92x (16 KL steps)
+    kl_lr: float | None = None  # None: KL_LR, for all weights or for a low-rank update
     kl_tokens: int = 0  # public tokens the KL phase reads (0: the block fit's `tokens`); the block fit's come first
     kl_rank: int = 0  # the KL phase trains a rank-r update of each matrix, and the norms and biases (0: all weights)
     align: bool = False  # the KL phase also trains the adapter blocks; the plug-in takes that shift out again
 
     def __post_init__(self) -> None:
+        if self.kl_lr is None:
+            object.__setattr__(self, "kl_lr", KL_LR[self.kl_rank > 0])
         for name in ("tokens", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise OffsiteError(f"--fit-{name.replace('_', '-')} {getattr(self, name)} must be at least 1")

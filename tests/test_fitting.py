@@ -285,3 +285,19 @@ def test_an_aligned_bundle_ships_trained_adapter_blocks_and_the_plug_in_takes_th
         weight = key.replace(".lora_A.weight", ".weight")
         change = (plugged[weight] - full.state_dict()[weight]).double()
         assert torch.linalg.matrix_rank(change, atol=1e-5) <= lora.manifest.mode_settings.r, weight  # B A alone
+
+
+def test_the_kl_lr_defaults_to_the_one_chosen_for_all_weights_or_a_low_rank_update():
+    """KL_LR: a low-rank update wants a 10x larger lr (3e-3; 3e-4 for all weights), unless one is given; the
+    CLI's None means the same, so `--fit-kl-rank 8` alone gets 3e-3 and is listed once as given."""
+    from offsite_ds.cli import build_parser
+    from offsite_ds.cli.train_args import fit_flags_given, fit_settings_from_args
+    from offsite_ds.errors import OffsiteError
+    from offsite_ds.fitting import KL_LR, FitSettings
+
+    assert FitSettings().kl_lr == KL_LR[False] == 3e-4 and FitSettings(kl_rank=8).kl_lr == KL_LR[True] == 3e-3
+    assert FitSettings(kl_rank=8, kl_lr=1e-3).kl_lr == 1e-3
+    args = build_parser().parse_args(["emulate", "m", "--layout", "2-2-2", "--out", "x", "--fit-kl-rank", "8"])
+    assert fit_settings_from_args(args).kl_lr == 3e-3 and fit_flags_given(args) == ["--fit-kl-rank"]
+    with pytest.raises(OffsiteError, match="--fit-kl-lr"):
+        FitSettings(kl_lr=0.0)

@@ -116,7 +116,7 @@ def lora_settings_from_args(args: argparse.Namespace):
 
 def add_fit_arguments(p: argparse.ArgumentParser, who: str) -> None:
     """The block-fitting flags (FitSettings) of `emulate --fit` and the +fit builders of `compare-emulators`."""
-    from offsite_ds.fitting import FitSettings
+    from offsite_ds.fitting import KL_LR, FitSettings
 
     d = FitSettings()
     g = p.add_argument_group(f"block fitting ({who})")
@@ -128,7 +128,8 @@ def add_fit_arguments(p: argparse.ArgumentParser, who: str) -> None:
                    help="then train the fitted blocks end to end for N epochs: KL(full || "
                         f"emulator) of the next-token distributions, the full model's read from cached states "
                         f"({d.kl_epochs}; 0: the block fit alone)")
-    g.add_argument("--fit-kl-lr", type=float, default=d.kl_lr, help=f"its learning rate ({d.kl_lr:g})")
+    g.add_argument("--fit-kl-lr", type=float, default=None,
+                   help=f"its learning rate ({KL_LR[False]:g} for all weights, {KL_LR[True]:g} with --fit-kl-rank)")
     g.add_argument("--fit-kl-tokens", type=int, default=d.kl_tokens,
                    help=f"public tokens the KL phase reads, the block fit's first ({d.kl_tokens}: --fit-tokens)")
     g.add_argument("--fit-kl-rank", type=int, default=d.kl_rank,
@@ -155,6 +156,8 @@ def fit_flags_given(args: argparse.Namespace) -> list[str]:
 
     from offsite_ds.fitting import FitSettings
 
-    given, default = fit_settings_from_args(args), FitSettings()
-    return [f"--fit-{f.name.replace('_', '-')}" for f in fields(FitSettings)
-            if getattr(given, f.name) != getattr(default, f.name)]  # fields without a flag keep their default
+    given = fit_settings_from_args(args)
+    default = FitSettings(kl_rank=given.kl_rank)  # the KL lr's default depends on the rank given
+    flags = [f"--fit-{f.name.replace('_', '-')}" for f in fields(FitSettings)
+             if getattr(given, f.name) != getattr(default, f.name)]  # fields without a flag keep their default
+    return flags + (["--fit-kl-rank"] if given.kl_rank != FitSettings().kl_rank else [])
