@@ -105,3 +105,15 @@ def test_return_freed_memory_gives_freed_buffers_back():
 def test_return_freed_memory_keeps_the_users_setting(monkeypatch):
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert rt.return_freed_memory() is False
+
+
+def test_only_the_owners_memory_bound_commands_set_the_allocator_policy(tiny_model_dir, tmp_path, monkeypatch):
+    """emulate sets it (memory-bound, streamed); other commands keep glibc's default (it costs training ~8% time)."""
+    from offsite_ds.cli import main
+
+    calls = []
+    monkeypatch.setattr(rt, "return_freed_memory", lambda *a: calls.append(a) or True)
+    assert main(["emulate", str(tiny_model_dir("opt")), "--layout", "1-2-1", "--select", "uniform", "--no-calib",
+                 "--out", str(tmp_path / "b")]) == 0
+    assert len(calls) == 1
+    assert main(["plan", "opt-6.7b", "--gpus", "8"]) == 0 and len(calls) == 1

@@ -74,9 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from offsite_ds.runtime import return_freed_memory
-
-    return_freed_memory()  # streamed passes free block-sized buffers all the time: give them back to the OS
     try:
         return int(_load(args.command).run(args) or 0)
     except OffsiteError as exc:

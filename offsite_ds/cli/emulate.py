@@ -60,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
     from offsite_ds.cli.train_args import fit_flags_given, fit_settings_from_args
     from offsite_ds.emulator import make_bundle
     from offsite_ds.errors import OffsiteError
+    from offsite_ds.runtime import return_freed_memory
+
+    return_freed_memory()  # the owner's streamed passes free block-sized buffers all the time
 
     unused = [] if args.fit else fit_flags_given(args)
     if unused:  # flags that would otherwise change nothing

@@ -20,6 +20,9 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from offsite_ds.plugin import plugin
+    from offsite_ds.runtime import return_freed_memory
+
+    return_freed_memory()  # the model is streamed shard by shard: freed buffers go back to the OS
 
     out = plugin(args.model, args.adapter, args.out, check_data=args.check_data, check_tokens=args.check_tokens,
                  text_field=args.text_field, bundle_dir=args.bundle)
