@@ -94,21 +94,31 @@ def logit_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: t
     return (kl * m).sum() / m.sum().clamp_min(1)
 
 
+def _chunked_kl(student: torch.Tensor, teacher: torch.Tensor, logits_of, rows: int,
+                grad: torch.Tensor | None = None) -> torch.Tensor:
+    """logit_kl summed over rows, `rows` at a time through the head; with `grad`, the student's gradient of that
+    sum is written into it chunk by chunk (the fused-linear-loss pattern: no chunk's logits outlive it)."""
+    total = torch.zeros((), dtype=torch.float32, device=student.device)
+    for i in range(0, student.shape[0], rows):
+        with torch.no_grad():
+            target = logits_of(teacher[i:i + rows])
+        with torch.enable_grad() if grad is not None else torch.no_grad():
+            s = student[i:i + rows].detach().requires_grad_(grad is not None)
+            kl = logit_kl(logits_of(s), target) * s.shape[0]
+            if grad is not None:
+                grad[i:i + rows] = torch.autograd.grad(kl, s)[0]
+        total += kl.detach()
+    return total
+
+
 class _HeadKL(torch.autograd.Function):
-    """head_kl's training path: the loss and the student's gradient, both computed a chunk of rows at a time in
-    forward (the fused-linear-loss pattern), so backward only scales the stored gradient."""
+    """head_kl's training path: the loss and the student's gradient computed in forward, so backward only
+    scales the stored gradient."""
 
     @staticmethod
     def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, logits_of, rows: int) -> torch.Tensor:
         grad = torch.empty_like(student)
-        total = torch.zeros((), dtype=torch.float32, device=student.device)
-        for i in range(0, student.shape[0], rows):
-            t = torch.log_softmax(logits_of(teacher[i:i + rows]), -1)
-            with torch.enable_grad():
-                s = student[i:i + rows].detach().requires_grad_(True)
-                kl = (t.exp() * (t - torch.log_softmax(logits_of(s), -1))).sum()
-                grad[i:i + rows] = torch.autograd.grad(kl, s)[0]
-            total += kl.detach()
+        total = _chunked_kl(student, teacher, logits_of, rows, grad)
         ctx.save_for_backward(grad)
         ctx.n = student.shape[0]
         return total / ctx.n
@@ -138,9 +148,7 @@ def head_kl(student: torch.Tensor, teacher: torch.Tensor, head: torch.nn.Module,
 
     if torch.is_grad_enabled() and student.requires_grad:
         return _HeadKL.apply(student, teacher.detach(), logits_of, rows)
-    with torch.no_grad():
-        return sum(logit_kl(logits_of(student[i:i + rows]), logits_of(teacher[i:i + rows])) * len(student[i:i + rows])
-                   for i in range(0, student.shape[0], rows)) / student.shape[0]
+    return _chunked_kl(student, teacher, logits_of, rows) / student.shape[0]
 
 
 @torch.no_grad()
