@@ -4,8 +4,10 @@
 
     python experiments/fit_lr_sweep.py TOKENS EPOCHS LR [KL_EPOCHS KL_LR [KL_TOKENS [KL_RANK]]]  # e.g. 16384 4 3e-4 2 1e-4
                                                      # prints before/after ratios (KL_EPOCHS: --fit-kl-epochs)
+    KEPT=2,8,10,11,21,23,24,27 python experiments/fit_lr_sweep.py ...   # other kept middle blocks (here: iterative's)
 """
 import math
+import os
 import sys
 import time
 
@@ -27,7 +29,8 @@ model = load_model(md).eval()
 train = tokenize_corpus(load_texts(demo_assets.wikipedia_file("train")), tok)
 held = tokenize_corpus(load_texts(demo_assets.wikipedia_file("heldout")), tok)[:2048]
 valid = tokenize_corpus(load_texts(demo_assets.penn_treebank_file("valid")), tok)[:2048]
-bm = [0, 1, 2, 6, 8, 11, 22, 23, 24, 27, 28, 29]
+kept = [int(b) for b in os.environ.get("KEPT", "2,6,8,11,22,23,24,27").split(",")]
+bm = [0, 1, *kept, 28, 29]
 full = {k: calibrate.mean_nll(model, v, 512) for k, v in (("held", held), ("valid", valid))}
 
 
