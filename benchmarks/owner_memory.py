@@ -15,7 +15,12 @@ its own child process under `/usr/bin/time` (peak RSS = its maximum resident set
 commit (default 09d098f) checked out in a temporary git worktree and put first on PYTHONPATH; "after"
 is this tree. The eval case uses a separate 2-block model with a 262,144-token vocabulary (and the same
 body with 2,048 tokens): before and after at a fixed token count small enough for the old full-logits
-path to fit in RAM, and after again at 2 x 2048 tokens (4x the fixed count). Everything built is deleted at the end.
+path to fit in RAM, and after again at 2 x 2048 tokens (4x the fixed count). The distill case runs one step of
+`distill --logit-weight 1` on a 6-block model with BLOOM's 250,880-token vocabulary, before (`--distill-before-ref`:
+whole logits of both models) and after (evaluate.head_loss: a chunk of rows at a time), at 4 x 512 tokens, and after
+again at 4 x 2048. Everything built is deleted at the end.
+
+    python benchmarks/owner_memory.py --skip owner,builders,eval --out DIR   # the distill case only
 """
 from __future__ import annotations
 
@@ -145,6 +150,33 @@ def builder_rows(args, work: Path, log: Path, facts: dict) -> list[dict]:
     return rows
 
 
+def distill_rows(args, work: Path, log: Path, facts: dict) -> list[dict]:
+    """One optimizer step of the owner's `distill` with the logit loss: the peak is where the logits are."""
+    model, bundle, text = work / "distill-model", work / "distill-bundle", work / "distill.txt"
+    size = build_checkpoint(model, 6, 640, 2048, args.distill_vocab, 4, 1, int(GB), seed=2)
+    facts["distill_model"] = {"bytes": size, "layers": 6, "hidden": 640, "vocab": args.distill_vocab,
+                              "dtype": "bfloat16"}
+    text.write_text("the owner distils the emulator on public text only . " * 2_000)
+    made = measure(ROOT, ["emulate", str(model), "--layout", "2-1-2", "--select", "uniform", "--no-calib", "--out",
+                          str(bundle)], "distill case: emulate 2-1-2 (not compared)", log)
+    if made["rc"] != 0:
+        raise SystemExit("emulate failed; see log")
+    before = before_tree(args.distill_before_ref, work / "distill-before")
+    rows = []
+    try:
+        for when, tree, seq in (("before", before, 512), ("after", ROOT, 512), ("after", ROOT, 2048)):
+            rows.append(measure(tree, ["distill", str(model), "--bundle", str(bundle), "--data", str(text), "--out",
+                                       str(work / "distilled"), "--steps", "1", "--seq-len", str(seq), "--batch-size",
+                                       "4", "--warmup", "0", "--logit-weight", "1", "--no-progress"],
+                                f"distill step V={args.distill_vocab} 4x{seq} logit-weight 1 {when}", log))
+            shutil.rmtree(work / "distilled", ignore_errors=True)
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)], check=False)
+    for row in rows:
+        row["peak_over_checkpoint"] = round(row["peak_rss_gb"] * GB / size, 3)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="results folder (results.json, results.md, log.txt)")
@@ -156,7 +188,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--shard-gb", type=float, default=0.6, help="input checkpoint shard size")
     p.add_argument("--layout", default="2-2-2")
-    p.add_argument("--skip", default="", help="comma list of cases to skip: owner,builders,eval")
+    p.add_argument("--skip", default="", help="comma list of cases to skip: owner,builders,eval,distill")
     p.add_argument("--builders", default="importance,iterative,crash,importance+fit",
                    help="emulate --select of the builders case (+fit adds --fit; +fit-r8 also --fit-kl-rank 8)")
     p.add_argument("--builders-layout", default="2-14-2", help="layout of the builders case")
@@ -166,6 +198,9 @@ def main() -> None:
     p.add_argument("--builders-after-only", action="store_true",
                    help="re-measure only the 'after' rows of the builders case (the others are kept)")
     p.add_argument("--fit-tokens", type=int, default=512, help="--fit-tokens of the +fit builder")
+    p.add_argument("--distill-before-ref", default="5828943",
+                   help="the commit measured as 'before' in the distill case (whole logits)")
+    p.add_argument("--distill-vocab", type=int, default=250_880, help="vocabulary of the distill case (BLOOM's)")
     args = p.parse_args()
     out, work = Path(args.out).resolve(), Path(args.work).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -216,6 +251,8 @@ def main() -> None:
             shutil.rmtree(ckpt, ignore_errors=True)
         if "builders" not in args.skip:
             rows.extend(builder_rows(args, work, log, facts))
+        if "distill" not in args.skip:
+            rows.extend(distill_rows(args, work, log, facts))
         if "eval" not in args.skip:
             text = work / "eval.txt"
             words = "offsite tuning keeps the model private and the data private while the adapter moves . "

@@ -40,15 +40,11 @@ def head_nll(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module,
         from offsite_ds.kernels.linear_cross_entropy import linear_cross_entropy
 
         return float(linear_cross_entropy(hidden, weight, targets, head.bias, reduction="sum"))
-    vocab = getattr(head, "out_features", None) or getattr(weight, "ds_shape", weight.shape)[0]
-    rows = max(1, chunk_bytes // (4 * vocab))
-    total = 0.0
-    for i in range(0, targets.numel(), rows):
-        logits = head(hidden[i:i + rows]).float()
-        if transform is not None:
-            logits = transform(logits)
-        total += float(F.cross_entropy(logits, targets[i:i + rows], reduction="sum"))
-    return total
+
+    def ce_sum(logits: torch.Tensor, rows: slice, _logits_of) -> torch.Tensor:
+        return F.cross_entropy(logits, targets[rows], reduction="sum")
+
+    return float(head_loss(hidden.detach(), head, ce_sum, transform, chunk_bytes))
 
 
 def _windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
@@ -94,61 +90,79 @@ def logit_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: t
     return (kl * m).sum() / m.sum().clamp_min(1)
 
 
-def _chunked_kl(student: torch.Tensor, teacher: torch.Tensor, logits_of, rows: int,
-                grad: torch.Tensor | None = None) -> torch.Tensor:
-    """logit_kl summed over rows, `rows` at a time through the head; with `grad`, the student's gradient of that
-    sum is written into it chunk by chunk (the fused-linear-loss pattern: no chunk's logits outlive it)."""
-    total = torch.zeros((), dtype=torch.float32, device=student.device)
-    for i in range(0, student.shape[0], rows):
-        with torch.no_grad():
-            target = logits_of(teacher[i:i + rows])
+def _chunked_head_loss(hidden: torch.Tensor, logits_of, chunk_loss, rows: int,
+                       grad: torch.Tensor | None = None) -> torch.Tensor:
+    """The sum of `chunk_loss` over chunks of `rows` rows through the head; with `grad`, the gradient of that sum
+    with respect to `hidden` is written into it chunk by chunk (the fused-linear-loss pattern: no chunk's logits
+    outlive it)."""
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for i in range(0, hidden.shape[0], rows):
+        rows_here = slice(i, i + rows)
         with torch.enable_grad() if grad is not None else torch.no_grad():
-            s = student[i:i + rows].detach().requires_grad_(grad is not None)
-            kl = logit_kl(logits_of(s), target) * s.shape[0]
+            h = hidden[rows_here].detach().requires_grad_(grad is not None)
+            loss = chunk_loss(logits_of(h), rows_here, logits_of)
             if grad is not None:
-                grad[i:i + rows] = torch.autograd.grad(kl, s)[0]
-        total += kl.detach()
+                (g,) = torch.autograd.grad(loss, h, allow_unused=True)
+                grad[rows_here] = 0 if g is None else g
+        total += loss.detach()
     return total
 
 
-class _HeadKL(torch.autograd.Function):
-    """head_kl's training path: the loss and the student's gradient computed in forward, so backward only
-    scales the stored gradient."""
+class _HeadLoss(torch.autograd.Function):
+    """head_loss's training path: the loss and the gradient computed in forward, so backward only scales the
+    stored gradient."""
 
     @staticmethod
-    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, logits_of, rows: int) -> torch.Tensor:
-        grad = torch.empty_like(student)
-        total = _chunked_kl(student, teacher, logits_of, rows, grad)
+    def forward(ctx, hidden: torch.Tensor, logits_of, chunk_loss, rows: int) -> torch.Tensor:
+        grad = torch.empty_like(hidden)
+        total = _chunked_head_loss(hidden, logits_of, chunk_loss, rows, grad)
         ctx.save_for_backward(grad)
-        ctx.n = student.shape[0]
-        return total / ctx.n
+        return total
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * (grad_output / ctx.n), None, None, None
+        return grad * grad_output, None, None, None
 
 
-def head_kl(student: torch.Tensor, teacher: torch.Tensor, head: torch.nn.Module, transform=None,
-            chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
-    """logit_kl of `head(student)` against `head(teacher)` (final hidden states, one row per token, any leading
-    shape), never holding either model's logits whole: rows go through the head `chunk_bytes` of fp32 logits
-    at a time, and with a gradient wanted it is computed per chunk in the same pass. Why: the emulator's KL
-    phase would otherwise hold several tokens x vocabulary fp32 tensors per step (0.4 GB each for SmolLM2's
-    vocabulary at 4 x 512 tokens; 2 GB for BLOOM's). The head must be frozen: it gets no gradient here."""
-    if any(p.requires_grad for p in head.parameters()):
-        raise ValueError("head_kl trains only what produces `student`: freeze the head first")
-    student, teacher = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
-    vocab = getattr(head, "out_features", None) or head.weight.shape[0]
+def head_loss(hidden: torch.Tensor, head: torch.nn.Module, chunk_loss, transform=None,
+              chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+    """The sum over chunks of rows of `hidden` (final hidden states, one row per token, any leading shape) of
+    `chunk_loss(logits, rows, logits_of)`: a summed fp32 loss of those rows' logits (`rows`, a slice, indexes
+    any per-row target; `logits_of` maps other hidden rows to logits the same way, for a teacher's). Rows go
+    through the head `chunk_bytes` of fp32 logits at a time and, with a gradient wanted, it is computed per chunk
+    in the same pass, so no tokens x vocabulary tensor is ever whole: 0.4 GB per fp32 logits tensor for
+    SmolLM2's vocabulary at 4 x 512 tokens, 8 GB for BLOOM's at 4 x 2048. A gradient is refused for a trainable
+    head: it gets none here."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    weight = getattr(head, "weight", None)
+    vocab = getattr(head, "out_features", None) or getattr(weight, "ds_shape", weight.shape)[0]
     rows = max(1, chunk_bytes // (4 * vocab))
 
     def logits_of(x: torch.Tensor) -> torch.Tensor:
         logits = head(x).float()
         return transform(logits) if transform is not None else logits
 
-    if torch.is_grad_enabled() and student.requires_grad:
-        return _HeadKL.apply(student, teacher.detach(), logits_of, rows)
-    return _chunked_kl(student, teacher, logits_of, rows) / student.shape[0]
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        if any(p.requires_grad for p in head.parameters()):
+            raise ValueError("head_loss trains only what produces the hidden states: freeze the head first")
+        return _HeadLoss.apply(hidden, logits_of, chunk_loss, rows)
+    return _chunked_head_loss(hidden, logits_of, chunk_loss, rows)
+
+
+def head_kl(student: torch.Tensor, teacher: torch.Tensor, head: torch.nn.Module, transform=None,
+            chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+    """logit_kl of `head(student)` against `head(teacher)` (final hidden states, one row per token), through
+    head_loss: neither model's logits are held whole. Why: the emulator's KL phase would otherwise hold several
+    tokens x vocabulary fp32 tensors per step."""
+    teacher = teacher.reshape(-1, teacher.shape[-1]).detach()
+
+    def kl_sum(logits: torch.Tensor, rows: slice, logits_of) -> torch.Tensor:
+        with torch.no_grad():
+            target = logits_of(teacher[rows])
+        return logit_kl(logits, target) * logits.shape[0]
+
+    return head_loss(student, head, kl_sum, transform, chunk_bytes) / teacher.shape[0]
 
 
 @torch.no_grad()

@@ -61,6 +61,40 @@ def test_logit_kd_teacher_logits_are_the_full_models(tiny_model_dir, tiny_bundle
     assert torch.allclose(out["loss"], out["lm_loss"] + 30.0 * out["kd_loss"] + 2.0 * out["logit_kl"], atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["bloom", "llama"])
+def test_chunked_head_losses_equal_the_whole_logits_losses_in_value_and_gradient(family, tiny_model_dir, tiny_bundle,
+                                                                                 monkeypatch):
+    """LM and logit-KL go through the head five rows at a time (no logits held whole): the losses and every
+    student gradient must be those of HF's loss and logit_kl on whole logits."""
+    import functools
+
+    from transformers import AutoModelForCausalLM
+
+    from offsite_ds.evaluate import head_loss
+    from offsite_ds.roles import distill
+
+    monkeypatch.setattr(distill, "head_loss", functools.partial(head_loss, chunk_bytes=5 * 4 * 256))
+    model_dir, bundle = tiny_model_dir(family), tiny_bundle(family)
+    model = build_distill_model(model_dir, bundle, load_bundle(bundle).manifest, None, 0.0, 0.7, logit_weight=2.0)
+    ids = torch.randint(0, 256, (2, 16))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    out = model(input_ids=ids, attention_mask=mask, labels=ids)
+    out["loss"].backward()
+    chunked = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    with torch.no_grad():
+        full = AutoModelForCausalLM.from_pretrained(model_dir)(input_ids=ids, attention_mask=mask).logits
+    whole = model.emulator(input_ids=ids, attention_mask=mask, labels=ids)
+    kl = logit_kl(whole.logits, full, mask)
+    (0.7 * whole.loss + 2.0 * kl).backward()
+    assert torch.allclose(out["lm_loss"], whole.loss, atol=1e-5) and torch.allclose(out["logit_kl"], kl, atol=1e-5)
+    assert torch.allclose(out["loss"], 0.7 * whole.loss + 2.0 * kl, atol=1e-5)
+    assert chunked and set(chunked) == {n for n, p in model.named_parameters() if p.grad is not None}
+    for name, grad in chunked.items():
+        assert torch.allclose(grad, dict(model.named_parameters())[name].grad, rtol=1e-4, atol=1e-6), name
+
+
 @pytest.mark.parametrize("family", ["opt", "bloom", "gpt2", "llama"])
 def test_teacher_sees_the_students_input_with_its_arguments(family, tiny_model_dir, tiny_bundle):
     """Keeping the whole middle makes the student a copy of the teacher: KD must be exactly 0 and the LM

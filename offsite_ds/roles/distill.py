@@ -8,6 +8,8 @@ Two options measured on SmolLM2 (see the README): `kd_norm="token"` divides each
 token's own teacher energy, so a few huge attention-sink activations cannot dominate the loss, and
 `logit_weight` adds KL(teacher || student) of the next-token distributions, the teacher's logits being
 the emulator's own top blocks and head run on the teacher middle's output (the full model's output).
+Both head losses go through the head a chunk of rows at a time (evaluate.head_loss), so neither model's
+logits are held whole: at BLOOM's 250k vocabulary each would be 8 GB of fp32 at 4 x 2048 tokens.
 
 Under ZeRO-3 both the emulator and the full model are built sharded; only the full model's middle
 blocks (the teacher) are kept, and the trained emulator is gathered on rank 0 only, to export a new
@@ -20,14 +22,15 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from offsite_ds.atomic import utc_stamp
 from offsite_ds.bundle import check_bundle, save_bundle
 from offsite_ds.data import load_blocks
 from offsite_ds.errors import ArtifactError, OffsiteError
-from offsite_ds.evaluate import logit_kl
+from offsite_ds.evaluate import head_loss, logit_kl
 from offsite_ds.manifests import BundleManifest, dump
-from offsite_ds.families import block_prefix, family_of, get_path
+from offsite_ds.families import backbone_and_head, block_prefix, family_of, get_path, logit_transform
 from offsite_ds.roles.base import Role, owner_corpus
 from offsite_ds.runtime import Runtime
 from offsite_ds.surgery import block_output
@@ -95,12 +98,13 @@ class DistillModel(nn.Module):
         return None
 
     @torch.no_grad()
-    def _teacher_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                        hidden: torch.Tensor) -> torch.Tensor:
-        """The full model's logits: the emulator's own outer parts run on the teacher middle's output."""
+    def _teacher_final(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                       hidden: torch.Tensor) -> torch.Tensor:
+        """The full model's final hidden states: the emulator's own outer parts run on the teacher middle's output."""
         self._replace = hidden
         try:
-            return self.emulator(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            return backbone_and_head(self.emulator)[0](input_ids=input_ids, attention_mask=attention_mask,
+                                                       use_cache=False)[0]
         finally:
             self._replace = None
 
@@ -111,10 +115,10 @@ class DistillModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        backbone = backbone_and_head(self.emulator)[0]
         self._capture = {}
         try:
-            out = self.emulator(input_ids=input_ids, attention_mask=attention_mask,
-                                labels=input_ids if labels is None else labels, use_cache=False)
+            final = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
             args, kwargs, student_out = self._capture["args"], self._capture["kwargs"], self._capture["output"]
         finally:
             self._capture = None
@@ -123,14 +127,44 @@ class DistillModel(nn.Module):
             for block in self.teacher:
                 hidden = block_output(block(hidden, *args[1:], **kwargs))
         kd = kd_loss(student_out, hidden, attention_mask, self.kd_norm)
-        lm = out.loss.float()
-        loss = self.lm_weight * lm + self.kd_weight * kd
-        losses = {"lm_loss": lm.detach(), "kd_loss": kd.detach()}
-        if self.logit_weight > 0:
-            kl = logit_kl(out.logits, self._teacher_logits(input_ids, attention_mask, hidden), attention_mask)
-            loss = loss + self.logit_weight * kl
-            losses["logit_kl"] = kl.detach()
+        teacher_final = self._teacher_final(input_ids, attention_mask, hidden) if self.logit_weight > 0 else None
+        head_losses, parts = self._head_losses(final, input_ids if labels is None else labels, attention_mask,
+                                               teacher_final)
+        loss = head_losses + self.kd_weight * kd
+        losses = {"lm_loss": parts["lm_loss"], "kd_loss": kd.detach()}
+        if teacher_final is not None:
+            losses["logit_kl"] = parts["logit_kl"]
         return {"loss": loss, **losses}
+
+    def _head_losses(self, final: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None,
+                     teacher_final: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """lm_weight x the causal-LM loss (HF's: labels shifted, -100 ignored, the mean) + logit_weight x
+        logit_kl against the teacher's final states (the mean over real tokens), in one pass through the head
+        a chunk of rows at a time (evaluate.head_loss): neither model's logits are ever whole, which at BLOOM's
+        vocabulary would be 8 GB of fp32 per tensor at 4 x 2048 tokens. Returns the weighted sum and both means."""
+        targets = torch.full_like(labels, -100)
+        targets[:, :-1] = labels[:, 1:]
+        targets = targets.reshape(-1)
+        mask = (torch.ones_like(labels) if attention_mask is None else attention_mask).reshape(-1).float()
+        n_lm, n_kl = (targets != -100).sum().clamp_min(1), mask.sum().clamp_min(1)
+        teacher = None if teacher_final is None else teacher_final.reshape(-1, teacher_final.shape[-1])
+        parts = {"lm_loss": torch.zeros((), device=final.device), "logit_kl": torch.zeros((), device=final.device)}
+
+        def chunk_loss(logits: torch.Tensor, rows: slice, logits_of) -> torch.Tensor:
+            ce = F.cross_entropy(logits, targets[rows], reduction="sum")
+            parts["lm_loss"] += ce.detach() / n_lm
+            loss = ce * (self.lm_weight / n_lm)
+            if teacher is not None:
+                with torch.no_grad():
+                    target = logits_of(teacher[rows])
+                m = mask[rows]
+                kl = logit_kl(logits, target, m) * m.sum()
+                parts["logit_kl"] += kl.detach() / n_kl
+                loss = loss + kl * (self.logit_weight / n_kl)
+            return loss
+
+        head = backbone_and_head(self.emulator)[1]
+        return head_loss(final, head, chunk_loss, logit_transform(self.emulator.config)), parts
 
 
 class Distill(Role):
