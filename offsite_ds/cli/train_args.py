@@ -135,6 +135,9 @@ def add_fit_arguments(p: argparse.ArgumentParser, who: str) -> None:
     g.add_argument("--fit-kl-rank", type=int, default=d.kl_rank,
                    help="train a rank-R update of each matrix (and the norms, biases) in the KL phase: the optimiser "
                         f"holds R x (rows + cols) per matrix, not rows x cols ({d.kl_rank}: all weights)")
+    g.add_argument("--fit-precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="training steps under bf16 autocast or in fp32 (auto: bf16 where the device multiplies bf16 "
+                        f"natively - a CUDA GPU, a CPU with AVX512-BF16 or AMX -, fp32 elsewhere; here: {d.precision})")
     g.add_argument("--fit-align", action="store_true", default=d.align,
                    help="the KL phase trains the adapter blocks too, so the data owner starts from blocks that make "
                         "the emulator behave like the model; plugin --bundle takes that shift out again")
@@ -146,7 +149,7 @@ def fit_settings_from_args(args: argparse.Namespace):
 
     return FitSettings(tokens=args.fit_tokens, epochs=args.fit_epochs, lr=args.fit_lr, kl_epochs=args.fit_kl_epochs,
                        kl_lr=args.fit_kl_lr, kl_tokens=args.fit_kl_tokens, kl_rank=args.fit_kl_rank,
-                       align=args.fit_align)
+                       align=args.fit_align, precision=args.fit_precision)
 
 
 def fit_flags_given(args: argparse.Namespace) -> list[str]:
