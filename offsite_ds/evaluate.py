@@ -20,11 +20,14 @@ from offsite_ds.errors import DataError
 from offsite_ds.families import backbone_and_head, logit_transform
 
 CHUNK_BYTES = 64 << 20  # fp32 logits of one chunk of rows on the torch path
+# ... but no fewer rows than this: a thinner product runs slowly. At BLOOM's vocabulary (250,880) a chunk of 64 MB
+# is 66 rows, and the loss and gradient of 1,024 rows took 1.47x the time of whole logits; 261 rows 1.13x.
+MIN_CHUNK_ROWS = 256
 
 
 @torch.no_grad()
 def head_nll(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, transform=None,
-             chunk_bytes: int = CHUNK_BYTES) -> float:
+             chunk_bytes: int | None = None) -> float:
     """Summed cross-entropy of `head(hidden)` against `targets` (-100 ignored), never holding all logits.
 
     Same maths as HF's loss (head output upcast to fp32, then any family logit transform); rows are
@@ -126,18 +129,20 @@ class _HeadLoss(torch.autograd.Function):
 
 
 def head_loss(hidden: torch.Tensor, head: torch.nn.Module, chunk_loss, transform=None,
-              chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+              chunk_bytes: int | None = None) -> torch.Tensor:
     """The sum over chunks of rows of `hidden` (final hidden states, one row per token, any leading shape) of
     `chunk_loss(logits, rows, logits_of)`: a summed fp32 loss of those rows' logits (`rows`, a slice, indexes
     any per-row target; `logits_of` maps other hidden rows to logits the same way, for a teacher's). Rows go
-    through the head `chunk_bytes` of fp32 logits at a time and, with a gradient wanted, it is computed per chunk
+    through the head `chunk_bytes` of fp32 logits at a time (default: CHUNK_BYTES, but at least MIN_CHUNK_ROWS
+    rows) and, with a gradient wanted, it is computed per chunk
     in the same pass, so no tokens x vocabulary tensor is ever whole: 0.4 GB per fp32 logits tensor for
     SmolLM2's vocabulary at 4 x 512 tokens, 8 GB for BLOOM's at 4 x 2048. A gradient is refused for a trainable
     head: it gets none here."""
     hidden = hidden.reshape(-1, hidden.shape[-1])
     weight = getattr(head, "weight", None)
     vocab = getattr(head, "out_features", None) or getattr(weight, "ds_shape", weight.shape)[0]
-    rows = max(1, chunk_bytes // (4 * vocab))
+    rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // (4 * vocab)) if chunk_bytes is None else \
+        max(1, chunk_bytes // (4 * vocab))
 
     def logits_of(x: torch.Tensor) -> torch.Tensor:
         logits = head(x).float()
@@ -151,7 +156,7 @@ def head_loss(hidden: torch.Tensor, head: torch.nn.Module, chunk_loss, transform
 
 
 def head_kl(student: torch.Tensor, teacher: torch.Tensor, head: torch.nn.Module, transform=None,
-            chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+            chunk_bytes: int | None = None) -> torch.Tensor:
     """logit_kl of `head(student)` against `head(teacher)` (final hidden states, one row per token), through
     head_loss: neither model's logits are held whole. Why: the emulator's KL phase would otherwise hold several
     tokens x vocabulary fp32 tensors per step."""

@@ -30,6 +30,7 @@ def test_chunked_head_equals_full_logits(family, monkeypatch):
     model = tiny_model(family, n_layers=2)
     ids = torch.randint(0, 256, (150,))
     monkeypatch.setattr(ev, "CHUNK_BYTES", 258 * 4 * 7)  # 7 rows per chunk: many chunks
+    monkeypatch.setattr(ev, "MIN_CHUNK_ROWS", 1)
     nll, count = token_nll(model, ids, seq_len=40, stride=25, batch_size=2)
     ref_nll, ref_count = _full_logits_nll(model, ids, 40, 25)
     assert count == ref_count
@@ -78,3 +79,21 @@ def test_head_kl_refuses_a_trainable_head():
     head = torch.nn.Linear(4, 5)
     with pytest.raises(ValueError, match="freeze the head"):
         head_kl(torch.randn(3, 4, requires_grad=True), torch.randn(3, 4), head)
+
+
+def test_default_chunks_are_never_thinner_than_min_chunk_rows(monkeypatch):
+    """A product of a few rows by a large vocabulary runs slowly: the default chunk has at least MIN_CHUNK_ROWS rows
+    even where CHUNK_BYTES would allow fewer; an explicit chunk_bytes is taken as given."""
+    import offsite_ds.evaluate as ev
+
+    head = torch.nn.Linear(4, 1000, bias=False).requires_grad_(False)
+    calls = []
+    head.register_forward_hook(lambda _m, args, _out: calls.append(args[0].shape[0]))
+    monkeypatch.setattr(ev, "CHUNK_BYTES", 4 * 1000 * 10)  # 10 rows
+    monkeypatch.setattr(ev, "MIN_CHUNK_ROWS", 64)
+    hidden, targets = torch.randn(150, 4), torch.randint(0, 1000, (150,))
+    head_nll(hidden, targets, head)
+    assert calls == [64, 64, 22]
+    calls.clear()
+    head_nll(hidden, targets, head, chunk_bytes=4 * 1000 * 50)
+    assert calls == [50, 50, 50]

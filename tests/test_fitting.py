@@ -159,7 +159,7 @@ def test_the_end_to_end_kl_phase_lowers_the_kl_and_leaves_the_model_alone(tiny_m
                  "--fit-tokens", "512", "--fit-epochs", "1", "--fit-kl-epochs", "1", "--fit-kl-rank", "2"]) == 0
     fit = read_manifest(tmp_path / "kl", BUNDLE_FORMAT).compression.fit
     assert fit.kl_epochs == 1 and fit.kl is not None and fit.kl.before >= 0 and fit.kl_tokens == 0
-    assert fit.kl_rank == 2
+    assert fit.kl_rank == 2 and fit.precision == FitSettings().precision  # what ran: auto resolved
     capsys.readouterr()
     assert main(["emulate", str(tiny_model_dir("llama")), "--layout", "2-2-2", "--calib-data", str(public),
                  "--calib-tokens", "256", "--no-progress", "--allow-far", "--out", str(tmp_path / "x"), "--fit",
@@ -301,3 +301,42 @@ def test_the_kl_lr_defaults_to_the_one_chosen_for_all_weights_or_a_low_rank_upda
     assert fit_settings_from_args(args).kl_lr == 3e-3 and fit_flags_given(args) == ["--fit-kl-rank"]
     with pytest.raises(OffsiteError, match="--fit-kl-lr"):
         FitSettings(kl_lr=0.0)
+
+
+def test_fit_precision_autocasts_the_training_steps_where_bf16_is_native(tiny_model_dir, monkeypatch):
+    """auto resolves to bf16 where the device multiplies bf16 natively, else fp32 (the manifest records which ran);
+    bf16 runs every training forward of the block fit and the KL phase under autocast, and still lowers the KL."""
+    import offsite_ds.fitting as fitting
+    from offsite_ds.data import tokenize_corpus
+    from offsite_ds.errors import OffsiteError
+    from offsite_ds.fitting import FitSettings, fit_kept_blocks
+    from offsite_ds.runtime import load_model
+    from offsite_ds.tiny import byte_tokenizer
+
+    for native, resolved in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(fitting, "native_bf16", lambda device, native=native: native)
+        assert FitSettings().precision == resolved and FitSettings(precision="fp32").precision == "fp32"
+    with pytest.raises(OffsiteError, match="--fit-precision fp16"):
+        FitSettings(precision="fp16")
+    torch.manual_seed(0)
+    model = load_model(tiny_model_dir("llama")).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.mul_(6.0)
+    ids = tokenize_corpus([" ".join(f"word{i % 37} and item {i % 11} ." for i in range(600))], byte_tokenizer())[:1024]
+    train, seen = fitting._train, []
+
+    def recording(params, loss_of, *args, **kw):
+        def loss(b):
+            seen.append(torch.is_autocast_enabled("cpu"))
+            return loss_of(b)
+        return train(params, loss, *args, **kw)
+
+    monkeypatch.setattr(fitting, "_train", recording)
+    for precision in ("bf16", "fp32"):
+        seen.clear()
+        kl = fit_kept_blocks(model, ids, [0, 1, 3, 6, 7], 1, 3, FitSettings(
+            tokens=1024, epochs=1, lr=1e-3, seq_len=64, batch_size=4, kl_epochs=2, kl_lr=1e-3, precision=precision))[2]
+        assert len(seen) == 3 * 4 + 2 * 4 and set(seen) == {precision == "bf16"}  # 3 blocks x 4 steps, 8 KL steps
+        assert math.isfinite(kl["after"]) and kl["after"] < kl["before"], (precision, kl)
