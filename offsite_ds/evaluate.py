@@ -21,7 +21,8 @@ from offsite_ds.families import backbone_and_head, logit_transform
 
 CHUNK_BYTES = 64 << 20  # fp32 logits of one chunk of rows on the torch path
 # ... but no fewer rows than this: a thinner product runs slowly. At BLOOM's vocabulary (250,880) a chunk of 64 MB
-# is 66 rows, and the loss and gradient of 1,024 rows took 1.47x the time of whole logits; 261 rows 1.13x.
+# is 66 rows, and the loss and gradient of 1,024 rows took 1.47x the time of whole logits; 267 rows 1.13x
+# (experiments/bf16_and_chunk_speed.py chunks).
 MIN_CHUNK_ROWS = 256
 
 
