@@ -117,6 +117,7 @@ def lora_settings_from_args(args: argparse.Namespace):
 def add_fit_arguments(p: argparse.ArgumentParser, who: str) -> None:
     """The block-fitting flags (FitSettings) of `emulate --fit` and the +fit builders of `compare-emulators`."""
     from offsite_ds.fitting import KL_LR, FitSettings
+    from offsite_ds.runtime import PRECISIONS
 
     d = FitSettings()
     g = p.add_argument_group(f"block fitting ({who})")
@@ -135,7 +136,7 @@ def add_fit_arguments(p: argparse.ArgumentParser, who: str) -> None:
     g.add_argument("--fit-kl-rank", type=int, default=d.kl_rank,
                    help="train a rank-R update of each matrix (and the norms, biases) in the KL phase: the optimiser "
                         f"holds R x (rows + cols) per matrix, not rows x cols ({d.kl_rank}: all weights)")
-    g.add_argument("--fit-precision", choices=("auto", "fp32", "bf16"), default="auto",
+    g.add_argument("--fit-precision", choices=PRECISIONS, default="auto",
                    help="training steps under bf16 autocast or in fp32 (auto: bf16 where the device multiplies bf16 "
                         f"natively - a CUDA GPU, a CPU with AVX512-BF16 or AMX -, fp32 elsewhere; here: {d.precision})")
     g.add_argument("--fit-align", action="store_true", default=d.align,
