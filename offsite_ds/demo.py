@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from offsite_ds.emulator import DEFAULT_SELECT
+from offsite_ds.errors import OffsiteError
 from offsite_ds.manifests import ModeSettings
 from offsite_ds.report import claims, format_rows
 
@@ -56,10 +57,15 @@ class DemoSettings:
     eval_every: int = 20
     seed: int = 42
     progress: bool = True
+    precision: str = "fp32"  # the data owner's training steps (runtime.PRECISIONS); every CPU figure was fp32
 
     def __post_init__(self) -> None:
+        from offsite_ds.runtime import PRECISIONS
+
         if self.lr is None:
             self.lr = DATA_OWNER_LR[bool(self.fit)]
+        if self.precision not in PRECISIONS:
+            raise OffsiteError(f"--precision {self.precision} must be one of {', '.join(PRECISIONS)}")
 
 
 def _machine() -> str:
@@ -80,13 +86,13 @@ TRAINING_KEYS = ("steps", "tokens", "final_loss", "best_eval_loss", "best_step")
 
 
 def train_config(s: DemoSettings, out: Path, steps: int, lr: float, eval_every: int):
-    """How the demo and every comparison run train: the settings' batch and seed, fp32 on the CPU (the measured
-    setting), the warm-up capped at steps - 1."""
+    """How the demo and every comparison run train: the settings' batch, seed and precision, on the CPU, the
+    warm-up capped at steps - 1."""
     from offsite_ds.train import TrainConfig
 
     return TrainConfig(steps=steps, lr=lr, warmup_steps=min(s.warmup, steps - 1), batch_size=s.batch_size,
                        seed=s.seed, eval_every=eval_every, progress=s.progress, log_every=max(1, steps // 10),
-                       checkpoint_dir=str(out), precision="fp32", device="cpu")
+                       checkpoint_dir=str(out), precision=s.precision, device="cpu")
 
 
 def round_trip(model_dir: str | Path, bundle_dir: str | Path, train_file: str | Path,
@@ -178,7 +184,6 @@ def demo_inputs(model: str | Path | None = None, train: str | Path | None = None
                 test: str | Path | None = None, cache_dir: str | Path | None = None) -> tuple[Path, dict, str]:
     """(model dir, {train, valid, test} files, corpus label): SmolLM2-135M and Penn Treebank unless given."""
     from offsite_ds.demo_assets import penn_treebank_file, smollm2_dir
-    from offsite_ds.errors import OffsiteError
 
     model_dir = Path(model) if model else smollm2_dir(cache_dir)  # converts once, ~30 s
     files = {"train": train, "valid": valid, "test": test}

@@ -10,6 +10,7 @@ import argparse
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from offsite_ds.calibrate import IMPORTANCE_METRICS
     from offsite_ds.cli.train_args import add_distill_loss_arguments, add_fit_arguments
+    from offsite_ds.runtime import PRECISIONS
     from offsite_ds.compare import CompareSettings
     from offsite_ds.manifests import MODES
 
@@ -46,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ft", action="store_true", help="add the FT row: full fine-tuning on the same tokens")
     p.add_argument("--ft-lr", type=float, default=d.ft_lr)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
+                   help=f"the training steps of the data owner, the ceiling, FT and +distill ({d.precision})")
     p.add_argument("--cache-dir", default=None, help="where the demo's model and corpora are cached")
     p.add_argument("--no-progress", action="store_true")
 
@@ -90,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         distill_steps=args.distill_steps, distill_lr=args.distill_lr,
         distill=distill_loss_from_args(args),
         fit=fit_settings_from_args(args), ceiling=not args.no_ceiling, ft=args.ft, ft_lr=args.ft_lr,
-        progress=not args.no_progress)
+        progress=not args.no_progress, precision=args.precision)
     report = compare_emulators(model, calib, files["train"], {"valid": files["valid"], "test": files["test"]},
                                args.out, settings)
     print(report["markdown"])

@@ -18,6 +18,7 @@ from pathlib import Path
 from offsite_ds.demo import DATA_OWNER_LR, DemoSettings, demo_inputs, format_table, run_demo
 from offsite_ds.manifests import MODES
 from offsite_ds.report import format_claims
+from offsite_ds.runtime import PRECISIONS
 from offsite_ds.sandwich import SELECTIONS
 
 
@@ -44,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, default=d.eval_every,
                    help="emulator validation every N steps, best adapter kept (0: only at the end)")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
+                   help=f"the data owner's training steps ({d.precision}, at which every CPU figure was measured; "
+                        "bf16: autocast, faster where bf16 is native)")
     p.add_argument("--out", default=None, help="where the artifacts go (default: $OFFSITE_DS_CACHE/demo, "
                                                 "i.e. ~/.cache/offsite-ds/demo)")
     p.add_argument("--cache-dir", default=None, help="where the converted model and PTB files are cached")
@@ -67,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
                             lr=args.lr, warmup=args.warmup,
                             batch_size=args.batch_size, seq_len=args.seq_len, eval_seq_len=args.eval_seq_len,
                             eval_tokens=args.eval_tokens or None, eval_every=args.eval_every, seed=args.seed,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, precision=args.precision)
     out = Path(args.out) if args.out else cache_root(args.cache_dir) / "demo"
     result = run_demo(model_dir, files["train"], {"valid": files["valid"], "test": files["test"]}, out, settings,
                       started=start)

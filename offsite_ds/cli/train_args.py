@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from offsite_ds.runtime import PRECISIONS
 from offsite_ds.train import TrainConfig
 
 
@@ -28,7 +29,8 @@ def add_train_arguments(p: argparse.ArgumentParser, lr: float | None = 1e-4, bat
     g.add_argument("--deepspeed", default=None, metavar="DS_CONFIG", help="train with a DeepSpeed engine")
     g.add_argument("--torch-adam", action="store_true",
                    help="with --deepspeed: torch AdamW instead of DeepSpeed's fused/CPU Adam (no JIT op build)")
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    g.add_argument("--precision", default=TrainConfig.precision, choices=PRECISIONS,
+                   help="autocast: auto is bf16 on CUDA, fp32 on CPU")
     g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
     g.add_argument("--wandb-project", default="offsite-ds")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -117,7 +119,6 @@ def lora_settings_from_args(args: argparse.Namespace):
 def add_fit_arguments(p: argparse.ArgumentParser, who: str) -> None:
     """The block-fitting flags (FitSettings) of `emulate --fit` and the +fit builders of `compare-emulators`."""
     from offsite_ds.fitting import KL_LR, FitSettings
-    from offsite_ds.runtime import PRECISIONS
 
     d = FitSettings()
     g = p.add_argument_group(f"block fitting ({who})")
