@@ -57,15 +57,14 @@ class DemoSettings:
     eval_every: int = 20
     seed: int = 42
     progress: bool = True
-    precision: str = "fp32"  # the data owner's training steps (runtime.PRECISIONS); every CPU figure was fp32
+    precision: str = "auto"  # the training steps; auto: bf16 where the CPU has it natively (runtime.resolved_precision)
 
     def __post_init__(self) -> None:
-        from offsite_ds.runtime import PRECISIONS
+        from offsite_ds.runtime import resolved_precision
 
         if self.lr is None:
             self.lr = DATA_OWNER_LR[bool(self.fit)]
-        if self.precision not in PRECISIONS:
-            raise OffsiteError(f"--precision {self.precision} must be one of {', '.join(PRECISIONS)}")
+        self.precision = resolved_precision(self.precision, "cpu")  # what ran, in demo.json and compare.json
 
 
 def _machine() -> str:

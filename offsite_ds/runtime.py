@@ -97,9 +97,9 @@ def rank_and_world() -> tuple[int, int]:
 
 def bf16_wanted(precision: str, device_type: str) -> bool:
     """bf16 on CUDA unless fp32 was asked; on CPU only when asked. On a CPU with native bf16 (`native_bf16`) it is
-    faster - a SmolLM2-135M adapter step under autocast 1.5x on this project's AMD EPYC - but every round trip this
-    README reports for CPU was measured in fp32, so the training default there stays fp32 until one is re-measured
-    (the owner's fit, whose emulator was measured equal, already uses it: FitSettings.precision)."""
+    faster - the demo's tuning 1.35x on this project's AMD EPYC at the same plug-in - and the jobs measured so
+    (the owner's fit, the demo's and compare-emulators' round trip) ask for it through `resolved_precision`; the
+    other roles (tune, distill, finetune, with or without DeepSpeed) keep fp32 on a CPU until they are measured."""
     if precision not in PRECISIONS:
         raise OffsiteError(f"--precision {precision} must be {', '.join(PRECISIONS)}")
     return precision == "bf16" or (precision == "auto" and device_type == "cuda")
@@ -113,6 +113,15 @@ def native_bf16(device_type: str) -> bool:
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return device_type == "cpu" and any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def resolved_precision(precision: str, device_type: str) -> str:
+    """"fp32" or "bf16" for `precision` on this device, "auto" meaning bf16 where it is native (`native_bf16`): the
+    rule of the jobs measured equal in both (the owner's fit, the demo's and compare-emulators' round trip), so
+    their records say what ran."""
+    if precision not in PRECISIONS:
+        raise OffsiteError(f"--precision {precision} must be one of {', '.join(PRECISIONS)}")
+    return ("bf16" if native_bf16(device_type) else "fp32") if precision == "auto" else precision
 
 
 def default_device_type() -> str:

@@ -105,15 +105,21 @@ def test_cli_defaults_are_the_demo_settings():
     assert args.lr is None and d.lr == DATA_OWNER_LR[False] and DemoSettings(fit=True).lr == DATA_OWNER_LR[True]
     assert DemoSettings(fit=True, lr=5e-4).lr == 5e-4  # --lr given: taken as it is
     for name in ("layout", "select", "fit", "mode", "steps", "warmup", "batch_size", "seq_len", "eval_seq_len",
-                 "eval_tokens", "eval_every", "seed", "precision"):
+                 "eval_tokens", "eval_every", "seed"):
         assert getattr(args, name) == getattr(d, name), name
+    assert args.precision == DemoSettings.precision == "auto"  # resolved per machine, as DemoSettings() resolves it
 
 
 def test_the_data_owner_precision_reaches_training_and_a_bad_one_is_refused(tmp_path):
     from offsite_ds.demo import train_config
     from offsite_ds.errors import OffsiteError
 
-    assert train_config(DemoSettings(), tmp_path, 10, 1e-4, 0).precision == "fp32"  # every CPU figure's setting
+    from offsite_ds.runtime import native_bf16
+
+    auto = "bf16" if native_bf16("cpu") else "fp32"
+    assert DemoSettings().precision == auto  # resolved where it runs, so demo.json says what ran
+    assert train_config(DemoSettings(), tmp_path, 10, 1e-4, 0).precision == auto
+    assert train_config(DemoSettings(precision="fp32"), tmp_path, 10, 1e-4, 0).precision == "fp32"
     assert train_config(DemoSettings(precision="bf16"), tmp_path, 10, 1e-4, 0).precision == "bf16"
     with pytest.raises(OffsiteError, match="--precision fp16 must be one of auto, fp32, bf16"):
         DemoSettings(precision="fp16")

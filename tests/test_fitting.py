@@ -307,6 +307,7 @@ def test_fit_precision_autocasts_the_training_steps_where_bf16_is_native(tiny_mo
     """auto resolves to bf16 where the device multiplies bf16 natively, else fp32 (the manifest records which ran);
     bf16 runs every training forward of the block fit and the KL phase under autocast, and still lowers the KL."""
     import offsite_ds.fitting as fitting
+    import offsite_ds.runtime as runtime
     from offsite_ds.data import tokenize_corpus
     from offsite_ds.errors import OffsiteError
     from offsite_ds.fitting import FitSettings, fit_kept_blocks
@@ -314,7 +315,7 @@ def test_fit_precision_autocasts_the_training_steps_where_bf16_is_native(tiny_mo
     from offsite_ds.tiny import byte_tokenizer
 
     for native, resolved in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(fitting, "native_bf16", lambda device, native=native: native)
+        monkeypatch.setattr(runtime, "native_bf16", lambda device, native=native: native)
         assert FitSettings().precision == resolved and FitSettings(precision="fp32").precision == "fp32"
     with pytest.raises(OffsiteError, match="--fit-precision fp16"):
         FitSettings(precision="fp16")

@@ -47,8 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ft", action="store_true", help="add the FT row: full fine-tuning on the same tokens")
     p.add_argument("--ft-lr", type=float, default=d.ft_lr)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
-                   help=f"the training steps of the data owner, the ceiling, FT and +distill ({d.precision})")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="the training steps of the data owner, the ceiling, FT and +distill (auto: bf16 where the CPU "
+                        f"multiplies bf16 natively; here: {d.precision})")
     p.add_argument("--cache-dir", default=None, help="where the demo's model and corpora are cached")
     p.add_argument("--no-progress", action="store_true")
 

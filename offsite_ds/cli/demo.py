@@ -45,9 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, default=d.eval_every,
                    help="emulator validation every N steps, best adapter kept (0: only at the end)")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
-                   help=f"the data owner's training steps ({d.precision}, at which every CPU figure was measured; "
-                        "bf16: autocast, faster where bf16 is native)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help=f"the data owner's training steps under bf16 autocast or in fp32 (auto: bf16 where the CPU "
+                        f"multiplies bf16 natively; here: {d.precision})")
     p.add_argument("--out", default=None, help="where the artifacts go (default: $OFFSITE_DS_CACHE/demo, "
                                                 "i.e. ~/.cache/offsite-ds/demo)")
     p.add_argument("--cache-dir", default=None, help="where the converted model and PTB files are cached")
