@@ -34,9 +34,9 @@ DATA_OWNER_LR = {False: 1e-4, True: 1e-3}
 @dataclass
 class DemoSettings:
     """What the demo runs: `emulate`'s own default recipe (importance selection on the public sample shipped
-    with the package) at the paper's 2-8-2, then the data owner's budget; 7.0 to 8.8 minutes on an idle 2-core
-    CPU (15 is the limit). `fit=True` (block fit, then end to end) is the measured best emulator (README): 10.8
-    minutes on the same CPU. The training subset is steps x batch_size blocks of PTB train.
+    with the package) at the paper's 2-8-2, then the data owner's budget; 5.8 minutes on an idle 2-core CPU with
+    native bf16 (7.0 to 8.8 in fp32; 15 is the limit). `fit=True` (block fit, then end to end) is the measured best
+    emulator (README): 9.3 minutes on the same CPU. The training subset is steps x batch_size blocks of PTB train.
 
     `lr` None: the data owner's lr measured best for the plug-in through that emulator (`DATA_OWNER_LR`). The
     closer the emulator, the larger the lr that still transfers; the emulator's own validation score always
