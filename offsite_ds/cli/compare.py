@@ -10,9 +10,9 @@ import argparse
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from offsite_ds.calibrate import IMPORTANCE_METRICS
     from offsite_ds.cli.train_args import add_distill_loss_arguments, add_fit_arguments
-    from offsite_ds.runtime import PRECISIONS
     from offsite_ds.compare import CompareSettings
     from offsite_ds.manifests import MODES
+    from offsite_ds.runtime import PRECISIONS
 
     d = CompareSettings()
     p.add_argument("--model", default=None, help="the owner's full model directory (default: SmolLM2-135M)")
