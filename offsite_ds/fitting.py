@@ -35,7 +35,7 @@ from offsite_ds.data import max_positions
 from offsite_ds.errors import OffsiteError
 from offsite_ds.evaluate import head_kl
 from offsite_ds.families import backbone_and_head, block_linears, is_transposed_linear, logit_transform
-from offsite_ds.runtime import PRECISIONS, default_device_type, resolved_precision
+from offsite_ds.runtime import default_device_type, resolved_precision
 
 
 # {low rank: the KL phase's lr}, chosen on PTB valid at the default budget (16 KL steps; emulator / full model):
@@ -64,10 +64,9 @@ class FitSettings:
     def __post_init__(self) -> None:
         if self.kl_lr is None:
             object.__setattr__(self, "kl_lr", KL_LR[self.kl_rank > 0])
-        if self.precision not in PRECISIONS:
-            raise OffsiteError(f"--fit-precision {self.precision} must be one of {', '.join(PRECISIONS)}")
         # resolved here, so the manifest records what ran
-        object.__setattr__(self, "precision", resolved_precision(self.precision, default_device_type()))
+        object.__setattr__(self, "precision", resolved_precision(self.precision, default_device_type(),
+                                                                 "--fit-precision"))
         for name in ("tokens", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise OffsiteError(f"--fit-{name.replace('_', '-')} {getattr(self, name)} must be at least 1")

@@ -100,8 +100,7 @@ def bf16_wanted(precision: str, device_type: str) -> bool:
     faster - the demo's tuning 1.35x on this project's AMD EPYC at the same plug-in - and the jobs measured so
     (the owner's fit, the demo's and compare-emulators' round trip) ask for it through `resolved_precision`; the
     other roles (tune, distill, finetune, with or without DeepSpeed) keep fp32 on a CPU until they are measured."""
-    if precision not in PRECISIONS:
-        raise OffsiteError(f"--precision {precision} must be {', '.join(PRECISIONS)}")
+    check_precision(precision)
     return precision == "bf16" or (precision == "auto" and device_type == "cuda")
 
 
@@ -115,12 +114,17 @@ def native_bf16(device_type: str) -> bool:
     return device_type == "cpu" and any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
-def resolved_precision(precision: str, device_type: str) -> str:
+def check_precision(precision: str, flag: str = "--precision") -> None:
+    """The one check of a precision setting: one line naming the flag and the choices."""
+    if precision not in PRECISIONS:
+        raise OffsiteError(f"{flag} {precision} must be one of {', '.join(PRECISIONS)}")
+
+
+def resolved_precision(precision: str, device_type: str, flag: str = "--precision") -> str:
     """"fp32" or "bf16" for `precision` on this device, "auto" meaning bf16 where it is native (`native_bf16`): the
     rule of the jobs measured equal in both (the owner's fit, the demo's and compare-emulators' round trip), so
     their records say what ran."""
-    if precision not in PRECISIONS:
-        raise OffsiteError(f"--precision {precision} must be one of {', '.join(PRECISIONS)}")
+    check_precision(precision, flag)
     return ("bf16" if native_bf16(device_type) else "fp32") if precision == "auto" else precision
 
 

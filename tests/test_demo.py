@@ -113,7 +113,6 @@ def test_cli_defaults_are_the_demo_settings():
 def test_the_data_owner_precision_reaches_training_and_a_bad_one_is_refused(tmp_path):
     from offsite_ds.demo import train_config
     from offsite_ds.errors import OffsiteError
-
     from offsite_ds.runtime import native_bf16
 
     auto = "bf16" if native_bf16("cpu") else "fp32"
