@@ -408,6 +408,13 @@ def _calibrated_choice(model_dir, layout: Layout, method: str, prune_ratio: floa
                                                        n_calib + (fit.public_tokens if fit else 0), text_field)
     calib_ids, fit_ids = calib_ids[:n_calib], calib_ids[n_calib:]
     calibration["tokens"] = int(calib_ids.numel())
+    sampled = None
+    if fit is not None and fit.text == "self":  # the model whole for a while, freed before the stream opens
+        from offsite_ds.fitting import sample_own_text
+
+        fit_ids, sampled = sample_own_text(model_dir, tokenizer, fit, progress)
+        if log is not None:
+            log(f"sampled {sampled['tokens']} tokens of the model's own text for the fit in {sampled['seconds']} s")
     if fit is not None and fit_ids.numel() < fit.public_tokens:
         flag = "--fit-tokens" if fit.public_tokens == fit.tokens else "--fit-kl-tokens"
         raise OffsiteError(f"{flag} {fit.public_tokens}: {calib_data} holds {fit_ids.numel()} tokens after the "
@@ -427,7 +434,8 @@ def _calibrated_choice(model_dir, layout: Layout, method: str, prune_ratio: floa
 
         fitted, report, kl = fit_kept_blocks(model, fit_ids, block_map, layout.bottom, layout.kept, fit, progress, log,
                                              store_dtype=bundle_dtype)
-        facts = {**facts, "fit": {**asdict(fit), "blocks": report, **({"kl": kl} if kl else {})}}
+        facts = {**facts, "fit": {**asdict(fit), "blocks": report, **({"kl": kl} if kl else {}),
+                                  **({"sampled": sampled} if sampled else {})}}
     quality = calibrate.quality(model, executed, calib_ids, calibrate.calibration_seq_len(model),
                                 calibration["corpus_fingerprint"],
                                 replace=compressed or {i: Upcast(b, model.dtype) for i, b in fitted.items()})

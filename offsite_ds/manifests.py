@@ -28,6 +28,8 @@ PLUGGED_FORMAT = "offsite-ds.plugged-model"
 FINETUNED_FORMAT = "offsite-ds.finetuned-model"
 FORMAT_VERSION = 1
 METHODS = ("drop", "prune", "quantize")  # how the emulator's kept middle is compressed (emulator.compression_transform)
+# what `emulate --fit` reads: the owner's public text, or text sampled from the full model itself (--fit-text)
+FIT_TEXTS = ("public", "self")
 
 MAX_DEPTH = 1024  # blocks of any model we accept (the largest open models have ~130)
 MAX_FILES = 4096
@@ -160,6 +162,13 @@ class FitKL(Strict):
     after: Annotated[float, Field(ge=0)]
 
 
+class FitSample(Strict):
+    """`emulate --fit-text self`: the tokens the full model sampled for the fit, from which token, in how long."""
+    tokens: Annotated[int, Field(ge=1)]
+    start_id: Annotated[int, Field(ge=0)]
+    seconds: Annotated[float, Field(ge=0)]
+
+
 class FitRecord(Strict):
     """`emulate --fit`: the settings (offsite_ds.fitting.FitSettings) and each block's result."""
     tokens: Annotated[int, Field(ge=1)]
@@ -177,6 +186,8 @@ class FitRecord(Strict):
     align: bool = False  # the KL phase also trained the adapter blocks: the plug-in takes their shift out
     precision: Literal["fp32", "bf16"] = "fp32"  # the training steps ran under bf16 autocast, or not
     kl: FitKL | None = None
+    text: Literal[FIT_TEXTS] = "public"  # the fit read the owner's public text, or the model's own samples
+    sampled: FitSample | None = None
 
 
 class Compression(Strict):

@@ -341,3 +341,38 @@ def test_fit_precision_autocasts_the_training_steps_where_bf16_is_native(tiny_mo
             tokens=1024, epochs=1, lr=1e-3, seq_len=64, batch_size=4, kl_epochs=2, kl_lr=1e-3, precision=precision))[2]
         assert len(seen) == 3 * 4 + 2 * 4 and set(seen) == {precision == "bf16"}  # 3 blocks x 4 steps, 8 KL steps
         assert math.isfinite(kl["after"]) and kl["after"] < kl["before"], (precision, kl)
+
+
+def test_the_fit_can_read_the_models_own_text_and_records_it(tiny_model_dir, tmp_path, capsys):
+    """--fit-text self: the sampler draws whole windows from the model's own distribution, seeded; emulate records
+    the samples and reads no more public text than the guard's."""
+    from offsite_ds.cli import main
+    from offsite_ds.fitting import FitSettings, self_text
+    from offsite_ds.manifests import BUNDLE_FORMAT
+    from offsite_ds.runtime import load_model
+    from offsite_ds.validation import read_manifest
+    from transformers import AutoTokenizer
+
+    model_dir = tiny_model_dir("llama")
+    model = load_model(model_dir)
+    ids = self_text(model, 1, 100, 32, seed=3, batch_size=2)
+    assert ids.shape == (128,) and ids.dtype == torch.long  # 100 tokens: four whole 32-token windows
+    assert (ids.view(4, 32)[:, 0] == 1).all() and 0 <= int(ids.min()) and int(ids.max()) < model.config.vocab_size
+    assert torch.equal(ids, self_text(model, 1, 100, 32, seed=3, batch_size=2))  # seeded
+    assert not torch.equal(ids, self_text(model, 1, 100, 32, seed=4))
+    assert len(set(ids.tolist())) > 20  # sampled, not greedy: a random model's argmax repeats
+    with pytest.raises(Exception, match="--fit-text story must be one of public, self"):
+        FitSettings(text="story")
+
+    public = tmp_path / "public.txt"  # the guard's 256 tokens, and no more than that
+    public.write_text(" ".join(f"word{i % 37} and item {i % 11} ." for i in range(30)))
+    argv = ["emulate", str(model_dir), "--layout", "2-2-2", "--calib-data", str(public), "--calib-tokens", "256",
+            "--no-progress", "--allow-far", "--select", "uniform", "--fit", "--fit-tokens", "512",
+            "--fit-epochs", "1", "--fit-kl-epochs", "1"]
+    assert main([*argv, "--out", str(tmp_path / "public")]) == 2  # 512 public tokens are not there
+    assert "fewer --fit-tokens" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "self"), "--fit-text", "self"]) == 0
+    fit = read_manifest(tmp_path / "self", BUNDLE_FORMAT).compression.fit
+    assert fit.text == "self" and fit.sampled.tokens == 512 and fit.kl is not None
+    assert fit.sampled.start_id == AutoTokenizer.from_pretrained(model_dir).bos_token_id
+    assert "sampled 512 tokens of the model's own text" in capsys.readouterr().err

@@ -118,7 +118,7 @@ def lora_settings_from_args(args: argparse.Namespace):
 
 def add_fit_arguments(p: argparse.ArgumentParser, who: str) -> None:
     """The block-fitting flags (FitSettings) of `emulate --fit` and the +fit builders of `compare-emulators`."""
-    from offsite_ds.fitting import KL_LR, FitSettings
+    from offsite_ds.fitting import FIT_TEXTS, KL_LR, FitSettings
 
     d = FitSettings()
     g = p.add_argument_group(f"block fitting ({who})")
@@ -140,6 +140,10 @@ def add_fit_arguments(p: argparse.ArgumentParser, who: str) -> None:
     g.add_argument("--fit-precision", choices=PRECISIONS, default="auto",
                    help="training steps under bf16 autocast or in fp32 (auto: bf16 where the device multiplies bf16 "
                         f"natively - a CUDA GPU, a CPU with AVX512-BF16 or AMX -, fp32 elsewhere; here: {d.precision})")
+    g.add_argument("--fit-text", choices=FIT_TEXTS, default=d.text,
+                   help="what the fit reads: the owner's public text (--calib-data), or self: text the full model "
+                        "samples itself, held whole while it samples - closer on text unlike the public "
+                        f"text's domain ({d.text})")
     g.add_argument("--fit-align", action="store_true", default=d.align,
                    help="the KL phase trains the adapter blocks too, so the data owner starts from blocks that make "
                         "the emulator behave like the model; plugin --bundle takes that shift out again")
@@ -151,7 +155,7 @@ def fit_settings_from_args(args: argparse.Namespace):
 
     return FitSettings(tokens=args.fit_tokens, epochs=args.fit_epochs, lr=args.fit_lr, kl_epochs=args.fit_kl_epochs,
                        kl_lr=args.fit_kl_lr, kl_tokens=args.fit_kl_tokens, kl_rank=args.fit_kl_rank,
-                       align=args.fit_align, precision=args.fit_precision)
+                       align=args.fit_align, precision=args.fit_precision, text=args.fit_text)
 
 
 def fit_flags_given(args: argparse.Namespace) -> list[str]:
