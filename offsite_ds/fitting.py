@@ -49,6 +49,10 @@ KL_LR = {False: 3e-4, True: 3e-3}
 # 16,384 tokens, 16 KL steps: PTB valid 10.58x (public Wikipedia) -> 8.73x (self); public held-out 11.44x -> 12.04x.
 # Sequences sampled at once: SmolLM2-135M on the 2-core CPU, 5.2 ms a token at 32, 4.0 at 128 (fp32)
 SAMPLE_BATCH = 128
+# the model's next-token distribution as it is: set explicitly, so a checkpoint's generation_config.json (a chat
+# model's temperature 0.6, top-p 0.9, repetition penalty) cannot reshape what the emulator learns to match
+PLAIN_SAMPLING = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": None, "typical_p": 1.0,
+                  "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
 
 
 @dataclass(frozen=True)
@@ -140,9 +144,8 @@ def self_text(model: nn.Module, start_id: int, tokens: int, seq_len: int, seed: 
         for start in tqdm(range(0, n_seq, batch_size), desc="sample the model's own text", disable=not progress):
             b = min(batch_size, n_seq - start)
             prompt = torch.full((b, 1), start_id, device=device)
-            rows.append(model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0,
-                                       top_p=1.0, temperature=1.0, max_new_tokens=seq_len - 1,
-                                       min_new_tokens=seq_len - 1, pad_token_id=start_id).cpu())
+            rows.append(model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=seq_len - 1,
+                                       min_new_tokens=seq_len - 1, pad_token_id=start_id, **PLAIN_SAMPLING).cpu())
     return torch.cat(rows).reshape(-1)
 
 

@@ -361,6 +361,9 @@ def test_the_fit_can_read_the_models_own_text_and_records_it(tiny_model_dir, tmp
     assert torch.equal(ids, self_text(model, 1, 100, 32, seed=3, batch_size=2))  # seeded
     assert not torch.equal(ids, self_text(model, 1, 100, 32, seed=4))
     assert len(set(ids.tolist())) > 20  # sampled, not greedy: a random model's argmax repeats
+    g = model.generation_config  # a chat checkpoint's sampling defaults do not reshape the model's distribution
+    g.temperature, g.top_p, g.top_k, g.repetition_penalty, g.no_repeat_ngram_size = 0.3, 0.5, 5, 1.5, 2
+    assert torch.equal(ids, self_text(model, 1, 100, 32, seed=3, batch_size=2))
     with pytest.raises(Exception, match="--fit-text story must be one of public, self"):
         FitSettings(text="story")
 
