@@ -215,3 +215,12 @@ def out_features(module: nn.Module) -> int:
 def fan_in_fan_out(model: nn.Module) -> bool:
     """Whether the model's block linears store [in, out] weights (GPT-2), as PEFT's LoraConfig needs to know."""
     return any(is_transposed_linear(m) for m in blocks_of(model).modules())
+
+
+def kv_floats_per_token(config) -> int:
+    """Keys and values a decoder caches per token, over all its layers (grouped-query attention counted); HF's
+    standard config names (GPT-2's n_layer, n_embd and n_head map onto them)."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim

@@ -35,7 +35,8 @@ from offsite_ds.block_stream import BlockSource, Path, Stream, Upcast, as_source
 from offsite_ds.data import max_positions
 from offsite_ds.errors import OffsiteError
 from offsite_ds.evaluate import head_kl
-from offsite_ds.families import backbone_and_head, block_linears, is_transposed_linear, logit_transform
+from offsite_ds.families import (backbone_and_head, block_linears, is_transposed_linear, kv_floats_per_token,
+                                 logit_transform)
 from offsite_ds.manifests import FIT_TEXTS
 from offsite_ds.runtime import default_device_type, load_model, resolved_precision
 
@@ -47,8 +48,10 @@ KL_LR = {False: 3e-4, True: 3e-3}
 # --fit-text self: the fit reads text the full model samples itself (temperature 1, from the tokenizer's BOS), so
 # the emulator learns the model's own distribution, not the public text's domain. SmolLM2-135M importance 2-8-2,
 # 16,384 tokens, 16 KL steps: PTB valid 10.58x (public Wikipedia) -> 8.73x (self); public held-out 11.44x -> 12.04x.
-# Sequences sampled at once: SmolLM2-135M on the 2-core CPU, 5.2 ms a token at 32, 4.0 at 128 (fp32)
+# Sequences sampled at once: SmolLM2-135M on the 2-core CPU, 5.2 ms a token at 32, 4.0 at 128 (fp32); fewer where
+# their key/value cache would pass SAMPLE_KV_BYTES (a 7B model with full attention: 16 at 512 tokens in bf16)
 SAMPLE_BATCH = 128
+SAMPLE_KV_BYTES = 4 << 30
 # the model's next-token distribution as it is: set explicitly, so a checkpoint's generation_config.json (a chat
 # model's temperature 0.6, top-p 0.9, repetition penalty) cannot reshape what the emulator learns to match
 PLAIN_SAMPLING = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": None, "typical_p": 1.0,
@@ -127,15 +130,20 @@ def teacher_states(source: BlockSource, stream: Stream, boundaries: list[int]) -
 
 @torch.no_grad()
 def self_text(model: nn.Module, start_id: int, tokens: int, seq_len: int, seed: int = 0, bf16: bool = False,
-              batch_size: int = SAMPLE_BATCH, progress: bool = False) -> torch.Tensor:
+              batch_size: int | None = None, progress: bool = False) -> torch.Tensor:
     """`tokens` (rounded up to whole sequences) of text the model samples from its own next-token distribution:
     sequences of `seq_len` tokens, each from `start_id`, plain sampling at temperature 1 (no top-k, no top-p:
     the distribution the KL phase matches), seeded. One id stream, a sequence per fitting window.
 
-    The model is held whole while it samples (the streamed owner's bound does not hold for this step)."""
+    The model is held whole while it samples (the streamed owner's bound does not hold for this step), with the
+    key/value cache of `batch_size` sequences (None: SAMPLE_BATCH, fewer where the cache would pass SAMPLE_KV_BYTES).
+    """
     from tqdm.auto import tqdm
 
     n_seq = -(-tokens // seq_len)
+    if batch_size is None:
+        per_seq = seq_len * kv_floats_per_token(model.config) * (2 if bf16 else 4)
+        batch_size = max(1, min(SAMPLE_BATCH, SAMPLE_KV_BYTES // per_seq))
     device = next(model.parameters()).device
     rows = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \

@@ -379,3 +379,22 @@ def test_the_fit_can_read_the_models_own_text_and_records_it(tiny_model_dir, tmp
     assert fit.text == "self" and fit.sampled.tokens == 512 and fit.kl is not None
     assert fit.sampled.start_id == AutoTokenizer.from_pretrained(model_dir).bos_token_id
     assert "sampled 512 tokens of the model's own text" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_sampler_sizes_its_batch_by_the_key_value_cache_it_really_holds(family, tiny_model_dir, monkeypatch):
+    from offsite_ds import fitting
+    from offsite_ds.families import kv_floats_per_token
+    from offsite_ds.runtime import load_model
+
+    model = load_model(tiny_model_dir(family))
+    with torch.no_grad():
+        cache = model(torch.ones(1, 7, dtype=torch.long), use_cache=True).past_key_values
+    held = sum(t.numel() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert held == 7 * kv_floats_per_token(model.config)
+    batches = []
+    generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda prompt, **kw: batches.append(len(prompt)) or generate(prompt, **kw))
+    monkeypatch.setattr(fitting, "SAMPLE_KV_BYTES", 3 * 16 * kv_floats_per_token(model.config) * 4)
+    fitting.self_text(model, 0, 100, 16)  # 7 sequences of 16 tokens, 3 at a time in fp32
+    assert batches == [3, 3, 1]
