@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from offsite_ds.data import corpus_fingerprint, load_texts, max_positions, tokenize_corpus
+from offsite_ds.data import corpus_fingerprint, load_texts, tokenize_corpus, window_len
 from offsite_ds.errors import DataError
 from offsite_ds.evaluate import token_nll
 from offsite_ds.block_stream import BlockSource, as_source, full_path, open_stream, path_nlls, sweep
@@ -48,8 +48,7 @@ def calibration_ids(path: str | Path, tokenizer, max_tokens: int = DEFAULT_CALIB
 
 
 def calibration_seq_len(model: nn.Module | BlockSource, seq_len: int = DEFAULT_SEQ_LEN) -> int:
-    limit = max_positions(as_source(model).model.config)
-    return min(seq_len, limit) if limit else seq_len
+    return window_len(seq_len, as_source(model).model.config)
 
 
 def mean_nll(model: nn.Module, ids: torch.Tensor, seq_len: int, batch_size: int = 4) -> float:

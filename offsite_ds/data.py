@@ -124,6 +124,12 @@ def max_positions(config) -> int | None:
     return None  # ALiBi models (BLOOM) have no hard limit
 
 
+def window_len(seq_len: int, config) -> int:
+    """`seq_len`, or the model's positions where it has fewer (ALiBi models have no limit)."""
+    limit = max_positions(config)
+    return min(seq_len, limit) if limit else seq_len
+
+
 def check_seq_len(seq_len: int, config) -> None:
     limit = max_positions(config)
     if seq_len < 2:

@@ -105,7 +105,7 @@ def round_trip(model_dir: str | Path, bundle_dir: str | Path, train_file: str | 
     `steps`; the emulator's validation score picks the adapter it ships. Returns {"rows", "summary",
     "tune_s", "plugin_s", "evaluate_s", "plugged_dir"}; the adapter and plugged model stay under `out`.
     """
-    from offsite_ds.data import load_texts, max_positions
+    from offsite_ds.data import load_texts, window_len
     from offsite_ds.plugin import plugin
     from offsite_ds.report import perplexity_rows
     from offsite_ds.roles.tune_adapter import tune
@@ -129,9 +129,9 @@ def round_trip(model_dir: str | Path, bundle_dir: str | Path, train_file: str | 
     log(f"[owner] perplexity of the four rows on the first {s.eval_tokens} tokens of {', '.join(eval_files)}")
     t = time.perf_counter()
     texts = {split: load_texts(path) for split, path in eval_files.items()}
-    limit = max_positions(load_model_config(model_dir))
-    rows = perplexity_rows(model_dir, bundle_dir, out / "adapter", texts, seq_len=min(s.eval_seq_len, limit or
-                           s.eval_seq_len), max_tokens=s.eval_tokens, plugged_dir=plugged_dir)
+    rows = perplexity_rows(model_dir, bundle_dir, out / "adapter", texts,
+                           seq_len=window_len(s.eval_seq_len, load_model_config(model_dir)), max_tokens=s.eval_tokens,
+                           plugged_dir=plugged_dir)
     return {"rows": rows, "summary": summary, "tune_s": tune_s, "plugin_s": plugin_s,
             "evaluate_s": time.perf_counter() - t, "plugged_dir": plugged_dir}
 

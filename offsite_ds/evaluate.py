@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from offsite_ds.data import check_seq_len, max_positions, tokenize_corpus
+from offsite_ds.data import check_seq_len, tokenize_corpus, window_len
 from offsite_ds.errors import DataError
 from offsite_ds.families import backbone_and_head, logit_transform
 
@@ -200,8 +200,7 @@ def token_nll(model: torch.nn.Module, ids: torch.Tensor, seq_len: int, stride: i
 
 
 def default_seq_len(model) -> int:
-    limit = max_positions(model.config)
-    return min(limit or 1024, 1024)
+    return window_len(1024, model.config)
 
 
 def perplexity(model: torch.nn.Module, tokenizer, texts: list[str], seq_len: int | None = None,

@@ -32,7 +32,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from offsite_ds.block_stream import BlockSource, Path, Stream, Upcast, as_source, final_states, open_stream, sweep
-from offsite_ds.data import max_positions
+from offsite_ds.data import window_len
 from offsite_ds.errors import OffsiteError
 from offsite_ds.evaluate import head_kl
 from offsite_ds.families import (backbone_and_head, block_linears, is_transposed_linear, kv_floats_per_token,
@@ -157,12 +157,6 @@ def self_text(model: nn.Module, start_id: int, tokens: int, seq_len: int, seed: 
     return torch.cat(rows).reshape(-1)
 
 
-def fit_seq_len(config, settings: FitSettings) -> int:
-    """The fit's window: settings.seq_len, or the model's positions when it has fewer."""
-    limit = max_positions(config)
-    return min(settings.seq_len, limit) if limit else settings.seq_len
-
-
 def sample_own_text(model_dir, tokenizer, settings: FitSettings, progress: bool = False
                     ) -> tuple[torch.Tensor, dict]:
     """`--fit-text self`: the fit's tokens sampled from the full model (loaded whole, on the GPU when there is one,
@@ -175,7 +169,7 @@ def sample_own_text(model_dir, tokenizer, settings: FitSettings, progress: bool 
     if torch.cuda.is_available():
         model.cuda()
     began = time.perf_counter()
-    ids = self_text(model, start, settings.fit_tokens, fit_seq_len(model.config, settings), settings.seed,
+    ids = self_text(model, start, settings.fit_tokens, window_len(settings.seq_len, model.config), settings.seed,
                     settings.precision == "bf16", progress=progress)
     return ids, {"tokens": int(ids.numel()), "start_id": int(start),
                  "seconds": round(time.perf_counter() - began, 1)}
@@ -225,7 +219,7 @@ def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map
     middle = block_map[bottom:bottom + kept]
     after = block_map[bottom + kept] if bottom + kept < len(block_map) else depth
     ends = middle[1:] + [after]  # the teacher's state each fitted block must produce: its run's end
-    seq_len = fit_seq_len(source.model.config, settings)
+    seq_len = window_len(settings.seq_len, source.model.config)
     n = min(ids.numel(), settings.tokens) // seq_len
     if n < 1:
         raise OffsiteError(f"fitting needs at least {seq_len} tokens of public text; got {ids.numel()}")

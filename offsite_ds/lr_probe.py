@@ -121,7 +121,7 @@ def probe_lr(model_dir: str | Path, bundle_dir: str | Path, public: str | Path =
 
     from offsite_ds.adapter_package import load_adapter_package
     from offsite_ds.bundle import check_bundle
-    from offsite_ds.data import corpus_fingerprint, load_texts, max_positions
+    from offsite_ds.data import corpus_fingerprint, load_texts, window_len
     from offsite_ds.evaluate import perplexity
     from offsite_ds.peft_modes import settings_for
     from offsite_ds.plugin import plug_in, shipped_adapter
@@ -135,8 +135,7 @@ def probe_lr(model_dir: str | Path, bundle_dir: str | Path, public: str | Path =
     train_file, heldout_file = public_split(public, heldout)
     work = Path(work_dir) if work_dir is not None else Path(f"{Path(bundle_dir)}.lr-probe")
     texts = load_texts(heldout_file)
-    limit = max_positions(load_model_config(model_dir))
-    seq_len = min(s.eval_seq_len, limit or s.eval_seq_len)
+    seq_len = window_len(s.eval_seq_len, load_model_config(model_dir))
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     tokenizer = AutoTokenizer.from_pretrained(bundle_dir, local_files_only=True)
