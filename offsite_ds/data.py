@@ -124,6 +124,11 @@ def max_positions(config) -> int | None:
     return None  # ALiBi models (BLOOM) have no hard limit
 
 
+def start_token_id(tokenizer) -> int | None:
+    """The token a model is conditioned on where there is no text yet: BOS, else EOS (None: neither)."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
 def window_len(seq_len: int, config) -> int:
     """`seq_len`, or the model's positions where it has fewer (ALiBi models have no limit)."""
     limit = max_positions(config)

@@ -32,7 +32,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from offsite_ds.block_stream import BlockSource, Path, Stream, Upcast, as_source, final_states, open_stream, sweep
-from offsite_ds.data import window_len
+from offsite_ds.data import start_token_id, window_len
 from offsite_ds.errors import OffsiteError
 from offsite_ds.evaluate import head_kl
 from offsite_ds.families import (backbone_and_head, block_linears, is_transposed_linear, kv_floats_per_token,
@@ -50,8 +50,8 @@ KL_LR = {False: 3e-4, True: 3e-3}
 # 16,384 tokens, 16 KL steps: PTB valid 10.58x (public Wikipedia) -> 8.73x (self); public held-out 11.44x -> 12.04x.
 # A static key/value cache (preallocated, not grown a token at a time): 32 x 512 tokens of SmolLM2-135M in 96 s
 # against 132 s on the 2-core CPU (bf16 autocast). Sequences sampled at once: 5.2 ms a token at 32, 4.0 at 128
-# (64 positions, fp32); fewer where
-# their key/value cache would pass SAMPLE_KV_BYTES (a 7B model with full attention: 16 at 512 tokens in bf16)
+# (64 positions, fp32); fewer where their cache would pass SAMPLE_KV_BYTES (a 7B model with full attention and
+# bf16 weights: 16 at 512 tokens)
 SAMPLE_BATCH = 128
 SAMPLE_KV_BYTES = 4 << 30
 # the model's next-token distribution as it is: set explicitly, so a checkpoint's generation_config.json (a chat
@@ -138,13 +138,14 @@ def self_text(model: nn.Module, start_id: int, tokens: int, seq_len: int, seed: 
     the distribution the KL phase matches), seeded. One id stream, a sequence per fitting window.
 
     The model is held whole while it samples (the streamed owner's bound does not hold for this step), with the
-    key/value cache of `batch_size` sequences (None: SAMPLE_BATCH, fewer where the cache would pass SAMPLE_KV_BYTES).
+    key/value cache of `batch_size` sequences (None: SAMPLE_BATCH, fewer where the cache would pass SAMPLE_KV_BYTES;
+    the cache is held in the weights' dtype, under bf16 autocast too).
     """
     from tqdm.auto import tqdm
 
     n_seq = -(-tokens // seq_len)
-    if batch_size is None:
-        per_seq = seq_len * kv_floats_per_token(model.config) * (2 if bf16 else 4)
+    if batch_size is None:  # the static cache takes the weights' dtype, autocast or not
+        per_seq = seq_len * kv_floats_per_token(model.config) * next(model.parameters()).element_size()
         batch_size = max(1, min(SAMPLE_BATCH, SAMPLE_KV_BYTES // per_seq))
     device = next(model.parameters()).device
     rows = []
@@ -164,7 +165,7 @@ def sample_own_text(model_dir, tokenizer, settings: FitSettings, progress: bool 
                     ) -> tuple[torch.Tensor, dict]:
     """`--fit-text self`: the fit's tokens sampled from the full model (loaded whole, on the GPU when there is one,
     freed on return), one sequence per fitting window; and the record for the manifest."""
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    start = start_token_id(tokenizer)
     if start is None:
         raise OffsiteError("--fit-text self starts each sample from the tokenizer's BOS or EOS token, and this "
                            "tokenizer has neither: use --fit-text public")

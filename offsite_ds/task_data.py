@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from offsite_ds.data import BlockLoader
+from offsite_ds.data import BlockLoader, start_token_id
 from offsite_ds.errors import DataError
 
 IGNORE_INDEX = -100
@@ -26,7 +26,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     """
     if context == "":
         cont = tokenizer.encode(continuation, add_special_tokens=False)
-        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        prefix = start_token_id(tokenizer)
         if prefix is None:
             raise DataError("the tokenizer has neither a BOS nor an EOS token to condition an empty prompt on")
         return ([prefix], cont) if not cont or cont[0] != prefix else (cont[:1], cont[1:])

@@ -398,3 +398,6 @@ def test_the_sampler_sizes_its_batch_by_the_key_value_cache_it_really_holds(fami
     monkeypatch.setattr(fitting, "SAMPLE_KV_BYTES", 3 * 16 * kv_floats_per_token(model.config) * 4)
     fitting.self_text(model, 0, 100, 16)  # 7 sequences of 16 tokens, 3 at a time in fp32
     assert batches == [3, 3, 1]
+    batches.clear()  # under bf16 autocast the cache still holds the fp32 weights' dtype: no more at a time
+    fitting.self_text(model, 0, 100, 16, bf16=True)
+    assert batches == [3, 3, 1]
