@@ -75,6 +75,7 @@ class FitSettings:
     kl_tokens: int = 0  # public tokens the KL phase reads (0: the block fit's `tokens`); the block fit's come first
     kl_rank: int = 0  # the KL phase trains a rank-r update of each matrix, and the norms and biases (0: all weights)
     align: bool = False  # the KL phase also trains the adapter blocks; the plug-in takes that shift out again
+    kl_interface: float = 0.0  # weight of the top adapter's input's relative error in the KL phase's loss (0: off)
     precision: str = "auto"  # training steps under bf16 autocast ("bf16") or not; auto: bf16 where it is native
     text: str = "public"  # what the fit reads: the owner's public text, or "self": text sampled from the model itself
 
@@ -94,6 +95,8 @@ class FitSettings:
                                f"{self.kl_rank} must be >= 0 and --fit-kl-lr {self.kl_lr:g} positive")
         if self.text not in FIT_TEXTS:
             raise OffsiteError(f"--fit-text {self.text} must be one of {', '.join(FIT_TEXTS)}")
+        if not self.kl_interface >= 0 or (self.kl_interface and not self.kl_epochs):
+            raise OffsiteError(f"--fit-kl-interface {self.kl_interface:g} must be >= 0, and needs --fit-kl-epochs >= 1")
         if self.align and not self.kl_epochs:
             raise OffsiteError("--fit-align trains the adapter blocks in the KL phase: give --fit-kl-epochs >= 1")
 
@@ -232,7 +235,8 @@ def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map
     shared = kl_n == n  # the KL phase reads the block fit's tokens: one teacher pass gives both their states
     first = 0 if settings.align else bottom  # the position the KL phase's emulator starts at
     start = block_map[first]
-    states = teacher_states(source, data, sorted({middle[0], *ends} | ({start, depth} if shared else set())))
+    kl_wanted = {start, depth} | ({after} if settings.kl_interface else set())  # the KL phase's teacher states
+    states = teacher_states(source, data, sorted({middle[0], *ends} | (kl_wanted if shared else set())))
     batches = range(len(states))
     stream = [s[middle[0]] for s in states]  # the emulator's input to its first kept middle block (= teacher's)
     store_dtype = store_dtype or next(source.model.parameters()).dtype
@@ -266,14 +270,15 @@ def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map
         del states, stream  # the fit's states are dropped before the KL phase's own teacher pass
         if not shared:
             data = open_stream(source, ids[: kl_n * seq_len], seq_len, settings.batch_size)
-            kl_states = teacher_states(source, data, sorted({start, depth}))
+            kl_states = teacher_states(source, data, sorted(kl_wanted))
         inputs, finals = [s[start] for s in kl_states], [s[depth] for s in kl_states]
-        del kl_states  # only the two states per batch the KL phase reads stay
+        interface = (bottom + kept - first, [s[after] for s in kl_states]) if settings.kl_interface else None
+        del kl_states  # only the states per batch the KL phase reads stay
         if settings.align:  # the adapter blocks train too, from the model's own (fp32, or waiting narrow)
             for i in block_map[:bottom] + block_map[bottom + kept:]:
                 fitted[i] = source.own_copy(i).to(torch.float32 if not settings.kl_rank else store_dtype)
                 source.release(i)
-        kl = kl_finish(source, data, inputs, finals, block_map[first:], fitted, settings, progress, log)
+        kl = kl_finish(source, data, inputs, finals, block_map[first:], fitted, settings, progress, log, interface)
     return {i: block.to(store_dtype) for i, block in fitted.items()}, report, kl
 
 
@@ -354,14 +359,19 @@ def merge_low_rank(updates: list[tuple[nn.Module, LowRankUpdate, object]]) -> No
 
 def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], finals: list[torch.Tensor],
               path: list[int], trained: dict[int, nn.Module], settings: FitSettings, progress: bool = False,
-              log=None) -> dict:
+              log=None, interface: tuple[int, list[torch.Tensor]] | None = None) -> dict:
     """Train the blocks in `trained` end to end: KL(full model || emulator) of the next-token distributions on
     `data`'s tokens. The emulator runs the original blocks `path` (those in `trained` as trained, the others
     frozen from the source), then the model's norm and head. Per batch, `inputs` is the full model's input to
     path[0] (the blocks before it are the model's) and `finals` its last block's output: the teacher's logits
     are recomputed from it at each step, a chunk of rows at a time with the student's (evaluate.head_kl): neither
     model's logits are held whole, nor cached (tokens x vocabulary floats). Returns the mean KL before and after
-    (on the same tokens)."""
+    (on the same tokens).
+
+    `interface` = (j, states): the loss also weighs (settings.kl_interface) the relative error between the state
+    entering path[j] (the top adapter's input) and the full model's there. The top adapter's gradients depend on
+    nothing else the emulator changes, so this term is what keeps them the full model's; KL alone only asks the
+    frozen top blocks' output to be right. Then the mean relative error before and after is returned too."""
     frozen = {i: source.block(i) for i in path if i not in trained}
     flags = {id(p): p.requires_grad for m in frozen.values() for p in m.parameters()}
     frozen_params = [p for m in frozen.values() for p in m.parameters()] + list(source.model.parameters())
@@ -378,35 +388,51 @@ def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], fin
     run = {**frozen, **trained}
     head, transform = backbone_and_head(source.model)[1], logit_transform(source.model.config)
 
-    def kl(k: int) -> torch.Tensor:  # every position but 0, the attention sink
+    def terms(k: int) -> tuple[torch.Tensor, torch.Tensor | None]:  # every position but 0, the attention sink
         with torch.no_grad():
             teacher = final_states(source, data, k, finals[k])[:, 1:]
-        h = inputs[k]
-        for i in path:
+        h, at_interface = inputs[k], None
+        for j, i in enumerate(path):
+            if interface is not None and j == interface[0]:
+                at_interface = h
             if settings.kl_rank and i in trained and torch.is_grad_enabled():  # low memory: recompute, not keep
                 h = checkpoint(partial(data.run, run[i], batch=k, index=i), h, use_reentrant=False)
             else:
                 h = data.run(run[i], h, k, i)
-        return head_kl(final_states(source, data, k, h)[:, 1:], teacher, head, transform)
+        if interface is not None and interface[0] == len(path):  # no top adapter: the emulator's output
+            at_interface = h
+        error = None if interface is None else relative_error(at_interface, interface[1][k])
+        return head_kl(final_states(source, data, k, h)[:, 1:], teacher, head, transform), error
+
+    def loss(k: int) -> torch.Tensor:
+        kl, error = terms(k)
+        return kl if error is None else kl + settings.kl_interface * error
+
+    def means() -> tuple[float, float | None]:
+        with torch.no_grad():
+            pairs = [terms(k) for k in range(batches)]
+        return (sum(float(a) for a, _ in pairs) / batches,
+                None if interface is None else sum(float(b) for _, b in pairs) / batches)
 
     batches = len(inputs)
     try:
-        with torch.no_grad():
-            before = sum(float(kl(k)) for k in range(batches)) / batches
-        _train(trainable, kl, batches, settings.kl_epochs, settings.kl_lr, settings.weight_decay, g,
+        before, error_before = means()
+        _train(trainable, loss, batches, settings.kl_epochs, settings.kl_lr, settings.weight_decay, g,
                "fit end to end (KL)" if progress else None, settings.precision == "bf16")
         merge_low_rank(updates)
         for m in blocks:
             m.eval().requires_grad_(False)
         # merged blocks whose matrices wait narrow run as the guard runs them: a working fp32 copy per call
         run.update({i: Upcast(trained[i], torch.float32) for i in trained})
-        with torch.no_grad():
-            after = sum(float(kl(k)) for k in range(batches)) / batches
+        after, error_after = means()
     finally:
         for p in frozen_params:
             p.requires_grad_(flags[id(p)])
         for i in frozen:
             source.release(i)
     if log is not None:
-        log(f"fit end to end: KL(full || emulator) {before:.4g} -> {after:.4g}")
-    return {"before": before, "after": after}
+        log(f"fit end to end: KL(full || emulator) {before:.4g} -> {after:.4g}" + (
+            "" if interface is None else f"; the top adapter's input, relative error {error_before:.4g} -> "
+                                         f"{error_after:.4g}"))
+    return {"before": before, "after": after,
+            **({} if interface is None else {"interface_before": error_before, "interface_after": error_after})}

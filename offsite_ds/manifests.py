@@ -160,6 +160,8 @@ class FitKL(Strict):
     """`emulate --fit --fit-kl-epochs N`: mean KL(full || emulator) on the fitting tokens before and after."""
     before: Annotated[float, Field(ge=0)]
     after: Annotated[float, Field(ge=0)]
+    interface_before: Annotated[float, Field(ge=0)] | None = None  # --fit-kl-interface: the top adapter's input's
+    interface_after: Annotated[float, Field(ge=0)] | None = None  # relative error to the full model's
 
 
 class FitSample(Strict):
@@ -184,6 +186,7 @@ class FitRecord(Strict):
     kl_tokens: Annotated[int, Field(ge=0)] = 0
     kl_rank: Annotated[int, Field(ge=0)] = 0
     align: bool = False  # the KL phase also trained the adapter blocks: the plug-in takes their shift out
+    kl_interface: Annotated[float, Field(ge=0)] = 0.0  # the KL loss's weight on the top adapter's input's error
     precision: Literal["fp32", "bf16"] = "fp32"  # the training steps ran under bf16 autocast, or not
     kl: FitKL | None = None
     text: Literal[FIT_TEXTS] = "public"  # the fit read the owner's public text, or the model's own samples

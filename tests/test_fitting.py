@@ -170,6 +170,68 @@ def test_the_end_to_end_kl_phase_lowers_the_kl_and_leaves_the_model_alone(tiny_m
         FitSettings(kl_epochs=-1)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_the_interface_term_keeps_the_top_adapters_input_closer_to_the_full_models(family, tiny_model_dir, tmp_path,
+                                                                                   capsys):
+    from offsite_ds.cli import main
+    from offsite_ds.data import tokenize_corpus
+    from offsite_ds.fitting import FitSettings, fit_kept_blocks, relative_error
+    from offsite_ds.manifests import BUNDLE_FORMAT
+    from offsite_ds.runtime import load_model
+    from offsite_ds.surgery import running_blocks
+    from offsite_ds.tiny import byte_tokenizer
+    from offsite_ds.validation import read_manifest
+
+    torch.manual_seed(0)
+    model = load_model(tiny_model_dir(family)).eval()
+    with torch.no_grad():  # a random model's distributions are near uniform: give the KL something to match
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "wte" not in name and "wpe" not in name and "embed" not in name:
+                p.mul_(6.0)
+    text = " ".join(f"word{i % 37} and item {i % 11} ." for i in range(600))
+    ids = tokenize_corpus([text], byte_tokenizer())[:1024]
+    block_map = [0, 1, 3, 6, 7]  # bottom 0, kept 1 3 6, top 7: the top adapter's input is block 7's
+    kw = dict(tokens=512, epochs=1, lr=1e-3, seq_len=64, batch_size=4, kl_epochs=4, kl_lr=3e-3, kl_tokens=1024)
+    runs = {w: fit_kept_blocks(model, ids, block_map, 1, 3, FitSettings(kl_interface=w, **kw)) for w in (1e-9, 10.0)}
+    (_, _, weak), (fitted, _, strong) = runs[1e-9], runs[10.0]
+    assert weak["interface_before"] == pytest.approx(strong["interface_before"])  # the same start, measured alike
+    assert strong["interface_after"] < weak["interface_after"], (weak, strong)
+    assert strong["after"] < strong["before"]  # the KL still falls
+
+    hidden = {}  # the reported error is the state entering block 7 against the full model's, on the KL's tokens
+
+    def catch(positions, replace=None):
+        block = model.model.layers[7] if family == "llama" else model.transformer.h[7]
+        handle = block.register_forward_pre_hook(
+            lambda m, args, kwargs: hidden.__setitem__(len(hidden), args[0] if args else kwargs["hidden_states"]),
+            with_kwargs=True)
+        try:
+            with running_blocks(model, positions, replace), torch.no_grad():
+                model(input_ids=ids.view(-1, 64), use_cache=False)
+        finally:
+            handle.remove()
+        return hidden.pop(len(hidden) - 1)
+
+    full, emulated = catch(list(range(8))), catch(block_map, fitted)
+    assert float(relative_error(emulated, full)) == pytest.approx(strong["interface_after"], rel=0.05)
+
+    with pytest.raises(Exception, match="--fit-kl-interface -1"):
+        FitSettings(kl_interface=-1)
+    with pytest.raises(Exception, match="needs --fit-kl-epochs"):
+        FitSettings(kl_interface=1.0, kl_epochs=0)
+    public = tmp_path / "public.txt"
+    public.write_text(text)
+    assert main(["emulate", str(tiny_model_dir(family)), "--layout", "2-2-2", "--calib-data", str(public),
+                 "--calib-tokens", "256", "--no-progress", "--allow-far", "--out", str(tmp_path / "b"), "--fit",
+                 "--fit-tokens", "512", "--fit-epochs", "1", "--fit-kl-epochs", "1", "--fit-kl-interface", "1"]) == 0
+    fit = read_manifest(tmp_path / "b", BUNDLE_FORMAT).compression.fit
+    assert fit.kl_interface == 1.0 and fit.kl.interface_after is not None and fit.kl.interface_before > 0
+    capsys.readouterr()
+    assert main(["emulate", str(tiny_model_dir(family)), "--layout", "2-2-2", "--calib-data", str(public),
+                 "--no-progress", "--out", str(tmp_path / "c"), "--fit-kl-interface", "1"]) == 2
+    assert "--fit-kl-interface" in capsys.readouterr().err  # without --fit it would change nothing: refused
+
+
 def test_a_low_rank_update_merges_into_the_weight_it_was_added_to():
     """The hooked layer and the merged one compute the same, whichever way round the layer stores its weight
     (square layers included, where a transposed merge would pass unnoticed by shape)."""

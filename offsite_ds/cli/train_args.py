@@ -137,6 +137,10 @@ def add_fit_arguments(p: argparse.ArgumentParser, who: str) -> None:
     g.add_argument("--fit-kl-rank", type=int, default=d.kl_rank,
                    help="train a rank-R update of each matrix (and the norms, biases) in the KL phase: the optimiser "
                         f"holds R x (rows + cols) per matrix, not rows x cols ({d.kl_rank}: all weights)")
+    g.add_argument("--fit-kl-interface", type=float, default=d.kl_interface,
+                   help="the KL phase also pulls the emulator's output (the top adapter's input) toward the full "
+                        "model's, weighing its relative error by W: the top adapter's gradients then stay the full "
+                        f"model's (holds one more hidden state per KL token; {d.kl_interface:g}: KL alone)")
     g.add_argument("--fit-precision", choices=PRECISIONS, default="auto",
                    help="training steps under bf16 autocast or in fp32 (auto: bf16 where the device multiplies bf16 "
                         f"natively - a CUDA GPU, a CPU with AVX512-BF16 or AMX -, fp32 elsewhere; here: {d.precision})")
@@ -155,7 +159,8 @@ def fit_settings_from_args(args: argparse.Namespace):
 
     return FitSettings(tokens=args.fit_tokens, epochs=args.fit_epochs, lr=args.fit_lr, kl_epochs=args.fit_kl_epochs,
                        kl_lr=args.fit_kl_lr, kl_tokens=args.fit_kl_tokens, kl_rank=args.fit_kl_rank,
-                       align=args.fit_align, precision=args.fit_precision, text=args.fit_text)
+                       align=args.fit_align, precision=args.fit_precision, text=args.fit_text,
+                       kl_interface=args.fit_kl_interface)
 
 
 def fit_flags_given(args: argparse.Namespace) -> list[str]:
