@@ -9,6 +9,8 @@ perplexity ratio, the gradients' cosine (all adapter weights, and per block) and
 "noise" is the cosine between the full model's gradients on the first and the second half of the tokens: what
 two samples of the same gradient agree to (the emulators are compared with the full model on the same tokens).
     FIT=1 python experiments/adapter_gradients.py       # also importance + emulate --fit's default fit
+    BUNDLES=a/bundle,b/bundle python experiments/adapter_gradients.py   # also these bundles' kept middle blocks
+    SELECTIONS=0 BUNDLES=... python experiments/adapter_gradients.py    # the bundles alone
 """
 import json
 import math
@@ -81,6 +83,15 @@ if os.environ.get("FIT"):
 def cos(a, b):
     return round(float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0)), 4)
 
+
+if os.environ.get("SELECTIONS") == "0":
+    emulators = {"full": emulators["full"]}
+for directory in filter(None, os.environ.get("BUNDLES", "").split(",")):
+    from offsite_ds.bundle import load_bundle
+
+    bundle = load_bundle(directory)
+    bm, layers = bundle.block_map, bundle.model.model.layers
+    emulators[directory] = (bm, {bm[j]: layers[j] for j in range(2, len(bm) - 2)})
 
 reference = {name: grads(*emulators["full"], ids) for name, ids in texts.items()}
 for name, ids in texts.items():

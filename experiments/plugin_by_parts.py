@@ -18,7 +18,7 @@ out = Path(sys.argv[1])
 model, tok = load_model_dir(demo_assets.smollm2_dir())
 plugged, _ = load_model_dir(out / "plugged")
 texts = {s: load_texts(demo_assets.penn_treebank_file(s)) for s in ("valid", "test")}
-original = [b.state_dict() for b in model.model.layers]
+original = [{k: v.clone() for k, v in b.state_dict().items()} for b in model.model.layers]
 tuned = [b.state_dict() for b in plugged.model.layers]
 changed = [i for i in range(len(original))
            if any(not torch.equal(original[i][k], tuned[i][k]) for k in original[i])]
