@@ -95,8 +95,10 @@ class FitSettings:
                                f"{self.kl_rank} must be >= 0 and --fit-kl-lr {self.kl_lr:g} positive")
         if self.text not in FIT_TEXTS:
             raise OffsiteError(f"--fit-text {self.text} must be one of {', '.join(FIT_TEXTS)}")
-        if not self.kl_interface >= 0 or (self.kl_interface and not self.kl_epochs):
-            raise OffsiteError(f"--fit-kl-interface {self.kl_interface:g} must be >= 0, and needs --fit-kl-epochs >= 1")
+        if not self.kl_interface >= 0:
+            raise OffsiteError(f"--fit-kl-interface {self.kl_interface:g} must be >= 0 (0: the KL phase alone)")
+        if self.kl_interface and not self.kl_epochs:
+            raise OffsiteError("--fit-kl-interface weighs a term of the KL phase's loss: give --fit-kl-epochs >= 1")
         if self.align and not self.kl_epochs:
             raise OffsiteError("--fit-align trains the adapter blocks in the KL phase: give --fit-kl-epochs >= 1")
 

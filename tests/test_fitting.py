@@ -217,7 +217,7 @@ def test_the_interface_term_keeps_the_top_adapters_input_closer_to_the_full_mode
 
     with pytest.raises(Exception, match="--fit-kl-interface -1"):
         FitSettings(kl_interface=-1)
-    with pytest.raises(Exception, match="needs --fit-kl-epochs"):
+    with pytest.raises(Exception, match="give --fit-kl-epochs >= 1"):
         FitSettings(kl_interface=1.0, kl_epochs=0)
     public = tmp_path / "public.txt"
     public.write_text(text)
