@@ -35,22 +35,29 @@ model = load_model(md).eval()
 wiki = tokenize_corpus(load_texts(demo_assets.wikipedia_file("train")), tok)
 texts = {"public": wiki[1024:1024 + tokens],
          "ptb": tokenize_corpus(load_texts(demo_assets.penn_treebank_file("train")), tok)[:tokens]}
-depth = 30
-adapter = [0, 1, 28, 29]
-middle = list(range(2, 28))
+blocks = model.model.layers
+depth = len(blocks)
+adapter = [0, 1, depth - 2, depth - 1]
+middle = list(range(2, depth - 2))
 emulators = {
     "full": (list(range(depth)), None),
     "uniform": ([0, 1, *select_kept(middle, 8), 28, 29], None),
-    "importance": ([0, 1, 2, 6, 8, 11, 22, 23, 24, 27, 28, 29], None),
+    "importance": ([0, 1, 2, 6, 8, 11, 22, 23, 24, 27, 28, 29], None),  # SmolLM2-135M's kept blocks
     "iterative": ([0, 1, 2, 8, 10, 11, 21, 23, 24, 27, 28, 29], None),
 }
-blocks = model.model.layers
 params = {i: [p for p in blocks[i].parameters()] for i in adapter}
-for p in model.parameters():
-    p.requires_grad_(False)
-for i in adapter:
-    for p in params[i]:
-        p.requires_grad_(True)
+
+
+def only_adapter_trainable():
+    """Gradients for the adapter blocks' weights alone (what the data owner tunes)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for i in adapter:
+        for p in params[i]:
+            p.requires_grad_(True)
+
+
+only_adapter_trainable()
 
 
 def grads(bm, replace, ids):
@@ -73,12 +80,9 @@ def nll(bm, replace, ids):
 if os.environ.get("FIT"):
     bm = emulators["importance"][0]
     fitted, _, _ = fit_kept_blocks(model, wiki[1024:], bm, 2, 8, FitSettings(), progress=True)
-    for p in model.parameters():  # fit_kept_blocks restores flags; the adapter's must be on again
-        p.requires_grad_(False)
-    for i in adapter:
-        for p in params[i]:
-            p.requires_grad_(True)
+    only_adapter_trainable()  # the fit sets requires_grad flags of its own while it trains
     emulators["importance+fit"] = (bm, fitted)
+
 
 def cos(a, b):
     return round(float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0)), 4)
@@ -100,7 +104,6 @@ for name, ids in texts.items():
     print(json.dumps({"noise": name, "cos": cos(torch.cat([a[i] for i in adapter]), torch.cat([b[i] for i in adapter])),
                       "cos_blocks": [cos(a[i], b[i]) for i in adapter]}), flush=True)
 full_nll = {name: nll(*emulators["full"], ids) for name, ids in texts.items()}
-rows = []
 for em, (bm, replace) in list(emulators.items())[1:]:
     row = {"emulator": em}
     for name, ids in texts.items():
@@ -112,4 +115,3 @@ for em, (bm, replace) in list(emulators.items())[1:]:
                      "sign_agree": round(float((a.sign() == b.sign()).float().mean()), 4),
                      "norm_ratio": round(float(b.norm() / a.norm()), 3)}
     print(json.dumps(row), flush=True)
-    rows.append(row)

@@ -372,8 +372,8 @@ def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], fin
 
     `interface` = (j, states): the loss also weighs (settings.kl_interface) the relative error between the state
     entering path[j] (the top adapter's input) and the full model's there. The top adapter's gradients depend on
-    nothing else the emulator changes, so this term is what keeps them the full model's; KL alone only asks the
-    frozen top blocks' output to be right. Then the mean relative error before and after is returned too."""
+    nothing else the emulator changes, so this term pulls them toward the full model's; KL alone only asks the
+    frozen top blocks' output to be right (measured on SmolLM2-135M: the plug-in ties at W 1, 10 and 100). Then the mean relative error before and after is returned too."""
     frozen = {i: source.block(i) for i in path if i not in trained}
     flags = {id(p): p.requires_grad for m in frozen.values() for p in m.parameters()}
     frozen_params = [p for m in frozen.values() for p in m.parameters()] + list(source.model.parameters())
