@@ -22,6 +22,7 @@ model's own blocks (offsite_ds.plugin.install_adapter): the alignment is the emu
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -76,6 +77,7 @@ class FitSettings:
     kl_rank: int = 0  # the KL phase trains a rank-r update of each matrix, and the norms and biases (0: all weights)
     align: bool = False  # the KL phase also trains the adapter blocks; the plug-in takes that shift out again
     kl_interface: float = 0.0  # weight of the top adapter's input's relative error in the KL phase's loss (0: off)
+    kl_perturb: float = 0.0  # the KL phase also matches the model with noise on the bottom adapter's matrices (0: off)
     precision: str = "auto"  # training steps under bf16 autocast ("bf16") or not; auto: bf16 where it is native
     text: str = "public"  # what the fit reads: the owner's public text, or "self": text sampled from the model itself
 
@@ -99,6 +101,12 @@ class FitSettings:
             raise OffsiteError(f"--fit-kl-interface {self.kl_interface:g} must be >= 0 (0: the KL phase alone)")
         if self.kl_interface and not self.kl_epochs:
             raise OffsiteError("--fit-kl-interface weighs a term of the KL phase's loss: give --fit-kl-epochs >= 1")
+        if not self.kl_perturb >= 0:
+            raise OffsiteError(f"--fit-kl-perturb {self.kl_perturb:g} must be >= 0 (0: the unperturbed model alone)")
+        if self.kl_perturb and not self.kl_epochs:
+            raise OffsiteError("--fit-kl-perturb adds inputs to the KL phase: give --fit-kl-epochs >= 1")
+        if self.kl_perturb and self.align:
+            raise OffsiteError("--fit-kl-perturb perturbs the bottom adapter that --fit-align trains: give one of them")
         if self.align and not self.kl_epochs:
             raise OffsiteError("--fit-align trains the adapter blocks in the KL phase: give --fit-kl-epochs >= 1")
 
@@ -132,6 +140,49 @@ def teacher_states(source: BlockSource, stream: Stream, boundaries: list[int]) -
                 states[k][b] = h
 
     sweep(source, stream, [Path(tuple(range(max(boundaries))))], visit=keep)
+    return states
+
+
+def noisy_copy(block: nn.Module, scale: float, generator: torch.Generator) -> nn.Module:
+    """A copy of `block` whose every matrix W has Gaussian noise of standard deviation `scale` x rms(W) added (the
+    norms and biases stay): each matrix's output moves by about `scale` of itself, in a random direction."""
+    noisy = copy.deepcopy(block)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            if p.dim() >= 2:
+                rms = p.float().pow(2).mean().sqrt()
+                p.add_((torch.randn(p.shape, generator=generator) * (scale * rms)).to(p.device, p.dtype))
+    return noisy
+
+
+@torch.no_grad()
+def perturbed_states(source: BlockSource, stream: Stream, bottom: int, boundaries: list[int], scale: float,
+                     seed: int) -> list[dict[int, torch.Tensor]]:
+    """Per batch, the full model's hidden state at the input of each block in `boundaries` (all >= `bottom`; the
+    depth: the last block's output) when its bottom adapter, blocks 0..bottom-1, carries noise (noisy_copy), one
+    draw per batch: what the middle answers to a changed bottom adapter, as the data owner's tuning changes it.
+    Each block is fetched once (a streamed source never holds the model)."""
+    if not 0 < bottom <= min(boundaries):
+        raise OffsiteError(f"perturbing the bottom adapter needs one (bottom {bottom}) below every state asked for")
+    g = torch.Generator().manual_seed(seed)
+    hidden = list(stream.inputs)
+    states: list[dict[int, torch.Tensor]] = [{} for _ in hidden]
+    wanted, last = set(boundaries), max(boundaries)
+    was_training = source.model.training
+    source.model.eval()
+    try:
+        for b in range(last + 1):
+            if b in wanted:
+                for k, x in enumerate(hidden):
+                    states[k][b] = x
+            if b == last:
+                break
+            block = source.block(b).eval()
+            hidden = [stream.run(noisy_copy(block, scale, g) if b < bottom else block, x, k, b)
+                      for k, x in enumerate(hidden)]
+            source.release(b)
+    finally:
+        source.model.train(was_training)
     return states
 
 
@@ -235,12 +286,15 @@ def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map
     kl_n = min(ids.numel(), settings.kl_tokens or settings.tokens) // seq_len if settings.kl_epochs else 0
     data = open_stream(source, ids[: n * seq_len], seq_len, settings.batch_size)
     shared = kl_n == n  # the KL phase reads the block fit's tokens: one teacher pass gives both their states
+    if block_map[:bottom] != list(range(bottom)):
+        raise OffsiteError(f"block map {block_map} does not start with the bottom adapter, blocks 0..{bottom - 1}")
     first = 0 if settings.align else bottom  # the position the KL phase's emulator starts at
-    start = block_map[first]
+    start = first  # ... and the teacher state it reads: the embeddings' output, or the bottom adapter's
     kl_wanted = {start, depth} | ({after} if settings.kl_interface else set())  # the KL phase's teacher states
-    states = teacher_states(source, data, sorted({middle[0], *ends} | (kl_wanted if shared else set())))
+    states = teacher_states(source, data, sorted({bottom, *ends} | (kl_wanted if shared else set())))
     batches = range(len(states))
-    stream = [s[middle[0]] for s in states]  # the emulator's input to its first kept middle block (= teacher's)
+    # the emulator's input to its first kept middle block: the bottom adapter's output, whatever it drops after it
+    stream = [s[bottom] for s in states]
     store_dtype = store_dtype or next(source.model.parameters()).dtype
     fitted: dict[int, nn.Module] = {}
     report: list[dict] = []
@@ -276,11 +330,24 @@ def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map
         inputs, finals = [s[start] for s in kl_states], [s[depth] for s in kl_states]
         interface = (bottom + kept - first, [s[after] for s in kl_states]) if settings.kl_interface else None
         del kl_states  # only the states per batch the KL phase reads stay
+        perturbed, shift = None, None
+        if settings.kl_perturb:
+            noisy = perturbed_states(source, data, bottom, sorted({bottom, depth} | ({after} if interface else set())),
+                                     settings.kl_perturb, settings.seed + 2)
+            perturbed = ([s[bottom] for s in noisy], [s[depth] for s in noisy],
+                         [s[after] for s in noisy] if interface else None)
+            shift = sum(float(relative_error(x, y)) for x, y in zip(perturbed[0], inputs)) / len(inputs)
+            if log is not None:
+                log(f"fit end to end: the bottom adapter's output, perturbed, moves by {shift:.4g} (relative error)")
+            del noisy
         if settings.align:  # the adapter blocks train too, from the model's own (fp32, or waiting narrow)
             for i in block_map[:bottom] + block_map[bottom + kept:]:
                 fitted[i] = source.own_copy(i).to(torch.float32 if not settings.kl_rank else store_dtype)
                 source.release(i)
-        kl = kl_finish(source, data, inputs, finals, block_map[first:], fitted, settings, progress, log, interface)
+        kl = kl_finish(source, data, inputs, finals, block_map[first:], fitted, settings, progress, log, interface,
+                       perturbed)
+        if shift is not None:
+            kl["perturb_shift"] = shift
     return {i: block.to(store_dtype) for i, block in fitted.items()}, report, kl
 
 
@@ -361,7 +428,9 @@ def merge_low_rank(updates: list[tuple[nn.Module, LowRankUpdate, object]]) -> No
 
 def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], finals: list[torch.Tensor],
               path: list[int], trained: dict[int, nn.Module], settings: FitSettings, progress: bool = False,
-              log=None, interface: tuple[int, list[torch.Tensor]] | None = None) -> dict:
+              log=None, interface: tuple[int, list[torch.Tensor]] | None = None,
+              perturbed: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None] | None = None
+              ) -> dict:
     """Train the blocks in `trained` end to end: KL(full model || emulator) of the next-token distributions on
     `data`'s tokens. The emulator runs the original blocks `path` (those in `trained` as trained, the others
     frozen from the source), then the model's norm and head. Per batch, `inputs` is the full model's input to
@@ -373,7 +442,13 @@ def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], fin
     `interface` = (j, states): the loss also weighs (settings.kl_interface) the relative error between the state
     entering path[j] (the top adapter's input) and the full model's there. The top adapter's gradients depend on
     nothing else the emulator changes, so this term pulls them toward the full model's; KL alone only asks the
-    frozen top blocks' output to be right (measured on SmolLM2-135M: the plug-in ties at W 1, 10 and 100). Then the mean relative error before and after is returned too."""
+    frozen top blocks' output to be right (measured on SmolLM2-135M: the plug-in ties at W 1, 10 and 100). Then the
+    mean relative error before and after is returned too.
+
+    `perturbed` = (inputs, finals, interface states) of the full model with a perturbed bottom adapter
+    (perturbed_states): each batch is also trained from those, so the emulator answers a change of the bottom
+    adapter's output as the full middle does (a step per view: twice the steps). The KL on them before and after
+    is returned as perturbed_before/after."""
     frozen = {i: source.block(i) for i in path if i not in trained}
     flags = {id(p): p.requires_grad for m in frozen.values() for p in m.parameters()}
     frozen_params = [p for m in frozen.values() for p in m.parameters()] + list(source.model.parameters())
@@ -390,10 +465,17 @@ def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], fin
     run = {**frozen, **trained}
     head, transform = backbone_and_head(source.model)[1], logit_transform(source.model.config)
 
-    def terms(k: int) -> tuple[torch.Tensor, torch.Tensor | None]:  # every position but 0, the attention sink
+    # a view: (batch, input, the teacher's last state, the teacher's state at the interface); clean, then perturbed
+    views = [(k, inputs[k], finals[k], None if interface is None else interface[1][k]) for k in range(len(inputs))]
+    if perturbed is not None:
+        views += [(k, perturbed[0][k], perturbed[1][k], None if interface is None else perturbed[2][k])
+                  for k in range(len(inputs))]
+
+    def terms(v: int) -> tuple[torch.Tensor, torch.Tensor | None]:  # every position but 0, the attention sink
+        k, h, final, target = views[v]
         with torch.no_grad():
-            teacher = final_states(source, data, k, finals[k])[:, 1:]
-        h, at_interface = inputs[k], None
+            teacher = final_states(source, data, k, final)[:, 1:]
+        at_interface = None
         for j, i in enumerate(path):
             if interface is not None and j == interface[0]:
                 at_interface = h
@@ -403,30 +485,31 @@ def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], fin
                 h = data.run(run[i], h, k, i)
         if interface is not None and interface[0] == len(path):  # no top adapter: the emulator's output
             at_interface = h
-        error = None if interface is None else relative_error(at_interface, interface[1][k])
+        error = None if interface is None else relative_error(at_interface, target)
         return head_kl(final_states(source, data, k, h)[:, 1:], teacher, head, transform), error
 
     def loss(k: int) -> torch.Tensor:
         kl, error = terms(k)
         return kl if error is None else kl + settings.kl_interface * error
 
-    def means() -> tuple[float, float | None]:
+    def means(which: range) -> tuple[float, float | None]:
         with torch.no_grad():
-            pairs = [terms(k) for k in range(batches)]
-        return (sum(float(a) for a, _ in pairs) / batches,
-                None if interface is None else sum(float(b) for _, b in pairs) / batches)
+            pairs = [terms(v) for v in which]
+        return (sum(float(a) for a, _ in pairs) / len(which),
+                None if interface is None else sum(float(b) for _, b in pairs) / len(which))
 
     batches = len(inputs)
+    clean, noisy = range(batches), range(batches, len(views))
     try:
-        before, error_before = means()
-        _train(trainable, loss, batches, settings.kl_epochs, settings.kl_lr, settings.weight_decay, g,
+        (before, error_before), noisy_before = means(clean), (means(noisy)[0] if noisy else None)
+        _train(trainable, loss, len(views), settings.kl_epochs, settings.kl_lr, settings.weight_decay, g,
                "fit end to end (KL)" if progress else None, settings.precision == "bf16")
         merge_low_rank(updates)
         for m in blocks:
             m.eval().requires_grad_(False)
         # merged blocks whose matrices wait narrow run as the guard runs them: a working fp32 copy per call
         run.update({i: Upcast(trained[i], torch.float32) for i in trained})
-        after, error_after = means()
+        (after, error_after), noisy_after = means(clean), (means(noisy)[0] if noisy else None)
     finally:
         for p in frozen_params:
             p.requires_grad_(flags[id(p)])
@@ -435,6 +518,8 @@ def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], fin
     if log is not None:
         log(f"fit end to end: KL(full || emulator) {before:.4g} -> {after:.4g}" + (
             "" if interface is None else f"; the top adapter's input, relative error {error_before:.4g} -> "
-                                         f"{error_after:.4g}"))
+                                         f"{error_after:.4g}") + (
+            "" if not noisy else f"; with the bottom adapter perturbed {noisy_before:.4g} -> {noisy_after:.4g}"))
     return {"before": before, "after": after,
-            **({} if interface is None else {"interface_before": error_before, "interface_after": error_after})}
+            **({} if interface is None else {"interface_before": error_before, "interface_after": error_after}),
+            **({} if not noisy else {"perturbed_before": noisy_before, "perturbed_after": noisy_after})}

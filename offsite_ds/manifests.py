@@ -162,6 +162,9 @@ class FitKL(Strict):
     after: Annotated[float, Field(ge=0)]
     interface_before: Annotated[float, Field(ge=0)] | None = None  # --fit-kl-interface: the top adapter's input's
     interface_after: Annotated[float, Field(ge=0)] | None = None  # relative error to the full model's
+    perturbed_before: Annotated[float, Field(ge=0)] | None = None  # --fit-kl-perturb: the KL with the bottom
+    perturbed_after: Annotated[float, Field(ge=0)] | None = None  # adapter perturbed, and how far that moved
+    perturb_shift: Annotated[float, Field(ge=0)] | None = None  # its output (relative error)
 
 
 class FitSample(Strict):
@@ -187,6 +190,7 @@ class FitRecord(Strict):
     kl_rank: Annotated[int, Field(ge=0)] = 0
     align: bool = False  # the KL phase also trained the adapter blocks: the plug-in takes their shift out
     kl_interface: Annotated[float, Field(ge=0)] = 0.0  # the KL loss's weight on the top adapter's input's error
+    kl_perturb: Annotated[float, Field(ge=0)] = 0.0  # the noise on the bottom adapter's matrices in the KL phase
     precision: Literal["fp32", "bf16"] = "fp32"  # the training steps ran under bf16 autocast, or not
     kl: FitKL | None = None
     text: Literal[FIT_TEXTS] = "public"  # the fit read the owner's public text, or the model's own samples

@@ -463,3 +463,91 @@ def test_the_sampler_sizes_its_batch_by_the_key_value_cache_it_really_holds(fami
     batches.clear()  # under bf16 autocast the cache still holds the fp32 weights' dtype: no more at a time
     fitting.self_text(model, 0, 100, 16, bf16=True)
     assert batches == [3, 3, 1]
+
+
+@pytest.mark.parametrize("family", ["bloom", "llama"])
+def test_a_perturbed_bottom_adapter_teaches_the_emulator_the_middles_answer_to_it(family, tiny_model_dir, tmp_path,
+                                                                                 capsys):
+    from offsite_ds.block_stream import StreamedBlocks, as_source, final_states, open_stream
+    from offsite_ds.cli import main
+    from offsite_ds.data import tokenize_corpus
+    from offsite_ds.evaluate import head_kl
+    from offsite_ds.families import backbone_and_head, logit_transform
+    from offsite_ds.fitting import FitSettings, fit_kept_blocks, perturbed_states, relative_error, teacher_states
+    from offsite_ds.manifests import BUNDLE_FORMAT
+    from offsite_ds.runtime import load_model
+    from offsite_ds.tiny import byte_tokenizer
+    from offsite_ds.validation import read_manifest
+
+    torch.manual_seed(0)
+    model = load_model(tiny_model_dir(family)).eval()
+    with torch.no_grad():  # a random model's distributions are near uniform: give the KL something to match
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name and "word_embeddings" not in name:
+                p.mul_(6.0)
+    text = " ".join(f"word{i % 37} and item {i % 11} ." for i in range(600))
+    ids = tokenize_corpus([text], byte_tokenizer())[:1024]
+    source = as_source(model)
+    data = open_stream(source, ids, 64, 4)
+    clean = teacher_states(source, data, [2, 5, 8])
+    # no noise: exactly the full model's states; noise: only the bottom adapter's draw differs, seeded
+    same = perturbed_states(source, data, 2, [2, 5, 8], 0.0, 0)
+    assert all(torch.equal(a[b], c[b]) for a, c in zip(same, clean) for b in (2, 5, 8))
+    noisy = perturbed_states(source, data, 2, [2, 8], 0.3, FitSettings().seed + 2)  # the KL phase's draws
+    saved = as_source(load_model(tiny_model_dir(family)).eval())  # streamed from the shards = in memory
+    saved_data = open_stream(saved, ids, 64, 4)
+    loaded, streamed = (perturbed_states(src, saved_data, 2, [2, 8], 0.3, 0)
+                        for src in (saved, StreamedBlocks(tiny_model_dir(family))))
+    assert all(torch.allclose(a[b], c[b], atol=1e-5) for a, c in zip(loaded, streamed) for b in (2, 8))
+    assert 0.001 < float(relative_error(noisy[0][2], clean[0][2])) < 1.0
+    with pytest.raises(Exception, match="bottom 0"):
+        perturbed_states(source, data, 0, [2], 0.3, 0)
+
+    # block 2 is dropped: the first kept block is fitted from the bottom adapter's output, what the emulator feeds it
+    block_map, kw = [0, 1, 3, 6, 7], dict(tokens=1024, epochs=1, lr=1e-3, seq_len=64, batch_size=4, kl_epochs=3,
+                                            kl_lr=3e-3)
+    plain, report, _ = fit_kept_blocks(model, ids, block_map, 2, 2, FitSettings(**kw))
+    states = teacher_states(source, data, [2, 6])
+    layer = (lambda i: model.model.layers[i]) if family == "llama" else (lambda i: model.transformer.h[i])
+    with torch.no_grad():
+        first = sum(float(relative_error(data.run(layer(3), s[2], k, 3), s[6])) for k, s in enumerate(states))
+    first /= len(states)
+    assert report[0]["block"] == 3 and report[0]["before"] == pytest.approx(first, rel=1e-4)
+
+    fitted, _, kl = fit_kept_blocks(model, ids, block_map, 2, 2, FitSettings(kl_perturb=0.3, **kw))
+    assert kl["perturbed_after"] < kl["perturbed_before"] and kl["after"] < kl["before"], kl
+    assert kl["perturb_shift"] == pytest.approx(
+        sum(float(relative_error(n[2], c[2])) for n, c in zip(noisy, clean)) / len(clean), rel=1e-4)
+    head, transform = backbone_and_head(model)[1], logit_transform(model.config)
+
+    @torch.no_grad()
+    def perturbed_kl(blocks: dict) -> float:  # the emulator fed the perturbed bottom adapter's output, vs the model
+        total = 0.0
+        for k, n in enumerate(noisy):
+            h = n[2]
+            for i in block_map[2:]:
+                h = data.run(blocks.get(i, layer(i)), h, k, i)
+            total += float(head_kl(final_states(source, data, k, h)[:, 1:], final_states(source, data, k, n[8])[:, 1:],
+                                   head, transform))
+        return total / len(noisy)
+
+    assert kl["perturbed_after"] == pytest.approx(perturbed_kl(fitted), rel=1e-3)  # what it reports, re-measured
+    assert perturbed_kl(fitted) < perturbed_kl(plain)  # trained on the perturbed views: closer there than without
+
+    with pytest.raises(Exception, match="--fit-kl-perturb -1"):
+        FitSettings(kl_perturb=-1)
+    with pytest.raises(Exception, match="give --fit-kl-epochs >= 1"):
+        FitSettings(kl_perturb=0.1, kl_epochs=0)
+    with pytest.raises(Exception, match="give one of them"):
+        FitSettings(kl_perturb=0.1, align=True)
+    public = tmp_path / "public.txt"
+    public.write_text(text)
+    assert main(["emulate", str(tiny_model_dir(family)), "--layout", "2-2-2", "--calib-data", str(public),
+                 "--calib-tokens", "256", "--no-progress", "--allow-far", "--out", str(tmp_path / "b"), "--fit",
+                 "--fit-tokens", "512", "--fit-epochs", "1", "--fit-kl-epochs", "1", "--fit-kl-perturb", "0.2"]) == 0
+    fit = read_manifest(tmp_path / "b", BUNDLE_FORMAT).compression.fit
+    assert fit.kl_perturb == 0.2 and fit.kl.perturbed_after is not None and fit.kl.perturb_shift > 0
+    capsys.readouterr()
+    assert main(["emulate", str(tiny_model_dir(family)), "--layout", "2-2-2", "--calib-data", str(public),
+                 "--no-progress", "--out", str(tmp_path / "c"), "--fit-kl-perturb", "0.2"]) == 2
+    assert "--fit-kl-perturb" in capsys.readouterr().err  # without --fit it would change nothing: refused

@@ -141,6 +141,11 @@ def add_fit_arguments(p: argparse.ArgumentParser, who: str) -> None:
                    help="the KL phase also pulls the emulator's output (the top adapter's input) toward the full "
                         "model's, weighing its relative error by W: the top adapter's gradients then stay the full "
                         f"model's (holds one more hidden state per KL token; {d.kl_interface:g}: KL alone)")
+    g.add_argument("--fit-kl-perturb", type=float, default=d.kl_perturb,
+                   help="the KL phase also trains each batch through a bottom adapter with noise of S x rms on its "
+                        "matrices, against the full model with the same: the emulator learns to answer a change of "
+                        "the bottom adapter's output as the full middle does (twice the KL steps, one more teacher "
+                        f"pass; {d.kl_perturb:g}: off)")
     g.add_argument("--fit-precision", choices=PRECISIONS, default="auto",
                    help="training steps under bf16 autocast or in fp32 (auto: bf16 where the device multiplies bf16 "
                         f"natively - a CUDA GPU, a CPU with AVX512-BF16 or AMX -, fp32 elsewhere; here: {d.precision})")
@@ -160,7 +165,7 @@ def fit_settings_from_args(args: argparse.Namespace):
     return FitSettings(tokens=args.fit_tokens, epochs=args.fit_epochs, lr=args.fit_lr, kl_epochs=args.fit_kl_epochs,
                        kl_lr=args.fit_kl_lr, kl_tokens=args.fit_kl_tokens, kl_rank=args.fit_kl_rank,
                        align=args.fit_align, precision=args.fit_precision, text=args.fit_text,
-                       kl_interface=args.fit_kl_interface)
+                       kl_interface=args.fit_kl_interface, kl_perturb=args.fit_kl_perturb)
 
 
 def fit_flags_given(args: argparse.Namespace) -> list[str]:
