@@ -1,5 +1,7 @@
 """Which half of the adapter transfers? The full model with only the tuned bottom blocks, only the tuned top blocks,
-or all of them plugged in (from a finished round trip's plugged model), PTB perplexity as the demo scores it.
+or all of them plugged in (from a finished round trip's plugged model), PTB perplexity as the demo scores it; and
+how far the tuned bottom blocks move their output on PTB valid (relative error, fitting.relative_error); and the
+same parts put into the shipped emulator (OUT/bundle): what each half does where the data owner tuned it.
 
     python experiments/plugin_by_parts.py OUT          # OUT: a demo/compare --out folder holding plugged/
 """
@@ -10,8 +12,10 @@ from pathlib import Path
 import torch
 
 from offsite_ds import demo_assets
-from offsite_ds.data import load_texts
+from offsite_ds.bundle import load_bundle
+from offsite_ds.data import load_texts, tokenize_corpus
 from offsite_ds.evaluate import perplexity
+from offsite_ds.fitting import relative_error
 from offsite_ds.plugin import load_model_dir
 
 out = Path(sys.argv[1])
@@ -24,11 +28,20 @@ changed = [i for i in range(len(original))
            if any(not torch.equal(original[i][k], tuned[i][k]) for k in original[i])]
 print("blocks the plug-in changed:", changed, flush=True)
 half = len(changed) // 2
+ids = tokenize_corpus(texts["valid"], tok)[:8192].view(-1, 512)
+with torch.no_grad():
+    entering = [m(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states[half]
+                for m in (model, plugged)]
+print(json.dumps({"bottom_output_shift": round(float(relative_error(entering[1], entering[0])), 4)}), flush=True)
 parts = {"none": [], "bottom": changed[:half], "top": changed[half:], "all": changed}
-for name, blocks in parts.items():
-    with torch.no_grad():
-        for i in range(len(original)):
-            model.model.layers[i].load_state_dict(tuned[i] if i in blocks else original[i])
-    row = {"plugged": name, "blocks": blocks,
-           **{s: round(perplexity(model, tok, t, seq_len=512, max_tokens=8192), 2) for s, t in texts.items()}}
-    print(json.dumps(row), flush=True)
+bundle = load_bundle(out / "bundle")
+shipped = {i: {k: v.clone() for k, v in bundle.model.model.layers[p].state_dict().items()}
+           for p, i in enumerate(bundle.manifest.block_map)}
+for where, target, base in (("model", model, original), ("emulator", bundle.model, None)):
+    for name, blocks in parts.items():
+        with torch.no_grad():
+            for p, i in enumerate(range(len(original)) if base is not None else bundle.manifest.block_map):
+                target.model.layers[p].load_state_dict(tuned[i] if i in blocks else (base or shipped)[i])
+        row = {"into": where, "plugged": name, "blocks": blocks,
+               **{s: round(perplexity(target, tok, t, seq_len=512, max_tokens=8192), 2) for s, t in texts.items()}}
+        print(json.dumps(row), flush=True)

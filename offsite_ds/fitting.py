@@ -448,7 +448,8 @@ def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], fin
     `perturbed` = (inputs, finals, interface states) of the full model with a perturbed bottom adapter
     (perturbed_states): each batch is also trained from those, so the emulator answers a change of the bottom
     adapter's output as the full middle does (a step per view: twice the steps). The KL on them before and after
-    is returned as perturbed_before/after."""
+    is returned as perturbed_before/after. Measured on SmolLM2-135M: the plug-in ties; the data owner's bottom
+    adapter is spent repairing the emulator's error on its text, which this does not touch."""
     frozen = {i: source.block(i) for i in path if i not in trained}
     flags = {id(p): p.requires_grad for m in frozen.values() for p in m.parameters()}
     frozen_params = [p for m in frozen.values() for p in m.parameters()] + list(source.model.parameters())

@@ -170,26 +170,33 @@ def test_the_end_to_end_kl_phase_lowers_the_kl_and_leaves_the_model_alone(tiny_m
         FitSettings(kl_epochs=-1)
 
 
+def sharpened_model_and_text(model_dir):
+    """A tiny random model with its block matrices x6 (its distributions are near uniform otherwise: the KL phase
+    gets something to match), a repetitive public text and its first 1,024 byte tokens."""
+    from offsite_ds.data import tokenize_corpus
+    from offsite_ds.runtime import load_model
+    from offsite_ds.tiny import byte_tokenizer
+
+    torch.manual_seed(0)
+    model = load_model(model_dir).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and not any(e in name for e in ("wte", "wpe", "embed", "word_embeddings")):
+                p.mul_(6.0)
+    text = " ".join(f"word{i % 37} and item {i % 11} ." for i in range(600))
+    return model, text, tokenize_corpus([text], byte_tokenizer())[:1024]
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_the_interface_term_keeps_the_top_adapters_input_closer_to_the_full_models(family, tiny_model_dir, tmp_path,
                                                                                    capsys):
     from offsite_ds.cli import main
-    from offsite_ds.data import tokenize_corpus
     from offsite_ds.fitting import FitSettings, fit_kept_blocks, relative_error
     from offsite_ds.manifests import BUNDLE_FORMAT
-    from offsite_ds.runtime import load_model
     from offsite_ds.surgery import running_blocks
-    from offsite_ds.tiny import byte_tokenizer
     from offsite_ds.validation import read_manifest
 
-    torch.manual_seed(0)
-    model = load_model(tiny_model_dir(family)).eval()
-    with torch.no_grad():  # a random model's distributions are near uniform: give the KL something to match
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and "wte" not in name and "wpe" not in name and "embed" not in name:
-                p.mul_(6.0)
-    text = " ".join(f"word{i % 37} and item {i % 11} ." for i in range(600))
-    ids = tokenize_corpus([text], byte_tokenizer())[:1024]
+    model, text, ids = sharpened_model_and_text(tiny_model_dir(family))
     block_map = [0, 1, 3, 6, 7]  # bottom 0, kept 1 3 6, top 7: the top adapter's input is block 7's
     kw = dict(tokens=512, epochs=1, lr=1e-3, seq_len=64, batch_size=4, kl_epochs=4, kl_lr=3e-3, kl_tokens=1024)
     runs = {w: fit_kept_blocks(model, ids, block_map, 1, 3, FitSettings(kl_interface=w, **kw)) for w in (1e-9, 10.0)}
@@ -260,22 +267,14 @@ def test_an_aligned_bundle_ships_trained_adapter_blocks_and_the_plug_in_takes_th
     from offsite_ds.adapter_package import load_adapter_package
     from offsite_ds.bundle import load_bundle
     from offsite_ds.cli import main
-    from offsite_ds.data import tokenize_corpus
     from offsite_ds.fitting import FitSettings, fit_kept_blocks
     from offsite_ds.plugin import load_model_dir
     from offsite_ds.roles.tune_adapter import tune
     from offsite_ds.runtime import load_model
-    from offsite_ds.tiny import byte_tokenizer
     from offsite_ds.train import TrainConfig
 
-    torch.manual_seed(0)
-    model = load_model(tiny_model_dir("gpt2")).eval()
-    with torch.no_grad():  # as above: far from the identity, so the emulator is far from the model
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and "wte" not in name and "wpe" not in name:
-                p.mul_(6.0)
-    text = " ".join(f"word{i % 37} and item {i % 11} ." for i in range(600))
-    ids = tokenize_corpus([text], byte_tokenizer())[:1024]
+    model, text, ids = sharpened_model_and_text(tiny_model_dir("gpt2"))  # far from the identity: the emulator is
+    # far from the model
     block_map = [0, 1, 3, 6, 7]
     kw = dict(tokens=1024, epochs=1, lr=1e-3, seq_len=64, batch_size=4, kl_epochs=3, kl_lr=1e-3)
     middle_only = fit_kept_blocks(model, ids, block_map, 1, 3, FitSettings(**kw))[2]
@@ -370,24 +369,15 @@ def test_fit_precision_autocasts_the_training_steps_where_bf16_is_native(tiny_mo
     bf16 runs every training forward of the block fit and the KL phase under autocast, and still lowers the KL."""
     import offsite_ds.fitting as fitting
     import offsite_ds.runtime as runtime
-    from offsite_ds.data import tokenize_corpus
     from offsite_ds.errors import OffsiteError
     from offsite_ds.fitting import FitSettings, fit_kept_blocks
-    from offsite_ds.runtime import load_model
-    from offsite_ds.tiny import byte_tokenizer
 
     for native, resolved in ((True, "bf16"), (False, "fp32")):
         monkeypatch.setattr(runtime, "native_bf16", lambda device, native=native: native)
         assert FitSettings().precision == resolved and FitSettings(precision="fp32").precision == "fp32"
     with pytest.raises(OffsiteError, match="--fit-precision fp16"):
         FitSettings(precision="fp16")
-    torch.manual_seed(0)
-    model = load_model(tiny_model_dir("llama")).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and "embed" not in name:
-                p.mul_(6.0)
-    ids = tokenize_corpus([" ".join(f"word{i % 37} and item {i % 11} ." for i in range(600))], byte_tokenizer())[:1024]
+    model, _, ids = sharpened_model_and_text(tiny_model_dir("llama"))
     train, seen = fitting._train, []
 
     def recording(params, loss_of, *args, **kw):
@@ -470,23 +460,14 @@ def test_a_perturbed_bottom_adapter_teaches_the_emulator_the_middles_answer_to_i
                                                                                  capsys):
     from offsite_ds.block_stream import StreamedBlocks, as_source, final_states, open_stream
     from offsite_ds.cli import main
-    from offsite_ds.data import tokenize_corpus
     from offsite_ds.evaluate import head_kl
     from offsite_ds.families import backbone_and_head, logit_transform
     from offsite_ds.fitting import FitSettings, fit_kept_blocks, perturbed_states, relative_error, teacher_states
     from offsite_ds.manifests import BUNDLE_FORMAT
     from offsite_ds.runtime import load_model
-    from offsite_ds.tiny import byte_tokenizer
     from offsite_ds.validation import read_manifest
 
-    torch.manual_seed(0)
-    model = load_model(tiny_model_dir(family)).eval()
-    with torch.no_grad():  # a random model's distributions are near uniform: give the KL something to match
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and "embed" not in name and "word_embeddings" not in name:
-                p.mul_(6.0)
-    text = " ".join(f"word{i % 37} and item {i % 11} ." for i in range(600))
-    ids = tokenize_corpus([text], byte_tokenizer())[:1024]
+    model, text, ids = sharpened_model_and_text(tiny_model_dir(family))
     source = as_source(model)
     data = open_stream(source, ids, 64, 4)
     clean = teacher_states(source, data, [2, 5, 8])
