@@ -333,6 +333,8 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
     if fit is not None and (calib_data is None or method != "drop" or share):
         raise OffsiteError("--fit trains the kept blocks on the owner's public text: it needs calibration text "
                            "(not --no-calib), plain layer-drop (--method drop) and no --share")
+    if fit is not None and fit.kl_perturb and not layout.bottom:
+        raise OffsiteError(f"--fit-kl-perturb perturbs the bottom adapter; layout {layout} has none: give L >= 1")
     block_map, share_map, facts, quality = emulator_block_map(n_layers, layout), None, {}, None
     calibration, fitted = None, {}
     if calib_data is not None:

@@ -532,3 +532,7 @@ def test_a_perturbed_bottom_adapter_teaches_the_emulator_the_middles_answer_to_i
     assert main(["emulate", str(tiny_model_dir(family)), "--layout", "2-2-2", "--calib-data", str(public),
                  "--no-progress", "--out", str(tmp_path / "c"), "--fit-kl-perturb", "0.2"]) == 2
     assert "--fit-kl-perturb" in capsys.readouterr().err  # without --fit it would change nothing: refused
+    assert main(["emulate", str(tiny_model_dir(family)), "--layout", "0-2-2", "--calib-data", str(public),
+                 "--no-progress", "--out", str(tmp_path / "d"), "--fit", "--fit-kl-perturb", "0.2"]) == 2
+    err = capsys.readouterr().err.strip()  # no bottom adapter to perturb: refused before anything is built
+    assert len(err.splitlines()) == 1 and "give L >= 1" in err and not (tmp_path / "d").exists()
