@@ -170,6 +170,15 @@ def test_the_end_to_end_kl_phase_lowers_the_kl_and_leaves_the_model_alone(tiny_m
         FitSettings(kl_epochs=-1)
 
 
+def emulate_tiny(model_dir, public, out, *flags: str, fit: bool = True) -> int:
+    """`emulate` at 2-2-2 calibrated on `public`, with `--fit` at the smallest budget (or without it), plus `flags`."""
+    from offsite_ds.cli import main
+
+    fitting = ["--fit", "--fit-tokens", "512", "--fit-epochs", "1", "--fit-kl-epochs", "1"] if fit else []
+    return main(["emulate", str(model_dir), "--layout", "2-2-2", "--calib-data", str(public), "--calib-tokens", "256",
+                 "--no-progress", "--allow-far", "--out", str(out), *fitting, *flags])
+
+
 def sharpened_model_and_text(model_dir):
     """A tiny random model with its block matrices x6 (its distributions are near uniform otherwise: the KL phase
     gets something to match), a repetitive public text and its first 1,024 byte tokens."""
@@ -190,7 +199,6 @@ def sharpened_model_and_text(model_dir):
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_the_interface_term_keeps_the_top_adapters_input_closer_to_the_full_models(family, tiny_model_dir, tmp_path,
                                                                                    capsys):
-    from offsite_ds.cli import main
     from offsite_ds.fitting import FitSettings, fit_kept_blocks, relative_error
     from offsite_ds.manifests import BUNDLE_FORMAT
     from offsite_ds.surgery import running_blocks
@@ -228,14 +236,11 @@ def test_the_interface_term_keeps_the_top_adapters_input_closer_to_the_full_mode
         FitSettings(kl_interface=1.0, kl_epochs=0)
     public = tmp_path / "public.txt"
     public.write_text(text)
-    assert main(["emulate", str(tiny_model_dir(family)), "--layout", "2-2-2", "--calib-data", str(public),
-                 "--calib-tokens", "256", "--no-progress", "--allow-far", "--out", str(tmp_path / "b"), "--fit",
-                 "--fit-tokens", "512", "--fit-epochs", "1", "--fit-kl-epochs", "1", "--fit-kl-interface", "1"]) == 0
+    assert emulate_tiny(tiny_model_dir(family), public, tmp_path / "b", "--fit-kl-interface", "1") == 0
     fit = read_manifest(tmp_path / "b", BUNDLE_FORMAT).compression.fit
     assert fit.kl_interface == 1.0 and fit.kl.interface_after is not None and fit.kl.interface_before > 0
     capsys.readouterr()
-    assert main(["emulate", str(tiny_model_dir(family)), "--layout", "2-2-2", "--calib-data", str(public),
-                 "--no-progress", "--out", str(tmp_path / "c"), "--fit-kl-interface", "1"]) == 2
+    assert emulate_tiny(tiny_model_dir(family), public, tmp_path / "c", "--fit-kl-interface", "1", fit=False) == 2
     assert "--fit-kl-interface" in capsys.readouterr().err  # without --fit it would change nothing: refused
 
 
@@ -523,14 +528,11 @@ def test_a_perturbed_bottom_adapter_teaches_the_emulator_the_middles_answer_to_i
         FitSettings(kl_perturb=0.1, align=True)
     public = tmp_path / "public.txt"
     public.write_text(text)
-    assert main(["emulate", str(tiny_model_dir(family)), "--layout", "2-2-2", "--calib-data", str(public),
-                 "--calib-tokens", "256", "--no-progress", "--allow-far", "--out", str(tmp_path / "b"), "--fit",
-                 "--fit-tokens", "512", "--fit-epochs", "1", "--fit-kl-epochs", "1", "--fit-kl-perturb", "0.2"]) == 0
+    assert emulate_tiny(tiny_model_dir(family), public, tmp_path / "b", "--fit-kl-perturb", "0.2") == 0
     fit = read_manifest(tmp_path / "b", BUNDLE_FORMAT).compression.fit
     assert fit.kl_perturb == 0.2 and fit.kl.perturbed_after is not None and fit.kl.perturb_shift > 0
     capsys.readouterr()
-    assert main(["emulate", str(tiny_model_dir(family)), "--layout", "2-2-2", "--calib-data", str(public),
-                 "--no-progress", "--out", str(tmp_path / "c"), "--fit-kl-perturb", "0.2"]) == 2
+    assert emulate_tiny(tiny_model_dir(family), public, tmp_path / "c", "--fit-kl-perturb", "0.2", fit=False) == 2
     assert "--fit-kl-perturb" in capsys.readouterr().err  # without --fit it would change nothing: refused
     assert main(["emulate", str(tiny_model_dir(family)), "--layout", "0-2-2", "--calib-data", str(public),
                  "--no-progress", "--out", str(tmp_path / "d"), "--fit", "--fit-kl-perturb", "0.2"]) == 2
