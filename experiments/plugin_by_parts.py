@@ -37,11 +37,13 @@ parts = {"none": [], "bottom": changed[:half], "top": changed[half:], "all": cha
 bundle = load_bundle(out / "bundle")
 shipped = {i: {k: v.clone() for k, v in bundle.model.model.layers[p].state_dict().items()}
            for p, i in enumerate(bundle.manifest.block_map)}
-for where, target, base in (("model", model, original), ("emulator", bundle.model, None)):
+# into each: per position, the original block it runs and that block's own weights there
+for where, target, block_map, own in (("model", model, range(len(original)), dict(enumerate(original))),
+                                      ("emulator", bundle.model, bundle.manifest.block_map, shipped)):
     for name, blocks in parts.items():
         with torch.no_grad():
-            for p, i in enumerate(range(len(original)) if base is not None else bundle.manifest.block_map):
-                target.model.layers[p].load_state_dict(tuned[i] if i in blocks else (base or shipped)[i])
+            for p, i in enumerate(block_map):
+                target.model.layers[p].load_state_dict(tuned[i] if i in blocks else own[i])
         row = {"into": where, "plugged": name, "blocks": blocks,
                **{s: round(perplexity(target, tok, t, seq_len=512, max_tokens=8192), 2) for s, t in texts.items()}}
         print(json.dumps(row), flush=True)

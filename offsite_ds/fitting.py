@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -128,9 +128,11 @@ def relative_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_states(source: BlockSource, stream: Stream, boundaries: list[int]) -> list[dict[int, torch.Tensor]]:
+def teacher_states(source: BlockSource, stream: Stream, boundaries: list[int], start: int = 0
+                   ) -> list[dict[int, torch.Tensor]]:
     """The full model's hidden state at the INPUT of each block in `boundaries` (an index equal to the depth:
-    the last block's output), per batch of the stream; blocks after the last boundary are never run."""
+    the last block's output), per batch of the stream; blocks after the last boundary are never run. With
+    `start`, the stream's inputs enter block `start` (the blocks before it are not run, nor fetched)."""
     wanted = set(boundaries)
     states: list[dict[int, torch.Tensor]] = [{} for _ in stream.inputs]
 
@@ -139,7 +141,7 @@ def teacher_states(source: BlockSource, stream: Stream, boundaries: list[int]) -
             for k, h in enumerate(hidden):
                 states[k][b] = h
 
-    sweep(source, stream, [Path(tuple(range(max(boundaries))))], visit=keep)
+    sweep(source, stream, [Path(tuple(range(start, max(boundaries))))], visit=keep)
     return states
 
 
@@ -161,29 +163,17 @@ def perturbed_states(source: BlockSource, stream: Stream, bottom: int, boundarie
     """Per batch, the full model's hidden state at the input of each block in `boundaries` (all >= `bottom`; the
     depth: the last block's output) when its bottom adapter, blocks 0..bottom-1, carries noise (noisy_copy), one
     draw per batch: what the middle answers to a changed bottom adapter, as the data owner's tuning changes it.
-    Each block is fetched once (a streamed source never holds the model)."""
+    Each block is fetched once (a streamed source never holds the model): the noisy bottom blocks here, the rest
+    by teacher_states from their output."""
     if not 0 < bottom <= min(boundaries):
         raise OffsiteError(f"perturbing the bottom adapter needs one (bottom {bottom}) below every state asked for")
     g = torch.Generator().manual_seed(seed)
     hidden = list(stream.inputs)
-    states: list[dict[int, torch.Tensor]] = [{} for _ in hidden]
-    wanted, last = set(boundaries), max(boundaries)
-    was_training = source.model.training
-    source.model.eval()
-    try:
-        for b in range(last + 1):
-            if b in wanted:
-                for k, x in enumerate(hidden):
-                    states[k][b] = x
-            if b == last:
-                break
-            block = source.block(b).eval()
-            hidden = [stream.run(noisy_copy(block, scale, g) if b < bottom else block, x, k, b)
-                      for k, x in enumerate(hidden)]
-            source.release(b)
-    finally:
-        source.model.train(was_training)
-    return states
+    for b in range(bottom):
+        block = source.block(b)
+        hidden = [stream.run(noisy_copy(block, scale, g).eval(), x, k, b) for k, x in enumerate(hidden)]
+        source.release(b)
+    return teacher_states(source, replace(stream, inputs=hidden), boundaries, start=bottom)
 
 
 @torch.no_grad()
@@ -288,9 +278,10 @@ def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map
     shared = kl_n == n  # the KL phase reads the block fit's tokens: one teacher pass gives both their states
     if block_map[:bottom] != list(range(bottom)):
         raise OffsiteError(f"block map {block_map} does not start with the bottom adapter, blocks 0..{bottom - 1}")
-    first = 0 if settings.align else bottom  # the position the KL phase's emulator starts at
-    start = first  # ... and the teacher state it reads: the embeddings' output, or the bottom adapter's
-    kl_wanted = {start, depth} | ({after} if settings.kl_interface else set())  # the KL phase's teacher states
+    # the position the KL phase's emulator starts at, and the teacher state it reads (the adapter's blocks are the
+    # model's first): the embeddings' output, or the bottom adapter's
+    first = 0 if settings.align else bottom
+    kl_wanted = {first, depth} | ({after} if settings.kl_interface else set())  # the KL phase's teacher states
     states = teacher_states(source, data, sorted({bottom, *ends} | (kl_wanted if shared else set())))
     batches = range(len(states))
     # the emulator's input to its first kept middle block: the bottom adapter's output, whatever it drops after it
@@ -327,7 +318,7 @@ def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map
         if not shared:
             data = open_stream(source, ids[: kl_n * seq_len], seq_len, settings.batch_size)
             kl_states = teacher_states(source, data, sorted(kl_wanted))
-        inputs, finals = [s[start] for s in kl_states], [s[depth] for s in kl_states]
+        inputs, finals = [s[first] for s in kl_states], [s[depth] for s in kl_states]
         interface = (bottom + kept - first, [s[after] for s in kl_states]) if settings.kl_interface else None
         del kl_states  # only the states per batch the KL phase reads stay
         perturbed, shift = None, None
