@@ -72,7 +72,7 @@ def run_curve(model_dir: Path, public_train: Path, public_heldout: Path, train_f
             if tokens == 0:
                 make_bundle(model_dir, s.layout, here / "bundle", select=select, calib_data=public_train,
                             calib_tokens=s.calib_tokens, importance=s.importance, progress=s.progress, log=log,
-                            allow_far=True)
+                            allow_far=True, fit=None)  # the selection alone: the curve is distillation's
                 distill_s, summary = time.perf_counter() - t, None
             else:
                 steps = max(1, round((tokens - previous["tokens"]) / per_step))

@@ -127,7 +127,7 @@ def builder_rows(args, work: Path, log: Path, facts: dict) -> list[dict]:
             select, _, fit = builder.partition("+")
             flags = ["--select", select, "--calib-data", str(text), "--calib-tokens", str(args.calib_tokens),
                      "--allow-far"]
-            if fit:  # fit: the default KL phase (all weights); fit-rN: its rank-N update (--fit-kl-rank N)
+            if fit:  # fit: the default KL phase (rank 8 since 2026-12-06); fit-rN: rank N (fit-r0: all weights)
                 flags += ["--fit", "--fit-tokens", str(args.fit_tokens), "--fit-epochs", "1"]
                 flags += ["--fit-kl-rank", fit.removeprefix("fit-r")] if fit.startswith("fit-r") else []
             for when, tree in (("before", before), ("after", ROOT)):
@@ -135,7 +135,8 @@ def builder_rows(args, work: Path, log: Path, facts: dict) -> list[dict]:
                     continue
                 bundle = work / f"bundle-{builder}-{when}"
                 row = measure(tree, ["emulate", str(ckpt), "--layout", args.builders_layout, "--out", str(bundle),
-                                     "--no-progress", *flags], f"emulate --select {builder} {when}", log)
+                                     "--no-progress", *flags, *([] if fit or tree is not ROOT else ["--no-fit"])],
+                              f"emulate --select {builder} {when}", log)
                 row["output_bytes"] = dir_bytes(bundle)
                 row["peak_over_checkpoint"] = round(row["peak_rss_gb"] * GB / size, 3)
                 # the target, the activation cache being small here (a few MB of calibration states)
@@ -190,7 +191,8 @@ def main() -> None:
     p.add_argument("--layout", default="2-2-2")
     p.add_argument("--skip", default="", help="comma list of cases to skip: owner,builders,eval,distill")
     p.add_argument("--builders", default="importance,iterative,crash,importance+fit",
-                   help="emulate --select of the builders case (+fit adds --fit; +fit-r8 also --fit-kl-rank 8)")
+                   help="emulate --select of the builders case (+fit adds --fit; +fit-r0 also --fit-kl-rank 0; "
+                        "none: --no-fit, the selection alone)")
     p.add_argument("--builders-layout", default="2-14-2", help="layout of the builders case")
     p.add_argument("--builders-before-ref", default="a81a0cb",
                    help="the commit measured as 'before' in the builders case (whole model loaded to score)")

@@ -40,7 +40,8 @@ case "$STAGE" in
         fi
         single plan "$MODEL" --gpus "$gpus" --nodes "$nodes" --layout "$LAYOUT" --batch-size "$BATCH" ;;
     emulate)   # one process. The paper's uniform layer-drop (streamed, no GPU needed; these models were measured
-               # with it). SELECT=importance keeps the blocks that matter on DISTILL_DATA (public; GPU advised).
+               # with it). SELECT=importance keeps the blocks that matter on DISTILL_DATA (public; GPU advised) and,
+               # as emulate does by default, fits them to the runs they replace (`-- --no-fit`: not).
         if [[ "${SELECT:-uniform}" == uniform ]]; then
             single emulate "$MODEL_DIR" --layout "$LAYOUT" --out "$BUNDLE" --select uniform --no-calib
         else

@@ -45,7 +45,7 @@ class CompareSettings(DemoSettings):
     budget; `--lr` moves it."""
 
     lr: float = COMPARE_LR
-    builders: tuple[str, ...] = ("uniform", "importance", "crash", "crash+share")
+    builders: tuple[str, ...] = ("uniform", "importance", "importance+fit", "crash", "crash+share")  # +fit: emulate's
     layouts: tuple[str, ...] = ()  # the frontier: every builder at every layout (empty: just `layout`)
     mode_settings: dict = field(default_factory=dict)  # keyword overrides of the mode's settings, as recorded
     calib_tokens: int = DEFAULT_CALIB_TOKENS

@@ -165,6 +165,7 @@ class FitKL(Strict):
     perturbed_before: Annotated[float, Field(ge=0)] | None = None  # --fit-kl-perturb: the KL with the bottom
     perturbed_after: Annotated[float, Field(ge=0)] | None = None  # adapter perturbed, and how far that moved
     perturb_shift: Annotated[float, Field(ge=0)] | None = None  # its output (relative error)
+    reverted: bool = False  # the KL phase raised the KL on its own tokens: its change was dropped (after = before)
 
 
 class FitSample(Strict):

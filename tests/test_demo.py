@@ -49,6 +49,9 @@ def test_run_demo_round_trip_on_a_tiny_model(tiny_model_dir, corpus_file, eval_f
     saved = json.loads((out / "demo.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(rows))
     assert saved["settings"]["layout"] == "2-2-2"
+    # the demo's emulator is emulate's default: the kept blocks fitted, on the public text shipped with the package
+    fit = json.loads((out / "bundle" / "offsite.json").read_text())["compression"]["fit"]
+    assert fit["kl_rank"] == 8 and fit["kl"]["after"] < fit["kl"]["before"]
 
 
 def test_claims_and_table():
@@ -102,7 +105,9 @@ def test_cli_defaults_are_the_demo_settings():
 
     args = build_parser(only="demo").parse_args(["demo"])
     d = DemoSettings()
-    assert args.lr is None and d.lr == DATA_OWNER_LR[False] and DemoSettings(fit=True).lr == DATA_OWNER_LR[True]
+    # emulate's default fits the kept blocks, and the demo tunes at the lr measured best through what it made
+    assert d.fit and args.lr is None and d.lr == DATA_OWNER_LR[True]
+    assert DemoSettings(fit=False).lr == DATA_OWNER_LR[False]
     assert DemoSettings(fit=True, lr=5e-4).lr == 5e-4  # --lr given: taken as it is
     for name in ("layout", "select", "fit", "mode", "steps", "warmup", "batch_size", "seq_len", "eval_seq_len",
                  "eval_tokens", "eval_every", "seed"):

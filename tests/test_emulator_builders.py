@@ -10,7 +10,9 @@ import torch
 from conftest import FAMILIES
 from offsite_ds.calibrate import (block_outputs, calibration_ids, calibration_seq_len, cka_matrix, linear_cka,
                                   mean_nll, quality)
+from offsite_ds.emulator import AUTO_FIT
 from offsite_ds.errors import LayoutError
+from offsite_ds.fitting import FitSettings
 from offsite_ds.sandwich import (Layout, block_map_for, merge_adjacent, select_crash, select_important,
                                  share_map_for)
 from offsite_ds.surgery import running_blocks
@@ -116,12 +118,12 @@ def test_each_builder_makes_a_bundle(family, select, share, tiny_model_dir, cali
 
     with pytest.raises(OffsiteError, match="nothing written.*--allow-far"):  # guard 0.5x always trips
         make_bundle(tiny_model_dir(family), "2-2-2", tmp_path / "b", select=select, share=share,
-                    calib_data=calib_file, calib_tokens=512, guard_ratio=0.5)
+                    calib_data=calib_file, calib_tokens=512, guard_ratio=0.5, fit=None)
     assert not (tmp_path / "b").exists()
     warnings = []
     out = make_bundle(tiny_model_dir(family), "2-2-2", tmp_path / "b", select=select, share=share,
                       calib_data=calib_file, calib_tokens=512, guard_ratio=0.5, log=warnings.append,
-                      allow_far=True).path
+                      allow_far=True, fit=None).path  # the selection alone
     manifest = json.loads((out / "offsite.json").read_text())
     c = manifest["compression"]
     assert c["select"] == select and c["shared"] is share
@@ -195,10 +197,11 @@ def test_calibration_never_reads_the_data_owners_file(tiny_model_dir, calib_file
     monkeypatch.setattr(builtins, "open", spy)
     monkeypatch.setattr(io, "open", spy)  # pathlib reads through io.open
     make_bundle(tiny_model_dir("gpt2"), "2-2-2", tmp_path / "b", select="importance", calib_data=calib_file,
-                calib_tokens=256, guard_ratio=1e9)
+                calib_tokens=256, guard_ratio=1e9, fit=FitSettings(tokens=256, epochs=1, kl_epochs=1, seq_len=64))  # fit read too
     monkeypatch.undo()
     assert str(calib_file) in opened
     assert str(corpus_file) not in opened and not any("train.txt" in p for p in opened)
+    assert json.loads((tmp_path / "b" / "offsite.json").read_text())["compression"]["fit"]["tokens"] == 256
 
 
 def test_emulate_cli_builders_guard_and_errors(tiny_model_dir, calib_file, tmp_path, capsys):
@@ -326,9 +329,11 @@ def test_guard_scores_the_compressed_middle(tiny_model_dir, calib_file, tmp_path
     from offsite_ds.emulator import make_bundle
 
     ratios = {}
-    for method in ("drop", "quantize"):
+    for method in ("drop", "quantize"):  # the fitted emulator too (the default leaves a quantized one unfitted)
+        fit = FitSettings(tokens=256, epochs=1, kl_epochs=1, seq_len=64) if method == "drop" else AUTO_FIT
         out = make_bundle(tiny_model_dir("bloom"), "2-2-2", tmp_path / method, method=method, quant_bits=2,
-                          calib_data=calib_file, calib_tokens=256, guard_ratio=1e9, select="uniform").path
+                          calib_data=calib_file, calib_tokens=256, guard_ratio=1e9, select="uniform", fit=fit).path
+        assert (json.loads((out / "offsite.json").read_text())["compression"].get("fit") is None) == (method != "drop")
         q = json.loads((out / "offsite.json").read_text())["quality"]
         bundle = load_bundle(out)  # the guard's figure is the shipped emulator's perplexity
         ids, _ = calibration_ids(calib_file, bundle.tokenizer, 256)
@@ -381,9 +386,9 @@ def test_fit_flags_without_a_fitting_builder_are_refused(tiny_model_dir, calib_f
 
     model_dir = str(tiny_model_dir("opt"))
     assert main(["emulate", model_dir, "--layout", "2-2-2", "--out", str(tmp_path / "b"), "--calib-data",
-                 str(calib_file), "--fit-kl-rank", "8", "--fit-tokens", "1024"]) == 2
+                 str(calib_file), "--fit-kl-rank", "0", "--fit-tokens", "1024", "--no-fit"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--fit-tokens --fit-kl-rank" in err and "add --fit" in err
+    assert len(err.splitlines()) == 1 and "--fit-tokens --fit-kl-rank" in err and "drop --no-fit" in err
     assert main(["compare-emulators", "--model", model_dir, "--calib-data", str(calib_file), "--train",
                  str(corpus_file), "--valid", str(corpus_file), "--test", str(corpus_file), "--builders",
                  "uniform,importance", "--fit-align", "--out", str(tmp_path / "c")]) == 2
@@ -396,3 +401,67 @@ def test_fit_flags_without_a_fitting_builder_are_refused(tiny_model_dir, calib_f
 
     args = build_parser().parse_args(["emulate", model_dir, "--layout", "2-2-2", "--out", "x", "--fit-epochs", "4"])
     assert fit_flags_given(args) == []
+
+
+def test_the_default_fits_wherever_a_fit_can_run(monkeypatch, tmp_path):
+    """`make_bundle(fit=AUTO_FIT)` (emulate's default): FitSettings() with calibration text, plain layer-drop and no
+    sharing, nothing elsewhere; a fit asked for where it cannot run is refused. The CLI passes AUTO_FIT without
+    fit flags, the settings with --fit or any --fit-* flag, None with --no-fit."""
+    import inspect
+
+    from offsite_ds import emulator
+    from offsite_ds.cli import main
+    from offsite_ds.errors import OffsiteError
+
+    assert inspect.signature(emulator.make_bundle).parameters["fit"].default == AUTO_FIT
+    public = tmp_path / "public.txt"
+    assert emulator.resolved_fit(AUTO_FIT, public, "drop", False) == FitSettings()
+    for calib, method, share in ((None, "drop", False), (public, "prune", False), (public, "quantize", False),
+                                 (public, "drop", True)):
+        assert emulator.resolved_fit(AUTO_FIT, calib, method, share) is None
+        with pytest.raises(OffsiteError, match="--fit trains the kept blocks"):
+            emulator.resolved_fit(FitSettings(), calib, method, share)
+    assert emulator.resolved_fit(None, public, "drop", False) is None
+
+    seen = []
+
+    def fake(*_args, fit, **_kw):
+        seen.append(fit)
+        raise OffsiteError("stop here")
+
+    monkeypatch.setattr(emulator, "make_bundle", fake)
+    argv = ["emulate", "m", "--layout", "2-2-2", "--out", str(tmp_path / "b"), "--no-progress"]
+    for flags in ([], ["--fit"], ["--fit-epochs", "2"], ["--no-fit"]):
+        assert main([*argv, *flags]) == 2
+    assert seen == [AUTO_FIT, FitSettings(), FitSettings(epochs=2), None]
+
+
+def test_the_default_fit_on_short_public_text_fits_on_what_there_is(tiny_model_dir, tmp_path):
+    """The default fit (not one asked for) reads 16,384 public tokens after the calibration tokens; an owner's
+    shorter text is fitted on all it holds, down to one batch, and below that the blocks stay unfitted - one line
+    each, the manifest saying what ran. A fit asked for keeps its refusal."""
+    from transformers import AutoTokenizer
+
+    from offsite_ds.emulator import make_bundle
+    from offsite_ds.errors import OffsiteError
+
+    model_dir = tiny_model_dir("llama")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    least = FitSettings().batch_size * FitSettings().seq_len
+    for name, repeats in (("short", 120), ("shorter", 40)):
+        public = tmp_path / f"{name}.txt"
+        public.write_text("a public corpus the owner may use . " * repeats)
+        available = calibration_ids(public, tokenizer, 10**6)[0].numel() - 256
+        assert (available >= least) == (name == "short")  # one text above one batch, one below
+        lines = []
+        out = make_bundle(model_dir, "2-2-2", tmp_path / name, calib_data=public, calib_tokens=256, allow_far=True,
+                          log=lines.append).path
+        fit = json.loads((out / "offsite.json").read_text())["compression"].get("fit")
+        if name == "short":
+            assert fit["tokens"] == available and fit["kl"]["after"] >= 0
+            assert [line for line in lines if line.startswith("fit:")] and f"holds {available} tokens" in lines[0]
+        else:
+            assert fit is None and any(line.startswith("not fitted:") and "--no-fit" in line for line in lines)
+        with pytest.raises(OffsiteError, match="fewer --fit-tokens, or --no-fit"):
+            make_bundle(model_dir, "2-2-2", tmp_path / f"{name}-asked", calib_data=public, calib_tokens=256,
+                        allow_far=True, fit=FitSettings())

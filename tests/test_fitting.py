@@ -56,9 +56,12 @@ def test_emulate_fit_writes_the_fitted_blocks_and_records_them(tiny_model_dir, t
     model = str(tiny_model_dir("llama"))
     argv = ["emulate", model, "--layout", "2-2-2", "--calib-data", str(public), "--calib-tokens", "256",
             "--no-progress", "--allow-far"]
-    assert main([*argv, "--out", str(tmp_path / "plain"), "--select", "uniform"]) == 0
-    assert main([*argv, "--out", str(tmp_path / "fit"), "--select", "uniform", "--fit", "--fit-tokens", "1024",
+    assert main([*argv, "--out", str(tmp_path / "plain"), "--select", "uniform", "--no-fit"]) == 0
+    assert read_manifest(tmp_path / "plain", BUNDLE_FORMAT).compression.fit is None
+    # a --fit-* flag asks for the fit as --fit does
+    assert main([*argv, "--out", str(tmp_path / "fit"), "--select", "uniform", "--fit-tokens", "1024",
                  "--fit-epochs", "2", "--fit-lr", "1e-3"]) == 0
+    assert "kept blocks fitted on 1024 tokens of public text, KL to the full model" in capsys.readouterr().out
     m = read_manifest(tmp_path / "fit", BUNDLE_FORMAT)
     assert m.compression.fit.tokens == 1024 and [b.block for b in m.compression.fit.blocks] == [2, 5]
     assert m.compression.calibration.tokens == 256 and m.quality.tokens == 256
@@ -100,7 +103,8 @@ def test_the_end_to_end_kl_phase_lowers_the_kl_and_leaves_the_model_alone(tiny_m
     text = " ".join(f"word{i % 37} and item {i % 11} ." for i in range(600))
     ids = tokenize_corpus([text], byte_tokenizer())[:1024]
     block_map = [0, 1, 3, 6, 7]
-    settings = FitSettings(tokens=1024, epochs=1, lr=1e-3, seq_len=64, batch_size=4, kl_epochs=3, kl_lr=1e-3)
+    settings = FitSettings(tokens=1024, epochs=1, lr=1e-3, seq_len=64, batch_size=4, kl_epochs=3, kl_lr=1e-3,
+                           kl_rank=0)  # all weights (rank 8, the default, below)
     fitted, report, kl = fit_kept_blocks(model, ids, block_map, 1, 3, settings)
     assert kl is not None and kl["after"] < kl["before"], kl
     assert sorted(fitted) == [1, 3, 6] and not any(p.requires_grad for b in fitted.values() for p in b.parameters())
@@ -171,10 +175,10 @@ def test_the_end_to_end_kl_phase_lowers_the_kl_and_leaves_the_model_alone(tiny_m
 
 
 def emulate_tiny(model_dir, public, out, *flags: str, fit: bool = True) -> int:
-    """`emulate` at 2-2-2 calibrated on `public`, with `--fit` at the smallest budget (or without it), plus `flags`."""
+    """`emulate` at 2-2-2 calibrated on `public`, with `--fit` at the smallest budget (or `--no-fit`), plus `flags`."""
     from offsite_ds.cli import main
 
-    fitting = ["--fit", "--fit-tokens", "512", "--fit-epochs", "1", "--fit-kl-epochs", "1"] if fit else []
+    fitting = ["--fit", "--fit-tokens", "512", "--fit-epochs", "1", "--fit-kl-epochs", "1"] if fit else ["--no-fit"]
     return main(["emulate", str(model_dir), "--layout", "2-2-2", "--calib-data", str(public), "--calib-tokens", "256",
                  "--no-progress", "--allow-far", "--out", str(out), *fitting, *flags])
 
@@ -194,6 +198,27 @@ def sharpened_model_and_text(model_dir):
                 p.mul_(6.0)
     text = " ".join(f"word{i % 37} and item {i % 11} ." for i in range(600))
     return model, text, tokenize_corpus([text], byte_tokenizer())[:1024]
+
+
+@pytest.mark.parametrize("rank", [0, 8])
+def test_a_kl_phase_that_does_not_lower_its_loss_is_dropped(rank, tiny_model_dir):
+    """The KL phase is on by default, on models nobody measured it on: where it ends no lower than it started on
+    its own tokens (here an lr of 10 blows it up), the blocks ship as the block fit left them, and the record says
+    so. A low-rank update is judged before its merge and dropped unmerged; all weights are restored."""
+    from offsite_ds.fitting import FitSettings, fit_kept_blocks
+
+    model, _, ids = sharpened_model_and_text(tiny_model_dir("llama"))
+    block_map = [0, 1, 3, 6, 7]
+    kw = dict(tokens=1024, epochs=1, lr=1e-3, seq_len=64, batch_size=4, kl_rank=rank)
+    plain = fit_kept_blocks(model, ids, block_map, 1, 3, FitSettings(kl_epochs=0, **kw))[0]
+    dropped, _, kl = fit_kept_blocks(model, ids, block_map, 1, 3, FitSettings(kl_epochs=1, kl_lr=10.0, **kw))
+    assert kl["reverted"] and kl["after"] == kl["before"], kl
+    for i, block in plain.items():
+        assert all(torch.equal(a.float(), b.float()) for a, b in zip(block.state_dict().values(),
+                                                                     dropped[i].state_dict().values())), i
+    kept = fit_kept_blocks(model, ids, block_map, 1, 3, FitSettings(kl_epochs=2, kl_lr=1e-3 * (1 + 2 * bool(rank)),
+                                                                    **kw))[2]
+    assert "reverted" not in kept and kept["after"] < kept["before"], kept
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -241,7 +266,8 @@ def test_the_interface_term_keeps_the_top_adapters_input_closer_to_the_full_mode
     assert fit.kl_interface == 1.0 and fit.kl.interface_after is not None and fit.kl.interface_before > 0
     capsys.readouterr()
     assert emulate_tiny(tiny_model_dir(family), public, tmp_path / "c", "--fit-kl-interface", "1", fit=False) == 2
-    assert "--fit-kl-interface" in capsys.readouterr().err  # without --fit it would change nothing: refused
+    err = capsys.readouterr().err  # with --no-fit it would change nothing: refused
+    assert "--fit-kl-interface" in err and "drop --no-fit" in err
 
 
 def test_a_low_rank_update_merges_into_the_weight_it_was_added_to():
@@ -273,10 +299,12 @@ def test_an_aligned_bundle_ships_trained_adapter_blocks_and_the_plug_in_takes_th
     from offsite_ds.bundle import load_bundle
     from offsite_ds.cli import main
     from offsite_ds.fitting import FitSettings, fit_kept_blocks
+    from offsite_ds.manifests import BUNDLE_FORMAT
     from offsite_ds.plugin import load_model_dir
     from offsite_ds.roles.tune_adapter import tune
     from offsite_ds.runtime import load_model
     from offsite_ds.train import TrainConfig
+    from offsite_ds.validation import read_manifest
 
     model, text, ids = sharpened_model_and_text(tiny_model_dir("gpt2"))  # far from the identity: the emulator is
     # far from the model
@@ -296,13 +324,14 @@ def test_an_aligned_bundle_ships_trained_adapter_blocks_and_the_plug_in_takes_th
     model_dir = tiny_model_dir("llama")
     assert main(["emulate", str(model_dir), "--layout", "2-2-2", "--calib-data", str(public), "--calib-tokens", "256",
                  "--no-progress", "--allow-far", "--out", str(tmp_path / "bundle"), "--select", "uniform", "--fit",
-                 "--fit-tokens", "512", "--fit-epochs", "1", "--fit-kl-epochs", "2", "--fit-kl-lr", "1e-2",
+                 "--fit-tokens", "512", "--fit-epochs", "1", "--fit-kl-epochs", "2", "--fit-kl-lr", "1e-3",
                  "--fit-align"]) == 0
+    assert not read_manifest(tmp_path / "bundle", BUNDLE_FORMAT).compression.fit.kl.reverted  # the KL phase kept
     capsys.readouterr()
     assert main(["emulate", str(model_dir), "--layout", "2-2-2", "--calib-data", str(public), "--no-progress",
-                 "--out", str(tmp_path / "nofit"), "--fit-align"]) == 2
+                 "--out", str(tmp_path / "nofit"), "--fit-align", "--no-fit"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "add --fit" in err and not (tmp_path / "nofit").exists()
+    assert len(err.splitlines()) == 1 and "drop --no-fit" in err and not (tmp_path / "nofit").exists()
     bundle = load_bundle(tmp_path / "bundle")
     full = load_model(model_dir)
     assert bundle.manifest.aligned and bundle.manifest.compression.fit.align
@@ -354,17 +383,19 @@ def test_an_aligned_bundle_ships_trained_adapter_blocks_and_the_plug_in_takes_th
 
 
 def test_the_kl_lr_defaults_to_the_one_chosen_for_all_weights_or_a_low_rank_update():
-    """KL_LR: a low-rank update wants a 10x larger lr (3e-3; 3e-4 for all weights), unless one is given; the
-    CLI's None means the same, so `--fit-kl-rank 8` alone gets 3e-3 and is listed once as given."""
+    """KL_LR: a low-rank update (rank 8, the default: the owner's memory) wants a 10x larger lr (3e-3; 3e-4 for all
+    weights), unless one is given; the CLI's None means the same, so `--fit-kl-rank 0` alone gets 3e-4 and is
+    listed once as given."""
     from offsite_ds.cli import build_parser
     from offsite_ds.cli.train_args import fit_flags_given, fit_settings_from_args
     from offsite_ds.errors import OffsiteError
     from offsite_ds.fitting import KL_LR, FitSettings
 
-    assert FitSettings().kl_lr == KL_LR[False] == 3e-4 and FitSettings(kl_rank=8).kl_lr == KL_LR[True] == 3e-3
+    assert FitSettings().kl_rank == 8 and FitSettings().kl_lr == KL_LR[True] == 3e-3
+    assert FitSettings(kl_rank=0).kl_lr == KL_LR[False] == 3e-4
     assert FitSettings(kl_rank=8, kl_lr=1e-3).kl_lr == 1e-3
-    args = build_parser().parse_args(["emulate", "m", "--layout", "2-2-2", "--out", "x", "--fit-kl-rank", "8"])
-    assert fit_settings_from_args(args).kl_lr == 3e-3 and fit_flags_given(args) == ["--fit-kl-rank"]
+    args = build_parser().parse_args(["emulate", "m", "--layout", "2-2-2", "--out", "x", "--fit-kl-rank", "0"])
+    assert fit_settings_from_args(args).kl_lr == 3e-4 and fit_flags_given(args) == ["--fit-kl-rank"]
     with pytest.raises(OffsiteError, match="--fit-kl-lr"):
         FitSettings(kl_lr=0.0)
 
@@ -533,7 +564,8 @@ def test_a_perturbed_bottom_adapter_teaches_the_emulator_the_middles_answer_to_i
     assert fit.kl_perturb == 0.2 and fit.kl.perturbed_after is not None and fit.kl.perturb_shift > 0
     capsys.readouterr()
     assert emulate_tiny(tiny_model_dir(family), public, tmp_path / "c", "--fit-kl-perturb", "0.2", fit=False) == 2
-    assert "--fit-kl-perturb" in capsys.readouterr().err  # without --fit it would change nothing: refused
+    err = capsys.readouterr().err  # with --no-fit it would change nothing: refused
+    assert "--fit-kl-perturb" in err and "drop --no-fit" in err
     assert main(["emulate", str(tiny_model_dir(family)), "--layout", "0-2-2", "--calib-data", str(public),
                  "--no-progress", "--out", str(tmp_path / "d"), "--fit", "--fit-kl-perturb", "0.2"]) == 2
     err = capsys.readouterr().err.strip()  # no bottom adapter to perturb: refused before anything is built

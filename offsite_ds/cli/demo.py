@@ -27,15 +27,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", default=d.layout, help=f"emulator layout L-K-R of the 30-block model ({d.layout})")
     p.add_argument("--select", default=d.select, choices=SELECTIONS,
                    help=f"the owner's emulator builder ({d.select}, emulate's default)")
-    p.add_argument("--fit", action="store_true",
-                   help="fit the kept blocks to their runs, then end to end (emulate --fit): the measured best "
-                        "(SmolLM2 2-8-2 plug-in 42.35 valid / 46.77 test at its lr against 48.15 / 56.01), 9.3 "
-                        "minutes in all on an idle 2-core CPU (the default: 5.8)")
+    p.add_argument("--fit", action=argparse.BooleanOptionalAction, default=d.fit,
+                   help="fit the kept blocks to their runs, then end to end, as emulate does by default (on; "
+                        "--no-fit: the selection alone, the demo's default until 2026-12-06)")
     p.add_argument("--mode", default=d.mode, choices=MODES)
     p.add_argument("--steps", type=int, default=d.steps, help=f"tuning steps ({d.steps})")
     p.add_argument("--lr", type=float, default=None,
                    help="the data owner's learning rate (default: the one measured best for the plug-in through the "
-                        f"emulator: {DATA_OWNER_LR[False]:g}, with --fit {DATA_OWNER_LR[True]:g})")
+                        f"emulator: {DATA_OWNER_LR[True]:g}, with --no-fit {DATA_OWNER_LR[False]:g})")
     p.add_argument("--warmup", type=int, default=d.warmup)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="training sequence length")

@@ -1,4 +1,4 @@
-"""`offsite-ds emulate MODEL --layout L-K-R --out BUNDLE [--select importance|uniform|crash [--share]] [--calib-data PUBLIC | --no-calib]`."""
+"""`offsite-ds emulate MODEL --layout L-K-R --out BUNDLE [--select importance|uniform|crash [--share]] [--calib-data PUBLIC | --no-calib] [--no-fit]`."""
 from __future__ import annotations
 
 import argparse
@@ -42,9 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-ratio", type=float, default=None,
                    help="fidelity target: K becomes the fewest kept blocks (at most the layout's; L-*-R: any) "
                         "whose emulator/full perplexity on --calib-data stays within this ratio")
-    p.add_argument("--fit", action="store_true",
+    p.add_argument("--fit", action=argparse.BooleanOptionalAction, default=None,
                    help="train each kept middle block to stand in for the run of blocks it replaces, on the public "
-                        "text after the calibration tokens (one teacher pass, then per-block epochs)")
+                        "text after the calibration tokens (one teacher pass, then per-block epochs, then end to "
+                        "end). Default: on wherever it can run (calibration text, --method drop, no --share); "
+                        "--no-fit: the selection alone")
     add_fit_arguments(p, "--fit")
     p.add_argument("--text-field", default="text", help="field holding the text in .json/.jsonl/.parquet data")
     p.add_argument("--method", default="drop", choices=METHODS,
@@ -58,21 +60,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from offsite_ds.cli.train_args import fit_flags_given, fit_settings_from_args
-    from offsite_ds.emulator import make_bundle
+    from offsite_ds.emulator import AUTO_FIT, make_bundle
     from offsite_ds.errors import OffsiteError
     from offsite_ds.runtime import return_freed_memory
 
     return_freed_memory()  # the owner's streamed passes free block-sized buffers all the time
 
-    unused = [] if args.fit else fit_flags_given(args)
-    if unused:  # flags that would otherwise change nothing
-        raise OffsiteError(f"{' '.join(unused)} set how --fit fits the kept blocks: add --fit")
+    given = fit_flags_given(args)
+    if given and args.fit is False:  # flags that would otherwise change nothing
+        raise OffsiteError(f"{' '.join(given)} set how the kept blocks are fitted: drop --no-fit")
+    # a --fit-* flag asks for the fit as --fit does (refused where it cannot run); neither: the default, AUTO_FIT
+    fit = None if args.fit is False else fit_settings_from_args(args) if args.fit or given else AUTO_FIT
     written = make_bundle(args.model, args.layout, args.out, keep_ratio=args.keep_ratio, method=args.method,
                           prune_ratio=args.prune_ratio, quant_bits=args.bits, select=args.select, share=args.share,
                           calib_data=args.calib_data, calib_tokens=args.calib_tokens, importance=args.importance,
                           text_field=args.text_field, guard_ratio=args.guard_ratio, progress=not args.no_progress,
                           dtype=args.dtype, max_ratio=args.max_ratio, allow_far=args.allow_far,
-                          fit=fit_settings_from_args(args) if args.fit else None)
+                          fit=fit)
     manifest = written.manifest
     shared = f", shared over {len(manifest.share_map)} positions" if manifest.share_map is not None else ""
     print(f"emulator bundle {written.path}: layout {manifest.layout} of {manifest.base_depth} blocks ({args.select}"
@@ -81,4 +85,8 @@ def run(args: argparse.Namespace) -> int:
         q = manifest.quality
         print(f"zero-shot perplexity on {q.tokens} calibration tokens: emulator {q.emulator_ppl:.2f}, "
               f"full {q.full_ppl:.2f} (ratio {q.ratio:.2f})")
+    fit = manifest.compression.fit
+    if fit is not None:
+        kl = f", KL to the full model {fit.kl.before:.3f} -> {fit.kl.after:.3f}" if fit.kl is not None else ""
+        print(f"kept blocks fitted on {fit.tokens} tokens of {fit.text} text{kl} (--no-fit: the selection alone)")
     return 0
