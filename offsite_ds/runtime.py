@@ -122,8 +122,8 @@ def check_precision(precision: str, flag: str = "--precision") -> None:
 
 def resolved_precision(precision: str, device_type: str, flag: str = "--precision") -> str:
     """"fp32" or "bf16" for `precision` on this device, "auto" meaning bf16 where it is native (`native_bf16`): the
-    rule of the jobs measured equal in both (the owner's fit, the demo's and compare-emulators' round trip), so
-    their records say what ran."""
+    rule of the jobs measured equal in both (the demo's and compare-emulators' round trip; the owner's fit on a GPU,
+    fp32 on a CPU for the owner's memory: fitting.FitSettings), so their records say what ran."""
     check_precision(precision, flag)
     return ("bf16" if native_bf16(device_type) else "fp32") if precision == "auto" else precision
 

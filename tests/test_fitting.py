@@ -401,16 +401,19 @@ def test_the_kl_lr_defaults_to_the_one_chosen_for_all_weights_or_a_low_rank_upda
 
 
 def test_fit_precision_autocasts_the_training_steps_where_bf16_is_native(tiny_model_dir, monkeypatch):
-    """auto resolves to bf16 where the device multiplies bf16 natively, else fp32 (the manifest records which ran);
-    bf16 runs every training forward of the block fit and the KL phase under autocast, and still lowers the KL."""
+    """auto resolves to bf16 on a GPU that multiplies bf16 natively, else fp32 - on a CPU always, where the owner's
+    memory binds (the manifest records which ran); bf16 runs every training forward of the block fit and the KL
+    phase under autocast, and still lowers the KL."""
     import offsite_ds.fitting as fitting
     import offsite_ds.runtime as runtime
     from offsite_ds.errors import OffsiteError
     from offsite_ds.fitting import FitSettings, fit_kept_blocks
 
-    for native, resolved in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(runtime, "native_bf16", lambda device, native=native: native)
+    for device, native, resolved in (("cuda", True, "bf16"), ("cuda", False, "fp32"), ("cpu", True, "fp32")):
+        monkeypatch.setattr(fitting, "default_device_type", lambda device=device: device)
+        monkeypatch.setattr(runtime, "native_bf16", lambda _device, native=native: native)
         assert FitSettings().precision == resolved and FitSettings(precision="fp32").precision == "fp32"
+        assert FitSettings(precision="bf16").precision == "bf16"  # asked for: as asked, on any device
     with pytest.raises(OffsiteError, match="--fit-precision fp16"):
         FitSettings(precision="fp16")
     model, _, ids = sharpened_model_and_text(tiny_model_dir("llama"))

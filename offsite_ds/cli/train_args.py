@@ -147,8 +147,9 @@ def add_fit_arguments(p: argparse.ArgumentParser, who: str) -> None:
                         "the bottom adapter's output as the full middle does (twice the KL steps, one more teacher "
                         f"pass; {d.kl_perturb:g}: off)")
     g.add_argument("--fit-precision", choices=PRECISIONS, default="auto",
-                   help="training steps under bf16 autocast or in fp32 (auto: bf16 where the device multiplies bf16 "
-                        f"natively - a CUDA GPU, a CPU with AVX512-BF16 or AMX -, fp32 elsewhere; here: {d.precision})")
+                   help="training steps under bf16 autocast or in fp32 (auto: bf16 on a GPU that multiplies bf16 "
+                        "natively, fp32 elsewhere - on a CPU always, where bf16's casts cost the owner's memory "
+                        f"target; here: {d.precision})")
     g.add_argument("--fit-text", choices=FIT_TEXTS, default=d.text,
                    help="what the fit reads: the owner's public text (--calib-data), or self: text the full model "
                         "samples itself, held whole while it samples - closer on text unlike the public "
