@@ -34,7 +34,7 @@ DATA_OWNER_LR = {False: 1e-4, True: 1e-3}
 @dataclass
 class DemoSettings:
     """What the demo runs: `emulate`'s own default recipe (importance selection on the public sample shipped
-    with the package, the kept blocks fitted) at the paper's 2-8-2, then the data owner's budget; DEMO_MINUTES on
+    with the package, the kept blocks fitted) at the paper's 2-8-2, then the data owner's budget; 11.4 minutes on
     an idle 2-core CPU with native bf16 (15 is the limit). `fit=False` is the selection alone (5.9-6.8 minutes).
     The training subset is steps x batch_size blocks of PTB train.
 

@@ -41,8 +41,8 @@ PUBLIC_SAMPLE = "builtin:public-sample"  # the default calibration text, shipped
 PUBLIC_CORPUS = "builtin:wikipedia"  # the full public Wikipedia sample (an optional install: gensim's wheel)
 BUILTIN_TEXTS = (PUBLIC_SAMPLE, PUBLIC_CORPUS)
 # `make_bundle(fit=AUTO_FIT)`, the default: the kept blocks are fitted (FitSettings' defaults) wherever the builder
-# allows it. SmolLM2-135M importance 2-8-2, the demo's round trip: emulator / full model on PTB valid 32x -> 11x,
-# plug-in 48.15 / 56.01 -> 42-43 / 47-48 (README, "--fit"), for about 4 more minutes of the owner's 2-core CPU
+# allows it. SmolLM2-135M importance 2-8-2, the demo's round trip: emulator / full model on PTB valid 32x -> 12.1x,
+# plug-in 48.15 / 56.01 -> 42.97 / 47.23 (valid / test), the owner's step 50-77 s -> 361 s on the idle 2-core CPU
 AUTO_FIT = "auto"
 
 
