@@ -508,7 +508,7 @@ def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], fin
 
     # what the KL phase changes in the blocks themselves, restored if it did not lower its objective: a low-rank
     # update is then dropped unmerged; all weights are copied first (4 bytes a parameter on that memory-heavy path)
-    own = [p for p in trainable if not any(p is u.a or p is u.b for _, u, _ in updates)]
+    own = [p for m in blocks for p in m.parameters() if p.requires_grad]  # a low-rank update's are the hooks' own
     start = [p.detach().clone() for p in own]
     try:
         first = measured()

@@ -85,8 +85,8 @@ def run(args: argparse.Namespace) -> int:
         q = manifest.quality
         print(f"zero-shot perplexity on {q.tokens} calibration tokens: emulator {q.emulator_ppl:.2f}, "
               f"full {q.full_ppl:.2f} (ratio {q.ratio:.2f})")
-    fit = manifest.compression.fit
-    if fit is not None:
-        kl = f", KL to the full model {fit.kl.before:.3f} -> {fit.kl.after:.3f}" if fit.kl is not None else ""
-        print(f"kept blocks fitted on {fit.tokens} tokens of {fit.text} text{kl} (--no-fit: the selection alone)")
+    record = manifest.compression.fit
+    if record is not None:
+        kl = f", KL to the full model {record.kl.before:.3f} -> {record.kl.after:.3f}" if record.kl is not None else ""
+        print(f"kept blocks fitted on {record.tokens} tokens of {record.text} text{kl} (--no-fit: the selection alone)")
     return 0
