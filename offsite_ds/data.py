@@ -117,11 +117,11 @@ def tokenize_corpus(texts: list[str], tokenizer) -> torch.Tensor:
 
 
 def max_positions(config) -> int | None:
-    for key in ("max_position_embeddings", "n_positions"):
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):  # MPT: max_seq_len (its ALiBi table)
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
             return value
-    return None  # ALiBi models (BLOOM) have no hard limit
+    return None  # BLOOM's ALiBi has no hard limit
 
 
 def start_token_id(tokenizer) -> int | None:

@@ -73,6 +73,97 @@ FAMILIES: tuple[Family, ...] = (
         activation="gelu_tanh",
         lora_targets=("c_attn",),
     ),
+    Family(  # Pythia, GPT-NeoX-20B: one fused QKV, parallel residual; old checkpoints name the head embed_out
+        name="gpt_neox",
+        model_types=("gpt_neox",),
+        blocks="gpt_neox.layers",
+        final_norm="gpt_neox.final_layer_norm",
+        head="lm_head",
+        embeddings=("gpt_neox.embed_in", "gpt_neox.rotary_emb"),
+        attn_out="attention.dense",
+        mlp_out="mlp.dense_4h_to_h",
+        mlp_in="mlp.dense_h_to_4h",
+        activation="gelu",
+        lora_targets=("query_key_value",),
+    ),
+    Family(  # phi-1, phi-1.5, phi-2: attention and MLP side by side after one LayerNorm
+        name="phi",
+        model_types=("phi",),
+        blocks="model.layers",
+        final_norm="model.final_layernorm",
+        head="lm_head",
+        embeddings=("model.embed_tokens", "model.rotary_emb"),
+        attn_out="self_attn.dense",
+        mlp_out="mlp.fc2",
+        mlp_in="mlp.fc1",
+        activation="gelu_tanh",
+        lora_targets=("q_proj", "v_proj"),
+    ),
+    Family(
+        name="gptj",
+        model_types=("gptj",),
+        blocks="transformer.h",
+        final_norm="transformer.ln_f",
+        head="lm_head",
+        embeddings=("transformer.wte", "transformer.rotary_emb"),
+        attn_out="attn.out_proj",
+        mlp_out="mlp.fc_out",
+        mlp_in="mlp.fc_in",
+        activation="gelu_tanh",
+        lora_targets=("q_proj", "v_proj"),
+    ),
+    Family(
+        name="falcon",
+        model_types=("falcon",),
+        blocks="transformer.h",
+        final_norm="transformer.ln_f",
+        head="lm_head",
+        embeddings=("transformer.word_embeddings", "transformer.rotary_emb"),
+        attn_out="self_attention.dense",
+        mlp_out="mlp.dense_4h_to_h",
+        mlp_in="mlp.dense_h_to_4h",
+        activation="gelu",
+        lora_targets=("query_key_value",),
+    ),
+    Family(  # StarCoder, SantaCoder: GPT-2's layout with nn.Linear and multi-query attention
+        name="gpt_bigcode",
+        model_types=("gpt_bigcode",),
+        blocks="transformer.h",
+        final_norm="transformer.ln_f",
+        head="lm_head",
+        embeddings=("transformer.wte", "transformer.wpe"),
+        attn_out="attn.c_proj",
+        mlp_out="mlp.c_proj",
+        mlp_in="mlp.c_fc",
+        activation="gelu_tanh",
+        lora_targets=("c_attn",),
+    ),
+    Family(  # MPT: ALiBi positions, no biases
+        name="mpt",
+        model_types=("mpt",),
+        blocks="transformer.blocks",
+        final_norm="transformer.norm_f",
+        head="lm_head",
+        embeddings=("transformer.wte",),
+        attn_out="attn.out_proj",
+        mlp_out="ffn.down_proj",
+        mlp_in="ffn.up_proj",
+        activation="gelu",
+        lora_targets=("Wqkv",),
+    ),
+    Family(
+        name="codegen",
+        model_types=("codegen",),
+        blocks="transformer.h",
+        final_norm="transformer.ln_f",
+        head="lm_head",
+        embeddings=("transformer.wte", "transformer.rotary_emb"),
+        attn_out="attn.out_proj",
+        mlp_out="mlp.fc_out",
+        mlp_in="mlp.fc_in",
+        activation="gelu_tanh",
+        lora_targets=("qkv_proj",),
+    ),
     Family(
         name="llama",
         model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "olmo2",
@@ -87,6 +178,14 @@ FAMILIES: tuple[Family, ...] = (
         lora_targets=("q_proj", "v_proj"),
     ),
 )
+
+# model types whose blocks cannot be dropped or run one by one, whatever their module paths say
+UNSUPPORTED = {
+    "gemma3n": "its blocks read per-layer input embeddings sized to the full depth and share key/value caches "
+               "across layers",
+    "gemma3n_text": "its blocks read per-layer input embeddings sized to the full depth and share key/value caches "
+                    "across layers",
+}
 
 _BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 _BY_NAME = {f.name: f for f in FAMILIES}
@@ -125,6 +224,9 @@ def family_of(model: nn.Module) -> Family:
     model_type = getattr(config, "model_type", None)
     if model_type is None:
         raise UnsupportedModelError(f"{type(model).__name__} has no HF config.model_type; pass a transformers model")
+    if model_type in UNSUPPORTED:
+        raise UnsupportedModelError(f"model type '{model_type}' is not supported: {UNSUPPORTED[model_type]}, so "
+                                    "no emulator can be cut from it")
     family = _BY_TYPE.get(model_type)
     if family is None:
         return _generic_family(model, model_type)

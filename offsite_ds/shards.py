@@ -15,6 +15,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -210,12 +211,41 @@ class ShardWriter:
         return self.files + [WEIGHTS_INDEX]
 
 
+def _checkpoint_renaming(skeleton, state: dict) -> Callable[[str], tuple[str | None, bool]]:
+    """name -> (the model's name for a checkpoint tensor or None, whether transformers would convert its layout).
+
+    transformers renames some checkpoint tensors on load (GPT-NeoX's `embed_out` is `lm_head`; old LayerNorm
+    `gamma`/`beta`) and converts others (one tensor per MoE expert stacked into one), per model class
+    (`get_model_conversion_mapping`). Renames are followed here as `from_pretrained` follows them; a conversion
+    is reported, not done. A transformers without that mapping (or with another signature) renames nothing.
+    """
+    def nothing(_name: str) -> tuple[str | None, bool]:
+        return None, False
+
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        mapping = get_model_conversion_mapping(skeleton)
+        rename_source_key("", [], [], skeleton.base_model_prefix, state)
+    except (ImportError, TypeError):
+        return nothing
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+
+    def rename(name: str) -> tuple[str | None, bool]:
+        renamed, converted_by = rename_source_key(name, renamings, converters, skeleton.base_model_prefix, state)
+        return (renamed, converted_by is not None) if renamed in state else (None, False)
+
+    return rename
+
+
 class ModelCheckpoint:
     """A model directory's checkpoint seen under the model's own state-dict names, without loading weights.
 
     The model is built on the meta device (shapes only, no memory) to learn its state-dict names, tied
-    aliases and family; checkpoint names are matched to them the way `from_pretrained` does (exactly, or
-    with the base-model prefix that older checkpoints omit); tensors the model has no place for (old
+    aliases and family; checkpoint names are matched to them the way `from_pretrained` does (exactly, with
+    the base-model prefix that older checkpoints omit, or through transformers' renames); tensors the model has no place for (old
     buffers such as GPT-2's `attn.bias`) are left out, as `from_pretrained` leaves them. A missing tensor
     or a wrong shape is refused with one line.
     """
@@ -236,10 +266,18 @@ class ModelCheckpoint:
         self.shapes = {name: list(t.shape) for name, t in state.items()}
         self.parameters = {name for name, _ in self.skeleton.named_parameters(remove_duplicate=False)}
         prefix = self.skeleton.base_model_prefix
+        rename = _checkpoint_renaming(self.skeleton, state)
         self.stored: dict[str, str] = {}  # model name -> checkpoint name, in storage order
         self.unused: list[str] = []  # checkpoint tensors the model has no place for (from_pretrained drops them)
         for name in self.reader.names():
             model_name = name if name in state else f"{prefix}.{name}" if f"{prefix}.{name}" in state else None
+            if model_name is None:
+                model_name, merged = rename(name)
+                if merged:
+                    raise OffsiteError(
+                        f"{self.dir}: the checkpoint stores '{name}' in a layout that transformers converts on load "
+                        f"(into '{model_name}'); offsite-ds reads checkpoints tensor by tensor and does not convert "
+                        f"layouts, so '{self.config.model_type}' models are not supported yet")
             if model_name is None:
                 self.unused.append(name)
                 continue

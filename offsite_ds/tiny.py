@@ -1,7 +1,7 @@
 """Tiny, randomly initialised models of the real architectures, with a byte-level tokenizer.
 
 They let tests, the CPU benchmark smoke mode and try-outs exercise the real HF classes (OPT, BLOOM,
-GPT-2, Llama) without any download. Shapes are the real configs' shapes shrunk, nothing else changed.
+GPT-2, Llama; GPT-NeoX, Phi, GPT-J, Falcon, GPT-BigCode, MPT, CodeGen) without any download. Shapes are the real configs' shapes shrunk, nothing else changed.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel,
                           PreTrainedTokenizerFast)
 
-TINY_FAMILIES = ("opt", "bloom", "gpt2", "llama")
+TINY_FAMILIES = ("opt", "bloom", "gpt2", "llama", "gpt_neox", "phi", "gptj", "falcon", "gpt_bigcode", "mpt", "codegen")
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -53,6 +53,26 @@ def tiny_config(family: str, n_layers: int = 6, hidden: int = 32, vocab: int = 2
                                     num_hidden_layers=n_layers, num_attention_heads=heads, num_key_value_heads=2,
                                     max_position_embeddings=max_positions, pad_token_id=vocab - 1,
                                     bos_token_id=vocab - 2, eos_token_id=vocab - 2, tie_word_embeddings=True)
+    common = dict(vocab_size=vocab, pad_token_id=vocab - 1, bos_token_id=vocab - 2, eos_token_id=vocab - 2,
+                  tie_word_embeddings=False)
+    if family in ("gpt_neox", "phi"):
+        return AutoConfig.for_model(family, hidden_size=hidden, intermediate_size=hidden * 4,
+                                    num_hidden_layers=n_layers, num_attention_heads=heads,
+                                    max_position_embeddings=max_positions, **common)
+    if family == "gptj":
+        return AutoConfig.for_model("gptj", n_embd=hidden, n_layer=n_layers, n_head=heads, rotary_dim=hidden // heads,
+                                    n_positions=max_positions, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                    **common)
+    if family == "falcon":  # the 7B shape: multi-query attention, parallel attention and MLP
+        return AutoConfig.for_model("falcon", hidden_size=hidden, num_hidden_layers=n_layers,
+                                    num_attention_heads=heads, multi_query=True, parallel_attn=True, **common)
+    if family in ("gpt_bigcode", "codegen"):
+        extra = {"rotary_dim": hidden // heads} if family == "codegen" else {}
+        return AutoConfig.for_model(family, n_embd=hidden, n_layer=n_layers, n_head=heads, n_positions=max_positions,
+                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **extra, **common)
+    if family == "mpt":
+        return AutoConfig.for_model("mpt", d_model=hidden, n_layers=n_layers, n_heads=heads,
+                                    max_seq_len=max_positions, **common)
     raise ValueError(f"no tiny config for family '{family}'; choose one of {', '.join(TINY_FAMILIES)}")
 
 

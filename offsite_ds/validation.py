@@ -29,8 +29,9 @@ CHAT_TEMPLATE = "chat_template.jinja"  # text rendered by transformers' sandboxe
 CONFIG_CAPS = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "n_embd": 1 << 16, "word_embed_proj_dim": 1 << 16,
                "intermediate_size": 1 << 18, "ffn_dim": 1 << 18, "n_inner": 1 << 18, "num_attention_heads": 1024,
                "n_head": 1024, "num_key_value_heads": 1024, "head_dim": 4096, "max_position_embeddings": 1 << 22,
-               "n_positions": 1 << 22}
-DEPTH_KEYS = ("num_hidden_layers", "n_layer")
+               "n_positions": 1 << 22, "d_model": 1 << 16, "n_heads": 1024, "num_kv_heads": 1024,
+               "max_seq_len": 1 << 22, "expansion_ratio": 64}
+DEPTH_KEYS = ("num_hidden_layers", "n_layer", "n_layers")  # MPT names its depth n_layers
 
 
 def read_manifest(directory: str | Path, expected_format: str) -> BundleManifest | AdapterManifest:

@@ -57,10 +57,17 @@ EXPECTED = {
     "bloom": {"layer_norm", "linear+bias+gelu_tanh", "linear_cross_entropy (frozen head)"},
     "gpt2": {"layer_norm", "linear+bias+gelu_tanh", "linear_cross_entropy (frozen head)"},
     "llama": {"rms_norm", "linear_cross_entropy (frozen head)"},
+    "gpt_neox": {"layer_norm", "linear+bias+gelu", "linear_cross_entropy (frozen head)"},
+    "phi": {"layer_norm", "linear+bias+gelu_tanh", "linear_cross_entropy (frozen head)"},
+    "gptj": {"layer_norm", "linear+bias+gelu_tanh", "linear_cross_entropy (frozen head)"},
+    "falcon": {"layer_norm", "linear_cross_entropy (frozen head)"},  # its MLP linears have no bias
+    "gpt_bigcode": {"layer_norm", "linear+bias+gelu_tanh", "linear_cross_entropy (frozen head)"},
+    "mpt": {"layer_norm", "linear_cross_entropy (frozen head)"},  # no biases
+    "codegen": {"layer_norm", "linear+bias+gelu_tanh", "linear_cross_entropy (frozen head)"},
 }
 
 
-@pytest.mark.parametrize("family", ["opt", "bloom", "gpt2", "llama"])
+@pytest.mark.parametrize("family", list(EXPECTED))
 def test_patch_keeps_loss_gradients_and_state_dict(family):
     model = emulator(family)
     model.train()

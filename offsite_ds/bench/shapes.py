@@ -12,9 +12,9 @@ from transformers import PretrainedConfig
 
 from offsite_ds.errors import OffsiteError
 from offsite_ds.paper_models import PAPER_MODELS, paper_config, paper_layout, read_model_config
+from offsite_ds.validation import DEPTH_KEYS
 
 BUILTIN = PAPER_MODELS  # the paper's models, by name
-DEPTH_KEYS = ("num_hidden_layers", "n_layer")
 TINY_LAYOUT = "2-4-2"  # for tiny-<family> shapes (default depth 12)
 
 
