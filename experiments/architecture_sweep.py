@@ -52,7 +52,7 @@ def run(args: list[str], log) -> tuple[int, str, float]:
     start = time.time()
     done = subprocess.run([sys.executable, "-m", "offsite_ds", *args], capture_output=True, text=True, timeout=1800)
     log.write(f"$ offsite-ds {' '.join(args)}\n{done.stdout}\n{done.stderr}\n")
-    return done.returncode, (done.stderr.strip().splitlines() or [""])[-1], time.time() - start
+    return done.returncode, done.stderr, time.time() - start
 
 
 def main(out: Path, types: list[str]) -> None:
@@ -83,11 +83,11 @@ def main(out: Path, types: list[str]) -> None:
                                           "--seq-len", "64"]),
                                 ("plugin", ["plugin", m, a, "--out", p]),
                                 ("eval", ["eval", p, "--data", str(corpus)])):
-                rc, last, seconds = run(args, log)
+                rc, stderr, seconds = run(args, log)
                 row[stage] = round(seconds, 1)
                 if rc:
-                    traceback = "Traceback (most recent call last)" in (work / "log.txt").read_text()
-                    row.update(stage=stage, error=last[:400], traceback=traceback)
+                    last = (stderr.strip().splitlines() or [""])[-1]
+                    row.update(stage=stage, error=last[:400], traceback="Traceback (most recent call last)" in stderr)
                     break
         rows.append(row)
         print(row, flush=True)

@@ -269,7 +269,7 @@ def write_emulator(model_dir: str | Path | ModelCheckpoint, block_map: list[int]
     dtype = dtype or checkpoint.dtype()
     position_of = {original: position for position, original in enumerate(block_map)}
     jobs = []  # (checkpoint name, emulator name, position or None), in storage order
-    for original in checkpoint.stored:
+    for original in checkpoint.held():
         where = checkpoint.block_of(original)
         if where is None:
             jobs.append((original, original, None))
@@ -278,7 +278,7 @@ def write_emulator(model_dir: str | Path | ModelCheckpoint, block_map: list[int]
             jobs.append((original, f"{block_prefix(checkpoint.family, position)}{where[1]}", position))
 
     def out_dtype(original: str) -> torch.dtype:
-        stored = checkpoint.reader.dtype(checkpoint.source(original))
+        stored = checkpoint.stored_dtype(original)
         return dtype if stored.is_floating_point else stored
 
     writer = ShardWriter(out_dir, [(name, checkpoint.shapes[original], out_dtype(original))

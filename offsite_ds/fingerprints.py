@@ -73,12 +73,9 @@ def fingerprint_checkpoint(checkpoint: ModelCheckpoint, sample_bytes: int = 1 <<
 
     `checkpoint` is a shards.ModelCheckpoint; equal to fingerprint_model(runtime.load_model(dir)).
     """
-    reader = checkpoint.reader
-
     def entry(name):
-        source = checkpoint.source(name)
-        return (name, checkpoint.shapes[name], reader.dtype(source), math.prod(reader.shape(source)),
-                lambda a, b: reader.read_flat(source, a, b))
+        return (name, checkpoint.shapes[name], checkpoint.stored_dtype(name), math.prod(checkpoint.shapes[name]),
+                lambda a, b: checkpoint.read_flat(name, a, b))
 
     return _fingerprint([entry(n) for n in checkpoint.state_names()], sample_bytes)
 

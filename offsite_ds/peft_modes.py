@@ -50,7 +50,8 @@ def insert_bottleneck_adapters(model: nn.Module, positions: list[int], bottlenec
         for path in (family.attn_out, family.mlp_out):
             proj = get_path(blocks[pos], path)
             if proj is None:
-                raise OffsiteError(f"block {pos} has no '{path}' for a bottleneck adapter (family {family.name})")
+                raise OffsiteError(f"block {pos} has no '{path}' for a bottleneck adapter (family {family.name}; an "
+                                   "MoE block has no single MLP output layer): use --mode full or lora")
             if hasattr(proj, "bottleneck_adapter"):
                 continue
             ref = next(proj.parameters())
@@ -62,24 +63,19 @@ def insert_bottleneck_adapters(model: nn.Module, positions: list[int], bottlenec
             proj.register_forward_hook(_adapter_hook)
 
 
-def lora_target_regex(family: Family, positions: list[int], targets: list[str] | tuple[str, ...]) -> str:
-    """PEFT full-match regex for the target linears inside the listed blocks only."""
-    blocks = re.escape(family.blocks)
-    pos = "|".join(str(p) for p in positions)
-    names = "|".join(re.escape(t) for t in targets)
-    return rf"{blocks}\.({pos})\.(.*\.)?({names})"
-
-
 def lora_config(model: nn.Module, positions: list[int], settings: LoraSettings, task_type: str | None = None):
     """The one PEFT LoraConfig for resolved LoRA `settings` on blocks `positions` of `model`.
 
-    Used to inject LoRA for training and to write the PEFT export, so both describe the same adapter.
+    Used to inject LoRA for training and to write the PEFT export, so both describe the same adapter. The blocks
+    are named by `layers_to_transform`, not by a regex over module paths: under transformers 5, PEFT rewrites a
+    regex into bare leaf names for MoE models (Mixtral), which put LoRA into every block.
     """
     from peft import LoraConfig
 
     family = family_of(model)
     return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                      target_modules=lora_target_regex(family, positions, settings.targets or family.lora_targets),
+                      target_modules=list(settings.targets or family.lora_targets),
+                      layers_to_transform=sorted(positions), layers_pattern=family.blocks.rpartition(".")[2],
                       fan_in_fan_out=fan_in_fan_out(model), bias="none", task_type=task_type)
 
 

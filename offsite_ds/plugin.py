@@ -206,7 +206,7 @@ def plugin(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,
     tuned = tuned_blocks(checkpoint, package, shipped_adapter(bundle_dir, package) if bundle_dir else None)
     dtype = checkpoint.dtype()
     with atomic_dir(out_dir) as tmp:
-        stored = {name: checkpoint.reader.dtype(source) for name, source in checkpoint.stored.items()}
+        stored = {name: checkpoint.stored_dtype(name) for name in checkpoint.held()}
         added = {name: (dtype if t.is_floating_point() else t.dtype) for name, t in tuned.items() if name not in stored}
         plan = [(name, checkpoint.shapes[name], dt) for name, dt in stored.items()]
         writer = ShardWriter(tmp, plan + [(name, list(tuned[name].shape), dt) for name, dt in added.items()],

@@ -14,8 +14,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import copy
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -211,16 +214,26 @@ class ShardWriter:
         return self.files + [WEIGHTS_INDEX]
 
 
-def _checkpoint_renaming(skeleton, state: dict) -> Callable[[str], tuple[str | None, bool]]:
-    """name -> (the model's name for a checkpoint tensor or None, whether transformers would convert its layout).
+@dataclass
+class _Converted:
+    """Checkpoint tensors transformers converts into one or more model tensors on load (an MoE layer's experts,
+    one tensor each, stacked into one): its converter, the name it files them under and the sources in order."""
+    converter: object
+    key: str
+    sources: list[tuple[str, str]] = field(default_factory=list)  # (checkpoint name, the pattern that matched)
+
+
+def _checkpoint_renaming(skeleton, state: dict) -> Callable[[str], tuple[str | None, object | None, str | None]]:
+    """name -> (the model's name for a checkpoint tensor or None, the converter that builds it or None, the
+    converter's pattern that matched).
 
     transformers renames some checkpoint tensors on load (GPT-NeoX's `embed_out` is `lm_head`; old LayerNorm
     `gamma`/`beta`) and converts others (one tensor per MoE expert stacked into one), per model class
-    (`get_model_conversion_mapping`). Renames are followed here as `from_pretrained` follows them; a conversion
-    is reported, not done. A transformers without that mapping (or with another signature) renames nothing.
+    (`get_model_conversion_mapping`); both are followed here as `from_pretrained` follows them. A transformers
+    without that mapping (or with another signature) renames nothing.
     """
-    def nothing(_name: str) -> tuple[str | None, bool]:
-        return None, False
+    def nothing(_name: str) -> tuple[str | None, object | None, str | None]:
+        return None, None, None
 
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -232,12 +245,20 @@ def _checkpoint_renaming(skeleton, state: dict) -> Callable[[str], tuple[str | N
         return nothing
     renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
     converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
 
-    def rename(name: str) -> tuple[str | None, bool]:
-        renamed, converted_by = rename_source_key(name, renamings, converters, skeleton.base_model_prefix, state)
-        return (renamed, converted_by is not None) if renamed in state else (None, False)
+    def rename(name: str) -> tuple[str | None, object | None, str | None]:
+        renamed, pattern = rename_source_key(name, renamings, converters, skeleton.base_model_prefix, state)
+        if renamed not in state:
+            return None, None, None
+        return renamed, by_pattern.get(pattern), pattern
 
     return rename
+
+
+def _natural(name: str) -> list:
+    """Dotted names with their numbers compared as numbers (expert 10 after expert 9), as transformers orders them."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split(".")]
 
 
 class ModelCheckpoint:
@@ -268,23 +289,35 @@ class ModelCheckpoint:
         prefix = self.skeleton.base_model_prefix
         rename = _checkpoint_renaming(self.skeleton, state)
         self.stored: dict[str, str] = {}  # model name -> checkpoint name, in storage order
+        self.converted: dict[str, _Converted] = {}  # model name -> the conversion that builds it
         self.unused: list[str] = []  # checkpoint tensors the model has no place for (from_pretrained drops them)
-        for name in self.reader.names():
+        order: dict[str, int] = {}  # model name -> position of its (first) checkpoint tensor
+        for position, name in enumerate(self.reader.names()):
             model_name = name if name in state else f"{prefix}.{name}" if f"{prefix}.{name}" in state else None
+            converter = None
             if model_name is None:
-                model_name, merged = rename(name)
-                if merged:
-                    raise OffsiteError(
-                        f"{self.dir}: the checkpoint stores '{name}' in a layout that transformers converts on load "
-                        f"(into '{model_name}'); offsite-ds reads checkpoints tensor by tensor and does not convert "
-                        f"layouts, so '{self.config.model_type}' models are not supported yet")
+                model_name, converter, pattern = rename(name)
             if model_name is None:
                 self.unused.append(name)
+                continue
+            order.setdefault(model_name, position)
+            if converter is not None:
+                group = self.converted.setdefault(model_name, _Converted(converter, model_name))
+                group.sources.append((name, pattern))
                 continue
             if self.reader.shape(name) != self.shapes[model_name]:
                 raise OffsiteError(f"{self.dir}: tensor '{name}' is {self.reader.shape(name)}, config.json implies "
                                    f"{self.shapes[model_name]}; the weights do not match config.json")
             self.stored[model_name] = name
+        self._last: tuple[int, dict[str, torch.Tensor]] | None = None  # the last conversion, for its other targets
+        for group in {id(g): g for g in self.converted.values()}.values():
+            group.sources.sort(key=lambda source: _natural(source[0]))
+            first, *others = group.converter.target_patterns  # one-to-many (a fused QKV split): every target
+            for target in (group.key.replace(first, other) for other in others):
+                if target in state:
+                    self.converted.setdefault(target, group)
+                    order.setdefault(target, order[group.key])
+        self._order = order
         self.alias: dict[str, str] = {}  # tied name -> the name it shares its tensor with (first in module order)
         groups: dict[int, list[str]] = {}
         for name, p in self.skeleton.named_parameters(remove_duplicate=False):
@@ -295,9 +328,54 @@ class ModelCheckpoint:
         for name in state:
             if name in self.alias and name in self.stored and self.alias[name] in self.stored:
                 del self.stored[name]  # a tied copy saved anyway: save_pretrained would not write it
-            if name not in self.stored and self.alias.get(name) not in self.stored:
+            if not {name, self.alias.get(name)} & (self.stored.keys() | self.converted.keys()):
                 raise OffsiteError(f"{self.dir}: the checkpoint lacks tensor '{name}'; the model directory is "
                                    "incomplete")
+
+    def _convert(self, group: _Converted) -> dict[str, torch.Tensor]:
+        """The model tensors `group` converts into, checked against the model's shapes; its sources are read one
+        at a time and all held while converting (one MoE layer's experts)."""
+        if self._last is not None and self._last[0] == id(group):
+            return self._last[1]
+        converter = copy.deepcopy(group.converter)
+        try:
+            for name, pattern in group.sources:
+                converter.add_tensor(group.key, name, pattern, partial(self.reader.get, name))
+            out = converter.convert(group.key, model=self.skeleton, config=self.config)
+        except (TypeError, AttributeError, ValueError, RuntimeError) as exc:
+            raise OffsiteError(f"{self.dir}: transformers could not convert '{group.sources[0][0]}' into "
+                               f"'{group.key}' ({type(exc).__name__}: {str(exc)[:120]}); this transformers version "
+                               "cannot be used to read this checkpoint tensor by tensor") from None
+        out = {name: tensor[0] if isinstance(tensor, list) else tensor for name, tensor in out.items()}
+        for name, tensor in out.items():
+            if name not in self.shapes or list(tensor.shape) != self.shapes[name]:
+                raise OffsiteError(f"{self.dir}: '{group.sources[0][0]}' converts into '{name}' "
+                                   f"{list(tensor.shape)}, config.json implies {self.shapes.get(name)}; the weights do "
+                                   "not match config.json")
+        self._last = (id(group), out)
+        return out
+
+    def held(self) -> list[str]:
+        """The model names the checkpoint holds (tied copies it does not store left out), in storage order."""
+        return sorted([*self.stored, *self.converted], key=self._order.__getitem__)
+
+    def stored_dtype(self, model_name: str) -> torch.dtype:
+        """The dtype the checkpoint stores `model_name` in (a converted tensor: its first source's)."""
+        name = self._holder(model_name)
+        if name in self.converted:
+            return self.reader.dtype(self.converted[name].sources[0][0])
+        return self.reader.dtype(self.stored[name])
+
+    def read_flat(self, model_name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Elements [start, stop) of `model_name`, flattened (a converted tensor is converted whole first)."""
+        name = self._holder(model_name)
+        if name in self.converted:
+            return self.get(name).reshape(-1)[start:stop]
+        return self.reader.read_flat(self.stored[name], start, stop)
+
+    def _holder(self, model_name: str) -> str:
+        """`model_name`, or the name it is tied to where the checkpoint stores only that one."""
+        return model_name if model_name in self.stored or model_name in self.converted else self.alias[model_name]
 
     @property
     def depth(self) -> int:
@@ -305,21 +383,23 @@ class ModelCheckpoint:
 
         return len(get_path(self.skeleton, self.family.blocks))
 
-    def source(self, model_name: str) -> str:
-        """Checkpoint name holding `model_name`'s values (through a tie where the model shares it)."""
-        return self.stored.get(model_name) or self.stored[self.alias[model_name]]
 
     def state_names(self) -> list[str]:
         """Every name of the model's state dict (tied aliases included), as `model.state_dict()` lists them."""
         return list(self.shapes)
 
     def get(self, model_name: str) -> torch.Tensor:
-        return self.reader.get(self.source(model_name))
+        name = self._holder(model_name)
+        if name in self.converted:
+            return self._convert(self.converted[name])[name]
+        return self.reader.get(self.stored[name])
 
     def dtype(self) -> torch.dtype:
         """The checkpoint's floating dtype (by bytes, the one most of the weights are stored in)."""
         by_dtype: dict[torch.dtype, int] = {}
-        for name in self.stored.values():
+        sources = [*self.stored.values(), *(n for g in {id(g): g for g in self.converted.values()}.values()
+                                            for n, _ in g.sources)]
+        for name in sources:
             dt = self.reader.dtype(name)
             if dt.is_floating_point:
                 by_dtype[dt] = by_dtype.get(dt, 0) + self.reader.nbytes(name)

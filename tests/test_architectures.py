@@ -1,7 +1,6 @@
 """Families beyond the four every other test runs on (GPT-NeoX/Pythia, Phi, GPT-J, Falcon, GPT-BigCode, MPT,
-CodeGen): the default recipe end
-to end on tiny random models; the checkpoint renames transformers applies on load are followed; layouts it converts
-on load (one tensor per MoE expert) are refused in one line."""
+CodeGen) and MoE checkpoints (Mixtral, Qwen-MoE): the default recipe end to end on tiny random models, the checkpoint
+renames and layout conversions transformers applies on load followed; Gemma-3n refused in one line."""
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -70,31 +69,61 @@ def test_a_renamed_head_is_read_as_transformers_reads_it(tmp_path):
     assert "embed_out.weight" in weights and "lm_head.weight" not in weights
     full = AutoModelForCausalLM.from_pretrained(model_dir)
     checkpoint = ModelCheckpoint(model_dir)
-    assert checkpoint.source("lm_head.weight") == "embed_out.weight" and not checkpoint.unused
+    assert checkpoint.stored["lm_head.weight"] == "embed_out.weight" and not checkpoint.unused
     bundle = make_bundle(model_dir, "1-1-1", tmp_path / "bundle", select="uniform", calib_data=None).path
     assert torch.equal(AutoModelForCausalLM.from_pretrained(bundle).lm_head.weight, full.lm_head.weight)
 
     weights["lm_head.weight"] = weights.pop("embed_out.weight")
     save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
-    assert ModelCheckpoint(model_dir).source("lm_head.weight") == "lm_head.weight"
+    assert ModelCheckpoint(model_dir).stored["lm_head.weight"] == "lm_head.weight"
 
 
-def test_a_layout_transformers_converts_on_load_is_refused_in_one_line(tmp_path, capsys):
-    """A checkpoint that keeps one tensor per MoE expert (transformers stacks them on load) cannot be read tensor
-    by tensor: `emulate` says so in one line, exit 2, and writes nothing."""
-    from offsite_ds.cli import main
+def _tiny_moe(model_type: str, out):
+    sizes = dict(vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+                 num_key_value_heads=2, pad_token_id=257, bos_token_id=256, eos_token_id=256)
+    experts = {"mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+               "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                 shared_expert_intermediate_size=32)}[model_type]
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **sizes, **experts)).save_pretrained(out)
+    byte_tokenizer().save_pretrained(out)
+    return out
 
-    config = AutoConfig.for_model("mixtral", vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                  num_attention_heads=4, num_key_value_heads=2, num_local_experts=2,
-                                  num_experts_per_tok=1, pad_token_id=257, bos_token_id=256, eos_token_id=256)
-    model_dir = tmp_path / "moe"
-    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
-    byte_tokenizer().save_pretrained(model_dir)
-    assert main(["emulate", str(model_dir), "--layout", "1-1-1", "--select", "uniform", "--no-calib",
-                 "--out", str(tmp_path / "bundle")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "converts on load" in err and "'mixtral' models are not supported" in err
-    assert not (tmp_path / "bundle").exists()
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+def test_moe_checkpoints_are_read_through_transformers_conversions(model_type, public_text, corpus_file, tmp_path):
+    """MoE checkpoints keep one tensor per expert, which transformers stacks into one tensor on load: the streamed
+    reader converts them the same way (every tensor equal to from_pretrained's, the fingerprint too), and the
+    default recipe round-trips (the bundle holds the stacked layout, which plain transformers loads as is)."""
+    from offsite_ds.fingerprints import fingerprint_checkpoint, fingerprint_model
+    from offsite_ds.shards import ModelCheckpoint
+
+    model_dir = _tiny_moe(model_type, tmp_path / "model")
+    checkpoint = ModelCheckpoint(model_dir)
+    assert checkpoint.converted and not checkpoint.unused
+    full = AutoModelForCausalLM.from_pretrained(model_dir)
+    state = full.state_dict()
+    assert all(torch.equal(checkpoint.get(name), state[name]) for name in checkpoint.state_names())
+    assert fingerprint_checkpoint(checkpoint) == fingerprint_model(full)
+
+    fit = FitSettings(tokens=1024, epochs=1, lr=1e-3, seq_len=64, kl_epochs=1)
+    written = make_bundle(model_dir, "2-1-2", tmp_path / "bundle", calib_data=public_text, calib_tokens=256, fit=fit,
+                          log=lambda _line: None)
+    assert [b.block for b in written.manifest.compression.fit.blocks] == [written.manifest.block_map[2]]
+    emulator = AutoModelForCausalLM.from_pretrained(written.path)
+    assert len(blocks_of(emulator)) == 5 and torch.isfinite(emulator(torch.tensor([[5, 6, 7]])).logits).all()
+    tune(written.path, corpus_file, tmp_path / "adapter", mode="full", seq_len=32,
+         cfg=TrainConfig(steps=2, lr=5e-3, batch_size=2, progress=False))
+    names = set(load_adapter_package(tmp_path / "adapter").tensors)
+    plugged = AutoModelForCausalLM.from_pretrained(plugin(model_dir, tmp_path / "adapter", tmp_path / "plugged"))
+    plugged_state = plugged.state_dict()
+    assert {n for n in state if not torch.equal(state[n], plugged_state[n])} == names
+    assert any(".experts." in n for n in names)  # the adapter blocks' experts were tuned and plugged in
+    # LoRA only in the adapter blocks (PEFT rewrites a module-path regex into bare names for MoE models)
+    tune(written.path, corpus_file, tmp_path / "lora", mode="lora", seq_len=32,
+         cfg=TrainConfig(steps=1, lr=5e-3, batch_size=2, progress=False))
+    lora = load_adapter_package(tmp_path / "lora").tensors
+    assert {int(n.split(".")[2]) for n in lora} == {0, 1, 4, 5} and all("lora_" in n for n in lora)
 
 
 def test_a_model_whose_blocks_cannot_run_alone_is_refused_by_name():
