@@ -25,33 +25,40 @@ def public_text(tmp_path):
     return path
 
 
+def _default_round_trip(model_dir, layout, public_text, corpus_file, tmp_path, steps=2):
+    """emulate's default builder at toy budgets (importance, the block fit, the KL phase), a full-mode tune and the
+    plug-in: (the written bundle, the package's tensor names, the full model, the names the plug-in changed)."""
+    fit = FitSettings(tokens=1024, epochs=2, lr=1e-3, seq_len=64, kl_epochs=1)
+    written = make_bundle(model_dir, layout, tmp_path / "bundle", calib_data=public_text, calib_tokens=256, fit=fit,
+                          log=lambda _line: None)
+    emulator = AutoModelForCausalLM.from_pretrained(written.path)  # plain transformers loads the bundle
+    assert len(blocks_of(emulator)) == len(written.manifest.block_map)
+    assert torch.isfinite(emulator(torch.tensor([[5, 6, 7]])).logits).all()
+    tune(written.path, corpus_file, tmp_path / "adapter", mode="full", seq_len=32,
+         cfg=TrainConfig(steps=steps, lr=5e-3, batch_size=2, progress=False))
+    names = set(load_adapter_package(tmp_path / "adapter").tensors)
+    plugged = AutoModelForCausalLM.from_pretrained(plugin(model_dir, tmp_path / "adapter", tmp_path / "plugged"))
+    full = AutoModelForCausalLM.from_pretrained(model_dir)
+    plugged_state, state = plugged.state_dict(), full.state_dict()
+    return written, names, full, {n for n in state if not torch.equal(state[n], plugged_state[n])}
+
+
 @pytest.mark.parametrize("family", MORE_FAMILIES)
 def test_the_default_recipe_on_more_families(family, public_text, corpus_file, tmp_path):
     """emulate's default builder (importance scored block by block from the shards, the block fit, the KL phase),
     tune, plug in: the bundle and the plug-in load in plain transformers, the fit lowered every block's error, and
     the plug-in changes exactly the adapter blocks' tensors."""
     model_dir = save_tiny_model(family, tmp_path / "model", n_layers=8)
-    fit = FitSettings(tokens=1024, epochs=2, lr=1e-3, seq_len=64, kl_epochs=1)
-    written = make_bundle(model_dir, "2-2-2", tmp_path / "bundle", calib_data=public_text, calib_tokens=256,
-                          fit=fit, log=lambda _line: None)
+    written, names, full, changed = _default_round_trip(model_dir, "2-2-2", public_text, corpus_file, tmp_path)
     record = written.manifest.compression.fit
     assert written.manifest.compression.select == "importance" and len(record.blocks) == 2
     assert all(b.after < b.before for b in record.blocks if b.before > 0), record.blocks
-    emulator = AutoModelForCausalLM.from_pretrained(written.path)
-    assert len(blocks_of(emulator)) == 6 and torch.isfinite(emulator(torch.tensor([[5, 6, 7]])).logits).all()
-
-    tune(written.path, corpus_file, tmp_path / "adapter", mode="full", seq_len=32,
-         cfg=TrainConfig(steps=3, lr=5e-3, batch_size=2, progress=False))
-    names = set(load_adapter_package(tmp_path / "adapter").tensors)
-    plugged = AutoModelForCausalLM.from_pretrained(plugin(model_dir, tmp_path / "adapter", tmp_path / "plugged"))
-    full = AutoModelForCausalLM.from_pretrained(model_dir)
-    plugged_sd, full_sd = plugged.state_dict(), full.state_dict()
-    assert {n for n in full_sd if not torch.equal(full_sd[n], plugged_sd[n])} == names
+    assert changed == names
     blocks = family_of(full).blocks + "."
     assert {int(n[len(blocks):].split(".")[0]) for n in names} == {0, 1, 6, 7}
 
     ids = torch.tensor([[5, 6, 7, 8]])
-    for mode in ("lora", "adapter"):  # the family's LoRA targets and Houlsby positions resolve; BitFit: test_ds_roles
+    for mode in ("lora", "adapter"):  # the family table's LoRA targets and Houlsby positions resolve
         tune(written.path, corpus_file, tmp_path / mode, mode=mode, seq_len=32,
              cfg=TrainConfig(steps=2, lr=5e-3, batch_size=2, progress=False))
         model, _ = load_model_dir(plugin(model_dir, tmp_path / mode, tmp_path / f"{mode}-plugged"))
@@ -102,22 +109,12 @@ def test_moe_checkpoints_are_read_through_transformers_conversions(model_type, p
     checkpoint = ModelCheckpoint(model_dir)
     assert checkpoint.converted and not checkpoint.unused
     full = AutoModelForCausalLM.from_pretrained(model_dir)
-    state = full.state_dict()
-    assert all(torch.equal(checkpoint.get(name), state[name]) for name in checkpoint.state_names())
+    assert all(torch.equal(checkpoint.get(name), full.state_dict()[name]) for name in checkpoint.state_names())
     assert fingerprint_checkpoint(checkpoint) == fingerprint_model(full)
 
-    fit = FitSettings(tokens=1024, epochs=1, lr=1e-3, seq_len=64, kl_epochs=1)
-    written = make_bundle(model_dir, "2-1-2", tmp_path / "bundle", calib_data=public_text, calib_tokens=256, fit=fit,
-                          log=lambda _line: None)
+    written, names, _, changed = _default_round_trip(model_dir, "2-1-2", public_text, corpus_file, tmp_path)
     assert [b.block for b in written.manifest.compression.fit.blocks] == [written.manifest.block_map[2]]
-    emulator = AutoModelForCausalLM.from_pretrained(written.path)
-    assert len(blocks_of(emulator)) == 5 and torch.isfinite(emulator(torch.tensor([[5, 6, 7]])).logits).all()
-    tune(written.path, corpus_file, tmp_path / "adapter", mode="full", seq_len=32,
-         cfg=TrainConfig(steps=2, lr=5e-3, batch_size=2, progress=False))
-    names = set(load_adapter_package(tmp_path / "adapter").tensors)
-    plugged = AutoModelForCausalLM.from_pretrained(plugin(model_dir, tmp_path / "adapter", tmp_path / "plugged"))
-    plugged_state = plugged.state_dict()
-    assert {n for n in state if not torch.equal(state[n], plugged_state[n])} == names
+    assert changed == names
     assert any(".experts." in n for n in names)  # the adapter blocks' experts were tuned and plugged in
     # LoRA only in the adapter blocks (PEFT rewrites a module-path regex into bare names for MoE models)
     tune(written.path, corpus_file, tmp_path / "lora", mode="lora", seq_len=32,
