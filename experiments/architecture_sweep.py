@@ -26,7 +26,8 @@ from offsite_ds.tiny import TINY_FAMILIES, byte_tokenizer, tiny_config
 TYPES = ["llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "phi", "gpt_neox",
          "falcon", "olmo", "olmo2", "olmo3", "granite", "stablelm", "starcoder2", "gptj", "smollm3", "cohere", "opt",
          "bloom", "gpt2", "gpt_bigcode", "codegen", "mpt", "exaone4", "glm", "glm4", "helium", "apertus", "arcee",
-         "mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "gemma3n_text", "lfm2"]
+         "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "granitemoe", "phimoe", "qwen3_next", "deepseek_v3",
+         "gemma3n_text", "lfm2"]
 V = 258
 # shrunk sizes under every name a config may use; only the names a type's config has are passed
 SIZES = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=10, num_attention_heads=4,
