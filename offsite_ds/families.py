@@ -210,8 +210,12 @@ def set_path(root: nn.Module, path: str, value: nn.Module) -> None:
 def _generic_family(model: nn.Module, model_type: str) -> Family:
     """A Llama-like model of an unlisted type: accept it when the Llama paths resolve."""
     base = _BY_NAME["llama"]
-    if isinstance(get_path(model, base.blocks), nn.ModuleList) and get_path(model, base.final_norm) is not None:
-        return Family(**{**base.__dict__, "name": f"llama-like:{model_type}", "model_types": (model_type,)})
+    if isinstance(get_path(model, base.blocks), nn.ModuleList):
+        if get_path(model, base.final_norm) is not None:
+            return Family(**{**base.__dict__, "name": f"llama-like:{model_type}", "model_types": (model_type,)})
+        raise UnsupportedModelError(
+            f"model type '{model_type}' is not supported: its blocks are at '{base.blocks}' but it has no final norm "
+            f"at '{base.final_norm}'; add a Family to offsite_ds/families.py")
     raise UnsupportedModelError(
         f"model type '{model_type}' is not supported: no block ModuleList at any known path "
         f"({', '.join(sorted({f.blocks for f in FAMILIES}))}); add a Family to offsite_ds/families.py"

@@ -135,3 +135,15 @@ def test_a_model_whose_blocks_cannot_run_alone_is_refused_by_name():
         model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(UnsupportedModelError, match="'gemma3n_text' is not supported: its blocks read per-layer"):
         family_of(model)
+
+
+def test_an_unknown_type_with_blocks_but_no_known_final_norm_is_refused_saying_so():
+    """LFM2 keeps its blocks at the Llama path but its final norm elsewhere: the line says which part is missing."""
+    from offsite_ds.errors import UnsupportedModelError
+
+    config = AutoConfig.for_model("lfm2", vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(UnsupportedModelError, match="blocks are at 'model.layers' but it has no final norm at"):
+        family_of(model)
