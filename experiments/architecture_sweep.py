@@ -34,15 +34,18 @@ SIZES = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_lay
              num_key_value_heads=2, head_dim=16, n_embd=64, n_layer=10, n_head=4, d_model=64, n_layers=10, n_heads=4,
              max_position_embeddings=1024, n_positions=1024, rotary_dim=8, moe_intermediate_size=64, num_experts=4,
              num_local_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=64, pad_token_id=V - 1,
-             bos_token_id=V - 2, eos_token_id=V - 2, tie_word_embeddings=True, ffn_dim=128, n_inner=128,
-             n_routed_experts=4, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, kv_lora_rank=16, q_lora_rank=32)
+             bos_token_id=V - 2, eos_token_id=V - 2, tie_word_embeddings=True, ffn_dim=128, n_inner=128)
+# DeepSeek-V3's multi-head latent attention: its own head sizes (head_dim is the rotary part), one expert group
+SIZES_BY_TYPE = {"deepseek_v3": dict(n_routed_experts=4, n_group=1, topk_group=1, q_lora_rank=32, kv_lora_rank=16,
+                                     qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8,
+                                     num_key_value_heads=4, first_k_dense_replace=1)}
 
 
 def config_of(model_type: str):
     if model_type in TINY_FAMILIES:
         return tiny_config(model_type, n_layers=10, hidden=64, max_positions=1024)
     defaults = AutoConfig.for_model(model_type)
-    sizes = {k: v for k, v in SIZES.items() if hasattr(defaults, k)}
+    sizes = {k: v for k, v in SIZES.items() if hasattr(defaults, k)} | SIZES_BY_TYPE.get(model_type, {})
     if getattr(defaults, "sliding_window", None):
         sizes["sliding_window"] = 32
     if hasattr(defaults, "num_kv_shared_layers"):
