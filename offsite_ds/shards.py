@@ -309,7 +309,8 @@ class ModelCheckpoint:
                 raise OffsiteError(f"{self.dir}: tensor '{name}' is {self.reader.shape(name)}, config.json implies "
                                    f"{self.shapes[model_name]}; the weights do not match config.json")
             self.stored[model_name] = name
-        self._last: tuple[int, dict[str, torch.Tensor]] | None = None  # the last conversion, for its other targets
+        self._pending: dict[str, torch.Tensor] = {}  # a one-to-many conversion's targets not asked for yet
+        self._flat: tuple[str, torch.Tensor] | None = None  # the converted tensor read_flat last sampled
         for group in {id(g): g for g in self.converted.values()}.values():
             group.sources.sort(key=lambda source: _natural(source[0]))
             first, *others = group.converter.target_patterns  # one-to-many (a fused QKV split): every target
@@ -335,8 +336,6 @@ class ModelCheckpoint:
     def _convert(self, group: _Converted) -> dict[str, torch.Tensor]:
         """The model tensors `group` converts into, checked against the model's shapes; its sources are read one
         at a time and all held while converting (one MoE layer's experts)."""
-        if self._last is not None and self._last[0] == id(group):
-            return self._last[1]
         converter = copy.deepcopy(group.converter)
         try:
             for name, pattern in group.sources:
@@ -352,7 +351,6 @@ class ModelCheckpoint:
                 raise OffsiteError(f"{self.dir}: '{group.sources[0][0]}' converts into '{name}' "
                                    f"{list(tensor.shape)}, config.json implies {self.shapes.get(name)}; the weights do "
                                    "not match config.json")
-        self._last = (id(group), out)
         return out
 
     def held(self) -> list[str]:
@@ -370,7 +368,9 @@ class ModelCheckpoint:
         """Elements [start, stop) of `model_name`, flattened (a converted tensor is converted whole first)."""
         name = self._holder(model_name)
         if name in self.converted:
-            return self.get(name).reshape(-1)[start:stop]
+            if self._flat is None or self._flat[0] != name:  # sampled at both ends: converted once
+                self._flat = (name, self.get(name).reshape(-1))
+            return self._flat[1][start:stop]
         return self.reader.read_flat(self.stored[name], start, stop)
 
     def _holder(self, model_name: str) -> str:
@@ -390,9 +390,11 @@ class ModelCheckpoint:
 
     def get(self, model_name: str) -> torch.Tensor:
         name = self._holder(model_name)
-        if name in self.converted:
-            return self._convert(self.converted[name])[name]
-        return self.reader.get(self.stored[name])
+        if name not in self.converted:
+            return self.reader.get(self.stored[name])
+        if name not in self._pending:
+            self._pending = self._convert(self.converted[name])
+        return self._pending.pop(name)
 
     def dtype(self) -> torch.dtype:
         """The checkpoint's floating dtype (by bytes, the one most of the weights are stored in)."""
