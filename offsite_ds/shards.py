@@ -67,8 +67,10 @@ class CheckpointReader:
             files = [SINGLE_WEIGHTS]
         else:
             raise OffsiteError(f"{self.dir} has no {SINGLE_WEIGHTS} or {WEIGHTS_INDEX}: safetensors weights are "
-                               "required "
-                               "(re-save the model with save_pretrained(..., safe_serialization=True))")
+                               "required; convert your own pickle checkpoint once with python -c \"from transformers "
+                               f"import AutoModelForCausalLM as M, AutoTokenizer as T; d='{self.dir}'; "
+                               "M.from_pretrained(d).save_pretrained(d + '-st'); T.from_pretrained(d)"
+                               ".save_pretrained(d + '-st')\" and pass that directory")
         self.entries: dict[str, tuple[str, int, dict]] = {}  # name -> (file, data start, header entry)
         for file in files:
             path = self.dir / file

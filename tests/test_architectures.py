@@ -147,3 +147,19 @@ def test_an_unknown_type_with_blocks_but_no_known_final_norm_is_refused_saying_s
         model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(UnsupportedModelError, match="blocks are at 'model.layers' but it has no final norm at"):
         family_of(model)
+
+
+def test_a_pickle_only_model_is_refused_with_a_conversion_that_works(tmp_path, capsys):
+    """Older Hub checkpoints (OPT's) ship only pytorch_model.bin: the owner's own model, so the line gives the one
+    command that re-saves it as safetensors, and that command works."""
+    from offsite_ds.cli import main
+
+    model_dir = save_tiny_model("opt", tmp_path / "opt", n_layers=4)
+    torch.save(load_file(model_dir / "model.safetensors"), model_dir / "pytorch_model.bin")
+    (model_dir / "model.safetensors").unlink()
+    assert main(["emulate", str(model_dir), "--layout", "1-1-1", "--out", str(tmp_path / "b"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "safetensors weights are required" in err
+    exec(err.split('python -c "')[1].split('" and pass')[0])  # noqa: S102 - the command the line tells a user to run
+    assert main(["emulate", f"{model_dir}-st", "--layout", "1-1-1", "--select", "uniform", "--no-calib",
+                 "--out", str(tmp_path / "b"), "--no-progress"]) == 0
