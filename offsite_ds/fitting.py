@@ -390,6 +390,15 @@ class LowRankUpdate(nn.Module):
         weight.copy_((weight.float() + (delta.t() if is_transposed_linear(module) else delta)).to(weight.dtype))
 
 
+@torch.no_grad()
+def _plain_linear(module: nn.Module, n_in: int, n_out: int) -> bool:
+    """Whether `module` maps x to one [.., n_out] tensor, checked on a probe: a layer that subclasses nn.Linear
+    with a forward of its own (Phi-MoE's router returns a tuple) gets no low-rank update and keeps its forward."""
+    weight = module.weight
+    out = module(torch.zeros(1, n_in, dtype=weight.dtype, device=weight.device))
+    return isinstance(out, torch.Tensor) and tuple(out.shape) == (1, n_out)
+
+
 def low_rank_params(blocks: list[nn.Module], rank: int, generator: torch.Generator
                     ) -> tuple[list[nn.Parameter], list[tuple[nn.Module, LowRankUpdate, object]]]:
     """Hook a LowRankUpdate on every linear layer of `blocks` (their matrices frozen) and return what the KL
@@ -407,6 +416,8 @@ def low_rank_params(blocks: list[nn.Module], rank: int, generator: torch.Generat
                 trainable.append(p)
         for name, (n_in, n_out) in block_linears(block).items():
             module = block.get_submodule(name)
+            if not _plain_linear(module, n_in, n_out):  # an MoE router that subclasses nn.Linear (Phi-MoE's)
+                continue
             if module.weight.dtype != torch.float32:
                 module.forward = partial(_narrow_forward, module)  # the instance's; merge_low_rank removes it
             update = LowRankUpdate(n_in, n_out, min(rank, n_in, n_out), generator)

@@ -89,6 +89,7 @@ def _tiny_moe(model_type: str, out):
     sizes = dict(vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
                  num_key_value_heads=2, pad_token_id=257, bos_token_id=256, eos_token_id=256)
     experts = {"mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+               "phimoe": dict(num_local_experts=4, num_experts_per_tok=2),  # its router subclasses nn.Linear
                "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                  shared_expert_intermediate_size=32)}[model_type]
     torch.manual_seed(0)
@@ -97,7 +98,7 @@ def _tiny_moe(model_type: str, out):
     return out
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "phimoe"])
 def test_moe_checkpoints_are_read_through_transformers_conversions(model_type, public_text, corpus_file, tmp_path):
     """MoE checkpoints keep one tensor per expert, which transformers stacks into one tensor on load: the streamed
     reader converts them the same way (every tensor equal to from_pretrained's, the fingerprint too), and the
