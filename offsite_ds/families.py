@@ -180,12 +180,8 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 # model types whose blocks cannot be dropped or run one by one, whatever their module paths say
-UNSUPPORTED = {
-    "gemma3n": "its blocks read per-layer input embeddings sized to the full depth and share key/value caches "
-               "across layers",
-    "gemma3n_text": "its blocks read per-layer input embeddings sized to the full depth and share key/value caches "
-                    "across layers",
-}
+UNSUPPORTED = dict.fromkeys(("gemma3n", "gemma3n_text"), "its blocks read per-layer input embeddings sized to the "
+                            "full depth and share key/value caches across layers")
 
 _BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 _BY_NAME = {f.name: f for f in FAMILIES}

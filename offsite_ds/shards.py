@@ -225,9 +225,11 @@ class _Converted:
     sources: list[tuple[str, str]] = field(default_factory=list)  # (checkpoint name, the pattern that matched)
 
 
-def _checkpoint_renaming(skeleton, state: dict) -> Callable[[str], tuple[str | None, object | None, str | None]]:
-    """name -> (the model's name for a checkpoint tensor or None, the converter that builds it or None, the
-    converter's pattern that matched).
+def _checkpoint_renaming(skeleton, state: dict
+                         ) -> tuple[Callable[[str], tuple[str | None, object | None, str | None]], Callable]:
+    """(name -> (the model's name for a checkpoint tensor or None, the converter that builds it or None, the
+    converter's pattern that matched); transformers' sort key for checkpoint names, the order a converter's
+    sources are stacked in: expert 10 after expert 9).
 
     transformers renames some checkpoint tensors on load (GPT-NeoX's `embed_out` is `lm_head`; old LayerNorm
     `gamma`/`beta`) and converts others (one tensor per MoE expert stacked into one), per model class
@@ -239,12 +241,13 @@ def _checkpoint_renaming(skeleton, state: dict) -> Callable[[str], tuple[str | N
 
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        from transformers.core_model_loading import (WeightConverter, WeightRenaming, dot_natural_key,
+                                                     rename_source_key)
 
         mapping = get_model_conversion_mapping(skeleton)
         rename_source_key("", [], [], skeleton.base_model_prefix, state)
     except (ImportError, TypeError):
-        return nothing
+        return nothing, str
     renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
     converters = [m for m in mapping if isinstance(m, WeightConverter)]
     by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
@@ -255,12 +258,7 @@ def _checkpoint_renaming(skeleton, state: dict) -> Callable[[str], tuple[str | N
             return None, None, None
         return renamed, by_pattern.get(pattern), pattern
 
-    return rename
-
-
-def _natural(name: str) -> list:
-    """Dotted names with their numbers compared as numbers (expert 10 after expert 9), as transformers orders them."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split(".")]
+    return rename, dot_natural_key
 
 
 class ModelCheckpoint:
@@ -289,7 +287,7 @@ class ModelCheckpoint:
         self.shapes = {name: list(t.shape) for name, t in state.items()}
         self.parameters = {name for name, _ in self.skeleton.named_parameters(remove_duplicate=False)}
         prefix = self.skeleton.base_model_prefix
-        rename = _checkpoint_renaming(self.skeleton, state)
+        rename, checkpoint_order = _checkpoint_renaming(self.skeleton, state)
         self.stored: dict[str, str] = {}  # model name -> checkpoint name, in storage order
         self.converted: dict[str, _Converted] = {}  # model name -> the conversion that builds it
         self.unused: list[str] = []  # checkpoint tensors the model has no place for (from_pretrained drops them)
@@ -313,8 +311,9 @@ class ModelCheckpoint:
             self.stored[model_name] = name
         self._pending: dict[str, torch.Tensor] = {}  # a one-to-many conversion's targets not asked for yet
         self._flat: tuple[str, torch.Tensor] | None = None  # the converted tensor read_flat last sampled
-        for group in {id(g): g for g in self.converted.values()}.values():
-            group.sources.sort(key=lambda source: _natural(source[0]))
+        self._groups = list({id(g): g for g in self.converted.values()}.values())  # each conversion once
+        for group in self._groups:
+            group.sources.sort(key=lambda source: checkpoint_order(source[0]))
             first, *others = group.converter.target_patterns  # one-to-many (a fused QKV split): every target
             for target in (group.key.replace(first, other) for other in others):
                 if target in state:
@@ -401,9 +400,7 @@ class ModelCheckpoint:
     def dtype(self) -> torch.dtype:
         """The checkpoint's floating dtype (by bytes, the one most of the weights are stored in)."""
         by_dtype: dict[torch.dtype, int] = {}
-        sources = [*self.stored.values(), *(n for g in {id(g): g for g in self.converted.values()}.values()
-                                            for n, _ in g.sources)]
-        for name in sources:
+        for name in [*self.stored.values(), *(n for g in self._groups for n, _ in g.sources)]:
             dt = self.reader.dtype(name)
             if dt.is_floating_point:
                 by_dtype[dt] = by_dtype.get(dt, 0) + self.reader.nbytes(name)
