@@ -6,6 +6,7 @@ the kept middle blocks exist for the paper's compression ablation (Figure 4).
 from __future__ import annotations
 
 import copy
+import json
 import math
 import sys
 from collections.abc import Callable
@@ -316,7 +317,9 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
                 select: str = DEFAULT_SELECT, share: bool = False, calib_data: str | Path | None = PUBLIC_SAMPLE,
                 calib_tokens: int | None = None, importance: str = "drop", text_field: str = "text",
                 guard_ratio: float | None = None, progress: bool = False, log=None, max_ratio: float | None = None,
-                allow_far: bool = False, fit: FitSettings | str | None = AUTO_FIT) -> WrittenBundle:
+                allow_far: bool = False, fit: FitSettings | str | None = AUTO_FIT,
+                checkpoint_dir: str | Path | None = None,
+                save_every_s: float = 600.0) -> WrittenBundle:
     """Model owner's `emulate`: full model dir -> EmulatorBundle dir, its weights streamed from the checkpoint.
 
     The bundle keeps the checkpoint's dtype (a bf16 model gives a bf16 bundle) unless `dtype` is given.
@@ -333,10 +336,18 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
     tokens, so the guard still measures on tokens the fit never saw; by default (`AUTO_FIT`) wherever it can run,
     `None` never. The weights are written tensor by tensor from the checkpoint (a fitted block's from its trained
     copy). Returns the bundle's directory and its validated manifest.
+
+    With calibration text the long steps (sampling, selection, each fitted block, the training steps every
+    `save_every_s` seconds and on SIGTERM) are kept in `checkpoint_dir` (default OUT.checkpoints), removed once the
+    bundle is written: the same call after a stop (crash, Ctrl-C, SIGTERM, or the guard's refusal: `guard_ratio` and
+    `allow_far` are not part of the run) goes on from there to the very bundle an uninterrupted run writes.
     """
+    from offsite_ds.engines import checkpoint_dir_beside
     from offsite_ds.fingerprints import fingerprint_checkpoint
+    from offsite_ds.fitting import FitCheckpoints
 
     log = log or (lambda line: print(line, file=sys.stderr))
+    checkpoints = FitCheckpoints(checkpoint_dir or checkpoint_dir_beside(out_dir), save_every_s)
     transform = compression_transform(method, prune_ratio, quant_bits)
     dtype = parse_dtype(dtype)
     check_builder(select, share, calib_data is not None)
@@ -351,13 +362,22 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
         raise OffsiteError(f"--fit-kl-perturb perturbs the bottom adapter; layout {layout} has none: give L >= 1")
     block_map, share_map, facts, quality = emulator_block_map(n_layers, layout), None, {}, None
     calibration, fitted = None, {}
+    base_fingerprint = fingerprint_checkpoint(checkpoint)
     if calib_data is not None:
+        # what makes the result: a stopped run resumes only into the same one
+        run_key = {"model": base_fingerprint, "layout": layout_spec, "keep_ratio": keep_ratio, "method": method,
+                   "prune_ratio": prune_ratio, "bits": quant_bits, "select": select, "share": share,
+                   "calib_tokens": calib_tokens, "importance": importance, "text_field": text_field,
+                   "max_ratio": max_ratio, "fit": None if fit is None else asdict(fit), "fit_auto": fit_auto,
+                   "dtype": str(dtype)}
         layout, block_map, share_map, facts, calibration, quality, fitted = _calibrated_choice(
             model_dir, layout, method, prune_ratio, quant_bits, select, share, public_calibration(calib_data),
-            calib_tokens, importance, text_field, progress, max_ratio, fit, log, dtype or checkpoint.dtype(), fit_auto)
+            calib_tokens, importance, text_field, progress, max_ratio, fit, log, dtype or checkpoint.dtype(), fit_auto,
+            checkpoints, run_key)
         warning = guard_warning(quality, guard_ratio, layout, select)
         if warning and not allow_far:
-            raise OffsiteError(f"{warning}; nothing written (--allow-far writes it anyway)")
+            kept = f"; its fit is kept in {checkpoints.root} for that" if checkpoints.held() else ""
+            raise OffsiteError(f"{warning}; nothing written (--allow-far writes it anyway){kept}")
         if warning:
             log(f"warning: {warning}")
     compression = {"method": method, "kept": layout.kept, "middle": n_layers - layout.bottom - layout.top,
@@ -389,7 +409,7 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
         "family": checkpoint.family.name,
         "model_type": checkpoint.config.model_type,
         "base_depth": n_layers,
-        "base_fingerprint": fingerprint_checkpoint(checkpoint),
+        "base_fingerprint": base_fingerprint,
         "layout": str(layout),
         "block_map": block_map,
         "adapter_positions": layout.adapter_positions,
@@ -400,7 +420,9 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
         manifest["share_map"] = share_map
     if quality is not None:
         manifest["quality"] = quality
-    return write_bundle(write, manifest, out_dir)
+    written = write_bundle(write, manifest, out_dir)
+    checkpoints.remove()
+    return written
 
 
 def _auto_fit_on_short_text(fit: FitSettings, available: int, calib_data, n_calib: int, log) -> FitSettings | None:
@@ -418,7 +440,8 @@ def _auto_fit_on_short_text(fit: FitSettings, available: int, calib_data, n_cali
 def _calibrated_choice(model_dir, layout: Layout, method: str, prune_ratio: float, quant_bits: int, select: str,
                        share: bool, calib_data, calib_tokens: int | None, importance: str, text_field: str,
                        progress: bool, max_ratio: float | None = None, fit: FitSettings | None = None, log=None,
-                       bundle_dtype: torch.dtype | None = None, fit_auto: bool = False
+                       bundle_dtype: torch.dtype | None = None, fit_auto: bool = False, checkpoints=None,
+                       run_key: dict | None = None
                        ) -> tuple[Layout, list[int], list[int] | None, dict, dict, dict, dict[int, nn.Module]]:
     """Stream the model (fp32, block by block from its shards) to choose the blocks on the owner's calibration
     text, fit them when asked, and measure the guard: (layout, block_map, share_map, facts, calibration,
@@ -428,7 +451,8 @@ def _calibrated_choice(model_dir, layout: Layout, method: str, prune_ratio: floa
 
     Memory is the embeddings and head, one block, the cached hidden states and the kept copies (compressed or
     fitted), never the whole model. The guard's emulator is the full model run with the chosen blocks, so no
-    emulator is built here.
+    emulator is built here. `checkpoints` (offsite_ds.fitting.FitCheckpoints) is opened with `run_key` and the
+    corpus' fingerprint once the text is read: the sampled text, the choice and the fit are kept there.
     """
     from offsite_ds import calibrate
 
@@ -438,13 +462,22 @@ def _calibrated_choice(model_dir, layout: Layout, method: str, prune_ratio: floa
                                                        n_calib + (fit.public_tokens if fit else 0), text_field)
     calib_ids, fit_ids = calib_ids[:n_calib], calib_ids[n_calib:]
     calibration["tokens"] = int(calib_ids.numel())
+    if checkpoints is not None:
+        checkpoints.open({**(run_key or {}), "corpus": calibration["corpus_fingerprint"]}, log)
     sampled = None
     if fit is not None and fit.text == "self":  # the model whole for a while, freed before the stream opens
         from offsite_ds.fitting import sample_own_text
 
-        fit_ids, sampled = sample_own_text(model_dir, tokenizer, fit, progress)
+        kept = checkpoints.load("sampled") if checkpoints is not None else None
+        if kept is not None:
+            fit_ids, sampled = kept["ids"], kept["record"]
+        else:
+            fit_ids, sampled = sample_own_text(model_dir, tokenizer, fit, progress)
+            if checkpoints is not None:
+                checkpoints.save("sampled", {"ids": fit_ids, "record": sampled})
         if log is not None:
-            log(f"sampled {sampled['tokens']} tokens of the model's own text for the fit in {sampled['seconds']} s")
+            log(f"sampled {sampled['tokens']} tokens of the model's own text for the fit in {sampled['seconds']} s"
+                + (" (before the run was resumed)" if kept is not None else ""))
     if fit is not None and fit_auto and fit_ids.numel() < fit.public_tokens:
         fit = _auto_fit_on_short_text(fit, int(fit_ids.numel()), calib_data, n_calib, log)
     if fit is not None and fit_ids.numel() < fit.public_tokens:
@@ -454,8 +487,15 @@ def _calibrated_choice(model_dir, layout: Layout, method: str, prune_ratio: floa
                            f"or your own), fewer {flag}, or --no-fit")
     # an owner-scale model scores in seconds on a GPU, in hours on a CPU
     model = StreamedBlocks(model_dir, device="cuda" if torch.cuda.is_available() else None)
-    layout, block_map, share_map, facts = choose_blocks(model, layout, select, share, calib_ids, importance=importance,
-                                                        progress=progress, max_ratio=max_ratio)
+    chosen = checkpoints.load("choice") if checkpoints is not None else None
+    if chosen is not None:  # json-shaped: what choose_blocks returned before the run stopped
+        layout, (block_map, share_map, facts) = Layout.parse(chosen["layout"], model.depth), json.loads(chosen["rest"])
+    else:
+        layout, block_map, share_map, facts = choose_blocks(model, layout, select, share, calib_ids,
+                                                            importance=importance, progress=progress,
+                                                            max_ratio=max_ratio)
+        if checkpoints is not None:
+            checkpoints.save("choice", {"layout": str(layout), "rest": json.dumps([block_map, share_map, facts])})
     executed = [block_map[s] for s in share_map] if share_map is not None else block_map
     compressed, fitted = {}, {}
     for i in (block_map[layout.bottom:layout.bottom + layout.kept] if method != "drop" else []):
@@ -465,7 +505,7 @@ def _calibrated_choice(model_dir, layout: Layout, method: str, prune_ratio: floa
         from offsite_ds.fitting import fit_kept_blocks
 
         fitted, report, kl = fit_kept_blocks(model, fit_ids, block_map, layout.bottom, layout.kept, fit, progress, log,
-                                             store_dtype=bundle_dtype)
+                                             store_dtype=bundle_dtype, checkpoints=checkpoints)
         facts = {**facts, "fit": {**asdict(fit), "blocks": report, **({"kl": kl} if kl else {}),
                                   **({"sampled": sampled} if sampled else {})}}
     quality = calibrate.quality(model, executed, calib_ids, calibrate.calibration_seq_len(model),

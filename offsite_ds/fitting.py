@@ -23,7 +23,11 @@ model's own blocks (offsite_ds.plugin.install_adapter): the alignment is the emu
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
+import pathlib
+import shutil
 import time
 from dataclasses import dataclass, replace
 from functools import partial
@@ -32,8 +36,10 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from offsite_ds.atomic import write_json
 from offsite_ds.block_stream import BlockSource, Path, Stream, Upcast, as_source, final_states, open_stream, sweep
 from offsite_ds.data import start_token_id, window_len
+from offsite_ds.engines import Preemption
 from offsite_ds.errors import OffsiteError
 from offsite_ds.evaluate import head_kl
 from offsite_ds.families import (backbone_and_head, block_linears, is_transposed_linear, kv_floats_per_token,
@@ -231,25 +237,129 @@ def sample_own_text(model_dir, tokenizer, settings: FitSettings, progress: bool 
                  "seconds": round(time.perf_counter() - began, 1)}
 
 
+class FitCheckpoints:
+    """`emulate`'s long steps kept in a folder (default OUT.checkpoints, beside the bundle) so that a run stopped
+    by a crash, Ctrl-C, SIGTERM or the guard goes on where it stopped when the same command runs again, instead of
+    starting over: the sampled text, the chosen blocks, each fitted block, and the training steps every `every_s`
+    seconds. Why: the fit of an owner-scale model runs for hours. Local state of the owner's, never shipped: torch
+    files read back with `weights_only`. `open(key)` names the run (the model's fingerprint, the corpus', every
+    setting that changes the result): the same run continues (it gives the very result an uninterrupted one
+    would), a folder holding another run's progress is refused, never mixed in or overwritten; `remove()` after
+    the bundle is written. Nothing touches the disk before the first step is kept."""
+
+    def __init__(self, root: str | pathlib.Path, every_s: float = 600.0):
+        if not every_s >= 0:
+            raise OffsiteError(f"--save-every-s {every_s}: give the seconds between checkpoints, 0 or more")
+        self.root, self.every_s = pathlib.Path(root), every_s
+        self.opened = False
+        self._last = time.monotonic()
+
+    def open(self, key: dict, log=None) -> None:
+        key_file = self.root / "key.json"
+        if key_file.is_file():
+            if json.loads(key_file.read_text()) != json.loads(json.dumps(key)):
+                raise OffsiteError(f"{self.root} holds the progress of another emulate run (another model, public "
+                                   "text or setting): rerun that command to finish it, or remove the folder (or "
+                                   "give --checkpoint-dir) to start this one")
+            if log is not None:
+                log(f"continuing the stopped run kept in {self.root}")
+        elif self.root.is_dir() and any(self.root.iterdir()):
+            raise OffsiteError(f"checkpoint folder {self.root} is not empty and holds no emulate progress: name a new "
+                               "or empty folder (--checkpoint-dir)")
+        self.key, self.opened, self._last = key, True, time.monotonic()
+
+    def load(self, name: str) -> dict | None:
+        path = self.root / f"{name}.pt"
+        if not (self.opened and path.is_file()):
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # written atomically, so only a foreign or damaged file gets here
+            raise OffsiteError(f"{path} is unreadable ({type(exc).__name__}); remove {self.root} to start "
+                               "afresh") from None
+
+    def save(self, name: str, state: dict) -> None:
+        if not self.opened:
+            return
+        if not (self.root / "key.json").is_file():  # written with the first step kept: a run that failed before
+            self.root.mkdir(parents=True, exist_ok=True)  # keeping anything leaves no folder behind
+            write_json(self.root / "key.json", self.key)
+        tmp = self.root / f".{name}.pt.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.root / f"{name}.pt")
+        self._last = time.monotonic()
+
+    def held(self) -> bool:
+        """Whether any step is kept."""
+        return self.opened and (self.root / "key.json").is_file()
+
+    def drop(self, name: str) -> None:
+        if self.opened:
+            (self.root / f"{name}.pt").unlink(missing_ok=True)
+
+    def due(self) -> bool:
+        return self.opened and time.monotonic() - self._last >= self.every_s
+
+    def remove(self) -> None:
+        if self.opened:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
 def _train(params: list[nn.Parameter], loss_of, batches: int, epochs: int, lr: float, weight_decay: float,
-           generator: torch.Generator, desc: str | None, bf16: bool = False) -> None:
+           generator: torch.Generator, desc: str | None, bf16: bool = False,
+           keep: tuple[FitCheckpoints, str, str] | None = None) -> None:
     """`epochs` shuffled passes over `batches` minimising `loss_of(batch)`: AdamW, cosine decay to 0; with `bf16`,
-    each forward under bf16 autocast (the weights, gradients and optimiser state stay fp32)."""
+    each forward under bf16 autocast (the weights, gradients and optimiser state stay fp32).
+
+    `keep` = (checkpoints, name, what it trains): the weights, AdamW's moments, the step and the generator's state
+    at the epoch's start are saved when `checkpoints.due()`, at the end, and on SIGTERM (then OffsiteError: run it
+    again), and restored from there first: a resumed run takes the very steps the uninterrupted one would."""
     from tqdm.auto import tqdm
 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     steps = epochs * batches
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    bar = tqdm(total=steps, desc=desc, disable=desc is None)
-    for _ in range(epochs):
-        for b in torch.randperm(batches, generator=generator).tolist():
-            with torch.autocast(params[0].device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = loss_of(b)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update(1)
+    done = 0
+    saved = keep[0].load(keep[1]) if keep is not None else None
+    if saved is not None:  # the state at a step boundary: weights, moments, and where the shuffling stood
+        done = int(saved["step"])
+        with torch.no_grad():
+            for p, value in zip(params, saved["params"]):
+                p.copy_(value)
+        for i, moments in saved["moments"].items():
+            opt.state[params[i]] = {"step": torch.tensor(float(done)), **moments}
+        generator.set_state(saved["generator"])
+    bar = tqdm(total=steps, initial=done, desc=desc, disable=desc is None)
+    step = done - done % batches  # the first step of the epoch the run stopped in (its order from `generator`)
+
+    def save(epoch_start: torch.Tensor) -> None:
+        keep[0].save(keep[1], {"step": step, "params": [p.detach() for p in params],  # written as they are
+                               "moments": {i: {k: opt.state[p][k] for k in ("exp_avg", "exp_avg_sq")}
+                                           for i, p in enumerate(params) if p in opt.state},
+                               "generator": epoch_start})
+
+    with Preemption() as preemption:
+        for _ in range(step // batches, epochs):
+            epoch_start = generator.get_state()
+            for b in torch.randperm(batches, generator=generator).tolist():
+                if step < done:
+                    step += 1
+                    continue
+                with torch.autocast(params[0].device.type, dtype=torch.bfloat16, enabled=bf16):
+                    loss = loss_of(b)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                for group in opt.param_groups:  # cosine decay to 0: the lr of step `step`, as LambdaLR computes it
+                    group["lr"] = lr * (0.5 * (1 + math.cos(math.pi * step / steps)))
+                opt.step()
+                step += 1
+                bar.update(1)
+                if keep is not None and (step == steps or preemption.requested or keep[0].due()):
+                    save(epoch_start)
+                    if preemption.requested:
+                        bar.close()
+                        raise OffsiteError(f"stopped by SIGTERM at step {step} of {steps} ({keep[2]}); the "
+                                           f"progress is kept in {keep[0].root}: run the same command again to "
+                                           "continue")
     bar.close()
     opt.zero_grad(set_to_none=True)  # the trained modules are kept: not their last gradients or Adam's moments
     opt.state.clear()
@@ -257,7 +367,7 @@ def _train(params: list[nn.Parameter], loss_of, batches: int, epochs: int, lr: f
 
 def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map: list[int], bottom: int, kept: int,
                     settings: FitSettings = FitSettings(), progress: bool = False,
-                    log=None, store_dtype: torch.dtype | None = None
+                    log=None, store_dtype: torch.dtype | None = None, checkpoints: FitCheckpoints | None = None
                     ) -> tuple[dict[int, nn.Module], list[dict], dict | None]:
     """Fitted copies of the kept middle blocks (with `settings.align`, of the adapter blocks too: the KL phase then
     runs from the embeddings and trains them as well), {original block index: trained block}; per block the
@@ -269,6 +379,8 @@ def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map
     the KL phase its first `settings.kl_tokens` (or the same). The
     fitted blocks are returned (and, without the KL phase, kept from the moment each is done) in `store_dtype`
     (default: the source's), the dtype the bundle writes: K fitted blocks cost their size in the bundle.
+    `checkpoints` (opened): each fitted block and the training steps are kept there, and a resumed run reads them
+    back (the teacher pass runs again: it is one forward pass).
     """
     source = as_source(model)
     depth = source.depth
@@ -299,21 +411,34 @@ def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map
     for block_index, end in zip(middle, ends):
         block = source.own_copy(block_index).float().train()
         source.release(block_index)
-        for p in block.parameters():
-            p.requires_grad_(True)
-        with torch.no_grad():
-            before = sum(float(relative_error(data.run(block, x, k, block_index), states[k][end]))
-                         for k, x in enumerate(stream)) / len(batches)
-        _train(list(block.parameters()), lambda b: relative_error(data.run(block, stream[b], b, block_index),
-                                                                  states[b][end]),
-               len(batches), settings.epochs, settings.lr, settings.weight_decay, g,
-               f"fit block {block_index} -> {end}" if progress else None, settings.precision == "bf16")
+        done = checkpoints.load(f"block-{block_index}") if checkpoints is not None else None
+        if done is not None:  # fitted before the run stopped: its weights, and the generator as it left it
+            block.load_state_dict(done["state"])
+            g.set_state(done["generator"])
+            before = done["before"]
+        else:
+            for p in block.parameters():
+                p.requires_grad_(True)
+            with torch.no_grad():
+                before = sum(float(relative_error(data.run(block, x, k, block_index), states[k][end]))
+                             for k, x in enumerate(stream)) / len(batches)
+            _train(list(block.parameters()), lambda b: relative_error(data.run(block, stream[b], b, block_index),
+                                                                      states[b][end]),
+                   len(batches), settings.epochs, settings.lr, settings.weight_decay, g,
+                   f"fit block {block_index} -> {end}" if progress else None, settings.precision == "bf16",
+                   None if checkpoints is None else (checkpoints, f"block-{block_index}-steps",
+                                                     f"fit block {block_index} -> {end}"))
         block.eval().requires_grad_(False)
+        if checkpoints is not None and done is None:
+            checkpoints.save(f"block-{block_index}", {"state": block.state_dict(), "generator": g.get_state(),
+                                                      "before": before})
+            checkpoints.drop(f"block-{block_index}-steps")
         with torch.no_grad():
             stream = [data.run(block, x, k, block_index) for k, x in enumerate(stream)]
             after_fit = sum(float(relative_error(x, s[end])) for x, s in zip(stream, states)) / len(batches)
         if log is not None:
-            log(f"fit block {block_index} (run to {end}): relative error {before:.4g} -> {after_fit:.4g}")
+            log(f"fit block {block_index} (run to {end}): relative error {before:.4g} -> {after_fit:.4g}"
+                + (" (fitted before the run was resumed)" if done is not None else ""))
         report.append({"block": block_index, "end": end, "before": before, "after": after_fit})
         # the KL phase trains all K blocks again: in fp32, or (low rank) their matrices as they wait
         fitted[block_index] = block if settings.kl_epochs and not settings.kl_rank else block.to(store_dtype)
@@ -342,7 +467,7 @@ def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map
                 fitted[i] = source.own_copy(i).to(torch.float32 if not settings.kl_rank else store_dtype)
                 source.release(i)
         kl = kl_finish(source, data, inputs, finals, block_map[first:], fitted, settings, progress, log, interface,
-                       perturbed)
+                       perturbed, checkpoints)
         if shift is not None:
             kl["perturb_shift"] = shift
     return {i: block.to(store_dtype) for i, block in fitted.items()}, report, kl
@@ -438,8 +563,8 @@ def merge_low_rank(updates: list[tuple[nn.Module, LowRankUpdate, object]], keep:
 def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], finals: list[torch.Tensor],
               path: list[int], trained: dict[int, nn.Module], settings: FitSettings, progress: bool = False,
               log=None, interface: tuple[int, list[torch.Tensor]] | None = None,
-              perturbed: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None] | None = None
-              ) -> dict:
+              perturbed: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None] | None = None,
+              checkpoints: FitCheckpoints | None = None) -> dict:
     """Train the blocks in `trained` end to end: KL(full model || emulator) of the next-token distributions on
     `data`'s tokens. The emulator runs the original blocks `path` (those in `trained` as trained, the others
     frozen from the source), then the model's norm and head. Per batch, `inputs` is the full model's input to
@@ -524,7 +649,8 @@ def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], fin
     try:
         first = measured()
         _train(trainable, loss, len(views), settings.kl_epochs, settings.kl_lr, settings.weight_decay, g,
-               "fit end to end (KL)" if progress else None, settings.precision == "bf16")
+               "fit end to end (KL)" if progress else None, settings.precision == "bf16",
+               None if checkpoints is None else (checkpoints, "kl-steps", "fit end to end (KL)"))
         for m in blocks:
             m.eval().requires_grad_(False)
         # a low-rank update is judged before its merge, which a narrow dtype cannot undo exactly

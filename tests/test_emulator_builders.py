@@ -138,7 +138,9 @@ def test_each_builder_makes_a_bundle(family, select, share, tiny_model_dir, cali
     assert len(bm) == 6 and bm == sorted(set(bm)) and bm[-2:] == [6, 7]
     q = manifest["quality"]
     assert q["ratio"] == pytest.approx(q["emulator_ppl"] / q["full_ppl"]) and q["tokens"] == 512
-    assert len(warnings) == 1 and "--max-ratio" in warnings[0] and "warning" in warnings[0]
+    assert warnings[0].startswith("continuing the stopped run kept in")  # the refused run's choice, not made again
+    assert len(warnings) == 2 and "--max-ratio" in warnings[1] and "warning" in warnings[1]
+    assert not (tmp_path / "b.checkpoints").exists()
     bundle = load_bundle(out)
     assert len(bundle.block_map) == (8 if share else 6)
     if share:

@@ -55,6 +55,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, default=8, help="--method quantize: fake-quantisation bits")
     p.add_argument("--dtype", default=None, choices=WEIGHT_DTYPE_NAMES,
                    help="dtype of the bundle's weights (default: the checkpoint's own, e.g. bf16 stays bf16)")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="where the long steps (sampled text, chosen blocks, fitted blocks, training steps) are kept "
+                        "while emulate runs, removed once the bundle is written (default: OUT.checkpoints); the "
+                        "same command after a stop (crash, Ctrl-C, SIGTERM, the guard) goes on from there")
+    p.add_argument("--save-every-s", type=float, default=600.0,
+                   help="seconds between checkpoints of the training steps (600; each block and phase is kept "
+                        "when it ends, and SIGTERM saves at the next step)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -76,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
                           calib_data=args.calib_data, calib_tokens=args.calib_tokens, importance=args.importance,
                           text_field=args.text_field, guard_ratio=args.guard_ratio, progress=not args.no_progress,
                           dtype=args.dtype, max_ratio=args.max_ratio, allow_far=args.allow_far,
-                          fit=fit)
+                          fit=fit, checkpoint_dir=args.checkpoint_dir, save_every_s=args.save_every_s)
     manifest = written.manifest
     shared = f", shared over {len(manifest.share_map)} positions" if manifest.share_map is not None else ""
     print(f"emulator bundle {written.path}: layout {manifest.layout} of {manifest.base_depth} blocks ({args.select}"
