@@ -28,6 +28,7 @@ import math
 import os
 import pathlib
 import shutil
+import sys
 import time
 from dataclasses import dataclass, replace
 from functools import partial
@@ -39,7 +40,7 @@ from torch.utils.checkpoint import checkpoint
 from offsite_ds.atomic import write_json
 from offsite_ds.block_stream import BlockSource, Path, Stream, Upcast, as_source, final_states, open_stream, sweep
 from offsite_ds.data import start_token_id, window_len
-from offsite_ds.engines import Preemption
+from offsite_ds.engines import EXIT_PREEMPTED, Preemption
 from offsite_ds.errors import OffsiteError
 from offsite_ds.evaluate import head_kl
 from offsite_ds.families import (backbone_and_head, block_linears, is_transposed_linear, kv_floats_per_token,
@@ -312,8 +313,8 @@ def _train(params: list[nn.Parameter], loss_of, batches: int, epochs: int, lr: f
     each forward under bf16 autocast (the weights, gradients and optimiser state stay fp32).
 
     `keep` = (checkpoints, name, what it trains): the weights, AdamW's moments, the step and the generator's state
-    at the epoch's start are saved when `checkpoints.due()`, at the end, and on SIGTERM (then OffsiteError: run it
-    again), and restored from there first: a resumed run takes the very steps the uninterrupted one would."""
+    at the epoch's start are saved when `checkpoints.due()`, at the end, and on SIGTERM (then exit 143, as `train`
+    does), and restored from there first: a resumed run takes the very steps the uninterrupted one would."""
     from tqdm.auto import tqdm
 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -355,11 +356,11 @@ def _train(params: list[nn.Parameter], loss_of, batches: int, epochs: int, lr: f
                 bar.update(1)
                 if keep is not None and (step == steps or preemption.requested or keep[0].due()):
                     save(epoch_start)
-                    if preemption.requested:
+                    if preemption.requested:  # as the training loop does (train.py): one line, exit 143
                         bar.close()
-                        raise OffsiteError(f"stopped by SIGTERM at step {step} of {steps} ({keep[2]}); the "
-                                           f"progress is kept in {keep[0].root}: run the same command again to "
-                                           "continue")
+                        print(f"SIGTERM: progress saved at step {step} of {steps} ({keep[2]}) in {keep[0].root}; "
+                              "run the same command again to continue", file=sys.stderr)
+                        sys.exit(EXIT_PREEMPTED)
     bar.close()
     opt.zero_grad(set_to_none=True)  # the trained modules are kept: not their last gradients or Adam's moments
     opt.state.clear()
