@@ -38,12 +38,13 @@ class Step:
 
 @torch.no_grad()
 def elimination_path(model: nn.Module | BlockSource, ids: torch.Tensor, middle: list[int], seq_len: int,
-                     min_kept: int = 2, max_ratio: float | None = None, progress: bool = False
-                     ) -> tuple[float, list[Step]]:
+                     min_kept: int = 2, max_ratio: float | None = None, progress: bool = False,
+                     checkpoints=None) -> tuple[float, list[Step]]:
     """Greedy elimination of inner middle blocks: (full model's mean NLL, the removals in order).
 
     Stops when `min_kept` middle blocks remain, or before the first removal whose emulator/full
-    perplexity ratio would exceed `max_ratio`. Ties go to the lower block index (deterministic).
+    perplexity ratio would exceed `max_ratio`. Ties go to the lower block index (deterministic), so the path a
+    stopped run kept in `checkpoints` (offsite_ds.fitting.FitCheckpoints, after each removal) goes on unchanged.
     """
     from tqdm.auto import tqdm
 
@@ -54,7 +55,12 @@ def elimination_path(model: nn.Module | BlockSource, ids: torch.Tensor, middle: 
     kept = list(range(source.depth))
     full = None  # the first sweep's base path is the whole model: its NLL is the full model's
     steps: list[Step] = []
-    bar = tqdm(total=max(0, len(middle) - min_kept), desc="eliminate blocks", disable=not progress)
+    kept_path = checkpoints.load("elimination") if checkpoints is not None else None
+    if kept_path is not None:  # the removals made before the run stopped
+        full, steps = kept_path["full"], [Step(int(b), float(gap)) for b, gap in kept_path["steps"]]
+        kept = [b for b in kept if b not in {st.removed for st in steps}]
+    bar = tqdm(total=max(0, len(middle) - min_kept), initial=len(steps), desc="eliminate blocks",
+               disable=not progress)
     while sum(1 for p in kept if p in middle) > min_kept:
         candidates = [p for p in kept if p in middle[1:-1]]
         variants = [Path(tuple(q for q in kept if q != c)) for c in candidates]
@@ -68,6 +74,8 @@ def elimination_path(model: nn.Module | BlockSource, ids: torch.Tensor, middle: 
         kept.remove(block)
         steps.append(Step(block, nll - full))
         bar.update(1)
+        if checkpoints is not None:
+            checkpoints.save("elimination", {"full": full, "steps": [[st.removed, st.nll_gap] for st in steps]})
     bar.close()
     if full is None:
         full = path_nlls(source, stream, [Path(tuple(range(source.depth)))])[0]

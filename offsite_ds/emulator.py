@@ -122,7 +122,7 @@ def check_max_ratio(max_ratio: float | None) -> None:
 def choose_blocks(model: PreTrainedModel | BlockSource, layout: Layout, select: str = "uniform", share: bool = False,
                   calib_ids: torch.Tensor | None = None, seq_len: int | None = None, importance: str = "drop",
                   sample_tokens: int | None = None, progress: bool = False,
-                  max_ratio: float | None = None) -> tuple[Layout, list[int], list[int] | None, dict]:
+                  max_ratio: float | None = None, checkpoints=None) -> tuple[Layout, list[int], list[int] | None, dict]:
     """Which middle blocks the emulator keeps: (layout, block_map, share_map or None, facts for the manifest).
 
     `uniform` is the paper's rule; `importance` keeps the K middle blocks whose removal hurts most on the
@@ -132,6 +132,7 @@ def choose_blocks(model: PreTrainedModel | BlockSource, layout: Layout, select: 
     With `max_ratio` (the layout's K is then an upper bound) K is the fewest kept blocks whose emulator/full
     perplexity ratio on the calibration text stays within it, and the returned layout carries that K.
     Only the owner's calibration ids are read. `model` may be a BlockSource (the checkpoint streamed).
+    `checkpoints` (offsite_ds.fitting.FitCheckpoints) keeps the elimination path after each removal.
     """
     from offsite_ds import calibrate
 
@@ -147,7 +148,7 @@ def choose_blocks(model: PreTrainedModel | BlockSource, layout: Layout, select: 
 
         _, steps = elimination_path(model, calib_ids, middle, seq_len,
                                     min_kept=2 if max_ratio is not None else max(2, layout.kept),
-                                    max_ratio=max_ratio, progress=progress)
+                                    max_ratio=max_ratio, progress=progress, checkpoints=checkpoints)
         if max_ratio is not None:
             fewest = len(middle) - len(steps)
             if fewest > layout.kept or (not steps and max_ratio < 1.0):
@@ -493,7 +494,7 @@ def _calibrated_choice(model_dir, layout: Layout, method: str, prune_ratio: floa
     else:
         layout, block_map, share_map, facts = choose_blocks(model, layout, select, share, calib_ids,
                                                             importance=importance, progress=progress,
-                                                            max_ratio=max_ratio)
+                                                            max_ratio=max_ratio, checkpoints=checkpoints)
         if checkpoints is not None:
             checkpoints.save("choice", {"layout": str(layout), "rest": json.dumps([block_map, share_map, facts])})
     executed = [block_map[s] for s in share_map] if share_map is not None else block_map

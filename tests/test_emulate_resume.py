@@ -140,3 +140,34 @@ def test_the_guard_keeps_the_fit_and_refusals_name_the_folder(tiny_model_dir, pu
     assert (tmp_path / "c" / "offsite.json").is_file() and not (tmp_path / "c.checkpoints").exists()
     assert main([*argv, "--out", str(tmp_path / "d"), "--save-every-s", "-1"]) == 2
     assert "--save-every-s" in capsys.readouterr().err
+
+
+def test_a_stopped_elimination_goes_on_along_the_same_path(tiny_model_dir, public, tmp_path, monkeypatch):
+    from offsite_ds.emulator import make_bundle
+    from offsite_ds.fitting import FitCheckpoints
+
+    def emulate(out, **kw):
+        return make_bundle(str(tiny_model_dir("llama")), "2-2-2", out, select="iterative", calib_data=public,
+                           calib_tokens=256, allow_far=True, fit=None, **kw)
+
+    emulate(tmp_path / "ref")
+    save, load, loaded = FitCheckpoints.save, FitCheckpoints.load, []
+
+    def stopping_save(self, name, state):
+        save(self, name, state)
+        if name == "elimination":
+            raise Stop(name)  # after the first removal
+
+    def spying_load(self, name):
+        state = load(self, name)
+        loaded.append((name, None if state is None else len(state.get("steps", []))))
+        return state
+
+    monkeypatch.setattr(FitCheckpoints, "save", stopping_save)
+    with pytest.raises(Stop):
+        emulate(tmp_path / "b")
+    monkeypatch.setattr(FitCheckpoints, "save", save)
+    monkeypatch.setattr(FitCheckpoints, "load", spying_load)
+    emulate(tmp_path / "b")
+    assert ("elimination", 1) in loaded  # the second removal was the only one made again
+    _same_bundle(tmp_path / "ref", tmp_path / "b")
