@@ -22,6 +22,7 @@ model's own blocks (offsite_ds.plugin.install_adapter): the alignment is the emu
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -561,6 +562,26 @@ def merge_low_rank(updates: list[tuple[nn.Module, LowRankUpdate, object]], keep:
             update.merge_into(module)
 
 
+@contextlib.contextmanager
+def head_held_narrow(head: nn.Module, enabled: bool):
+    """Hold the frozen LM head's fp32 weight in bf16 while steps run under bf16 autocast, which casts it to bf16 for
+    every product anyway: the very same logits, without the fp32 copy beside it (0.26 GB for a 32k x 2k head; 4.1
+    GB for BLOOM's 250k x 4k, on the GPU) and without a fresh bf16 cast per chunk of rows (measured: these casts
+    put the default fit 8.6% over the owner-memory target on a CPU with bf16 units). Only where the cast is exact
+    (a checkpoint stored in bf16, streamed as fp32), so the fp32 weight comes back from it bit for bit."""
+    weight = getattr(head, "weight", None)
+    exact = (enabled and isinstance(weight, torch.Tensor) and weight.dtype == torch.float32
+             and all(torch.equal(rows, rows.to(torch.bfloat16).float()) for rows in weight.detach().split(4096)))
+    if not exact:
+        yield
+        return
+    weight.data = weight.data.to(torch.bfloat16)  # a tied embedding shares it: the phase never runs the embedding
+    try:
+        yield
+    finally:
+        weight.data = weight.data.float()
+
+
 def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], finals: list[torch.Tensor],
               path: list[int], trained: dict[int, nn.Module], settings: FitSettings, progress: bool = False,
               log=None, interface: tuple[int, list[torch.Tensor]] | None = None,
@@ -649,9 +670,10 @@ def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], fin
     start = [p.detach().clone() for p in own]
     try:
         first = measured()
-        _train(trainable, loss, len(views), settings.kl_epochs, settings.kl_lr, settings.weight_decay, g,
-               "fit end to end (KL)" if progress else None, settings.precision == "bf16",
-               None if checkpoints is None else (checkpoints, "kl-steps", "fit end to end (KL)"))
+        with head_held_narrow(head, settings.precision == "bf16"):
+            _train(trainable, loss, len(views), settings.kl_epochs, settings.kl_lr, settings.weight_decay, g,
+                   "fit end to end (KL)" if progress else None, settings.precision == "bf16",
+                   None if checkpoints is None else (checkpoints, "kl-steps", "fit end to end (KL)"))
         for m in blocks:
             m.eval().requires_grad_(False)
         # a low-rank update is judged before its merge, which a narrow dtype cannot undo exactly

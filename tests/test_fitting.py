@@ -573,3 +573,25 @@ def test_a_perturbed_bottom_adapter_teaches_the_emulator_the_middles_answer_to_i
                  "--no-progress", "--out", str(tmp_path / "d"), "--fit", "--fit-kl-perturb", "0.2"]) == 2
     err = capsys.readouterr().err.strip()  # no bottom adapter to perturb: refused before anything is built
     assert len(err.splitlines()) == 1 and "give L >= 1" in err and not (tmp_path / "d").exists()
+
+
+def test_the_head_waits_in_bf16_only_where_that_is_exact_and_gives_the_same_logits():
+    from offsite_ds.fitting import head_held_narrow
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 40, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(head.weight.to(torch.bfloat16).float())  # as streamed from a bf16 checkpoint
+    original, x = head.weight.detach().clone(), torch.randn(5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = head(x)
+        with head_held_narrow(head, True):
+            assert head.weight.dtype == torch.bfloat16
+            assert torch.equal(head(x), expected)  # autocast cast it so for every product anyway
+    assert head.weight.dtype == torch.float32 and torch.equal(head.weight, original)  # back bit for bit
+    with head_held_narrow(head, False):
+        assert head.weight.dtype == torch.float32
+    with torch.no_grad():
+        head.weight.add_(1e-4)  # no longer exact in bf16: left alone
+    with head_held_narrow(head, True):
+        assert head.weight.dtype == torch.float32
