@@ -32,6 +32,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 from functools import partial
 
 import torch
@@ -307,21 +308,30 @@ class FitCheckpoints:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
+class Keep(NamedTuple):
+    """Where _train keeps its steps: `name` in `checkpoints`; `what` names the phase in the SIGTERM line; `at_end`:
+    the last step too (the KL phase: a crash after it then skips it; a fitted block is kept by its caller)."""
+    checkpoints: FitCheckpoints
+    name: str
+    what: str
+    at_end: bool
+
+
 def _train(params: list[nn.Parameter], loss_of, batches: int, epochs: int, lr: float, weight_decay: float,
            generator: torch.Generator, desc: str | None, bf16: bool = False,
-           keep: tuple[FitCheckpoints, str, str] | None = None) -> None:
+           keep: Keep | None = None) -> None:
     """`epochs` shuffled passes over `batches` minimising `loss_of(batch)`: AdamW, cosine decay to 0; with `bf16`,
     each forward under bf16 autocast (the weights, gradients and optimiser state stay fp32).
 
-    `keep` = (checkpoints, name, what it trains): the weights, AdamW's moments, the step and the generator's state
-    at the epoch's start are saved when `checkpoints.due()`, at the end, and on SIGTERM (then exit 143, as `train`
-    does), and restored from there first: a resumed run takes the very steps the uninterrupted one would."""
+    `keep`: the weights, AdamW's moments, the step, its epoch and the generator's state at that epoch's start are
+    saved when `checkpoints.due()`, at the end if `at_end`, and on SIGTERM (then exit 143, as `train` does), and
+    restored from there first: a resumed run takes the very steps the uninterrupted one would."""
     from tqdm.auto import tqdm
 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     steps = epochs * batches
-    done = 0
-    saved = keep[0].load(keep[1]) if keep is not None else None
+    done, first_epoch = 0, 0
+    saved = keep.checkpoints.load(keep.name) if keep is not None else None
     if saved is not None:  # the state at a step boundary: weights, moments, and where the shuffling stood
         done = int(saved["step"])
         with torch.no_grad():
@@ -329,18 +339,19 @@ def _train(params: list[nn.Parameter], loss_of, batches: int, epochs: int, lr: f
                 p.copy_(value)
         for i, moments in saved["moments"].items():
             opt.state[params[i]] = {"step": torch.tensor(float(done)), **moments}
-        generator.set_state(saved["generator"])
+        generator.set_state(saved["generator"])  # as the saved step's epoch began: its order is drawn again
+        first_epoch = int(saved["epoch"])
     bar = tqdm(total=steps, initial=done, desc=desc, disable=desc is None)
-    step = done - done % batches  # the first step of the epoch the run stopped in (its order from `generator`)
+    step = first_epoch * batches
 
-    def save(epoch_start: torch.Tensor) -> None:
-        keep[0].save(keep[1], {"step": step, "params": [p.detach() for p in params],  # written as they are
-                               "moments": {i: {k: opt.state[p][k] for k in ("exp_avg", "exp_avg_sq")}
-                                           for i, p in enumerate(params) if p in opt.state},
-                               "generator": epoch_start})
+    def save(epoch: int, epoch_start: torch.Tensor) -> None:
+        keep.checkpoints.save(keep.name, {"step": step, "epoch": epoch, "generator": epoch_start,
+                                          "params": [p.detach() for p in params],  # written as they are
+                                          "moments": {i: {k: opt.state[p][k] for k in ("exp_avg", "exp_avg_sq")}
+                                                      for i, p in enumerate(params) if p in opt.state}})
 
     with Preemption() as preemption:
-        for _ in range(step // batches, epochs):
+        for epoch in range(first_epoch, epochs):
             epoch_start = generator.get_state()
             for b in torch.randperm(batches, generator=generator).tolist():
                 if step < done:
@@ -355,12 +366,13 @@ def _train(params: list[nn.Parameter], loss_of, batches: int, epochs: int, lr: f
                 opt.step()
                 step += 1
                 bar.update(1)
-                if keep is not None and (step == steps or preemption.requested or keep[0].due()):
-                    save(epoch_start)
+                if keep is not None and ((step == steps and keep.at_end) or preemption.requested
+                                         or keep.checkpoints.due()):
+                    save(epoch, epoch_start)
                     if preemption.requested:  # as the training loop does (train.py): one line, exit 143
                         bar.close()
-                        print(f"SIGTERM: progress saved at step {step} of {steps} ({keep[2]}) in {keep[0].root}; "
-                              "run the same command again to continue", file=sys.stderr)
+                        print(f"SIGTERM: progress saved at step {step} of {steps} ({keep.what}) in "
+                              f"{keep.checkpoints.root}; run the same command again to continue", file=sys.stderr)
                         sys.exit(EXIT_PREEMPTED)
     bar.close()
     opt.zero_grad(set_to_none=True)  # the trained modules are kept: not their last gradients or Adam's moments
@@ -428,8 +440,8 @@ def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map
                                                                       states[b][end]),
                    len(batches), settings.epochs, settings.lr, settings.weight_decay, g,
                    f"fit block {block_index} -> {end}" if progress else None, settings.precision == "bf16",
-                   None if checkpoints is None else (checkpoints, f"block-{block_index}-steps",
-                                                     f"fit block {block_index} -> {end}"))
+                   None if checkpoints is None else Keep(checkpoints, f"block-{block_index}-steps",
+                                                         f"fit block {block_index} -> {end}", at_end=False))
         block.eval().requires_grad_(False)
         if checkpoints is not None and done is None:
             checkpoints.save(f"block-{block_index}", {"state": block.state_dict(), "generator": g.get_state(),
@@ -673,7 +685,7 @@ def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], fin
         with head_held_narrow(head, settings.precision == "bf16"):
             _train(trainable, loss, len(views), settings.kl_epochs, settings.kl_lr, settings.weight_decay, g,
                    "fit end to end (KL)" if progress else None, settings.precision == "bf16",
-                   None if checkpoints is None else (checkpoints, "kl-steps", "fit end to end (KL)"))
+                   None if checkpoints is None else Keep(checkpoints, "kl-steps", "fit end to end (KL)", at_end=True))
         for m in blocks:
             m.eval().requires_grad_(False)
         # a low-rank update is judged before its merge, which a narrow dtype cannot undo exactly

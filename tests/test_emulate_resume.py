@@ -49,8 +49,9 @@ def reference(tiny_model_dir, public, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("stop_at", ["block-2", "kl-steps"])
-def test_a_stopped_emulate_resumes_to_the_same_bundle(stop_at, reference, tiny_model_dir, public, tmp_path,
+# after a fitted block; inside a block's fit; in the KL phase at an epoch's end (2 batches an epoch) and inside one
+@pytest.mark.parametrize("stop_at,at_step", [("block-2", None), ("block-5-steps", 1), ("kl-steps", 2), ("kl-steps", 3)])
+def test_a_stopped_emulate_resumes_to_the_same_bundle(stop_at, at_step, reference, tiny_model_dir, public, tmp_path,
                                                        monkeypatch):
     from offsite_ds.fitting import FitCheckpoints
 
@@ -58,7 +59,7 @@ def test_a_stopped_emulate_resumes_to_the_same_bundle(stop_at, reference, tiny_m
 
     def stopping_save(self, name, state):
         save(self, name, state)
-        if name == stop_at and (name != "kl-steps" or state["step"] == 3):  # after a block, or mid-KL phase
+        if name == stop_at and (at_step is None or state["step"] == at_step):
             raise Stop(name)
 
     def spying_load(self, name):
@@ -79,8 +80,8 @@ def test_a_stopped_emulate_resumes_to_the_same_bundle(stop_at, reference, tiny_m
     _same_bundle(reference, out)
     assert ("choice", None) in loaded  # the blocks were not chosen again
     assert any("block 2 (run to" in line and "before the run was resumed" in line for line in lines), lines
-    if stop_at == "kl-steps":
-        assert ("kl-steps", 3) in loaded  # the KL phase went on from its third step
+    if at_step is not None:
+        assert (stop_at, at_step) in loaded  # it went on from the step it had kept
     assert not (tmp_path / "bundle.checkpoints").exists()
 
 
