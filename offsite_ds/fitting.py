@@ -489,12 +489,16 @@ def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map
 
 class _NarrowLinear(torch.autograd.Function):
     """x W^T for a frozen W stored narrow (the bundle's bf16): upcast for the product in forward and again in
-    backward, so only the narrow W is kept for the backward pass (a CPU without bf16 units computes in fp32)."""
+    backward, so only the narrow W is kept for the backward pass (a CPU without bf16 units computes in fp32).
+    Under autocast to W's own dtype the product takes W as it is: autocast would cast the upcast copy straight
+    back, so the same product without two copies of the matrix."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(weight)
-        return x @ weight.to(x.dtype).t()
+        device = x.device.type
+        as_is = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == weight.dtype
+        return x @ (weight if as_is else weight.to(x.dtype)).t()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
