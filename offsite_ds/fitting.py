@@ -338,7 +338,8 @@ def _train(params: list[nn.Parameter], loss_of, batches: int, epochs: int, lr: f
             for p, value in zip(params, saved["params"]):
                 p.copy_(value)
         for i, moments in saved["moments"].items():
-            opt.state[params[i]] = {"step": torch.tensor(float(done)), **moments}
+            opt.state[params[i]] = {"step": torch.tensor(float(done)),  # read to the CPU: back where p is
+                                    **{k: v.to(params[i].device) for k, v in moments.items()}}
         generator.set_state(saved["generator"])  # as the saved step's epoch began: its order is drawn again
         first_epoch = int(saved["epoch"])
     bar = tqdm(total=steps, initial=done, desc=desc, disable=desc is None)
@@ -582,9 +583,8 @@ def merge_low_rank(updates: list[tuple[nn.Module, LowRankUpdate, object]], keep:
 def head_held_narrow(head: nn.Module, enabled: bool):
     """Hold the frozen LM head's fp32 weight in bf16 while steps run under bf16 autocast, which casts it to bf16 for
     every product anyway: the very same logits, without the fp32 copy beside it (0.26 GB for a 32k x 2k head; 4.1
-    GB for BLOOM's 250k x 4k, on the GPU) and without a fresh bf16 cast per chunk of rows (measured: these casts
-    put the default fit 8.6% over the owner-memory target on a CPU with bf16 units). Only where the cast is exact
-    (a checkpoint stored in bf16, streamed as fp32), so the fp32 weight comes back from it bit for bit."""
+    GB for BLOOM's 250k x 4k, on the GPU) and without a fresh bf16 cast per chunk of rows. Only where the cast is
+    exact (a checkpoint stored in bf16, streamed as fp32), so the fp32 weight comes back from it bit for bit."""
     weight = getattr(head, "weight", None)
     exact = (enabled and isinstance(weight, torch.Tensor) and weight.dtype == torch.float32
              and all(torch.equal(rows, rows.to(torch.bfloat16).float()) for rows in weight.detach().split(4096)))
