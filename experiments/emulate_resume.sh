@@ -17,7 +17,11 @@ run() {  # NAME: /usr/bin/time -v of emulate into OUT/NAME's bundle folder
 }
 ( run reference reference; echo "exit $?" >>"$OUT/reference.log" ) &
 ref=$!
-( run stopped stopped-1 & pid=$!; sleep "$STOP_S"; pkill -TERM -f "offsite_ds emulate $MODEL --layout 2-8-2 --no-progress --out $OUT/stopped"
+( run stopped stopped-1 & pid=$!; sleep "$STOP_S"
+  # SIGTERM to the python process only (not /usr/bin/time, which would die at once and leave it saving), then wait
+  # for it to save and exit before the folder is listed and the command runs again
+  target="^$PY -m offsite_ds emulate $MODEL --layout 2-8-2 --no-progress --out $OUT/stopped"
+  pkill -TERM -f "$target"; while pgrep -f "$target" >/dev/null; do sleep 1; done
   wait $pid; echo "exit $?" >>"$OUT/stopped-1.log"
   ls -l "$OUT/stopped.checkpoints" >"$OUT/checkpoints-after-stop.txt" 2>&1
   run stopped stopped-2; echo "exit $?" >>"$OUT/stopped-2.log" ) &

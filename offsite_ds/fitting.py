@@ -96,9 +96,10 @@ class FitSettings:
     def __post_init__(self) -> None:
         if self.kl_lr is None:
             object.__setattr__(self, "kl_lr", KL_LR[self.kl_rank > 0])
-        # resolved here, so the manifest records what ran. auto: bf16 where it is native, except on a CPU, where the
-        # owner's memory binds: the default fit peaked at 3.70 GB under bf16 autocast, 3.34 GB in fp32, against a
-        # 3.41 GB target on a 2.20 GB checkpoint (bf16 was 1.27x faster there, with the same emulator)
+        # resolved here, so the manifest records what ran. auto: bf16 where it is native, except on a CPU, chosen
+        # when the default fit peaked at 3.70 GB under bf16 autocast against 3.42 GB in fp32 (target 3.41 GB, a 2.20
+        # GB checkpoint); re-measured at b9caaac both peak at 3.43 GB, and bf16 was 1.27x faster with the same
+        # emulator: a candidate to change back, with the demo's figures re-measured
         device = default_device_type()
         asked = "fp32" if self.precision == "auto" and device == "cpu" else self.precision
         object.__setattr__(self, "precision", resolved_precision(asked, device, "--fit-precision"))
