@@ -694,11 +694,16 @@ def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], fin
         for m in blocks:
             m.eval().requires_grad_(False)
         # a low-rank update is judged before its merge, which a narrow dtype cannot undo exactly
-        reverted = bool(updates) and not objective(*measured()) < objective(*first)  # nan too
+        unmerged = measured() if updates else None
+        reverted = bool(updates) and not objective(*unmerged) < objective(*first)  # nan too
+        # into fp32 matrices the merge changes the function by rounding alone, so that measurement stands (a pass
+        # over the KL tokens fewer: 45 of the default emulate's 711 s on SmolLM2-135M); a narrow dtype's merge
+        # rounds the update itself away in part, so the blocks are measured again as they ship
+        exact = all(module.weight.dtype == torch.float32 for module, _, _ in updates)
         merge_low_rank(updates, keep=not reverted)
         # merged blocks whose matrices wait narrow run as the guard runs them: a working fp32 copy per call
         run.update({i: Upcast(trained[i], torch.float32) for i in trained})
-        last = first if reverted else measured()
+        last = first if reverted else unmerged if updates and exact else measured()
         if not updates:  # all weights: judged as they ship
             reverted = not objective(*last) < objective(*first)
         if reverted:  # the blocks as the block fit left them, measured as `first`

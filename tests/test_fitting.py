@@ -221,6 +221,32 @@ def test_a_kl_phase_that_does_not_lower_its_loss_is_dropped(rank, tiny_model_dir
     assert "reverted" not in kept and kept["after"] < kept["before"], kept
 
 
+def test_a_low_rank_kl_phase_measures_fp32_blocks_once_after_training_and_narrow_ones_again_after_the_merge(
+        tiny_model_dir, tmp_path, monkeypatch):
+    """The KL after the phase is measured before the merge, which decides whether the update is kept. Merged into
+    fp32 matrices it is the same function up to rounding, so that measurement stands (a pass over the KL tokens
+    fewer); a bf16 merge rounds part of the update away, so those blocks are measured again as they ship."""
+    import offsite_ds.fitting as fitting
+    from offsite_ds.block_stream import StreamedBlocks
+    from offsite_ds.fitting import FitSettings, fit_kept_blocks
+
+    model, _, ids = sharpened_model_and_text(tiny_model_dir("llama"))
+    block_map, batches = [0, 1, 3, 6, 7], 1024 // (4 * 64)
+    settings = FitSettings(tokens=1024, epochs=1, lr=1e-3, seq_len=64, batch_size=4, kl_epochs=2, kl_lr=3e-3,
+                           kl_rank=2)
+    grad_on, head_kl = [], fitting.head_kl
+    monkeypatch.setattr(fitting, "head_kl", lambda *a, **k: grad_on.append(torch.is_grad_enabled()) or head_kl(*a, **k))
+    kl = fit_kept_blocks(model, ids, block_map, 1, 3, settings)[2]
+    assert kl["after"] < kl["before"] and grad_on.count(False) == 2 * batches, (kl, grad_on)  # before, after
+    assert grad_on.count(True) == 2 * batches  # the steps: 2 epochs
+
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    grad_on.clear()
+    kl = fit_kept_blocks(StreamedBlocks(tmp_path / "bf16"), ids, block_map, 1, 3, settings,
+                         store_dtype=torch.bfloat16)[2]
+    assert math.isfinite(kl["after"]) and grad_on.count(False) == 3 * batches, (kl, grad_on)  # + as shipped
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_the_interface_term_keeps_the_top_adapters_input_closer_to_the_full_models(family, tiny_model_dir, tmp_path,
                                                                                    capsys):
