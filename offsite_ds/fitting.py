@@ -26,7 +26,6 @@ import contextlib
 import copy
 import json
 import math
-import os
 import pathlib
 import shutil
 import sys
@@ -39,7 +38,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from offsite_ds.atomic import write_json
+from offsite_ds.atomic import write_json, write_with
 from offsite_ds.block_stream import BlockSource, Path, Stream, Upcast, as_source, final_states, open_stream, sweep
 from offsite_ds.data import start_token_id, window_len
 from offsite_ds.engines import EXIT_PREEMPTED, Preemption
@@ -288,9 +287,7 @@ class FitCheckpoints:
         if not (self.root / "key.json").is_file():  # written with the first step kept: a run that failed before
             self.root.mkdir(parents=True, exist_ok=True)  # keeping anything leaves no folder behind
             write_json(self.root / "key.json", self.key)
-        tmp = self.root / f".{name}.pt.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.root / f"{name}.pt")
+        write_with(self.root / f"{name}.pt", partial(torch.save, state))
         self._last = time.monotonic()
 
     def held(self) -> bool:
