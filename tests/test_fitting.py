@@ -60,10 +60,11 @@ def test_emulate_fit_writes_the_fitted_blocks_and_records_them(tiny_model_dir, t
     assert read_manifest(tmp_path / "plain", BUNDLE_FORMAT).compression.fit is None
     # a --fit-* flag asks for the fit as --fit does
     assert main([*argv, "--out", str(tmp_path / "fit"), "--select", "uniform", "--fit-tokens", "1024",
-                 "--fit-epochs", "2", "--fit-lr", "1e-3"]) == 0
+                 "--fit-epochs", "2", "--fit-lr", "1e-3", "--fit-batch-size", "2"]) == 0
     assert "kept blocks fitted on 1024 tokens of public text, KL to the full model" in capsys.readouterr().out
     m = read_manifest(tmp_path / "fit", BUNDLE_FORMAT)
     assert m.compression.fit.tokens == 1024 and [b.block for b in m.compression.fit.blocks] == [2, 5]
+    assert m.compression.fit.batch_size == 2
     assert m.compression.calibration.tokens == 256 and m.quality.tokens == 256
     plain, fitted = load_bundle(tmp_path / "plain").model, load_bundle(tmp_path / "fit").model
     full = load_model(model)
@@ -80,6 +81,9 @@ def test_emulate_fit_writes_the_fitted_blocks_and_records_them(tiny_model_dir, t
     assert len(err.splitlines()) == 1 and "fewer --fit-tokens" in err and not (tmp_path / "x").exists()
     assert main([*argv, "--out", str(tmp_path / "y"), "--fit", "--fit-epochs", "0"]) == 2
     assert "--fit-epochs 0 must be at least 1" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "z"), "--fit", "--fit-batch-size", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--fit-batch-size 0 must be at least 1" in err
 
 
 def test_the_end_to_end_kl_phase_lowers_the_kl_and_leaves_the_model_alone(tiny_model_dir, tmp_path, monkeypatch,

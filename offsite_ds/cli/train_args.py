@@ -126,6 +126,8 @@ def add_fit_arguments(p: argparse.ArgumentParser, who: str) -> None:
                    help=f"public tokens read after the calibration tokens ({d.tokens})")
     g.add_argument("--fit-epochs", type=int, default=d.epochs, help=f"epochs over them ({d.epochs})")
     g.add_argument("--fit-lr", type=float, default=d.lr, help=f"AdamW learning rate, cosine decay ({d.lr:g})")
+    g.add_argument("--fit-batch-size", type=int, default=d.batch_size,
+                   help=f"windows of {d.seq_len} tokens a training step, in the block fit and the KL phase ({d.batch_size})")
     g.add_argument("--fit-kl-epochs", type=int, default=d.kl_epochs,
                    help="then train the fitted blocks end to end for N epochs: KL(full || "
                         f"emulator) of the next-token distributions, the full model's read from cached states "
@@ -163,7 +165,8 @@ def fit_settings_from_args(args: argparse.Namespace):
     """FitSettings from the flags of add_fit_arguments (a bad value: one line, before anything runs)."""
     from offsite_ds.fitting import FitSettings
 
-    return FitSettings(tokens=args.fit_tokens, epochs=args.fit_epochs, lr=args.fit_lr, kl_epochs=args.fit_kl_epochs,
+    return FitSettings(tokens=args.fit_tokens, epochs=args.fit_epochs, lr=args.fit_lr, batch_size=args.fit_batch_size,
+                       kl_epochs=args.fit_kl_epochs,
                        kl_lr=args.fit_kl_lr, kl_tokens=args.fit_kl_tokens, kl_rank=args.fit_kl_rank,
                        align=args.fit_align, precision=args.fit_precision, text=args.fit_text,
                        kl_interface=args.fit_kl_interface, kl_perturb=args.fit_kl_perturb)
