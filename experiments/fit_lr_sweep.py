@@ -6,7 +6,7 @@
                                                      # prints before/after ratios (KL_EPOCHS: --fit-kl-epochs)
     KEPT=2,8,10,11,21,23,24,27 python experiments/fit_lr_sweep.py ...   # other kept middle blocks (here: iterative's)
     PRECISION=fp32 python experiments/fit_lr_sweep.py ...   # --fit-precision (default auto)
-    BATCH=1 python experiments/fit_lr_sweep.py ...   # windows of 512 tokens a step (FitSettings.batch_size, default 4)
+    BATCH=4 python experiments/fit_lr_sweep.py ...   # windows of 512 tokens a step (default FitSettings.batch_size)
 """
 import math
 import os
@@ -44,6 +44,6 @@ def ratios(replace=None):
 
 print("before", ratios(), flush=True)
 t, w = time.process_time(), time.time()
-fitted, _, _ = fit_kept_blocks(model, train[1024:], bm, 2, 8, FitSettings(tokens=tokens, epochs=epochs, lr=lr, kl_epochs=kl_epochs, kl_lr=kl_lr, kl_tokens=kl_tokens, kl_rank=kl_rank, precision=os.environ.get("PRECISION", "auto"), batch_size=int(os.environ.get("BATCH", "4"))), log=print, progress=True)
+fitted, _, _ = fit_kept_blocks(model, train[1024:], bm, 2, 8, FitSettings(tokens=tokens, epochs=epochs, lr=lr, kl_epochs=kl_epochs, kl_lr=kl_lr, kl_tokens=kl_tokens, kl_rank=kl_rank, precision=os.environ.get("PRECISION", "auto"), batch_size=int(os.environ.get("BATCH", FitSettings.batch_size))), log=print, progress=True)
 print("fit cpu s", time.process_time() - t, "wall s", time.time() - w, flush=True)
 print("after", ratios(fitted), flush=True)

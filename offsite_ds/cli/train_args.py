@@ -127,7 +127,8 @@ def add_fit_arguments(p: argparse.ArgumentParser, who: str) -> None:
     g.add_argument("--fit-epochs", type=int, default=d.epochs, help=f"epochs over them ({d.epochs})")
     g.add_argument("--fit-lr", type=float, default=d.lr, help=f"AdamW learning rate, cosine decay ({d.lr:g})")
     g.add_argument("--fit-batch-size", type=int, default=d.batch_size,
-                   help=f"windows of {d.seq_len} tokens a training step, in the block fit and the KL phase ({d.batch_size})")
+                   help=f"windows of {d.seq_len} tokens a training step, in the block fit and the KL phase "
+                        f"({d.batch_size})")
     g.add_argument("--fit-kl-epochs", type=int, default=d.kl_epochs,
                    help="then train the fitted blocks end to end for N epochs: KL(full || "
                         f"emulator) of the next-token distributions, the full model's read from cached states "
