@@ -5,6 +5,8 @@ norm and the head, and which linear layers bottleneck adapters and LoRA attach t
 """
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -326,3 +328,32 @@ def kv_floats_per_token(config) -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     return 2 * config.num_hidden_layers * kv_heads * head_dim
+
+
+def supported_build(build: Callable[[], nn.Module]) -> tuple[nn.Module, Family]:
+    """`build()` (a transformers constructor or loader) and the built model's Family, the one way a model is built
+    before it is known to be supported. What transformers logs or warns while building is held until the family
+    is known: an unsupported model (an encoder such as BERT) then fails with our one line alone, not after advice
+    about its own classes; a supported model's messages are shown afterwards, as they would have been."""
+    from transformers.utils import logging as hf_logging
+
+    library = hf_logging.get_logger()  # the library's root logger: its children propagate to it and stop there
+    held: list[logging.LogRecord] = []
+
+    class _Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            held.append(record)
+
+    handlers = library.handlers[:]
+    library.handlers = [_Hold()]
+    try:
+        with warnings.catch_warnings(record=True) as caught:  # the filters still apply: only their output is held
+            model = build()
+            family = family_of(model)
+    finally:
+        library.handlers = handlers
+    for record in held:  # only reached once the family is known
+        library.handle(record)
+    for w in caught:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return model, family

@@ -154,15 +154,14 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     """
     from transformers import AutoModelForCausalLM
 
-    from offsite_ds.families import family_of
+    from offsite_ds.families import supported_build
 
     path = require_model_dir(model_dir)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, local_files_only=True,
-                                                     trust_remote_code=False)
+    try:  # unsupported architectures are refused here, with the family table's message
+        model, _ = supported_build(lambda: AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, local_files_only=True, trust_remote_code=False))
     except OSError as exc:
         raise OffsiteError(f"cannot load {path}: {str(exc).splitlines()[0]} (safetensors weights are required)")
-    family_of(model)  # refuse unsupported architectures early, with the family table's message
     return model.eval()
 
 

@@ -274,15 +274,14 @@ class ModelCheckpoint:
     def __init__(self, model_dir: str | Path):
         from transformers import AutoModelForCausalLM
 
-        from offsite_ds.families import family_of
+        from offsite_ds.families import supported_build
         from offsite_ds.runtime import load_model_config, require_model_dir
 
         self.dir = require_model_dir(model_dir)
         self.reader = CheckpointReader(self.dir)
         self.config = load_model_config(self.dir)
         with torch.device("meta"):
-            self.skeleton = AutoModelForCausalLM.from_config(self.config)
-        self.family = family_of(self.skeleton)
+            self.skeleton, self.family = supported_build(lambda: AutoModelForCausalLM.from_config(self.config))
         state = self.skeleton.state_dict()
         self.shapes = {name: list(t.shape) for name, t in state.items()}
         self.parameters = {name for name, _ in self.skeleton.named_parameters(remove_duplicate=False)}

@@ -12,7 +12,7 @@ from offsite_ds.families import blocks_of, family_of
 from offsite_ds.fitting import FitSettings
 from offsite_ds.plugin import load_model_dir, plugin
 from offsite_ds.roles.tune_adapter import tune
-from offsite_ds.tiny import byte_tokenizer, save_tiny_model
+from offsite_ds.tiny import byte_tokenizer, save_tiny_model, tiny_config
 from offsite_ds.train import TrainConfig
 
 MORE_FAMILIES = ("gpt_neox", "phi", "gptj", "falcon", "gpt_bigcode", "mpt", "codegen")
@@ -164,3 +164,41 @@ def test_a_pickle_only_model_is_refused_with_a_conversion_that_works(tmp_path, c
     exec(err.split('python -c "')[1].split('" and pass')[0])  # noqa: S102 - the command the line tells a user to run
     assert main(["emulate", f"{model_dir}-st", "--layout", "1-1-1", "--select", "uniform", "--no-calib",
                  "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+
+
+def test_warnings_while_building_are_held_until_the_family_is_known():
+    """transformers' messages during a build reach its log handlers only when the model is supported: an encoder's
+    advice is dropped with the refusal, a supported model's message is shown after the build."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from offsite_ds.errors import UnsupportedModelError
+    from offsite_ds.families import supported_build
+
+    library, seen = hf_logging.get_logger(), []
+
+    class Seen(logging.Handler):
+        def emit(self, record):
+            seen.append((record.getMessage(), list(library.handlers)))
+
+    handler = Seen()
+    library.addHandler(handler)
+    try:
+        bert = AutoConfig.for_model("bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=64, vocab_size=99)
+        with torch.device("meta"), pytest.raises(UnsupportedModelError, match="'bert' is not supported"):
+            supported_build(lambda: AutoModelForCausalLM.from_config(bert))
+        assert seen == []  # BertLMHeadModel's "add is_decoder=True" was held and dropped
+
+        def build():
+            hf_logging.get_logger("transformers.models.llama").warning("a supported model's own message")
+            assert seen == []  # held while building
+            return AutoModelForCausalLM.from_config(tiny_config("llama", n_layers=2))
+
+        with torch.device("meta"):
+            model, family = supported_build(build)
+        assert family.name == "llama" and [m for m, _ in seen] == ["a supported model's own message"]
+        assert handler in seen[0][1]  # replayed through the library's own handlers, restored
+    finally:
+        library.removeHandler(handler)
