@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-tokens", type=int, default=d.eval_tokens,
                    help="score the first N tokens of each evaluation split (0: all of it, slow on CPU)")
     p.add_argument("--eval-every", type=int, default=d.eval_every,
-                   help="emulator validation every N steps, best adapter kept (0: only at the end)")
+                   help="emulator validation every N steps, best adapter kept (default 0: only at the end)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help=f"the data owner's training steps under bf16 autocast or in fp32 (auto: bf16 where the CPU "
