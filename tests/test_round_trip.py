@@ -104,6 +104,19 @@ def test_best_adapter_is_kept_by_emulator_eval(tiny_bundle, corpus_file, tmp_pat
     assert training["best_step"] == summary["best_step"] and training["best_step"] in (2, 4, 6)
 
 
+def test_evaluating_during_training_leaves_the_trajectory_unchanged(tiny_bundle, corpus_file, tmp_path):
+    """Evaluation mid-run leaves the optimiser, the data order and the train mode as they were: with eval_every 2
+    or only at the end (the demo's default) every step's loss is the same, so eval_every only decides which step's
+    adapter ships."""
+    bundle_dir = tiny_bundle("gpt2", "1-2-1")
+    runs = {every: tune(bundle_dir, corpus_file, tmp_path / f"adapter{every}", mode="full",
+                        cfg=_cfg(steps=6, eval_every=every, log_every=1), seq_len=32, eval_data=corpus_file,
+                        max_eval_tokens=256) for every in (2, 0)}
+    assert [h["step"] for h in runs[0]["loss_history"]] == list(range(1, 7))
+    assert runs[2]["loss_history"] == runs[0]["loss_history"] and runs[2]["final_loss"] == runs[0]["final_loss"]
+    assert runs[0]["best_step"] == 6 and runs[2]["best_step"] in (2, 4, 6)
+
+
 def test_compression_ablation_methods(tiny_model_dir, tmp_path):
     from offsite_ds.emulator import build_emulator
     from offsite_ds.sandwich import Layout
