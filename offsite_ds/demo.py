@@ -28,7 +28,9 @@ def format_table(rows: dict[str, dict], corpus: str = "PTB") -> str:
 # at 1e-4, 48.81 at 3e-4, 54.72 at 1e-3 (a near tie on valid; test 55.91 / 55.29 / 60.09); importance + fit 44.16 at
 # 3e-4, 43.06 at 1e-3, 48.48 at 3e-3 (42.38 at 1e-3 with the KL lr 3e-4). The owner's probe on public text
 # (offsite-ds probe-lr) advises 3e-4 and 1e-3. `tune` itself keeps 1e-4 (the paper's grid) unless the owner probed.
-DATA_OWNER_LR = {False: 1e-4, True: 1e-3}
+# Through `emulate`'s default (one window a step, 2026-12-06), over data-owner seeds 42-44 the PTB valid plug-in's
+# mean (sd): 5e-4 42.10 (0.57), 7e-4 41.71 (0.70), 1e-3 42.48 (2.70), 2e-3 diverged once (332.0): 7e-4.
+DATA_OWNER_LR = {False: 1e-4, True: 7e-4}
 
 
 @dataclass
