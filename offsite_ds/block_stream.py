@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from offsite_ds.errors import OffsiteError
 from offsite_ds.evaluate import token_nll, window_batches, window_ids
-from offsite_ds.families import backbone_and_head, block_prefix, family_of, get_path, set_path, supported_build
+from offsite_ds.families import backbone_and_head, block_prefix, family_of, get_path, set_path
 from offsite_ds.surgery import block_input, block_output, running_blocks, with_block_input
 
 Call = tuple[tuple, dict]  # the (args, kwargs) a block is called with; its hidden states are swapped per run
@@ -122,9 +122,9 @@ class StreamedBlocks(BlockSource):
         self.checkpoint = ModelCheckpoint(model_dir)
         self.dtype = dtype
         self.target = torch.device(device or "cpu")
+        self.family = self.checkpoint.family  # known (and refused if unsupported) when the checkpoint was opened
         with _parameters_on_meta():
-            model, self.family = supported_build(lambda: AutoModelForCausalLM.from_config(self.checkpoint.config,
-                                                                                        dtype=dtype))
+            model = AutoModelForCausalLM.from_config(self.checkpoint.config, dtype=dtype)
         self._meta_blocks = get_path(model, self.family.blocks)
         self.depth = len(self._meta_blocks)
         set_path(model, self.family.blocks, nn.ModuleList())  # detached while the rest is loaded and moved

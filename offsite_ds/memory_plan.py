@@ -65,12 +65,11 @@ def model_shape(spec: str) -> ModelShape:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from offsite_ds.families import blocks_of, family_of
+    from offsite_ds.families import blocks_of, supported_build
 
     config = _config_from(spec)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    family = family_of(model)
+        model, family = supported_build(lambda: AutoModelForCausalLM.from_config(config))
     blocks = blocks_of(model)
     total = sum({id(p): p.numel() for p in model.parameters()}.values())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())

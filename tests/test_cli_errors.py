@@ -40,11 +40,12 @@ def test_unsupported_model_family(tmp_path):
     model = AutoModel.from_config(AutoConfig.for_model("bert", hidden_size=32, num_hidden_layers=2,
                                                        num_attention_heads=2, intermediate_size=64))
     model.save_pretrained(tmp_path / "bert")
-    proc = subprocess.run([sys.executable, "-m", "offsite_ds", "emulate", str(tmp_path / "bert"), "--layout", "1-1-0",
-                           "--out", str(tmp_path / "b")], capture_output=True, text=True)
-    err = proc.stderr.strip()
-    assert proc.returncode == 2 and len(err.splitlines()) == 1, err
-    assert "model type 'bert' is not supported" in err and "is_decoder" not in err
+    for argv in (["emulate", str(tmp_path / "bert"), "--layout", "1-1-0", "--out", str(tmp_path / "b")],
+                 ["plan", str(tmp_path / "bert"), "--gpus", "1"]):  # the streamed checkpoint, the shape table
+        proc = subprocess.run([sys.executable, "-m", "offsite_ds", *argv], capture_output=True, text=True)
+        err = proc.stderr.strip()
+        assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+        assert "model type 'bert' is not supported" in err and "is_decoder" not in err
     assert not (tmp_path / "b").exists()
 
 
