@@ -56,8 +56,9 @@ class DemoSettings:
     seq_len: int = 256
     eval_seq_len: int = 512
     eval_tokens: int = 8192
-    # `tune`'s default: the emulator's validation at the end only. At 20 it cost the demo 52 s on the AVX2 2-core CPU
-    # (4 passes over 8,192 tokens), and in all 32 round trips under benchmarks/results the last step scored best
+    # `tune`'s default: the emulator's validation at the end only. At 20 the demo's tuning took 381 s on the AVX2
+    # 2-core CPU, 318 s without (4 passes over 8,192 tokens fewer); in all 32 round trips under benchmarks/results
+    # the last step scored best
     eval_every: int = 0
     seed: int = 42
     progress: bool = True
