@@ -506,7 +506,7 @@ def _calibrated_choice(model_dir, layout: Layout, method: str, prune_ratio: floa
         from offsite_ds.fitting import fit_kept_blocks
 
         fitted, report, kl = fit_kept_blocks(model, fit_ids, block_map, layout.bottom, layout.kept, fit, progress, log,
-                                             store_dtype=bundle_dtype, checkpoints=checkpoints)
+                                             store_dtype=bundle_dtype, checkpoints=checkpoints, held_out=calib_ids)
         facts = {**facts, "fit": {**asdict(fit), "blocks": report, **({"kl": kl} if kl else {}),
                                   **({"sampled": sampled} if sampled else {})}}
     quality = calibrate.quality(model, executed, calib_ids, calibrate.calibration_seq_len(model),

@@ -382,8 +382,8 @@ def _train(params: list[nn.Parameter], loss_of, batches: int, epochs: int, lr: f
 
 def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map: list[int], bottom: int, kept: int,
                     settings: FitSettings = FitSettings(), progress: bool = False,
-                    log=None, store_dtype: torch.dtype | None = None, checkpoints: FitCheckpoints | None = None
-                    ) -> tuple[dict[int, nn.Module], list[dict], dict | None]:
+                    log=None, store_dtype: torch.dtype | None = None, checkpoints: FitCheckpoints | None = None,
+                    held_out: torch.Tensor | None = None) -> tuple[dict[int, nn.Module], list[dict], dict | None]:
     """Fitted copies of the kept middle blocks (with `settings.align`, of the adapter blocks too: the KL phase then
     runs from the embeddings and trains them as well), {original block index: trained block}; per block the
     relative error to its run's end on the fitting tokens before and after ({block, end, before, after});
@@ -396,6 +396,8 @@ def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map
     (default: the source's), the dtype the bundle writes: K fitted blocks cost their size in the bundle.
     `checkpoints` (opened): each fitted block and the training steps are kept there, and a resumed run reads them
     back (the teacher pass runs again: it is one forward pass).
+    `held_out`: public tokens the fit never reads (`emulate` passes the guard's calibration tokens). The KL phase's
+    before and after are measured there, and decide whether its change is kept; without them, on its own tokens.
     """
     source = as_source(model)
     depth = source.depth
@@ -414,8 +416,8 @@ def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map
     # the position the KL phase's emulator starts at, and the teacher state it reads (the adapter's blocks are the
     # model's first): the embeddings' output, or the bottom adapter's
     first = 0 if settings.align else bottom
-    kl_wanted = {first, depth} | ({after} if settings.kl_interface else set())  # the KL phase's teacher states
-    states = teacher_states(source, data, sorted({bottom, *ends} | (kl_wanted if shared else set())))
+    at = KLAt(first, bottom, after if settings.kl_interface else None, depth)  # the KL phase's teacher states
+    states = teacher_states(source, data, sorted({bottom, *ends} | (set(at.wanted()) if shared else set())))
     batches = range(len(states))
     # the emulator's input to its first kept middle block: the bottom adapter's output, whatever it drops after it
     stream = [s[bottom] for s in states]
@@ -463,28 +465,24 @@ def fit_kept_blocks(model: nn.Module | BlockSource, ids: torch.Tensor, block_map
         del states, stream  # the fit's states are dropped before the KL phase's own teacher pass
         if not shared:
             data = open_stream(source, ids[: kl_n * seq_len], seq_len, settings.batch_size)
-            kl_states = teacher_states(source, data, sorted(kl_wanted))
-        inputs, finals = [s[first] for s in kl_states], [s[depth] for s in kl_states]
-        interface = (bottom + kept - first, [s[after] for s in kl_states]) if settings.kl_interface else None
+        train = kl_views(source, data, at, settings, settings.seed + 2, kl_states)
         del kl_states  # only the states per batch the KL phase reads stay
-        perturbed, shift = None, None
-        if settings.kl_perturb:
-            noisy = perturbed_states(source, data, bottom, sorted({bottom, depth} | ({after} if interface else set())),
-                                     settings.kl_perturb, settings.seed + 2)
-            perturbed = ([s[bottom] for s in noisy], [s[depth] for s in noisy],
-                         [s[after] for s in noisy] if interface else None)
-            shift = sum(float(relative_error(x, y)) for x, y in zip(perturbed[0], inputs)) / len(inputs)
-            if log is not None:
-                log(f"fit end to end: the bottom adapter's output, perturbed, moves by {shift:.4g} (relative error)")
-            del noisy
+        if train.shift is not None and log is not None:
+            log(f"fit end to end: the bottom adapter's output, perturbed, moves by {train.shift:.4g} (relative error)")
+        measure = None
+        if held_out is not None and held_out.numel() >= 2:  # windows of the fit's length, or one of all there is;
+            held = held_out[: kl_n * seq_len]  # never more than the KL phase trains on: its states are held too
+            window = min(seq_len, held.numel())
+            measure = kl_views(source, open_stream(source, held[: held.numel() // window * window], window,
+                                                   settings.batch_size), at, settings, settings.seed + 3)
         if settings.align:  # the adapter blocks train too, from the model's own (fp32, or waiting narrow)
             for i in block_map[:bottom] + block_map[bottom + kept:]:
                 fitted[i] = source.own_copy(i).to(torch.float32 if not settings.kl_rank else store_dtype)
                 source.release(i)
-        kl = kl_finish(source, data, inputs, finals, block_map[first:], fitted, settings, progress, log, interface,
-                       perturbed, checkpoints)
-        if shift is not None:
-            kl["perturb_shift"] = shift
+        kl = kl_finish(source, train, block_map[first:], fitted, settings, progress, log,
+                       None if at.interface is None else bottom + kept - first, checkpoints, measure)
+        if train.shift is not None:
+            kl["perturb_shift"] = train.shift
     return {i: block.to(store_dtype) for i, block in fitted.items()}, report, kl
 
 
@@ -598,30 +596,86 @@ def head_held_narrow(head: nn.Module, enabled: bool):
         weight.data = weight.data.float()
 
 
-def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], finals: list[torch.Tensor],
-              path: list[int], trained: dict[int, nn.Module], settings: FitSettings, progress: bool = False,
-              log=None, interface: tuple[int, list[torch.Tensor]] | None = None,
-              perturbed: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None] | None = None,
-              checkpoints: FitCheckpoints | None = None) -> dict:
+class KLAt(NamedTuple):
+    """Where the KL phase reads the full model: its emulator's input (the state entering block `first`), the
+    bottom adapter's output (`bottom`, what --fit-kl-perturb perturbs), the top adapter's input (`interface`, or
+    None) and the last block's output (`depth`)."""
+    first: int
+    bottom: int
+    interface: int | None
+    depth: int
+
+    def wanted(self) -> list[int]:
+        """The clean teacher pass's boundaries (the perturbed pass starts at `bottom`)."""
+        return sorted({self.first, self.depth} | ({self.interface} if self.interface is not None else set()))
+
+
+class KLViews(NamedTuple):
+    """What the KL phase reads of the full model on one stream of public tokens, per batch: the emulator's input,
+    the last block's output, the top adapter's input (or None), and the same with the bottom adapter perturbed
+    (inputs, outputs, top adapter inputs; or None), with how far the noise moved the bottom adapter's output."""
+    stream: Stream
+    inputs: list[torch.Tensor]
+    finals: list[torch.Tensor]
+    interface: list[torch.Tensor] | None
+    perturbed: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None] | None
+    shift: float | None
+
+    def items(self) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """(batch, input, the teacher's last state, the teacher's state at the interface): clean, then perturbed."""
+        def at(states: list[torch.Tensor] | None, k: int) -> torch.Tensor | None:
+            return None if states is None else states[k]
+        clean = [(k, self.inputs[k], self.finals[k], at(self.interface, k)) for k in range(len(self.inputs))]
+        noisy = [] if self.perturbed is None else [
+            (k, self.perturbed[0][k], self.perturbed[1][k], at(self.perturbed[2], k)) for k in range(len(self.inputs))]
+        return clean + noisy
+
+
+def kl_views(source: BlockSource, stream: Stream, at: KLAt, settings: FitSettings, seed: int,
+             states: list[dict[int, torch.Tensor]] | None = None) -> KLViews:
+    """The full model's states the KL phase reads on `stream` (from `states` where the block fit's teacher pass
+    already holds them), and with `settings.kl_perturb` a second, perturbed pass (noise drawn from `seed`)."""
+    states = states if states is not None else teacher_states(source, stream, at.wanted())
+    inputs, finals = [s[at.first] for s in states], [s[at.depth] for s in states]
+    interface = None if at.interface is None else [s[at.interface] for s in states]
+    del states
+    perturbed, shift = None, None
+    if settings.kl_perturb:
+        noisy = perturbed_states(source, stream, at.bottom, sorted({at.bottom, *at.wanted()}), settings.kl_perturb,
+                                 seed)  # --fit-kl-perturb refuses --fit-align: first is bottom here
+        perturbed = ([s[at.bottom] for s in noisy], [s[at.depth] for s in noisy],
+                     None if interface is None else [s[at.interface] for s in noisy])
+        shift = sum(float(relative_error(x, y)) for x, y in zip(perturbed[0], inputs)) / len(inputs)
+    return KLViews(stream, inputs, finals, interface, perturbed, shift)
+
+
+def kl_finish(source: BlockSource, train: KLViews, path: list[int], trained: dict[int, nn.Module],
+              settings: FitSettings, progress: bool = False, log=None, interface: int | None = None,
+              checkpoints: FitCheckpoints | None = None, measure: KLViews | None = None) -> dict:
     """Train the blocks in `trained` end to end: KL(full model || emulator) of the next-token distributions on
-    `data`'s tokens. The emulator runs the original blocks `path` (those in `trained` as trained, the others
-    frozen from the source), then the model's norm and head. Per batch, `inputs` is the full model's input to
-    path[0] (the blocks before it are the model's) and `finals` its last block's output: the teacher's logits
+    `train`'s tokens. The emulator runs the original blocks `path` (those in `trained` as trained, the others
+    frozen from the source), then the model's norm and head. Per batch, `train.inputs` is the full model's input to
+    path[0] (the blocks before it are the model's) and `train.finals` its last block's output: the teacher's logits
     are recomputed from it at each step, a chunk of rows at a time with the student's (evaluate.head_kl): neither
-    model's logits are held whole, nor cached (tokens x vocabulary floats). Returns the mean KL before and after
-    (on the same tokens).
+    model's logits are held whole, nor cached (tokens x vocabulary floats). Returns the mean KL before and after,
+    measured on `measure`'s tokens (public text the fit never read) or, without them, on `train`'s.
 
-    `interface` = (j, states): the loss also weighs (settings.kl_interface) the relative error between the state
-    entering path[j] (the top adapter's input) and the full model's there. The top adapter's gradients depend on
-    nothing else the emulator changes, so this term pulls them toward the full model's; KL alone only asks the
-    frozen top blocks' output to be right (measured on SmolLM2-135M: the plug-in ties at W 1, 10 and 100). Then the
-    mean relative error before and after is returned too.
+    The phase's change is kept only if it lowered that measurement. Held-out tokens judge what the owner ships -
+    the emulator on text it was not trained on - and cost little: `emulate` measures on the guard's 1,024
+    calibration tokens, where the two passes over the 16,384 training tokens took 68 of its 458 s (SmolLM2-135M,
+    2-core CPU).
 
-    `perturbed` = (inputs, finals, interface states) of the full model with a perturbed bottom adapter
-    (perturbed_states): each batch is also trained from those, so the emulator answers a change of the bottom
-    adapter's output as the full middle does (a step per view: twice the steps). The KL on them before and after
-    is returned as perturbed_before/after. Measured on SmolLM2-135M: the plug-in ties; the data owner's bottom
-    adapter is spent repairing the emulator's error on its text, which this does not touch."""
+    `interface` = j: the loss also weighs (settings.kl_interface) the relative error between the state entering
+    path[j] (the top adapter's input) and the full model's there (`train.interface`). The top adapter's gradients
+    depend on nothing else the emulator changes, so this term pulls them toward the full model's; KL alone only
+    asks the frozen top blocks' output to be right (measured on SmolLM2-135M: the plug-in ties at W 1, 10 and 100).
+    Then the mean relative error before and after is returned too.
+
+    `train.perturbed`: the full model with a perturbed bottom adapter (perturbed_states): each batch is also trained
+    from those, so the emulator answers a change of the bottom adapter's output as the full middle does (a step per
+    view: twice the steps). The KL on them before and after is returned as perturbed_before/after. Measured on
+    SmolLM2-135M: the plug-in ties; the data owner's bottom adapter is spent repairing the emulator's error on its
+    text, which this does not touch."""
     frozen = {i: source.block(i) for i in path if i not in trained}
     flags = {id(p): p.requires_grad for m in frozen.values() for p in m.parameters()}
     frozen_params = [p for m in frozen.values() for p in m.parameters()] + list(source.model.parameters())
@@ -629,8 +683,8 @@ def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], fin
     for p in frozen_params:
         p.requires_grad_(False)
     blocks = [trained[i] for i in path if i in trained]
-    for m in blocks:
-        m.train().requires_grad_(True)
+    for m in blocks:  # measured in eval mode (no dropout, no router sampling), trained in train mode
+        m.eval().requires_grad_(True)
     g = torch.Generator().manual_seed(settings.seed + 1)
     trainable, updates = low_rank_params(blocks, settings.kl_rank, g) if settings.kl_rank else \
         ([p for m in blocks for p in m.parameters()], [])
@@ -638,41 +692,39 @@ def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], fin
     run = {**frozen, **trained}
     head, transform = backbone_and_head(source.model)[1], logit_transform(source.model.config)
 
-    # a view: (batch, input, the teacher's last state, the teacher's state at the interface); clean, then perturbed
-    views = [(k, inputs[k], finals[k], None if interface is None else interface[1][k]) for k in range(len(inputs))]
-    if perturbed is not None:
-        views += [(k, perturbed[0][k], perturbed[1][k], None if interface is None else perturbed[2][k])
-                  for k in range(len(inputs))]
+    train_items = train.items()
+    judge = measure if measure is not None else train
 
-    def terms(v: int) -> tuple[torch.Tensor, torch.Tensor | None]:  # every position but 0, the attention sink
-        k, h, final, target = views[v]
+    def terms(views: KLViews, view: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:  # every position but 0, the
+        k, h, final, target = view  # attention sink
         with torch.no_grad():
-            teacher = final_states(source, data, k, final)[:, 1:]
+            teacher = final_states(source, views.stream, k, final)[:, 1:]
         at_interface = None
         for j, i in enumerate(path):
-            if interface is not None and j == interface[0]:
+            if interface is not None and j == interface:
                 at_interface = h
             if settings.kl_rank and i in trained and torch.is_grad_enabled():  # low memory: recompute, not keep
-                h = checkpoint(partial(data.run, run[i], batch=k, index=i), h, use_reentrant=False)
+                h = checkpoint(partial(views.stream.run, run[i], batch=k, index=i), h, use_reentrant=False)
             else:
-                h = data.run(run[i], h, k, i)
-        if interface is not None and interface[0] == len(path):  # no top adapter: the emulator's output
+                h = views.stream.run(run[i], h, k, i)
+        if interface is not None and interface == len(path):  # no top adapter: the emulator's output
             at_interface = h
         error = None if interface is None else relative_error(at_interface, target)
-        return head_kl(final_states(source, data, k, h)[:, 1:], teacher, head, transform), error
+        return head_kl(final_states(source, views.stream, k, h)[:, 1:], teacher, head, transform), error
 
-    def loss(k: int) -> torch.Tensor:
-        kl, error = terms(k)
+    def loss(v: int) -> torch.Tensor:
+        kl, error = terms(train, train_items[v])
         return kl if error is None else kl + settings.kl_interface * error
 
-    def means(which: range) -> tuple[float, float | None]:
+    def means(views: list[tuple]) -> tuple[float, float | None]:
         with torch.no_grad():
-            pairs = [terms(v) for v in which]
-        return (sum(float(a) for a, _ in pairs) / len(which),
-                None if interface is None else sum(float(b) for _, b in pairs) / len(which))
+            pairs = [terms(judge, view) for view in views]
+        return (sum(float(a) for a, _ in pairs) / len(views),
+                None if interface is None else sum(float(b) for _, b in pairs) / len(views))
 
-    batches = len(inputs)
-    clean, noisy = range(batches), range(batches, len(views))
+    judged = judge.items()
+    clean, noisy = judged[:len(judge.inputs)], judged[len(judge.inputs):]
+    held_out = None if measure is None else sum(x.shape[0] * x.shape[1] for x in measure.inputs)
 
     def measured() -> tuple[tuple[float, float | None], tuple[float, float | None] | None]:
         return means(clean), (means(noisy) if noisy else None)
@@ -680,14 +732,17 @@ def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], fin
     def objective(c, n) -> float:  # what the steps minimise: each view's KL (+ W x the interface's error), averaged
         return sum(kl + settings.kl_interface * (err or 0.0) for kl, err in [c, *([n] if n else [])]) / (1 + bool(n))
 
-    # what the KL phase changes in the blocks themselves, restored if it did not lower its objective: a low-rank
+    # what the KL phase changes in the blocks themselves, restored if it did not lower its objective where it is
+    # measured (held out, or its own tokens): a low-rank
     # update is then dropped unmerged; all weights are copied first (4 bytes a parameter on that memory-heavy path)
     own = [p for m in blocks for p in m.parameters() if p.requires_grad]  # a low-rank update's are the hooks' own
     start = [p.detach().clone() for p in own]
     try:
         first = measured()
+        for m in blocks:
+            m.train()
         with head_held_narrow(head, settings.precision == "bf16"):
-            _train(trainable, loss, len(views), settings.kl_epochs, settings.kl_lr, settings.weight_decay, g,
+            _train(trainable, loss, len(train_items), settings.kl_epochs, settings.kl_lr, settings.weight_decay, g,
                    "fit end to end (KL)" if progress else None, settings.precision == "bf16",
                    None if checkpoints is None else Keep(checkpoints, "kl-steps", "fit end to end (KL)", at_end=True))
         for m in blocks:
@@ -718,11 +773,13 @@ def kl_finish(source: BlockSource, data: Stream, inputs: list[torch.Tensor], fin
         for i in frozen:
             source.release(i)
     if log is not None:
-        log(f"fit end to end: KL(full || emulator) {before:.4g} -> {after:.4g}" + (
+        where = "its own tokens" if held_out is None else f"{held_out:,} held-out public tokens"
+        log(f"fit end to end: KL(full || emulator) on {where} {before:.4g} -> {after:.4g}" + (
             " (the KL phase did not lower it: its change was dropped)" if reverted else "") + (
             "" if interface is None else f"; the top adapter's input, relative error {error_before:.4g} -> "
                                          f"{error_after:.4g}") + (
             "" if not noisy else f"; with the bottom adapter perturbed {noisy_before:.4g} -> {noisy_after:.4g}"))
     return {"before": before, "after": after, **({"reverted": True} if reverted else {}),
+            **({} if held_out is None else {"held_out_tokens": held_out}),
             **({} if interface is None else {"interface_before": error_before, "interface_after": error_after}),
             **({} if not noisy else {"perturbed_before": noisy_before, "perturbed_after": noisy_after})}

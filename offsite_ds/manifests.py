@@ -157,15 +157,18 @@ class FitBlock(Strict):
 
 
 class FitKL(Strict):
-    """`emulate --fit --fit-kl-epochs N`: mean KL(full || emulator) on the fitting tokens before and after."""
+    """`emulate --fit --fit-kl-epochs N`: mean KL(full || emulator) before and after, on `held_out_tokens` public
+    tokens the fit never read (the guard's calibration tokens), or on the fitting tokens where that is absent
+    (bundles written before 2026-12-06)."""
     before: Annotated[float, Field(ge=0)]
     after: Annotated[float, Field(ge=0)]
+    held_out_tokens: Annotated[int, Field(ge=2)] | None = None
     interface_before: Annotated[float, Field(ge=0)] | None = None  # --fit-kl-interface: the top adapter's input's
     interface_after: Annotated[float, Field(ge=0)] | None = None  # relative error to the full model's
     perturbed_before: Annotated[float, Field(ge=0)] | None = None  # --fit-kl-perturb: the KL with the bottom
     perturbed_after: Annotated[float, Field(ge=0)] | None = None  # adapter perturbed, and how far that moved
     perturb_shift: Annotated[float, Field(ge=0)] | None = None  # its output (relative error)
-    reverted: bool = False  # the KL phase raised the KL on its own tokens: its change was dropped (after = before)
+    reverted: bool = False  # the KL phase did not lower the KL where measured: its change dropped (after = before)
 
 
 class FitSample(Strict):

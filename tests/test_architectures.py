@@ -115,7 +115,11 @@ def test_moe_checkpoints_are_read_through_transformers_conversions(model_type, p
 
     written, names, _, changed = _default_round_trip(model_dir, "2-1-2", public_text, corpus_file, tmp_path)
     assert [b.block for b in written.manifest.compression.fit.blocks] == [written.manifest.block_map[2]]
-    assert changed == names
+    # PhiMoE's sparsemixer masks every expert whose score trails the top one by more than 2 x jitter_eps: where one
+    # expert survives each selection for every token, PhimoeMultiplier's backward gives its router exactly zero
+    # gradient, and 2 steps leave it as it was (seen with one emulator of this tiny model, not with another)
+    routers = {n for n in names if n.endswith("router.weight")} if model_type == "phimoe" else set()
+    assert changed <= names and names - changed <= routers and len(changed) >= len(names) - 1, names - changed
     assert any(".experts." in n for n in names)  # the adapter blocks' experts were tuned and plugged in
     # LoRA only in the adapter blocks (PEFT rewrites a module-path regex into bare names for MoE models)
     tune(written.path, corpus_file, tmp_path / "lora", mode="lora", seq_len=32,

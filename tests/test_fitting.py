@@ -225,6 +225,54 @@ def test_a_kl_phase_that_does_not_lower_its_loss_is_dropped(rank, tiny_model_dir
     assert "reverted" not in kept and kept["after"] < kept["before"], kept
 
 
+def test_the_kl_phase_is_judged_on_held_out_public_tokens(tiny_model_dir, monkeypatch):
+    """With `held_out` (what `emulate` passes: the guard's calibration tokens, which the fit never reads), the KL
+    phase's before and after are the emulator's KL on those tokens, re-measured here with the model's own forward
+    pass, and they decide whether its change is kept: two passes over them, none over the training tokens. Both are
+    measured in eval mode: with dropout in the blocks, `before` was once measured with it on."""
+    import torch.nn.functional as F
+
+    import offsite_ds.fitting as fitting
+    from offsite_ds.data import tokenize_corpus
+    from offsite_ds.fitting import FitSettings, fit_kept_blocks
+    from offsite_ds.surgery import running_blocks
+    from offsite_ds.tiny import byte_tokenizer
+
+    model, text, ids = sharpened_model_and_text(tiny_model_dir("llama"))
+    for layer in model.model.layers:  # trained in train mode, measured without
+        layer.self_attn.attention_dropout = 0.5
+    held = tokenize_corpus([text.replace("word", "term")], byte_tokenizer())[:256]  # 4 windows of 64, one batch
+    block_map = [0, 1, 3, 6, 7]
+    kw = dict(tokens=1024, epochs=1, lr=1e-3, seq_len=64, batch_size=4, kl_rank=2, kl_lr=3e-3)
+
+    @torch.no_grad()
+    def held_out_kl(fitted: dict) -> float:  # mean over every position but each window's first
+        windows = held.view(-1, 64)
+        teacher = model(input_ids=windows).logits[:, 1:].float()
+        with running_blocks(model, block_map, fitted):
+            student = model(input_ids=windows).logits[:, 1:].float()
+        return float(F.kl_div(student.log_softmax(-1), teacher.log_softmax(-1), log_target=True,
+                              reduction="none").sum(-1).mean())
+
+    torch.manual_seed(1)  # dropout draws from the global generator: the same block fit in both runs
+    plain = fit_kept_blocks(model, ids, block_map, 1, 3, FitSettings(kl_epochs=0, **kw))[0]
+    grad_on, head_kl = [], fitting.head_kl
+    monkeypatch.setattr(fitting, "head_kl", lambda *a, **k: grad_on.append(torch.is_grad_enabled()) or head_kl(*a, **k))
+    torch.manual_seed(1)
+    fitted, _, kl = fit_kept_blocks(model, ids, block_map, 1, 3, FitSettings(kl_epochs=2, **kw), held_out=held)
+    assert kl["held_out_tokens"] == 256 and "reverted" not in kl, kl
+    assert kl["before"] == pytest.approx(held_out_kl(plain), rel=1e-4)  # the block fit's emulator, held out
+    assert kl["after"] == pytest.approx(held_out_kl(fitted), rel=1e-3) and kl["after"] < kl["before"], kl
+    assert grad_on.count(False) == 2 and grad_on.count(True) == 2 * 4  # before and after; 2 epochs of 4 batches
+
+    torch.manual_seed(1)
+    blown = fit_kept_blocks(model, ids, block_map, 1, 3, FitSettings(kl_epochs=1, **{**kw, "kl_lr": 10.0}),
+                            held_out=held)
+    assert blown[2]["reverted"] and blown[2]["after"] == blown[2]["before"] == kl["before"], blown[2]
+    assert all(torch.equal(a, b) for i in plain for a, b in zip(plain[i].state_dict().values(),
+                                                                 blown[0][i].state_dict().values()))
+
+
 def test_a_low_rank_kl_phase_measures_fp32_blocks_once_after_training_and_narrow_ones_again_after_the_merge(
         tiny_model_dir, tmp_path, monkeypatch):
     """The KL after the phase is measured before the merge, which decides whether the update is kept. Merged into
@@ -356,7 +404,8 @@ def test_an_aligned_bundle_ships_trained_adapter_blocks_and_the_plug_in_takes_th
                  "--no-progress", "--allow-far", "--out", str(tmp_path / "bundle"), "--select", "uniform", "--fit",
                  "--fit-tokens", "512", "--fit-epochs", "1", "--fit-kl-epochs", "2", "--fit-kl-lr", "1e-3",
                  "--fit-align"]) == 0
-    assert not read_manifest(tmp_path / "bundle", BUNDLE_FORMAT).compression.fit.kl.reverted  # the KL phase kept
+    kept = read_manifest(tmp_path / "bundle", BUNDLE_FORMAT).compression.fit.kl
+    assert not kept.reverted and kept.held_out_tokens == 256  # the KL phase kept, judged on the calibration tokens
     capsys.readouterr()
     assert main(["emulate", str(model_dir), "--layout", "2-2-2", "--calib-data", str(public), "--no-progress",
                  "--out", str(tmp_path / "nofit"), "--fit-align", "--no-fit"]) == 2
