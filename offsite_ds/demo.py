@@ -36,7 +36,7 @@ DATA_OWNER_LR = {False: 1e-4, True: 7e-4}
 @dataclass
 class DemoSettings:
     """What the demo runs: `emulate`'s own default recipe (importance selection on the public sample shipped
-    with the package, the kept blocks fitted) at the paper's 2-8-2, then the data owner's budget; 14.7-15.3 minutes on
+    with the package, the kept blocks fitted) at the paper's 2-8-2, then the data owner's budget; 14.7-15.4 minutes on
     an idle 2-core CPU without native bf16 (15 is the limit). `fit=False` is the selection alone.
     The training subset is steps x batch_size blocks of PTB train.
 
