@@ -15,7 +15,8 @@ Loss: each token's squared error relative to the teacher's squared norm there (p
 sinks with hidden states orders of magnitude larger, left out), so every token counts alike; optionally a
 cosine term. Calibration text only: the data owner's corpus never enters.
 
-Then (kl_epochs) the blocks are trained end to end on KL(full || emulator) of the next-token distributions;
+Then (kl_epochs) the blocks are trained end to end on KL(full || emulator) of the next-token distributions, a
+change kept only if it lowered that KL on public text the fit never read (`emulate`: the guard's calibration tokens);
 with `align` the adapter blocks train with them, so the bundle ships adapter blocks under which the emulator
 behaves more like the model. The data owner tunes from those, and the plug-in adds only its change to the
 model's own blocks (offsite_ds.plugin.install_adapter): the alignment is the emulator's, not the task's.
@@ -751,7 +752,7 @@ def kl_finish(source: BlockSource, train: KLViews, path: list[int], trained: dic
         unmerged = measured() if updates else None
         reverted = bool(updates) and not objective(*unmerged) < objective(*first)  # nan too
         # into fp32 matrices the merge changes the function by rounding alone, so that measurement stands (a pass
-        # over the KL tokens fewer: 45 of the default emulate's 711 s on SmolLM2-135M); a narrow dtype's merge
+        # fewer over the tokens it is measured on); a narrow dtype's merge
         # rounds the update itself away in part, so the blocks are measured again as they ship
         exact = all(module.weight.dtype == torch.float32 for module, _, _ in updates)
         merge_low_rank(updates, keep=not reverted)
