@@ -696,32 +696,32 @@ def kl_finish(source: BlockSource, train: KLViews, path: list[int], trained: dic
     train_items = train.items()
     judge = measure if measure is not None else train
 
-    def terms(views: KLViews, view: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:  # every position but 0, the
+    def terms(on: KLViews, view: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:  # every position but 0, the
         k, h, final, target = view  # attention sink
         with torch.no_grad():
-            teacher = final_states(source, views.stream, k, final)[:, 1:]
+            teacher = final_states(source, on.stream, k, final)[:, 1:]
         at_interface = None
         for j, i in enumerate(path):
             if interface is not None and j == interface:
                 at_interface = h
             if settings.kl_rank and i in trained and torch.is_grad_enabled():  # low memory: recompute, not keep
-                h = checkpoint(partial(views.stream.run, run[i], batch=k, index=i), h, use_reentrant=False)
+                h = checkpoint(partial(on.stream.run, run[i], batch=k, index=i), h, use_reentrant=False)
             else:
-                h = views.stream.run(run[i], h, k, i)
+                h = on.stream.run(run[i], h, k, i)
         if interface is not None and interface == len(path):  # no top adapter: the emulator's output
             at_interface = h
         error = None if interface is None else relative_error(at_interface, target)
-        return head_kl(final_states(source, views.stream, k, h)[:, 1:], teacher, head, transform), error
+        return head_kl(final_states(source, on.stream, k, h)[:, 1:], teacher, head, transform), error
 
     def loss(v: int) -> torch.Tensor:
         kl, error = terms(train, train_items[v])
         return kl if error is None else kl + settings.kl_interface * error
 
-    def means(views: list[tuple]) -> tuple[float, float | None]:
+    def means(items: list[tuple]) -> tuple[float, float | None]:
         with torch.no_grad():
-            pairs = [terms(judge, view) for view in views]
-        return (sum(float(a) for a, _ in pairs) / len(views),
-                None if interface is None else sum(float(b) for _, b in pairs) / len(views))
+            pairs = [terms(judge, view) for view in items]
+        return (sum(float(a) for a, _ in pairs) / len(items),
+                None if interface is None else sum(float(b) for _, b in pairs) / len(items))
 
     judged = judge.items()
     clean, noisy = judged[:len(judge.inputs)], judged[len(judge.inputs):]

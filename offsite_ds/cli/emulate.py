@@ -94,9 +94,12 @@ def run(args: argparse.Namespace) -> int:
               f"full {q.full_ppl:.2f} (ratio {q.ratio:.2f})")
     record = manifest.compression.fit
     if record is not None:
-        kl = "" if record.kl is None else (
-            f", KL to the full model {record.kl.before:.3f} -> {record.kl.after:.3f}" + (
-                "" if record.kl.held_out_tokens is None else f" on {record.kl.held_out_tokens} held-out tokens") + (
-                " (the KL phase's change dropped)" if record.kl.reverted else ""))
+        kl = ""
+        if record.kl is not None:
+            kl = f", KL to the full model {record.kl.before:.3f} -> {record.kl.after:.3f}"
+            if record.kl.held_out_tokens is not None:
+                kl += f" on {record.kl.held_out_tokens} held-out tokens"
+            if record.kl.reverted:
+                kl += " (the KL phase's change dropped)"
         print(f"kept blocks fitted on {record.tokens} tokens of {record.text} text{kl} (--no-fit: the selection alone)")
     return 0
