@@ -328,6 +328,14 @@ def main(argv: list[str] | None = None) -> int:
     run = run_folder(meta, args.out)
     run.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="offsite-acceptance-work-"))  # weights: never in the run folder
+    try:
+        return _run_checks(args, meta, run, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_checks(args: argparse.Namespace, meta: dict, run: Path, work: Path) -> int:
+    """The planned checks in order (or the plan alone for --dry-run); `main` removes `work` after it."""
     checks = plan(run, work, args.cpu_smoke)
     if args.only:
         wanted = {c.strip() for c in args.only.split(",") if c.strip()}
@@ -352,16 +360,13 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.time() + args.budget
     results: list[dict] = []
     write_outputs(run, meta, results, planned, out)
-    try:
-        for check in checks:
-            results.append(run_check(check, run, deadline, env))
-            r = results[-1]
-            print(f"{r['status']:<7} {check.name} ({r['seconds']} s){' ' + r['why'] if r['why'] else ''}", flush=True)
-            write_outputs(run, meta, results, planned, out)
-            if check.name == "setup" and r["status"] != "pass":
-                break  # every later check needs the model and the bundle
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    for check in checks:
+        results.append(run_check(check, run, deadline, env))
+        r = results[-1]
+        print(f"{r['status']:<7} {check.name} ({r['seconds']} s){' ' + r['why'] if r['why'] else ''}", flush=True)
+        write_outputs(run, meta, results, planned, out)
+        if check.name == "setup" and r["status"] != "pass":
+            break  # every later check needs the model and the bundle
     print(write_outputs(run, meta, results, planned, out), end="")
     print(f"results: {run}" + (f" (and {', '.join(OUT_FILES)} in $OUT)" if out else ""))
     return 0 if len(results) == len(planned) and all(r["status"] in ("pass", "skip") for r in results) else 1

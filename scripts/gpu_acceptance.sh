@@ -19,11 +19,12 @@ tag=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}
 WHEELS="${OFFSITE_WHEELS:-.whl/$tag}"
 ls "$WHEELS"/*.whl >/dev/null 2>&1 \
     || fail "no wheels in $WHEELS; run 'bash scripts/gpu_wheels.sh ${tag:2:1}.${tag:3}' on a networked machine and carry .whl/$tag"
-SITE=$(mktemp -d /tmp/offsite-site.XXXXXX)
+SITE=$(mktemp -d "${TMPDIR:-/tmp}/offsite-site.XXXXXX") || fail "cannot make a folder under ${TMPDIR:-/tmp}; set TMPDIR"
+trap 'rm -rf "$SITE" "$SITE.log"' EXIT  # the wheels' site folder (~33 MB) is this run's only
 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
     --target "$SITE" "$WHEELS"/*.whl 2>"$SITE.log" \
     || fail "installing $WHEELS failed: $(tail -n 1 "$SITE.log")"
 export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import offsite_ds.kernels, offsite_ds.manifests, deepspeed" 2>"$SITE.log" \
     || fail "the checkout does not import with $WHEELS: $(tail -n 1 "$SITE.log")"
-exec "$PY" scripts/gpu_acceptance.py "$@"
+"$PY" scripts/gpu_acceptance.py "$@"  # not exec: the trap removes the site folder after it

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import sysconfig
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -82,6 +83,9 @@ def test_plan_fits_the_budget_and_every_command_parses(tmp_path):
 
 def test_dry_run_says_nothing_was_measured(tmp_path, monkeypatch, capsys):
     driver = load_driver()
+    scratch = tmp_path / "tmp"  # where the run's work folder goes, and must not stay
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     monkeypatch.setenv("OUT", str(tmp_path / "out"))
     monkeypatch.setenv("OFFSITE_DS_COMMIT", "abc123")
     assert driver.main(["--dry-run", "--out", str(tmp_path / "run")]) == 0
@@ -94,6 +98,7 @@ def test_dry_run_says_nothing_was_measured(tmp_path, monkeypatch, capsys):
     for package in ("torch", "triton", "transformers", "deepspeed", "peft", "liger-kernel", "cut-cross-entropy"):
         assert package in meta["versions"], package
     assert driver.main(["--dry-run", "--out", str(tmp_path), "--only", "nope"]) == 2
+    assert not list(scratch.iterdir())
 
 
 def test_commit_comes_from_the_environment_without_git(monkeypatch):
@@ -177,6 +182,21 @@ def test_shell_script_names_the_fix_when_the_wheels_are_missing(tmp_path):
     assert "NOT RUN" in (out / "summary.txt").read_text()  # even this comes back
 
 
+def test_shell_script_removes_its_site_folder_when_an_install_fails(tmp_path):
+    wheels, scratch, out = tmp_path / "wheels", tmp_path / "tmp", tmp_path / "out"
+    wheels.mkdir()
+    scratch.mkdir()
+    (wheels / "broken-1.0-py3-none-any.whl").write_bytes(b"not a zip")
+    env = {**os.environ, "PYTHON": sys.executable, "OFFSITE_WHEELS": str(wheels), "OUT": str(out),
+           "TMPDIR": str(scratch)}
+    before = set(Path("/tmp").glob("offsite-site*"))
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_acceptance.sh")], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 2 and "installing" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert not list(scratch.iterdir())  # the site folder and its log are gone, failed or not ...
+    assert set(Path("/tmp").glob("offsite-site*")) <= before  # ... and were under TMPDIR, not /tmp
+
+
 # ---------------------------------------------------------------- the simulation of the GPU machine
 
 def _machine_venv(where: Path) -> Path:
@@ -256,3 +276,4 @@ def test_whole_run_in_a_simulation_of_the_gpu_machine(tmp_path):
         names = tar.getnames()
     assert not [n for n in names if n.endswith((".safetensors", ".bin", ".pt"))]
     assert {"parity.json", "zero3.json", "suite/results.json", "kernels/kernels.json"} <= set(names)
+    assert not list(tmp_path.glob("offsite-site*")) and not list(tmp_path.glob("offsite-acceptance-work-*"))
