@@ -113,6 +113,18 @@ def check_builder(select: str, share: bool, has_calibration: bool) -> None:
                            f"(never the data owner's corpus) or keep the default {PUBLIC_SAMPLE}, not --no-calib")
 
 
+def check_mlp_width(mlp_width: float | None, calib_data, method: str, share: bool) -> None:
+    """Narrow MLPs need calibration text (the channels are scored on it) and plain layer-drop without sharing."""
+    if mlp_width is None:
+        return
+    if not 0 < mlp_width <= 1:
+        raise OffsiteError(f"--mlp-width {mlp_width:g} is the fraction of MLP channels each kept middle block keeps: "
+                           "give 0 < F <= 1 (0.54 at 2-12-2 holds about as many weights as 2-8-2)")
+    if calib_data is None or method != "drop" or share:
+        raise OffsiteError("--mlp-width scores MLP channels on the owner's public text: it needs calibration text "
+                           "(not --no-calib), plain layer-drop (--method drop) and no --share")
+
+
 def check_max_ratio(max_ratio: float | None) -> None:
     """A fidelity target is an emulator/full perplexity ratio: positive (refused before the model is loaded)."""
     if max_ratio is not None and not max_ratio > 0:
@@ -320,7 +332,7 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
                 guard_ratio: float | None = None, progress: bool = False, log=None, max_ratio: float | None = None,
                 allow_far: bool = False, fit: FitSettings | str | None = AUTO_FIT,
                 checkpoint_dir: str | Path | None = None,
-                save_every_s: float = 600.0) -> WrittenBundle:
+                save_every_s: float = 600.0, mlp_width: float | None = None) -> WrittenBundle:
     """Model owner's `emulate`: full model dir -> EmulatorBundle dir, its weights streamed from the checkpoint.
 
     The bundle keeps the checkpoint's dtype (a bf16 model gives a bf16 bundle) unless `dtype` is given.
@@ -342,6 +354,10 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
     `save_every_s` seconds and on SIGTERM) are kept in `checkpoint_dir` (default OUT.checkpoints), removed once the
     bundle is written: the same call after a stop (crash, Ctrl-C, SIGTERM, or the guard's refusal: `guard_ratio` and
     `allow_far` are not part of the run) goes on from there to the very bundle an uninterrupted run writes.
+
+    `mlp_width` F: each kept middle block keeps only the fraction F of its MLP channels that score highest on the
+    calibration text (offsite_ds.narrow), so more blocks fit in the same size (2-12-2 at 0.54 holds about 2-8-2's
+    weights); they are fitted narrow and written zero-padded at the dropped channels (a plain HF directory).
     """
     from offsite_ds.engines import checkpoint_dir_beside
     from offsite_ds.fingerprints import fingerprint_checkpoint
@@ -352,6 +368,7 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
     transform = compression_transform(method, prune_ratio, quant_bits)
     dtype = parse_dtype(dtype)
     check_builder(select, share, calib_data is not None)
+    check_mlp_width(mlp_width, calib_data, method, share)
     checkpoint = ModelCheckpoint(model_dir)
     n_layers = checkpoint.depth
     layout = Layout.parse(layout_spec, n_layers, keep_ratio, upper_bound=max_ratio is not None)
@@ -370,11 +387,11 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
                    "prune_ratio": prune_ratio, "bits": quant_bits, "select": select, "share": share,
                    "calib_tokens": calib_tokens, "importance": importance, "text_field": text_field,
                    "max_ratio": max_ratio, "fit": None if fit is None else asdict(fit), "fit_auto": fit_auto,
-                   "dtype": str(dtype)}
+                   "dtype": str(dtype), "mlp_width": mlp_width}
         layout, block_map, share_map, facts, calibration, quality, fitted = _calibrated_choice(
             model_dir, layout, method, prune_ratio, quant_bits, select, share, public_calibration(calib_data),
             calib_tokens, importance, text_field, progress, max_ratio, fit, log, dtype or checkpoint.dtype(), fit_auto,
-            checkpoints, run_key)
+            checkpoints, run_key, mlp_width)
         warning = guard_warning(quality, guard_ratio, layout, select)
         if warning and not allow_far:
             kept = f"; its fit is kept in {checkpoints.root} for that" if checkpoints.held() else ""
@@ -442,7 +459,7 @@ def _calibrated_choice(model_dir, layout: Layout, method: str, prune_ratio: floa
                        share: bool, calib_data, calib_tokens: int | None, importance: str, text_field: str,
                        progress: bool, max_ratio: float | None = None, fit: FitSettings | None = None, log=None,
                        bundle_dtype: torch.dtype | None = None, fit_auto: bool = False, checkpoints=None,
-                       run_key: dict | None = None
+                       run_key: dict | None = None, mlp_width: float | None = None
                        ) -> tuple[Layout, list[int], list[int] | None, dict, dict, dict, dict[int, nn.Module]]:
     """Stream the model (fp32, block by block from its shards) to choose the blocks on the owner's calibration
     text, fit them when asked, and measure the guard: (layout, block_map, share_map, facts, calibration,
@@ -499,16 +516,30 @@ def _calibrated_choice(model_dir, layout: Layout, method: str, prune_ratio: floa
             checkpoints.save("choice", {"layout": str(layout), "rest": json.dumps([block_map, share_map, facts])})
     executed = [block_map[s] for s in share_map] if share_map is not None else block_map
     compressed, fitted = {}, {}
-    for i in (block_map[layout.bottom:layout.bottom + layout.kept] if method != "drop" else []):
+    kept_middle = block_map[layout.bottom:layout.bottom + layout.kept]
+    for i in (kept_middle if method != "drop" else []):
         compressed[i] = model.own_copy(i)
         compress_(compressed[i], method, prune_ratio, quant_bits)
+    source, narrowing = model, None
+    if mlp_width is not None:  # the kept blocks' own copies come narrowed: the fit trains them so
+        from offsite_ds.narrow import NarrowedCopies
+
+        source = narrowing = NarrowedCopies.scored(model, kept_middle, calib_ids, calibrate.calibration_seq_len(model),
+                                                   mlp_width)
+        facts = {**facts, "mlp_width": narrowing.record()}
+        if log is not None:
+            log(f"narrow MLPs: the {layout.kept} kept middle blocks keep {narrowing.width} of {narrowing.full} "
+                f"channels each, scored on {calib_ids.numel()} calibration tokens")
     if fit is not None:
         from offsite_ds.fitting import fit_kept_blocks
 
-        fitted, report, kl = fit_kept_blocks(model, fit_ids, block_map, layout.bottom, layout.kept, fit, progress, log,
-                                             store_dtype=bundle_dtype, checkpoints=checkpoints, held_out=calib_ids)
+        fitted, report, kl = fit_kept_blocks(source, fit_ids, block_map, layout.bottom, layout.kept, fit, progress,
+                                             log, store_dtype=bundle_dtype, checkpoints=checkpoints, held_out=calib_ids)
         facts = {**facts, "fit": {**asdict(fit), "blocks": report, **({"kl": kl} if kl else {}),
                                   **({"sampled": sampled} if sampled else {})}}
+    if narrowing is not None:  # written at the model's width, zeros at the dropped channels: the same function
+        fitted = {i: narrowing.padded(i, fitted[i] if i in fitted else narrowing.own_copy(i).to(bundle_dtype))
+                  for i in kept_middle}
     quality = calibrate.quality(model, executed, calib_ids, calibrate.calibration_seq_len(model),
                                 calibration["corpus_fingerprint"],
                                 replace=compressed or {i: Upcast(b, model.dtype) for i, b in fitted.items()})

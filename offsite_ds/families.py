@@ -32,6 +32,12 @@ class Family:
     mlp_in: str = ""  # first MLP projection (its bias feeds the activation)
     activation: str = ""  # the MLP activation, for the fused bias+activation kernel
     extra: dict = field(default_factory=dict)
+    mlp_gated: tuple[str, ...] = ()  # a gated MLP's input projections (mlp_in is then "": no bias+activation to fuse)
+
+    @property
+    def mlp_channels(self) -> tuple[str, ...]:
+        """The MLP's input projections, whose outputs are its channels (offsite_ds.narrow); () where unknown."""
+        return self.mlp_gated or ((self.mlp_in,) if self.mlp_in else ())
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -177,6 +183,7 @@ FAMILIES: tuple[Family, ...] = (
         attn_out="self_attn.o_proj",
         mlp_out="mlp.down_proj",
         activation="silu_gated",
+        mlp_gated=("mlp.gate_proj", "mlp.up_proj"),
         lora_targets=("q_proj", "v_proj"),
     ),
 )

@@ -201,6 +201,21 @@ class FitRecord(Strict):
     sampled: FitSample | None = None
 
 
+class MlpWidth(Strict):
+    """`emulate --mlp-width F`: each kept middle block kept `width` of its `full_width` MLP channels (the best
+    scored on `tokens` calibration tokens), stored zero-padded at the others."""
+    fraction: Annotated[float, Field(gt=0, le=1)]
+    width: Annotated[int, Field(ge=1, le=1 << 20)]
+    full_width: Annotated[int, Field(ge=1, le=1 << 20)]
+    tokens: Annotated[int, Field(ge=1)]
+
+    @model_validator(mode="after")
+    def _narrower(self) -> "MlpWidth":
+        if self.width > self.full_width:
+            raise ValueError(f"width {self.width} exceeds full_width {self.full_width}")
+        return self
+
+
 class Compression(Strict):
     """How the emulator's middle was built; builder facts (select, shared, calibration, scores) included."""
     method: Literal[METHODS]
@@ -216,6 +231,7 @@ class Compression(Strict):
     elimination: Annotated[list[EliminationStep], Field(max_length=MAX_DEPTH)] | None = None
     max_ratio: Positive | None = None  # the owner's fidelity target K was chosen for (emulate --max-ratio)
     fit: FitRecord | None = None  # the kept blocks were fitted to their runs (emulate --fit)
+    mlp_width: MlpWidth | None = None  # the kept blocks' MLPs were narrowed (emulate --mlp-width)
     distillation: dict[str, JsonValue] | None = None
 
 

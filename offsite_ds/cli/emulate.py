@@ -48,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "end). Default: on wherever it can run (calibration text, --method drop, no --share); "
                         "--no-fit: the selection alone")
     add_fit_arguments(p, "--fit")
+    p.add_argument("--mlp-width", type=float, default=None,
+                   help="fraction F of MLP channels each kept middle block keeps, the best scored on --calib-data "
+                        "(width as well as depth: 2-12-2 at 0.54 holds about 2-8-2's weights); stored zero-padded")
     p.add_argument("--text-field", default="text", help="field holding the text in .json/.jsonl/.parquet data")
     p.add_argument("--method", default="drop", choices=METHODS,
                    help="compression of the middle: uniform layer-drop (paper), or the ablation's prune/quantize")
@@ -83,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
                           calib_data=args.calib_data, calib_tokens=args.calib_tokens, importance=args.importance,
                           text_field=args.text_field, guard_ratio=args.guard_ratio, progress=not args.no_progress,
                           dtype=args.dtype, max_ratio=args.max_ratio, allow_far=args.allow_far,
-                          fit=fit, checkpoint_dir=args.checkpoint_dir, save_every_s=args.save_every_s)
+                          fit=fit, checkpoint_dir=args.checkpoint_dir, save_every_s=args.save_every_s,
+                          mlp_width=args.mlp_width)
     manifest = written.manifest
     shared = f", shared over {len(manifest.share_map)} positions" if manifest.share_map is not None else ""
     print(f"emulator bundle {written.path}: layout {manifest.layout} of {manifest.base_depth} blocks ({args.select}"
