@@ -52,8 +52,18 @@ tok = AutoTokenizer.from_pretrained(md, local_files_only=True)
 calib, _ = calibrate.calibration_ids(public_calibration(PUBLIC_SAMPLE), tok, calibrate.DEFAULT_CALIB_TOKENS)
 layers = model.model.layers
 act = [torch.zeros(inter) for _ in layers]
-hooks = [layer.mlp.down_proj.register_forward_pre_hook(
-    lambda m, args, i=i: act[i].add_(args[0].detach().abs().reshape(-1, inter).sum(0))) for i, layer in enumerate(layers)]
+
+
+def record(i: int):
+    def hook(_module, args):  # returns None: a pre-hook's return value would replace the layer's input
+        act[i].add_(args[0].detach().abs().reshape(-1, inter).sum(0))
+    return hook
+
+
+# Until 2026-12-07 the hook was `lambda m, args: act[i].add_(...)`, which returns act[i] and so fed it to down_proj
+# in place of the real input: the scores of the runs in 2026-12-07-mlp-width-smollm2-cpu came from that corrupted
+# forward pass. `emulate --mlp-width` (offsite_ds.narrow.channel_scores) scores on the model's true forward pass.
+hooks = [layer.mlp.down_proj.register_forward_pre_hook(record(i)) for i, layer in enumerate(layers)]
 with torch.no_grad():
     calibrate.mean_nll(model, calib, calibrate.calibration_seq_len(model))
 for h in hooks:

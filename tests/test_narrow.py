@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-FAMILIES = ("opt", "bloom", "gpt2", "llama")
+from offsite_ds.tiny import TINY_FAMILIES as FAMILIES  # every family the table names
 
 
 def _logits(model, ids, replace=None):
@@ -58,6 +58,14 @@ def test_channel_scores_streamed_equal_in_memory_and_rank_a_dead_channel_last(fa
     streamed = channel_scores(StreamedBlocks(tiny_model_dir(family)), fam, ids, 64, [2, 5])
     for i in (2, 5):
         assert torch.allclose(loaded[i], streamed[i], rtol=1e-5, atol=1e-7) and (loaded[i] > 0).all()
+    from offsite_ds.block_stream import full_path, open_stream, sweep
+    from offsite_ds.narrow import _Scoring
+
+    scoring = _Scoring(as_source(model), fam, {2, 5})  # scoring watches the forward pass, never changes it
+    with scoring.hooked():
+        watched = sweep(scoring, open_stream(as_source(model), ids, 64), [full_path(as_source(model))])[0]
+    plain = sweep(as_source(model), open_stream(as_source(model), ids, 64), [full_path(as_source(model))])[0]
+    assert all(torch.equal(a, b) for a, b in zip(watched, plain)) and sorted(scoring.sums) == [2, 5]
     out = get_path(get_path(model, fam.blocks)[5], fam.mlp_out)
     with torch.no_grad():  # channel 7 can no longer move the output
         (out.weight[7] if is_transposed_linear(out) else out.weight[:, 7]).zero_()
