@@ -102,19 +102,38 @@ def pad_mlp(block: nn.Module, family: Family, keep: torch.Tensor, width: int) ->
     return _resize_mlp(block, family, keep, width)
 
 
-class _Scoring(BlockSource):
-    """`source` whose blocks record, while they run, the |input| of their MLP's output projection per channel."""
+class _Delegating(BlockSource):
+    """`source` itself, for a wrapper that changes one of its methods."""
+
+    def __init__(self, source: BlockSource):
+        self.source, self.model, self.depth = source, source.model, source.depth
+
+    def block(self, index: int) -> nn.Module:
+        return self.source.block(index)
+
+    def release(self, index: int) -> None:
+        self.source.release(index)
+
+    def stand_in(self, index: int) -> nn.Module:
+        return self.source.stand_in(index)
+
+
+class _Scoring(_Delegating):
+    """`source` whose blocks record, while they run, the |input| of their MLP's output projection per channel,
+    and the norms of that projection's columns (read while the block is at hand: a streamed block is read once)."""
 
     def __init__(self, source: BlockSource, family: Family, blocks: set[int]):
-        self.source, self.family, self.blocks = source, family, blocks
-        self.model, self.depth = source.model, source.depth
+        super().__init__(source)
+        self.family, self.blocks = family, blocks
         self.sums: dict[int, torch.Tensor] = {}
+        self.columns: dict[int, torch.Tensor] = {}
         self._hooks: list = []
 
     def block(self, index: int) -> nn.Module:
         module = self.source.block(index)
         if index in self.blocks:
             _, out = mlp_layers(module, self.family)
+            self.columns[index] = out.weight.detach().float().norm(dim=1 if is_transposed_linear(out) else 0).cpu()
 
             def add(_m, args, index=index):
                 x = args[0].detach().float().abs()
@@ -122,12 +141,6 @@ class _Scoring(BlockSource):
                 self.sums[index] = self.sums.get(index, 0) + total
             self._hooks.append(out.register_forward_pre_hook(add))
         return module
-
-    def release(self, index: int) -> None:
-        self.source.release(index)
-
-    def stand_in(self, index: int) -> nn.Module:
-        return self.source.stand_in(index)
 
     @contextlib.contextmanager
     def hooked(self) -> Iterator[None]:
@@ -147,15 +160,7 @@ def channel_scores(source: BlockSource, family: Family, ids: torch.Tensor, seq_l
     scoring = _Scoring(source, family, set(blocks))
     with scoring.hooked():
         sweep(scoring, open_stream(source, ids, seq_len), [full_path(source)])
-    scores = {}
-    for index in blocks:
-        module = source.block(index)
-        _, out = mlp_layers(module, family)
-        weight = out.weight.detach().float()
-        column = weight.norm(dim=1 if is_transposed_linear(out) else 0)
-        scores[index] = (scoring.sums[index].cpu() / ids.numel()) * column.cpu()
-        source.release(index)
-    return scores
+    return {i: (scoring.sums[i].cpu() / ids.numel()) * scoring.columns[i] for i in blocks}
 
 
 def kept_channels(scores: torch.Tensor, width: int) -> torch.Tensor:
@@ -175,15 +180,14 @@ def narrowed_width(full: int, fraction: float) -> int:
     return min(full, max(1, width))
 
 
-class NarrowedCopies(BlockSource):
+class NarrowedCopies(_Delegating):
     """`source`, whose own copies of the blocks in `keep` come with only those MLP channels (what the fit
     trains); everything else, the teacher's blocks included, is the source's."""
 
     def __init__(self, source: BlockSource, family: Family, keep: dict[int, torch.Tensor], full: int,
                  fraction: float, tokens: int):
-        self.source, self.family, self.keep, self.full, self.fraction, self.tokens = (source, family, keep, full,
-                                                                                      fraction, tokens)
-        self.model, self.depth = source.model, source.depth
+        super().__init__(source)
+        self.family, self.keep, self.full, self.fraction, self.tokens = family, keep, full, fraction, tokens
         self.width = len(next(iter(keep.values())))
 
     @classmethod
@@ -201,15 +205,6 @@ class NarrowedCopies(BlockSource):
         width = narrowed_width(full, fraction)
         return cls(source, family, {i: kept_channels(scores[i], width) for i in blocks}, full, fraction,
                    int(ids.numel()))
-
-    def block(self, index: int) -> nn.Module:
-        return self.source.block(index)
-
-    def release(self, index: int) -> None:
-        self.source.release(index)
-
-    def stand_in(self, index: int) -> nn.Module:
-        return self.source.stand_in(index)
 
     def own_copy(self, index: int) -> nn.Module:
         block = self.source.own_copy(index)
