@@ -195,6 +195,8 @@ def load_bundle(directory: str | Path, dtype: torch.dtype = torch.float32) -> Bu
         for name, p in model.named_parameters():
             if p.is_floating_point() and not torch.isfinite(p).all():
                 raise ArtifactError(f"{directory}: weight '{name}' holds NaN or Inf values; refusing the bundle")
+    if manifest.compression.mlp_width is not None:
+        _narrow_middle(directory, model, family, manifest)
     if manifest.share_map is not None:  # validated with the manifest: expand the stored blocks
         from offsite_ds.surgery import share_blocks
 
@@ -204,6 +206,23 @@ def load_bundle(directory: str | Path, dtype: torch.dtype = torch.float32) -> Bu
     except Exception as exc:
         raise ArtifactError(f"{directory}: the tokenizer files do not load ({type(exc).__name__}: {_first_line(exc)})")
     return Bundle(directory, model.eval(), tokenizer, manifest)
+
+
+def _narrow_middle(directory: Path, model: torch.nn.Module, family, manifest: BundleManifest) -> None:
+    """Run the middle blocks of an `--mlp-width` bundle at their narrow width: stored zero-padded (a plain HF
+    directory), they would otherwise cost the data owner full-width blocks every step for zeros."""
+    from offsite_ds.families import blocks_of
+    from offsite_ds.narrow import drop_dead_channels, mlp_width
+
+    record, blocks, adapter = manifest.compression.mlp_width, blocks_of(model), set(manifest.adapter_positions)
+    for position in sorted(set(range(len(blocks))) - adapter):
+        if mlp_width(blocks[position], family) != record.full_width:
+            raise ArtifactError(f"{directory}: middle block {position} has {mlp_width(blocks[position], family)} MLP "
+                                f"channels, not compression.mlp_width.full_width {record.full_width}; re-export it")
+        kept = drop_dead_channels(blocks[position], family)
+        if kept > record.width:
+            raise ArtifactError(f"{directory}: middle block {position} has {kept} live MLP channels, more than "
+                                f"compression.mlp_width.width {record.width}; the bundle is inconsistent, re-export it")
 
 
 def _first_line(exc: Exception) -> str:

@@ -49,6 +49,7 @@ class DemoSettings:
     layout: str = "2-8-2"
     select: str = DEFAULT_SELECT
     fit: bool = True
+    mlp_width: float | None = None  # emulate --mlp-width: e.g. 2-12-2 at 0.54 holds about 2-8-2's weights
     mode: str = "full"
     steps: int = 100
     lr: float | None = None
@@ -165,7 +166,7 @@ def run_demo(model_dir: str | Path, train_file: str | Path, eval_files: dict[str
     log(f"[owner] emulator {s.layout} of {model_dir}")
     t = time.perf_counter()
     bundle_dir = make_bundle(model_dir, s.layout, out / "bundle", select=s.select, progress=s.progress,
-                             fit=FitSettings() if s.fit else None, log=log).path
+                             fit=FitSettings() if s.fit else None, log=log, mlp_width=s.mlp_width).path
     timings["emulate_s"] = time.perf_counter() - t
 
     trip = round_trip(model_dir, bundle_dir, train_file, eval_files, out, s, log=log)

@@ -102,6 +102,26 @@ def pad_mlp(block: nn.Module, family: Family, keep: torch.Tensor, width: int) ->
     return _resize_mlp(block, family, keep, width)
 
 
+def live_channels(block: nn.Module, family: Family) -> torch.Tensor:
+    """The MLP channels whose output-projection column is not all zeros (sorted indices): the others add
+    nothing to the block's output, whatever their input, so a frozen block runs the same without them."""
+    _, out = mlp_layers(block, family)
+    weight = out.weight.detach()
+    return torch.nonzero(weight.ne(0).any(dim=1 if is_transposed_linear(out) else 0)).flatten().cpu()
+
+
+def drop_dead_channels(block: nn.Module, family: Family) -> int:
+    """`block` (in place) without the MLP channels `live_channels` leaves out: a bundle stored zero-padded
+    (`pad_mlp`) runs at its narrow cost again. Returns the width kept. Only for frozen blocks: a dropped
+    channel could not learn during training."""
+    keep = live_channels(block, family)
+    if len(keep) == 0:
+        keep = torch.tensor([0])  # an MLP that adds nothing: one zero channel keeps the module well formed
+    if len(keep) < mlp_width(block, family):
+        narrow_mlp(block, family, keep)
+    return len(keep)
+
+
 class _Delegating(BlockSource):
     """`source` itself, for a wrapper that changes one of its methods."""
 

@@ -50,7 +50,9 @@ def test_run_demo_round_trip_on_a_tiny_model(tiny_model_dir, corpus_file, eval_f
     assert saved["rows"] == json.loads(json.dumps(rows))
     assert saved["settings"]["layout"] == "2-2-2"
     # the demo's emulator is emulate's default: the kept blocks fitted, on the public text shipped with the package
-    fit = json.loads((out / "bundle" / "offsite.json").read_text())["compression"]["fit"]
+    compression = json.loads((out / "bundle" / "offsite.json").read_text())["compression"]
+    fit = compression["fit"]
+    assert "mlp_width" not in compression or compression["mlp_width"] is None  # whole blocks unless asked
     assert fit["kl_rank"] == 8 and fit["kl"]["after"] < fit["kl"]["before"]
 
 
@@ -71,9 +73,12 @@ def test_cli_demo_prints_the_table_and_exits_by_the_claims(tiny_model_dir, corpu
     rc = main(["demo", "--model", str(tiny_model_dir("llama")), "--train", str(corpus_file),
                "--valid", str(eval_files["valid"]), "--test", str(eval_files["test"]), "--out", str(out),
                "--layout", "2-2-2", "--steps", "3", "--lr", "1e-3", "--warmup", "1", "--batch-size", "2",
-               "--seq-len", "32", "--eval-seq-len", "32", "--eval-tokens", "256", "--no-progress"])
+               "--seq-len", "32", "--eval-seq-len", "32", "--eval-tokens", "256", "--no-progress",
+               "--mlp-width", "0.5"])
     printed = capsys.readouterr().out
     saved = json.loads((out / "demo.json").read_text())
+    assert saved["settings"]["mlp_width"] == 0.5  # reaches emulate: the kept blocks keep half their MLP channels
+    assert json.loads((out / "bundle" / "offsite.json").read_text())["compression"]["mlp_width"]["fraction"] == 0.5
     assert rc == (0 if all(saved["claims"].values()) else 1)
     assert "| setting | eval valid ppl | eval test ppl |" in printed
     for name in ROWS:

@@ -2,6 +2,7 @@
 channels named, padding back is the same function, scores are the same streamed or in memory, and `emulate` writes
 a plain bundle whose kept blocks hold only that many channels."""
 import copy
+import json
 import math
 
 import pytest
@@ -75,8 +76,15 @@ def test_channel_scores_streamed_equal_in_memory_and_rank_a_dead_channel_last(fa
 
 
 def test_emulate_mlp_width_fits_narrow_blocks_and_writes_a_plain_bundle(tiny_model_dir, tmp_path, capsys):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
     from offsite_ds.bundle import load_bundle
     from offsite_ds.calibrate import mean_nll
+    from offsite_ds.errors import ArtifactError
+    from offsite_ds.plugin import plugin
+    from offsite_ds.roles.tune_adapter import tune
+    from offsite_ds.train import TrainConfig
     from offsite_ds.cli import main
     from offsite_ds.data import tokenize_corpus
     from offsite_ds.manifests import BUNDLE_FORMAT
@@ -100,16 +108,33 @@ def test_emulate_mlp_width_fits_narrow_blocks_and_writes_a_plain_bundle(tiny_mod
     for name in ("narrow", "fit"):
         m = read_manifest(tmp_path / name, BUNDLE_FORMAT)
         assert m.compression.mlp_width.width == width and m.compression.mlp_width.full_width == width * 2
-        emulator = load_bundle(tmp_path / name).model  # a plain HF directory at the model's width
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path / name)  # a plain HF directory at the model's width
+        emulator = load_bundle(tmp_path / name).model  # ... which load_bundle runs at the narrow width
         narrow_models[name] = emulator
         for position, original in enumerate(m.block_map):
-            mlp = emulator.model.layers[position].mlp
-            live = int((mlp.down_proj.weight.abs().sum(0) > 0).sum())
+            stored, mlp = plain.model.layers[position].mlp, emulator.model.layers[position].mlp
+            live = int((stored.down_proj.weight.abs().sum(0) > 0).sum())
             middle = m.layout.startswith("2-") and 2 <= position < 5
             assert live == (width if middle else width * 2), (name, position, live)
+            shapes = {tuple(w.shape) for w in (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight.T)}
+            assert shapes == {(width if middle else width * 2, full.config.hidden_size)}, (name, position, shapes)
             if not middle:  # adapter blocks are the model's own
                 assert torch.equal(mlp.up_proj.weight, full.model.layers[original].mlp.up_proj.weight)
+        with torch.no_grad():
+            assert torch.allclose(emulator(ids[None, :64]).logits, plain(ids[None, :64]).logits, atol=1e-5)
         assert mean_nll(emulator, ids, 128) == pytest.approx(math.log(m.quality.emulator_ppl), rel=1e-4)
+    # the data owner tunes through the narrow blocks; the plug-in is the full model with the tuned adapter blocks
+    tune(tmp_path / "fit", public, tmp_path / "adapter", mode="full", seq_len=32,
+         cfg=TrainConfig(steps=2, lr=5e-3, batch_size=2, progress=False))
+    plugged = load_model(plugin(model, tmp_path / "adapter", tmp_path / "plugged"))
+    tuned = load_file(str(tmp_path / "adapter" / "adapter.safetensors"))
+    assert tuned and all(t.shape == plugged.state_dict()[n].shape for n, t in tuned.items())
+    assert not torch.equal(plugged.model.layers[0].mlp.up_proj.weight, full.model.layers[0].mlp.up_proj.weight)
+    manifest = json.loads((tmp_path / "fit" / "offsite.json").read_text())  # a width the stored blocks exceed
+    manifest["compression"]["mlp_width"]["width"] = width - 8
+    (tmp_path / "fit" / "offsite.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=f"middle block 2 has {width} live MLP channels, more than"):
+        load_bundle(tmp_path / "fit")
     fitted = read_manifest(tmp_path / "fit", BUNDLE_FORMAT)
     assert fitted.compression.fit is not None and all(b.after < b.before for b in fitted.compression.fit.blocks)
     for bad, why in (("0", "give 0 < F <= 1"), ("1.5", "give 0 < F <= 1")):

@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fit", action=argparse.BooleanOptionalAction, default=d.fit,
                    help="fit the kept blocks to their runs, then end to end, as emulate does by default (on; "
                         "--no-fit: the selection alone, the demo's default until 2026-12-06)")
+    p.add_argument("--mlp-width", type=float, default=d.mlp_width, metavar="F",
+                   help="the kept middle blocks keep this fraction of their MLP channels, as emulate --mlp-width "
+                        "(default: whole blocks); --layout 2-12-2 --mlp-width 0.54 holds about 2-8-2's weights")
     p.add_argument("--mode", default=d.mode, choices=MODES)
     p.add_argument("--steps", type=int, default=d.steps, help=f"tuning steps ({d.steps})")
     p.add_argument("--lr", type=float, default=None,
@@ -66,8 +69,8 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.batch_size < 1 or args.eval_tokens < 0:
         raise OffsiteError("--steps and --batch-size must be >= 1 and --eval-tokens >= 0")
     model_dir, files, corpus = demo_inputs(args.model, args.train, args.valid, args.test, args.cache_dir)
-    settings = DemoSettings(layout=args.layout, select=args.select, fit=args.fit, mode=args.mode, steps=args.steps,
-                            lr=args.lr, warmup=args.warmup,
+    settings = DemoSettings(layout=args.layout, select=args.select, fit=args.fit, mlp_width=args.mlp_width,
+                            mode=args.mode, steps=args.steps, lr=args.lr, warmup=args.warmup,
                             batch_size=args.batch_size, seq_len=args.seq_len, eval_seq_len=args.eval_seq_len,
                             eval_tokens=args.eval_tokens or None, eval_every=args.eval_every, seed=args.seed,
                             progress=not args.no_progress, precision=args.precision)
