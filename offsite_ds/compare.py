@@ -45,6 +45,8 @@ class CompareSettings(DemoSettings):
     budget; `--lr` moves it."""
 
     lr: float = COMPARE_LR
+    layout: str = "2-8-2"  # the builders compare at the paper's layout, with whole blocks (the README's tables)
+    mlp_width: float | None = None  # every builder's kept blocks narrowed (emulate --mlp-width); the tables: whole
     builders: tuple[str, ...] = ("uniform", "importance", "importance+fit", "crash", "crash+share")  # +fit: emulate's
     layouts: tuple[str, ...] = ()  # the frontier: every builder at every layout (empty: just `layout`)
     mode_settings: dict = field(default_factory=dict)  # keyword overrides of the mode's settings, as recorded
@@ -116,7 +118,8 @@ def run_builder(name: str, model_dir: Path, calib_data: Path, train_file: Path, 
     written = make_bundle(model_dir, layout, out / "bundle", select=select, share=share, calib_data=calib_data,
                           calib_tokens=s.calib_tokens, importance=s.importance, progress=s.progress, log=log,
                           allow_far=True,  # far builders are measured here on purpose
-                          fit=s.fit if fitted else None)
+                          fit=s.fit if fitted else None,
+                          mlp_width=None if name.startswith(CEILING) else s.mlp_width)  # the ceiling: whole blocks
     bundle, manifest = written.path, written.manifest
     timings["emulate_s"] = time.perf_counter() - t
     if distilled:

@@ -357,7 +357,8 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
 
     `mlp_width` F: each kept middle block keeps only the fraction F of its MLP channels that score highest on the
     calibration text (offsite_ds.narrow), so more blocks fit in the same size (2-12-2 at 0.54 holds about 2-8-2's
-    weights); they are fitted narrow and written zero-padded at the dropped channels (a plain HF directory).
+    weights); they are fitted narrow and written zero-padded at the dropped channels (a plain HF directory, which
+    `load_bundle` runs narrow again). F = 1 keeps whole blocks, as None does.
     """
     from offsite_ds.engines import checkpoint_dir_beside
     from offsite_ds.fingerprints import fingerprint_checkpoint
@@ -369,6 +370,7 @@ def make_bundle(model_dir: str | Path, layout_spec: str, out_dir: str | Path, ke
     dtype = parse_dtype(dtype)
     check_builder(select, share, calib_data is not None)
     check_mlp_width(mlp_width, calib_data, method, share)
+    mlp_width = None if mlp_width == 1 else mlp_width  # every channel kept: whole blocks, nothing to score
     checkpoint = ModelCheckpoint(model_dir)
     n_layers = checkpoint.depth
     layout = Layout.parse(layout_spec, n_layers, keep_ratio, upper_bound=max_ratio is not None)

@@ -52,7 +52,7 @@ def test_run_demo_round_trip_on_a_tiny_model(tiny_model_dir, corpus_file, eval_f
     # the demo's emulator is emulate's default: the kept blocks fitted, on the public text shipped with the package
     compression = json.loads((out / "bundle" / "offsite.json").read_text())["compression"]
     fit = compression["fit"]
-    assert "mlp_width" not in compression or compression["mlp_width"] is None  # whole blocks unless asked
+    assert compression["mlp_width"]["fraction"] == DemoSettings.mlp_width == 0.54  # width as well as depth
     assert fit["kl_rank"] == 8 and fit["kl"]["after"] < fit["kl"]["before"]
 
 
@@ -114,7 +114,7 @@ def test_cli_defaults_are_the_demo_settings():
     assert d.fit and args.lr is None and d.lr == DATA_OWNER_LR[True]
     assert DemoSettings(fit=False).lr == DATA_OWNER_LR[False]
     assert DemoSettings(fit=True, lr=5e-4).lr == 5e-4  # --lr given: taken as it is
-    for name in ("layout", "select", "fit", "mode", "steps", "warmup", "batch_size", "seq_len", "eval_seq_len",
+    for name in ("layout", "select", "fit", "mlp_width", "mode", "steps", "warmup", "batch_size", "seq_len", "eval_seq_len",
                  "eval_tokens", "eval_every", "seed"):
         assert getattr(args, name) == getattr(d, name), name
     assert args.precision == DemoSettings.precision == "auto"  # resolved per machine, as DemoSettings() resolves it

@@ -137,6 +137,8 @@ def test_emulate_mlp_width_fits_narrow_blocks_and_writes_a_plain_bundle(tiny_mod
         load_bundle(tmp_path / "fit")
     fitted = read_manifest(tmp_path / "fit", BUNDLE_FORMAT)
     assert fitted.compression.fit is not None and all(b.after < b.before for b in fitted.compression.fit.blocks)
+    assert main([*argv[:-1], "1", "--out", str(tmp_path / "whole"), "--no-fit"]) == 0  # every channel: whole blocks
+    assert read_manifest(tmp_path / "whole", BUNDLE_FORMAT).compression.mlp_width is None
     for bad, why in (("0", "give 0 < F <= 1"), ("1.5", "give 0 < F <= 1")):
         assert main([*argv[:-1], bad, "--out", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err.strip()

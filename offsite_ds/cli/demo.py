@@ -29,10 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"the owner's emulator builder ({d.select}, emulate's default)")
     p.add_argument("--fit", action=argparse.BooleanOptionalAction, default=d.fit,
                    help="fit the kept blocks to their runs, then end to end, as emulate does by default (on; "
-                        "--no-fit: the selection alone, the demo's default until 2026-12-06)")
+                        "--no-fit: the selection alone, narrowed unless --mlp-width 1; whole-block --no-fit was the "
+                        "demo's default until 2026-12-06)")
     p.add_argument("--mlp-width", type=float, default=d.mlp_width, metavar="F",
-                   help="the kept middle blocks keep this fraction of their MLP channels, as emulate --mlp-width "
-                        "(default: whole blocks); --layout 2-12-2 --mlp-width 0.54 holds about 2-8-2's weights")
+                   help=f"the kept middle blocks keep this fraction of their MLP channels, as emulate --mlp-width "
+                        f"({d.mlp_width}: with --layout {d.layout}, about 2-8-2's weights; 1: whole blocks, as in "
+                        "--layout 2-8-2 --mlp-width 1, the paper's layout)")
     p.add_argument("--mode", default=d.mode, choices=MODES)
     p.add_argument("--steps", type=int, default=d.steps, help=f"tuning steps ({d.steps})")
     p.add_argument("--lr", type=float, default=None,
