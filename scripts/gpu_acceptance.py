@@ -92,7 +92,7 @@ def plan(run: Path, work: Path, smoke: bool, python: str = sys.executable) -> li
         checks += [tune("liger", 30, needs="liger_kernel"), tune("cce", 30, needs="cut_cross_entropy")]
     checks += [
         # on the CPU the step is tiny but DeepSpeed's start-up (its shm comm op built on first use) took 79 s
-        # and then over 90 s on the shared 2-core machine: the smoke run gets the rest of the 530 s, the GPU 90 s
+        # and then over 90 s on the shared 2-core machine: the smoke plan gives it 150 s (x SMOKE_SLACK), the GPU 90 s
         Check("zero3-opt-6.7b", 150 if smoke else 90, [*me, "zero3", "--json", str(run / "zero3.json"), *smoke_flag],
               headline="zero3.json", needs="deepspeed"),
         Check("efficiency-opt-1.3b", 105,
