@@ -216,9 +216,10 @@ def _narrow_middle(directory: Path, model: torch.nn.Module, family, manifest: Bu
 
     record, blocks, adapter = manifest.compression.mlp_width, blocks_of(model), set(manifest.adapter_positions)
     for position in sorted(set(range(len(blocks))) - adapter):
-        if mlp_width(blocks[position], family) != record.full_width:
-            raise ArtifactError(f"{directory}: middle block {position} has {mlp_width(blocks[position], family)} MLP "
-                                f"channels, not compression.mlp_width.full_width {record.full_width}; re-export it")
+        width = mlp_width(blocks[position], family)
+        if width != record.full_width:
+            raise ArtifactError(f"{directory}: middle block {position} has {width} MLP channels, not "
+                                f"compression.mlp_width.full_width {record.full_width}; re-export it")
         kept = drop_dead_channels(blocks[position], family)
         if kept > record.width:
             raise ArtifactError(f"{directory}: middle block {position} has {kept} live MLP channels, more than "

@@ -45,10 +45,14 @@ def mlp_layers(block: nn.Module, family: Family) -> tuple[list[nn.Module], nn.Mo
     return ins, out
 
 
+def _channel_dim(module: nn.Module, is_input: bool) -> int:
+    """The weight dimension that indexes the MLP's channels: an input projection's outputs, the output projection's
+    inputs (nn.Linear stores [out, in], GPT-2's Conv1D [in, out])."""
+    return int(is_transposed_linear(module)) ^ int(not is_input)
+
+
 def _channels(module: nn.Module, is_input: bool) -> int:
-    rows = module.weight.shape[1] if is_transposed_linear(module) else module.weight.shape[0]
-    cols = module.weight.shape[0] if is_transposed_linear(module) else module.weight.shape[1]
-    return rows if is_input else cols
+    return module.weight.shape[_channel_dim(module, is_input)]
 
 
 def mlp_width(block: nn.Module, family: Family) -> int:
@@ -58,8 +62,7 @@ def mlp_width(block: nn.Module, family: Family) -> int:
 
 def _resized(module: nn.Module, keep: torch.Tensor, width: int | None, is_input: bool) -> nn.Module:
     """`module` with only the channels `keep` (width None), or padded back to `width` with zeros elsewhere."""
-    transposed = is_transposed_linear(module)
-    dim = (1 if transposed else 0) if is_input else (0 if transposed else 1)  # the weight's channel dimension
+    dim = _channel_dim(module, is_input)
     weight = module.weight.detach()
     bias = module.bias.detach() if module.bias is not None else None
     if width is None:
@@ -107,7 +110,7 @@ def live_channels(block: nn.Module, family: Family) -> torch.Tensor:
     nothing to the block's output, whatever their input, so a frozen block runs the same without them."""
     _, out = mlp_layers(block, family)
     weight = out.weight.detach()
-    return torch.nonzero(weight.ne(0).any(dim=1 if is_transposed_linear(out) else 0)).flatten().cpu()
+    return torch.nonzero(weight.ne(0).any(dim=1 - _channel_dim(out, False))).flatten().cpu()
 
 
 def drop_dead_channels(block: nn.Module, family: Family) -> int:
@@ -153,7 +156,7 @@ class _Scoring(_Delegating):
         module = self.source.block(index)
         if index in self.blocks:
             _, out = mlp_layers(module, self.family)
-            self.columns[index] = out.weight.detach().float().norm(dim=1 if is_transposed_linear(out) else 0).cpu()
+            self.columns[index] = out.weight.detach().float().norm(dim=1 - _channel_dim(out, False)).cpu()
 
             def add(_m, args, index=index):
                 x = args[0].detach().float().abs()
