@@ -367,7 +367,7 @@ def test_compare_emulators_frontier_over_layouts_and_adapter_sizes(tiny_model_di
             "--train", str(corpus_file), "--valid", str(valid), "--test", str(valid), "--out", str(tmp_path / "f"),
             "--layout", "2-2-2,1-3-1", "--builders", "importance,iterative+fit", "--steps", "2", "--batch-size", "2",
             "--seq-len", "32", "--eval-seq-len", "32", "--eval-tokens", "256", "--eval-every", "0",
-            "--calib-tokens", "256", "--fit-tokens", "512", "--fit-epochs", "1", "--no-progress"]
+            "--calib-tokens", "256", "--fit-tokens", "512", "--fit-epochs", "1", "--mlp-width", "0.5", "--no-progress"]
     assert main(argv) == 0
     report = json.loads((tmp_path / "f" / "compare.json").read_text())
     rows = report["tables"]["valid"]
@@ -381,6 +381,11 @@ def test_compare_emulators_frontier_over_layouts_and_adapter_sizes(tiny_model_di
     assert (tmp_path / "f" / "2-2-2_iterative_fit" / "result.json").is_file()
     manifest = json.loads((tmp_path / "f" / "1-3-1_iterative_fit" / "bundle" / "offsite.json").read_text())
     assert manifest["compression"]["fit"]["tokens"] == 512 and len(manifest["compression"]["fit"]["blocks"]) == 3
+    width = manifest["compression"]["mlp_width"]  # --mlp-width reaches every builder, never the ceiling
+    assert width["width"] < width["full_width"] and width["fraction"] == 0.5
+    for name, narrowed in (("1-3-1_importance", True), ("ceiling_2_2", False)):
+        record = json.loads((tmp_path / "f" / name / "bundle" / "offsite.json").read_text())["compression"]
+        assert record.get("mlp_width") == (width if narrowed else None)
 
 def test_fit_flags_without_a_fitting_builder_are_refused(tiny_model_dir, calib_file, corpus_file, tmp_path, capsys):
     """--fit-* flags where nothing is fitted would change nothing: one line, exit 2, nothing written."""

@@ -26,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", default=d.layout,
                    help=f"L-K-R for every builder ({d.layout}); several, comma-separated (e.g. 2-8-2,2-10-2,3-8-3), "
                         "give the privacy/utility frontier (frontier.png) with one ceiling per adapter size")
+    p.add_argument("--mlp-width", type=float, default=d.mlp_width, metavar="F",
+                   help="every builder's kept middle blocks keep this fraction of their MLP channels, as emulate "
+                        "--mlp-width (default: whole blocks; the ceiling always runs whole blocks)")
     p.add_argument("--builders", default=",".join(d.builders),
                    help="comma-separated SELECT[+share][+fit][+distill], SELECT in uniform|importance|crash|iterative "
                         f"({','.join(d.builders)})")
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     settings = CompareSettings(
         layout=args.layout.split(",")[0].strip(),
         layouts=tuple(x.strip() for x in args.layout.split(",") if x.strip()) if "," in args.layout else (),
-        builders=builders, mode=args.mode,
+        builders=builders, mlp_width=args.mlp_width, mode=args.mode,
         steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
         eval_seq_len=args.eval_seq_len, eval_tokens=args.eval_tokens or None, eval_every=args.eval_every,
         seed=args.seed, calib_tokens=args.calib_tokens, importance=args.importance,
