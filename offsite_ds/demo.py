@@ -43,7 +43,8 @@ class DemoSettings:
     12 middle blocks at 0.54 of their MLP channels (`emulate --mlp-width`), which hold about 2-8-2's weights and gave
     the better plug-in at every seed measured (README, "Width as well as depth"); `layout="2-8-2", mlp_width=None`
     is the paper's whole-block layout. Then the data owner's budget; 11.9 minutes on a 2-core CPU with native bf16,
-    18.4-18.9 on an AVX2-only one in slow hours, about what 2-8-2 took (15 is the target). `fit=False` is the selection alone.
+    18.4-18.9 on an AVX2-only one in slow hours, about what 2-8-2 took (15 is the target). `fit=False` is the
+    selection alone.
     The training subset is steps x batch_size blocks of PTB train.
 
     `lr` None: the data owner's lr measured best for the plug-in through that emulator (`DATA_OWNER_LR`). The
