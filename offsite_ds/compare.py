@@ -287,8 +287,10 @@ def compare_emulators(model_dir: str | Path, calib_data: str | Path, train_file:
             raise OffsiteError(f"{what} {path}: no such file")
     if calib_data.resolve() in {train_file.resolve(), *(p.resolve() for p in eval_files.values())}:
         raise OffsiteError("--calib-data is one of the data owner's files; calibrate on the owner's public corpus")
-    for name in s.builders:
-        parse_builder(name)
+    from offsite_ds.emulator import check_mlp_width
+
+    for name in s.builders:  # refused here, not when a later builder's turn comes after the others have run
+        check_mlp_width(s.mlp_width, calib_data, "drop", share=parse_builder(name)[1])
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     from offsite_ds.bench.shapes import depth_of_config
 

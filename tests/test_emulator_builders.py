@@ -402,6 +402,19 @@ def test_fit_flags_without_a_fitting_builder_are_refused(tiny_model_dir, calib_f
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--fit-align" in err and "importance+fit" in err
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    # --mlp-width that a later builder cannot take is refused before the first builder runs
+    assert main(["compare-emulators", "--model", model_dir, "--calib-data", str(calib_file), "--train",
+                 str(corpus_file), "--valid", str(corpus_file), "--test", str(corpus_file), "--builders",
+                 "importance,crash+share", "--layout", "2-2-2", "--mlp-width", "0.5",
+                 "--out", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--mlp-width" in err and "--share" in err
+    assert main(["compare-emulators", "--model", model_dir, "--calib-data", str(calib_file), "--train",
+                 str(corpus_file), "--valid", str(corpus_file), "--test", str(corpus_file), "--builders",
+                 "importance", "--layout", "2-2-2", "--mlp-width", "1.5", "--out", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--mlp-width 1.5" in err and "0 < F <= 1" in err
+    assert not (tmp_path / "w").exists()
     # a value equal to the default is not "given": the flag is harmless and accepted
     from offsite_ds.cli.train_args import fit_flags_given
     from offsite_ds.cli import build_parser
