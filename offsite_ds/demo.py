@@ -55,6 +55,7 @@ class DemoSettings:
     layout: str = "2-12-2"
     select: str = DEFAULT_SELECT
     fit: bool = True
+    fit_budget: str = "default"  # emulate --fit-budget: the owner's fit (fitting.FIT_BUDGETS; hour: 51 min, closer)
     mlp_width: float | None = 0.54  # emulate --mlp-width: 2-12-2 at 0.54 holds about 2-8-2's weights; None or 1: whole
     mode: str = "full"
     steps: int = 100
@@ -75,6 +76,13 @@ class DemoSettings:
     def __post_init__(self) -> None:
         from offsite_ds.runtime import resolved_precision
 
+        from offsite_ds.errors import OffsiteError
+        from offsite_ds.fitting import FIT_BUDGETS
+
+        if self.fit_budget not in FIT_BUDGETS:
+            raise OffsiteError(f"--fit-budget {self.fit_budget} must be one of {', '.join(FIT_BUDGETS)}")
+        if self.fit_budget != "default" and not self.fit:
+            raise OffsiteError(f"--fit-budget {self.fit_budget} sets how the kept blocks are fitted: drop --no-fit")
         if self.lr is None:
             self.lr = DATA_OWNER_LR[bool(self.fit)]
         self.precision = resolved_precision(self.precision, "cpu")  # what ran, in demo.json and compare.json
@@ -161,7 +169,7 @@ def run_demo(model_dir: str | Path, train_file: str | Path, eval_files: dict[str
     """
     from offsite_ds.atomic import write_json
     from offsite_ds.emulator import make_bundle
-    from offsite_ds.fitting import FitSettings
+    from offsite_ds.fitting import budget_settings
 
     s = settings or DemoSettings()
     out = Path(out_dir)
@@ -172,7 +180,7 @@ def run_demo(model_dir: str | Path, train_file: str | Path, eval_files: dict[str
     log(f"[owner] emulator {s.layout} of {model_dir}")
     t = time.perf_counter()
     bundle_dir = make_bundle(model_dir, s.layout, out / "bundle", select=s.select, progress=s.progress,
-                             fit=FitSettings() if s.fit else None, log=log, mlp_width=s.mlp_width).path
+                             fit=budget_settings(s.fit_budget) if s.fit else None, log=log, mlp_width=s.mlp_width).path
     timings["emulate_s"] = time.perf_counter() - t
 
     trip = round_trip(model_dir, bundle_dir, train_file, eval_files, out, s, log=log)

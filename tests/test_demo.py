@@ -114,8 +114,8 @@ def test_cli_defaults_are_the_demo_settings():
     assert d.fit and args.lr is None and d.lr == DATA_OWNER_LR[True]
     assert DemoSettings(fit=False).lr == DATA_OWNER_LR[False]
     assert DemoSettings(fit=True, lr=5e-4).lr == 5e-4  # --lr given: taken as it is
-    for name in ("layout", "select", "fit", "mlp_width", "mode", "steps", "warmup", "batch_size", "seq_len", "eval_seq_len",
-                 "eval_tokens", "eval_every", "seed"):
+    for name in ("layout", "select", "fit", "fit_budget", "mlp_width", "mode", "steps", "warmup", "batch_size",
+                 "seq_len", "eval_seq_len", "eval_tokens", "eval_every", "seed"):
         assert getattr(args, name) == getattr(d, name), name
     assert args.precision == DemoSettings.precision == "auto"  # resolved per machine, as DemoSettings() resolves it
 
@@ -140,3 +140,25 @@ def test_a_non_positive_lr_is_refused_in_one_line(corpus_file, tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "--lr 0 must be positive" in err
     assert not (tmp_path / "a").exists()
+
+
+def test_the_demo_fits_with_the_budget_asked_for(tiny_model_dir, corpus_file, eval_files, tmp_path, monkeypatch):
+    """`demo --fit-budget hour` hands emulate that budget's settings; a budget with --no-fit is refused."""
+    import offsite_ds.emulator as emulator
+    from offsite_ds.errors import OffsiteError
+    from offsite_ds.fitting import budget_settings
+
+    seen = []
+
+    def stop(*args, fit=None, **kwargs):
+        seen.append(fit)
+        raise OffsiteError("stopped")
+
+    monkeypatch.setattr(emulator, "make_bundle", stop)
+    for budget in ("default", "hour"):
+        with pytest.raises(OffsiteError, match="stopped"):
+            run_demo(tiny_model_dir("llama"), corpus_file, eval_files, tmp_path / budget,
+                     DemoSettings(**FAST, fit_budget=budget), log=lambda m: None)
+    assert seen == [budget_settings("default"), budget_settings("hour")]
+    with pytest.raises(OffsiteError, match="--fit-budget hour .* drop --no-fit"):
+        DemoSettings(fit=False, fit_budget="hour")

@@ -677,3 +677,60 @@ def test_the_head_waits_in_bf16_only_where_that_is_exact_and_gives_the_same_logi
         head.weight.add_(1e-4)  # no longer exact in bf16: left alone
     with head_held_narrow(head, True):
         assert head.weight.dtype == torch.float32
+
+
+# each named budget against the fit recorded in the results folder that measured it (README, "Owner budgets")
+BUDGET_RECORDS = {"mid": "2026-12-07-width-long-fit-smollm2-cpu/mid-importance_fit-offsite.json",
+                  "hour": "2026-12-07-width-long-fit-smollm2-cpu/importance_fit-offsite.json"}
+
+
+@pytest.mark.parametrize("budget", sorted(BUDGET_RECORDS))
+def test_a_named_budget_is_the_fit_that_was_measured(budget, monkeypatch):
+    """`--fit-budget` names a measured point of the owner's cost curve: its settings are the ones recorded in that
+    run's offsite.json (precision aside where it follows the device: bf16 wherever native)."""
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    import offsite_ds.fitting as fitting
+
+    record = json.loads((Path(__file__).parents[1] / "benchmarks" / "results" / BUDGET_RECORDS[budget])
+                        .read_text())["compression"]["fit"]
+    settings = asdict(fitting.budget_settings(budget))
+    assert {k: settings[k] for k in settings if k != "precision"} == \
+        {k: record[k] for k in settings if k != "precision"}
+    monkeypatch.setattr(fitting, "resolved_precision", lambda p, d, flag="--precision": "bf16" if p == "auto" else p)
+    assert fitting.budget_settings(budget).precision == record["precision"]  # as it ran, on a CPU with native bf16
+    assert fitting.budget_settings("default") == fitting.FitSettings()
+
+
+def test_flags_set_their_field_over_the_budget_and_no_fit_refuses_a_budget(tiny_model_dir, tmp_path, capsys):
+    from offsite_ds.cli import build_parser, main
+    from offsite_ds.cli.train_args import fit_flags_given, fit_settings_from_args
+    from offsite_ds.errors import OffsiteError
+    from offsite_ds.fitting import KL_LR, budget_settings
+
+    hour = budget_settings("hour")
+    assert (hour.batch_size, hour.kl_rank, hour.kl_lr, hour.kl_epochs) == (4, 0, 3e-4, 5)
+    assert budget_settings("hour", kl_epochs=2, lr=None).kl_epochs == 2  # None: the budget's
+    assert budget_settings("hour", kl_rank=8).kl_lr == KL_LR[True]  # a rank given: the KL lr follows it
+    with pytest.raises(OffsiteError, match="--fit-budget week must be one of default, mid, hour"):
+        budget_settings("week")
+
+    def parse(*flags):
+        return build_parser().parse_args(["emulate", "m", "--layout", "2-2-2", "--out", "x", *flags])
+
+    args = parse("--fit-budget", "hour", "--fit-kl-epochs", "2")
+    assert fit_settings_from_args(args) == budget_settings("hour", kl_epochs=2)
+    assert fit_flags_given(args) == ["--fit-budget", "--fit-kl-epochs"]  # only what was given
+    assert fit_flags_given(parse("--fit-budget", "hour")) == ["--fit-budget"]
+    assert fit_flags_given(parse("--fit-budget", "hour", "--fit-batch-size", "1")) == ["--fit-budget",
+                                                                                     "--fit-batch-size"]
+    assert fit_settings_from_args(parse("--fit-budget", "hour", "--fit-batch-size", "1")).batch_size == 1
+    assert fit_flags_given(parse("--fit-budget", "default")) == [] and fit_flags_given(parse()) == []
+    # a budget where nothing is fitted: one line, nothing written
+    assert main(["emulate", str(tiny_model_dir("opt")), "--layout", "2-2-2", "--out", str(tmp_path / "b"), "--no-fit",
+                 "--fit-budget", "mid"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--fit-budget" in err and "--no-fit" in err
+    assert not (tmp_path / "b").exists()

@@ -23,6 +23,8 @@ from offsite_ds.sandwich import SELECTIONS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from offsite_ds.fitting import FIT_BUDGETS
+
     d = DemoSettings()
     p.add_argument("--layout", default=d.layout, help=f"emulator layout L-K-R of the 30-block model ({d.layout})")
     p.add_argument("--select", default=d.select, choices=SELECTIONS,
@@ -31,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fit the kept blocks to their runs, then end to end, as emulate does by default (on; "
                         "--no-fit: the selection alone, narrowed unless --mlp-width 1; whole-block --no-fit was the "
                         "demo's default until 2026-12-06)")
+    p.add_argument("--fit-budget", default=d.fit_budget, choices=list(FIT_BUDGETS),
+                   help=f"the owner's fit, as emulate --fit-budget ({d.fit_budget}: about 6 minutes here; hour: about "
+                        "51 minutes more, a closer emulator and plug-in - README 'Owner budgets')")
     p.add_argument("--mlp-width", type=float, default=d.mlp_width, metavar="F",
                    help=f"the kept middle blocks keep this fraction of their MLP channels, as emulate --mlp-width "
                         f"({d.mlp_width}: with --layout {d.layout}, about 2-8-2's weights; 1: whole blocks, as in "
@@ -71,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.batch_size < 1 or args.eval_tokens < 0:
         raise OffsiteError("--steps and --batch-size must be >= 1 and --eval-tokens >= 0")
     model_dir, files, corpus = demo_inputs(args.model, args.train, args.valid, args.test, args.cache_dir)
-    settings = DemoSettings(layout=args.layout, select=args.select, fit=args.fit, mlp_width=args.mlp_width,
+    settings = DemoSettings(layout=args.layout, select=args.select, fit=args.fit, fit_budget=args.fit_budget,
+                            mlp_width=args.mlp_width,
                             mode=args.mode, steps=args.steps, lr=args.lr, warmup=args.warmup,
                             batch_size=args.batch_size, seq_len=args.seq_len, eval_seq_len=args.eval_seq_len,
                             eval_tokens=args.eval_tokens or None, eval_every=args.eval_every, seed=args.seed,

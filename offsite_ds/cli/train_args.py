@@ -117,71 +117,78 @@ def lora_settings_from_args(args: argparse.Namespace):
 
 
 def add_fit_arguments(p: argparse.ArgumentParser, who: str) -> None:
-    """The block-fitting flags (FitSettings) of `emulate --fit` and the +fit builders of `compare-emulators`."""
-    from offsite_ds.fitting import FIT_TEXTS, KL_LR, FitSettings
+    """The block-fitting flags (FitSettings) of `emulate --fit` and the +fit builders of `compare-emulators`: a named
+    budget (FIT_BUDGETS), and flags over it. Their parsed default is None, "the budget's"; help shows FitSettings'."""
+    from offsite_ds.fitting import FIT_BUDGETS, FIT_TEXTS, KL_LR, FitSettings
 
     d = FitSettings()
     g = p.add_argument_group(f"block fitting ({who})")
-    g.add_argument("--fit-tokens", type=int, default=d.tokens,
-                   help=f"public tokens read after the calibration tokens ({d.tokens})")
-    g.add_argument("--fit-epochs", type=int, default=d.epochs, help=f"epochs over them ({d.epochs})")
-    g.add_argument("--fit-lr", type=float, default=d.lr, help=f"AdamW learning rate, cosine decay ({d.lr:g})")
-    g.add_argument("--fit-batch-size", type=int, default=d.batch_size,
+    g.add_argument("--fit-budget", choices=list(FIT_BUDGETS), default="default",
+                   help="the owner's budget, the settings below in one name (SmolLM2-135M at the demo's layout, "
+                        "2-core CPU: default 6 min, PTB valid 6.3x the full model; mid 14 min, 4.9x; hour 51 min, "
+                        "4.3x, all weights; README 'Owner budgets'); a flag below sets its field over it (default)")
+    g.add_argument("--fit-tokens", type=int, help=f"public tokens read after the calibration tokens ({d.tokens})")
+    g.add_argument("--fit-epochs", type=int, help=f"epochs over them ({d.epochs})")
+    g.add_argument("--fit-lr", type=float, help=f"AdamW learning rate, cosine decay ({d.lr:g})")
+    g.add_argument("--fit-batch-size", type=int,
                    help=f"windows of {d.seq_len} tokens a training step, in the block fit and the KL phase "
                         f"({d.batch_size})")
-    g.add_argument("--fit-kl-epochs", type=int, default=d.kl_epochs,
+    g.add_argument("--fit-kl-epochs", type=int,
                    help="then train the fitted blocks end to end for N epochs: KL(full || "
                         f"emulator) of the next-token distributions, the full model's read from cached states "
                         f"({d.kl_epochs}; 0: the block fit alone)")
-    g.add_argument("--fit-kl-lr", type=float, default=None,
+    g.add_argument("--fit-kl-lr", type=float,
                    help=f"its learning rate ({KL_LR[False]:g} for all weights, {KL_LR[True]:g} with --fit-kl-rank)")
-    g.add_argument("--fit-kl-tokens", type=int, default=d.kl_tokens,
+    g.add_argument("--fit-kl-tokens", type=int,
                    help=f"public tokens the KL phase reads, the block fit's first ({d.kl_tokens}: --fit-tokens)")
-    g.add_argument("--fit-kl-rank", type=int, default=d.kl_rank,
+    g.add_argument("--fit-kl-rank", type=int,
                    help="train a rank-R update of each matrix (and the norms, biases) in the KL phase: the optimiser "
-                        f"holds R x (rows + cols) per matrix, not rows x cols ({d.kl_rank}: all weights)")
-    g.add_argument("--fit-kl-interface", type=float, default=d.kl_interface,
+                        f"holds R x (rows + cols) per matrix, not rows x cols ({d.kl_rank}; 0: all weights)")
+    g.add_argument("--fit-kl-interface", type=float,
                    help="the KL phase also pulls the emulator's output (the top adapter's input) toward the full "
                         "model's, weighing its relative error by W: the top adapter's gradients then stay the full "
                         f"model's (holds one more hidden state per KL token; {d.kl_interface:g}: KL alone)")
-    g.add_argument("--fit-kl-perturb", type=float, default=d.kl_perturb,
+    g.add_argument("--fit-kl-perturb", type=float,
                    help="the KL phase also trains each batch through a bottom adapter with noise of S x rms on its "
                         "matrices, against the full model with the same: the emulator learns to answer a change of "
                         "the bottom adapter's output as the full middle does (twice the KL steps, one more teacher "
                         f"pass; {d.kl_perturb:g}: off)")
-    g.add_argument("--fit-precision", choices=PRECISIONS, default="auto",
+    g.add_argument("--fit-precision", choices=PRECISIONS,
                    help="training steps under bf16 autocast or in fp32 (auto: bf16 on a GPU that multiplies bf16 "
                         "natively, fp32 elsewhere - on a CPU always, where bf16's casts cost the owner's memory "
-                        f"target; here: {d.precision})")
-    g.add_argument("--fit-text", choices=FIT_TEXTS, default=d.text,
+                        f"target; here: {d.precision}; --fit-budget hour: bf16 wherever native)")
+    g.add_argument("--fit-text", choices=FIT_TEXTS,
                    help="what the fit reads: the owner's public text (--calib-data), or self: text the full model "
                         "samples itself, held whole while it samples - closer on text unlike the public "
                         f"text's domain ({d.text})")
-    g.add_argument("--fit-align", action="store_true", default=d.align,
+    g.add_argument("--fit-align", action="store_true", default=None,
                    help="the KL phase trains the adapter blocks too, so the data owner starts from blocks that make "
                         "the emulator behave like the model; plugin --bundle takes that shift out again")
 
 
 def fit_settings_from_args(args: argparse.Namespace):
-    """FitSettings from the flags of add_fit_arguments (a bad value: one line, before anything runs)."""
-    from offsite_ds.fitting import FitSettings
+    """FitSettings from the flags of add_fit_arguments: the budget's, with each flag given over it (a bad value: one
+    line, before anything runs)."""
+    from offsite_ds.fitting import budget_settings
 
-    return FitSettings(tokens=args.fit_tokens, epochs=args.fit_epochs, lr=args.fit_lr, batch_size=args.fit_batch_size,
-                       kl_epochs=args.fit_kl_epochs,
-                       kl_lr=args.fit_kl_lr, kl_tokens=args.fit_kl_tokens, kl_rank=args.fit_kl_rank,
-                       align=args.fit_align, precision=args.fit_precision, text=args.fit_text,
-                       kl_interface=args.fit_kl_interface, kl_perturb=args.fit_kl_perturb)
+    return budget_settings(args.fit_budget, tokens=args.fit_tokens, epochs=args.fit_epochs, lr=args.fit_lr,
+                           batch_size=args.fit_batch_size, kl_epochs=args.fit_kl_epochs, kl_lr=args.fit_kl_lr,
+                           kl_tokens=args.fit_kl_tokens, kl_rank=args.fit_kl_rank, align=args.fit_align,
+                           precision=args.fit_precision, text=args.fit_text, kl_interface=args.fit_kl_interface,
+                           kl_perturb=args.fit_kl_perturb)
 
 
 def fit_flags_given(args: argparse.Namespace) -> list[str]:
-    """The --fit-* flags set away from their defaults: where nothing is fitted they would change nothing, so the
-    commands refuse them in one line instead of ignoring them."""
+    """The --fit-* flags that set the fit away from the defaults: where nothing is fitted they would change
+    nothing, so the commands refuse them in one line instead of ignoring them."""
     from dataclasses import fields
 
-    from offsite_ds.fitting import FitSettings
+    from offsite_ds.fitting import FitSettings, budget_settings
 
     given = fit_settings_from_args(args)
-    default = FitSettings(kl_rank=given.kl_rank)  # the KL lr's default depends on the rank given
+    budget = budget_settings(args.fit_budget)
+    base = budget_settings(args.fit_budget, kl_rank=args.fit_kl_rank)  # the KL lr's default follows the rank given
     flags = [f"--fit-{f.name.replace('_', '-')}" for f in fields(FitSettings)
-             if getattr(given, f.name) != getattr(default, f.name)]  # fields without a flag keep their default
-    return flags + (["--fit-kl-rank"] if given.kl_rank != FitSettings().kl_rank else [])
+             if getattr(given, f.name) != getattr(base, f.name)]  # fields without a flag keep their default
+    flags += ["--fit-kl-rank"] if given.kl_rank != budget.kl_rank else []
+    return (["--fit-budget"] if args.fit_budget != "default" else []) + flags
