@@ -38,7 +38,11 @@ SIZES = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_lay
 # DeepSeek-V3's multi-head latent attention: its own head sizes (head_dim is the rotary part), one expert group
 SIZES_BY_TYPE = {"deepseek_v3": dict(n_routed_experts=4, n_group=1, topk_group=1, q_lora_rank=32, kv_lora_rank=16,
                                      qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8,
-                                     num_key_value_heads=4, first_k_dense_replace=1)}
+                                     num_key_value_heads=4, first_k_dense_replace=1),
+                 # Qwen3-Next's linear-attention (gated delta rule) layers: their own head counts and sizes; at the
+                 # defaults (32 x 128) the tiny model's steps took 10 s on transformers' PyTorch fallback
+                 "qwen3_next": dict(linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+                                    linear_value_head_dim=16)}
 
 
 def config_of(model_type: str):

@@ -206,3 +206,35 @@ def test_warnings_while_building_are_held_until_the_family_is_known():
         assert handler in seen[0][1]  # replayed through the library's own handlers, restored
     finally:
         library.removeHandler(handler)
+
+
+def test_a_hybrid_linear_attention_model_keeps_each_blocks_kind(public_text, corpus_file, tmp_path):
+    """Qwen3-Next interleaves gated-delta-rule (linear attention) blocks with full-attention ones, named per block in
+    `config.layer_types`, and stores its experts one tensor each: the streamed reader converts them as transformers
+    does, the default recipe round-trips, and every block of the bundle is the kind of the model block it copies -
+    the bundle's `layer_types` sliced with the block map, so plain transformers builds each block as it was."""
+    from offsite_ds.shards import ModelCheckpoint
+
+    config = AutoConfig.for_model(
+        "qwen3_next", vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=8, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
+        linear_value_head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=32, pad_token_id=257, bos_token_id=256, eos_token_id=256)
+    kinds = list(config.layer_types)
+    assert set(kinds) == {"linear_attention", "full_attention"}
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    byte_tokenizer().save_pretrained(tmp_path / "model")
+    model_dir = tmp_path / "model"
+    full = AutoModelForCausalLM.from_pretrained(model_dir)
+    checkpoint = ModelCheckpoint(model_dir)
+    assert all(torch.equal(checkpoint.get(name), full.state_dict()[name]) for name in checkpoint.state_names())
+
+    written, names, _, changed = _default_round_trip(model_dir, "2-2-2", public_text, corpus_file, tmp_path)
+    assert changed == names
+    block_map = written.manifest.block_map
+    emulator = AutoModelForCausalLM.from_pretrained(written.path)
+    assert emulator.config.layer_types == [kinds[i] for i in block_map]
+    full_blocks, kept_blocks = blocks_of(full), blocks_of(emulator)
+    for j, i in enumerate(block_map):  # the same modules, so the same kind of attention, block for block
+        assert [type(m) for m in kept_blocks[j].children()] == [type(m) for m in full_blocks[i].children()], (j, i)
