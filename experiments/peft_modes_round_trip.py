@@ -1,13 +1,13 @@
-"""The data owner's PEFT modes through emulate's default emulator: LoRA, Houlsby adapters and BitFit at 2-8-2.
+"""The data owner's PEFT modes through the demo's emulator: LoRA, Houlsby adapters and BitFit at 2-8-2's size.
 
     python experiments/peft_modes_round_trip.py OUT [MODE:LR,LR,... ...]
 
-SmolLM2-135M and Penn Treebank as the demo has them; the owner builds `emulate`'s default bundle once (importance
-selection + the fit, `make_bundle`'s defaults), then the demo's data-owner budget (100 steps of 4 x 256 PTB train
-tokens, warm-up 6, seed 42, the emulator's best validation adapter kept) runs once per mode and lr through
-`offsite_ds.demo.round_trip`, which scores the four rows on the first 8,192 tokens of PTB valid and test. The lr
-of each mode is chosen on valid; test is reported. Writes OUT/results.json (every run) as it goes and skips runs
-already there (resumable).
+SmolLM2-135M and Penn Treebank as the demo has them; the owner builds the demo's bundle once (`emulate`'s default
+recipe at DemoSettings' layout and MLP width; whole-block 2-8-2 until 2026-12-07), or takes OUT/bundle as it is,
+then the demo's data-owner budget (100 steps of 4 x 256 PTB train tokens, warm-up 6, seed 42, the emulator's best
+validation adapter kept) runs once per mode and lr through `offsite_ds.demo.round_trip`, which scores the four rows
+on the first 8,192 tokens of PTB valid and test. The lr of each mode is chosen on valid; test is reported. Writes
+OUT/results.json (every run) as it goes and skips runs already there (resumable).
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def main(out: Path, grid: dict[str, tuple[float, ...]]) -> None:
     bundle = out / "bundle"
     if not (bundle / "offsite.json").exists():
         t = time.perf_counter()
-        make_bundle(model_dir, "2-8-2", bundle, log=print)
+        d = DemoSettings()
+        make_bundle(model_dir, d.layout, bundle, select=d.select, mlp_width=d.mlp_width, log=print)
         results["emulate_s"] = time.perf_counter() - t
     for mode, lrs in grid.items():
         for lr in lrs:

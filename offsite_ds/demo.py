@@ -77,10 +77,9 @@ class DemoSettings:
         from offsite_ds.runtime import resolved_precision
 
         from offsite_ds.errors import OffsiteError
-        from offsite_ds.fitting import FIT_BUDGETS
+        from offsite_ds.fitting import budget_settings
 
-        if self.fit_budget not in FIT_BUDGETS:
-            raise OffsiteError(f"--fit-budget {self.fit_budget} must be one of {', '.join(FIT_BUDGETS)}")
+        budget_settings(self.fit_budget)  # an unknown name: one line
         if self.fit_budget != "default" and not self.fit:
             raise OffsiteError(f"--fit-budget {self.fit_budget} sets how the kept blocks are fitted: drop --no-fit")
         if self.lr is None:

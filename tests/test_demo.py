@@ -162,3 +162,5 @@ def test_the_demo_fits_with_the_budget_asked_for(tiny_model_dir, corpus_file, ev
     assert seen == [budget_settings("default"), budget_settings("hour")]
     with pytest.raises(OffsiteError, match="--fit-budget hour .* drop --no-fit"):
         DemoSettings(fit=False, fit_budget="hour")
+    with pytest.raises(OffsiteError, match="--fit-budget week must be one of"):
+        DemoSettings(fit_budget="week")

@@ -77,8 +77,7 @@ def run(args: argparse.Namespace) -> int:
         raise OffsiteError("--steps and --batch-size must be >= 1 and --eval-tokens >= 0")
     model_dir, files, corpus = demo_inputs(args.model, args.train, args.valid, args.test, args.cache_dir)
     settings = DemoSettings(layout=args.layout, select=args.select, fit=args.fit, fit_budget=args.fit_budget,
-                            mlp_width=args.mlp_width,
-                            mode=args.mode, steps=args.steps, lr=args.lr, warmup=args.warmup,
+                            mlp_width=args.mlp_width, mode=args.mode, steps=args.steps, lr=args.lr, warmup=args.warmup,
                             batch_size=args.batch_size, seq_len=args.seq_len, eval_seq_len=args.eval_seq_len,
                             eval_tokens=args.eval_tokens or None, eval_every=args.eval_every, seed=args.seed,
                             progress=not args.no_progress, precision=args.precision)
