@@ -74,10 +74,9 @@ class DemoSettings:
     precision: str = "auto"  # the training steps; auto: bf16 where the CPU has it natively (runtime.resolved_precision)
 
     def __post_init__(self) -> None:
-        from offsite_ds.runtime import resolved_precision
-
         from offsite_ds.errors import OffsiteError
         from offsite_ds.fitting import budget_settings
+        from offsite_ds.runtime import resolved_precision
 
         budget_settings(self.fit_budget)  # an unknown name: one line
         if self.fit_budget != "default" and not self.fit:

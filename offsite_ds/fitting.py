@@ -143,8 +143,9 @@ class FitSettings:
 # curve in one flag rather than six. Measured at the demo's layout (SmolLM2-135M 2-12-2 at 0.54 of the MLP, PTB,
 # a 2-core CPU with native bf16; owner seconds, public / PTB valid ratio to the full model, README "Owner budgets"):
 # default 373 s, 3.14x / 6.31x; mid 816 s, 2.80x / 4.88x; hour 3,044 s, 2.23x / 4.29x (all weights: peak RSS 4.95 GB
-# with the round trip, against mid's 2.60 and the demo's 2.79). `bf16_where_native`: the steps run under bf16 autocast where the device multiplies
-# bf16 natively, CPUs included (1.27x faster; FitSettings' own "auto" keeps a CPU in fp32 for the owner's memory).
+# with the round trip, against mid's 2.60 and the demo's 2.79). `bf16_where_native`: the steps run under bf16
+# autocast where the device multiplies bf16 natively, CPUs included (1.27x faster; FitSettings' own "auto" keeps a
+# CPU in fp32 for the owner's memory).
 FIT_BUDGETS: dict[str, dict] = {
     "default": {},
     "mid": {"kl_tokens": 65536},
