@@ -681,6 +681,7 @@ def test_the_head_waits_in_bf16_only_where_that_is_exact_and_gives_the_same_logi
 
 # each named budget against the fit recorded in the results folder that measured it (README, "Owner budgets")
 BUDGET_RECORDS = {"mid": "2026-12-07-width-long-fit-smollm2-cpu/mid-importance_fit-offsite.json",
+                  "half-hour": "2026-12-07-fit-budget-half-hour-smollm2-cpu/importance_fit-offsite.json",
                   "hour": "2026-12-07-width-long-fit-smollm2-cpu/importance_fit-offsite.json"}
 
 
@@ -714,7 +715,7 @@ def test_flags_set_their_field_over_the_budget_and_no_fit_refuses_a_budget(tiny_
     assert (hour.batch_size, hour.kl_rank, hour.kl_lr, hour.kl_epochs) == (4, 0, 3e-4, 5)
     assert budget_settings("hour", kl_epochs=2, lr=None).kl_epochs == 2  # None: the budget's
     assert budget_settings("hour", kl_rank=8).kl_lr == KL_LR[True]  # a rank given: the KL lr follows it
-    with pytest.raises(OffsiteError, match="--fit-budget week must be one of default, mid, hour"):
+    with pytest.raises(OffsiteError, match="--fit-budget week must be one of default, mid, half-hour, hour"):
         budget_settings("week")
 
     def parse(*flags):
