@@ -8,7 +8,6 @@ tokens, full adapter tuning, then the four rows on the first 8,192 tokens of PTB
 writes OUT/rt.json: the rows, the slack, its trainable size, tune/plugin/evaluate seconds.
 """
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import offsite_ds.roles.tune_adapter as tune_adapter
 from offsite_ds.demo import DemoSettings, round_trip
 from offsite_ds.demo_assets import penn_treebank_file, smollm2_dir
-from offsite_ds.families import family_of
+from offsite_ds.families import block_prefix, blocks_of, family_of
 
 bundle, out, slack = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 lr = float(sys.argv[4]) if len(sys.argv) > 4 else 1e-3
@@ -30,8 +29,8 @@ state = {"slack_params": 0, "adapter": None}
 def apply_mode(model, positions, mode="full", settings=None):
     resolved = original_apply(model, positions, mode, settings)
     family = family_of(model)
-    state["adapter"] = (family.blocks, set(positions))
-    for i, block in enumerate(model.get_submodule(family.blocks)):
+    state["adapter"] = (family, set(positions))
+    for i, block in enumerate(blocks_of(model)):
         if i in positions or slack == "none":
             continue
         for name, p in block.named_parameters():
@@ -42,10 +41,10 @@ def apply_mode(model, positions, mode="full", settings=None):
 
 
 def trainable_state(model):
-    prefix, positions = state["adapter"]
-    block = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
-    return {n: t for n, t in original_state(model).items()
-            if (m := block.match(n)) is None or int(m.group(1)) in positions}
+    """The adapter blocks' tensors only: the slack stays with the data owner."""
+    family, positions = state["adapter"]
+    kept = tuple(block_prefix(family, p) for p in positions)
+    return {n: t for n, t in original_state(model).items() if n.startswith(kept)}
 
 
 tune_adapter.apply_mode, tune_adapter.trainable_state = apply_mode, trainable_state

@@ -7,7 +7,8 @@ on; the noise is replaced) and perturb_shift (how far the simulated bottom adapt
 
     python experiments/simulated_tuning_kl.py SIM_BUNDLE OUT [SEED [BUDGET [ALPHA]]]   # 42, default, 1
 ALPHA scales the simulated update of the bottom blocks (bottom + ALPHA x (tuned - bottom)): at 1 it moves the bottom
-adapter's output on the public text far less than a data owner's tuning moves it on its own text. Writes OUT/sim-adapter (the simulated tuning), OUT/compare (compare-emulators' round trip at the seed).
+adapter's output on the public text far less than a data owner's tuning moves it on its own text.
+Writes OUT/sim-adapter (the simulated tuning), OUT/compare (compare-emulators' round trip at the seed).
 """
 import copy
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 import offsite_ds.fitting as fitting
 from offsite_ds.adapter_package import load_adapter_package
 from offsite_ds.demo import DemoSettings, train_config
+from offsite_ds.families import block_prefix, family_by_name
 from offsite_ds.roles.tune_adapter import tune
 
 sim_bundle, out = sys.argv[1], Path(sys.argv[2])
@@ -31,7 +33,8 @@ if not (sim / "offsite.json").exists():
     s = DemoSettings(lr=1e-3, precision="bf16", seed=0, progress=False)
     tune(sim_bundle, public, sim, mode="full", cfg=train_config(s, out / "sim.checkpoints", s.steps, s.lr, 0),
          seq_len=s.seq_len, max_train_blocks=s.steps * s.batch_size, kernels="off")
-tensors = load_adapter_package(sim).tensors
+package = load_adapter_package(sim)
+tensors, family = package.tensors, family_by_name(package.manifest.family)
 
 
 def perturbed_states(source, stream, bottom, boundaries, scale, seed):
@@ -39,7 +42,7 @@ def perturbed_states(source, stream, bottom, boundaries, scale, seed):
     hidden = list(stream.inputs)
     for b in range(bottom):
         block = copy.deepcopy(source.block(b))
-        prefix = f"model.layers.{b}."
+        prefix = block_prefix(family, b)
         state = block.state_dict()
         for k, v in tensors.items():
             if k.startswith(prefix):
