@@ -55,7 +55,7 @@ class DemoSettings:
     layout: str = "2-12-2"
     select: str = DEFAULT_SELECT
     fit: bool = True
-    fit_budget: str = "default"  # emulate --fit-budget: the owner's fit (fitting.FIT_BUDGETS; hour: 51 min, closer)
+    fit_budget: str = "default"  # emulate --fit-budget: the owner's fit (fitting.FIT_BUDGETS; hour: 53 min, closer)
     mlp_width: float | None = 0.54  # emulate --mlp-width: 2-12-2 at 0.54 holds about 2-8-2's weights; None or 1: whole
     mode: str = "full"
     steps: int = 100

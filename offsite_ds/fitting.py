@@ -142,17 +142,18 @@ class FitSettings:
 # Named owner budgets (`--fit-budget`): FitSettings fields over the defaults, so an owner picks a point of the cost
 # curve in one flag rather than six. Measured at the demo's layout (SmolLM2-135M 2-12-2 at 0.54 of the MLP, PTB,
 # a 2-core CPU with native bf16; owner seconds, public / PTB valid ratio to the full model, README "Owner budgets"):
-# default 373 s, 3.14x / 6.31x; mid 816 s, 2.80x / 4.88x; half-hour 1,740 s, 2.18x / 4.05x; hour 3,044 s, 2.23x /
-# 4.29x (all weights: peak RSS with the round trip 4.22 GB at half-hour, 4.95 at hour, against mid's 2.60 and the
-# demo's 2.79). half-hour is the hour's recipe with one window a step and 2 KL epochs: closer on both texts in 57% of
-# the time, its plug-in the hour's within the seeds' spread (35.85 / 40.01 against 35.67 / 39.67, seeds 42-44).
+# default 373 s, 3.14x / 6.31x; mid 816 s, 2.80x / 4.88x; half-hour 1,740 s, 2.18x / 4.05x; hour 3,181 s, 2.03x /
+# 4.15x (all weights: peak RSS with the round trip 4.22 GB at half-hour, 3.87 at hour, against mid's 2.60 and the
+# demo's 2.79). Both read one window a step, as the default does; half-hour is the hour with 2 KL epochs, not 5. Plug-in
+# over seeds 42-44: half-hour 35.85 / 40.01, hour 35.32 / 39.27 - better on every seed than the hour of four windows a
+# step (480 steps, 3,044 s, 2.23x / 4.29x, 4.95 GB: 35.67 / 39.67), which it replaced on 2026-12-07.
 # `bf16_where_native`: the steps run under bf16 autocast where the device multiplies bf16 natively, CPUs included
 # (1.27x faster; FitSettings' own "auto" keeps a CPU in fp32 for the owner's memory).
-_HOUR = {"batch_size": 4, "kl_rank": 0, "kl_lr": 3e-4, "kl_tokens": 196608, "kl_epochs": 5, "bf16_where_native": True}
+_HOUR = {"batch_size": 1, "kl_rank": 0, "kl_lr": 3e-4, "kl_tokens": 196608, "kl_epochs": 5, "bf16_where_native": True}
 FIT_BUDGETS: dict[str, dict] = {
     "default": {},
     "mid": {"kl_tokens": 65536},
-    "half-hour": _HOUR | {"batch_size": 1, "kl_epochs": 2},
+    "half-hour": _HOUR | {"kl_epochs": 2},
     "hour": _HOUR,
 }
 

@@ -682,7 +682,7 @@ def test_the_head_waits_in_bf16_only_where_that_is_exact_and_gives_the_same_logi
 # each named budget against the fit recorded in the results folder that measured it (README, "Owner budgets")
 BUDGET_RECORDS = {"mid": "2026-12-07-width-long-fit-smollm2-cpu/mid-importance_fit-offsite.json",
                   "half-hour": "2026-12-07-fit-budget-half-hour-smollm2-cpu/importance_fit-offsite.json",
-                  "hour": "2026-12-07-width-long-fit-smollm2-cpu/importance_fit-offsite.json"}
+                  "hour": "2026-12-07-hour-one-window-smollm2-cpu/importance_fit-offsite.json"}
 
 
 @pytest.mark.parametrize("budget", sorted(BUDGET_RECORDS))
@@ -712,7 +712,7 @@ def test_flags_set_their_field_over_the_budget_and_no_fit_refuses_a_budget(tiny_
     from offsite_ds.fitting import KL_LR, budget_settings
 
     hour = budget_settings("hour")
-    assert (hour.batch_size, hour.kl_rank, hour.kl_lr, hour.kl_epochs) == (4, 0, 3e-4, 5)
+    assert (hour.batch_size, hour.kl_rank, hour.kl_lr, hour.kl_epochs) == (1, 0, 3e-4, 5)
     assert budget_settings("hour", kl_epochs=2, lr=None).kl_epochs == 2  # None: the budget's
     assert budget_settings("hour", kl_rank=8).kl_lr == KL_LR[True]  # a rank given: the KL lr follows it
     with pytest.raises(OffsiteError, match="--fit-budget week must be one of default, mid, half-hour, hour"):
@@ -725,9 +725,9 @@ def test_flags_set_their_field_over_the_budget_and_no_fit_refuses_a_budget(tiny_
     assert fit_settings_from_args(args) == budget_settings("hour", kl_epochs=2)
     assert fit_flags_given(args) == ["--fit-budget", "--fit-kl-epochs"]  # only what was given
     assert fit_flags_given(parse("--fit-budget", "hour")) == ["--fit-budget"]
-    assert fit_flags_given(parse("--fit-budget", "hour", "--fit-batch-size", "1")) == ["--fit-budget",
+    assert fit_flags_given(parse("--fit-budget", "hour", "--fit-batch-size", "4")) == ["--fit-budget",
                                                                                      "--fit-batch-size"]
-    assert fit_settings_from_args(parse("--fit-budget", "hour", "--fit-batch-size", "1")).batch_size == 1
+    assert fit_settings_from_args(parse("--fit-budget", "hour", "--fit-batch-size", "4")).batch_size == 4
     assert fit_flags_given(parse("--fit-budget", "default")) == [] and fit_flags_given(parse()) == []
     # a budget where nothing is fitted: one line, nothing written
     assert main(["emulate", str(tiny_model_dir("opt")), "--layout", "2-2-2", "--out", str(tmp_path / "b"), "--no-fit",

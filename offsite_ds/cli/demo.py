@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "demo's default until 2026-12-06)")
     p.add_argument("--fit-budget", default=d.fit_budget, choices=list(FIT_BUDGETS),
                    help=f"the owner's fit, as emulate --fit-budget ({d.fit_budget}: about 6 minutes here; half-hour: "
-                        "about 29, hour: about 51, a closer emulator and plug-in - README 'Owner budgets')")
+                        "about 29, hour: about 53, a closer emulator and plug-in - README 'Owner budgets')")
     p.add_argument("--mlp-width", type=float, default=d.mlp_width, metavar="F",
                    help=f"the kept middle blocks keep this fraction of their MLP channels, as emulate --mlp-width "
                         f"({d.mlp_width}: with --layout {d.layout}, about 2-8-2's weights; 1: whole blocks, as in "

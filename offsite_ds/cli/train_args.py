@@ -126,8 +126,8 @@ def add_fit_arguments(p: argparse.ArgumentParser, who: str) -> None:
     g.add_argument("--fit-budget", choices=list(FIT_BUDGETS), default="default",
                    help="the owner's budget, the settings below in one name (SmolLM2-135M at the demo's layout, "
                         "2-core CPU: default 6 min, PTB valid 6.3x the full model; mid 14 min, 4.9x; half-hour 29 min, "
-                        "4.1x, all weights; hour 51 min, 4.3x, all weights; README 'Owner budgets'); a flag below "
-                        "sets its field over it (default)")
+                        "4.1x, all weights; hour 53 min, 4.1x, all weights, the best plug-in; README 'Owner "
+                        "budgets'); a flag below sets its field over it (default)")
     g.add_argument("--fit-tokens", type=int, help=f"public tokens read after the calibration tokens ({d.tokens})")
     g.add_argument("--fit-epochs", type=int, help=f"epochs over them ({d.epochs})")
     g.add_argument("--fit-lr", type=float, help=f"AdamW learning rate, cosine decay ({d.lr:g})")
