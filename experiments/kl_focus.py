@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import offsite_ds.fitting as fitting
-from offsite_ds.evaluate import head_loss
+from offsite_ds.evaluate import head_loss, token_kl
 
 out = Path(sys.argv[1])
 seed = int(sys.argv[2]) if len(sys.argv) > 2 else 42
@@ -30,8 +30,8 @@ def focused_head_kl(student, teacher, head, transform=None, chunk_bytes=None):
 
     def kl_sum(logits, rows, logits_of):
         with torch.no_grad():
-            t = torch.log_softmax(logits_of(teacher[rows]).float(), -1)
-        kl = (t.exp() * (t - torch.log_softmax(logits.float(), -1))).sum(-1)
+            target = logits_of(teacher[rows])
+        kl = token_kl(logits, target)
         if not logits.requires_grad:
             return kl.sum()
         w = kl.detach().clamp_min(0) ** gamma

@@ -85,11 +85,17 @@ def window_ids(ids: torch.Tensor, chunk: list[tuple[int, int, int]]) -> torch.Te
     return torch.stack([ids[b:e] for b, e, _ in chunk])
 
 
+def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of each token's next-token distributions, in fp32 (one value per token), for a loss
+    that weighs tokens (experiments/kl_focus.py) as well as for logit_kl's mean."""
+    t = torch.log_softmax(teacher_logits.float(), -1)
+    return (t.exp() * (t - torch.log_softmax(student_logits.float(), -1))).sum(-1)
+
+
 def logit_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None
              ) -> torch.Tensor:
     """Mean over real tokens of KL(teacher || student) of the next-token distributions, in fp32."""
-    t = torch.log_softmax(teacher_logits.float(), -1)
-    kl = (t.exp() * (t - torch.log_softmax(student_logits.float(), -1))).sum(-1)
+    kl = token_kl(student_logits, teacher_logits)
     m = torch.ones_like(kl) if mask is None else mask.to(kl.dtype)
     return (kl * m).sum() / m.sum().clamp_min(1)
 
