@@ -17,6 +17,8 @@ import torch
 import offsite_ds.fitting as fitting
 from offsite_ds.evaluate import head_loss, token_kl
 
+from demo_compare import run_demo_compare
+
 out = Path(sys.argv[1])
 seed = int(sys.argv[2]) if len(sys.argv) > 2 else 42
 budget = sys.argv[3] if len(sys.argv) > 3 else "default"
@@ -41,8 +43,4 @@ def focused_head_kl(student, teacher, head, transform=None, chunk_bytes=None):
 
 
 fitting.head_kl = focused_head_kl
-from offsite_ds.cli import main  # noqa: E402
-
-sys.exit(main(["compare-emulators", "--cache-dir", str(cache), "--layout", "2-12-2", "--mlp-width", "0.54",
-               "--builders", "importance+fit", "--no-ceiling", "--fit-budget", budget,
-               "--lr", "1e-3", "--seed", str(seed), "--no-progress", "--out", str(out / "compare")]))
+sys.exit(run_demo_compare(cache, budget, seed, out / "compare"))

@@ -22,6 +22,8 @@ from offsite_ds.demo import DemoSettings, train_config
 from offsite_ds.families import block_prefix, family_by_name
 from offsite_ds.roles.tune_adapter import tune
 
+from demo_compare import run_demo_compare
+
 sim_bundle, out = sys.argv[1], Path(sys.argv[2])
 seed = int(sys.argv[3]) if len(sys.argv) > 3 else 42
 budget = sys.argv[4] if len(sys.argv) > 4 else "default"
@@ -55,8 +57,4 @@ def perturbed_states(source, stream, bottom, boundaries, scale, seed):
 
 
 fitting.perturbed_states = perturbed_states
-from offsite_ds.cli import main  # noqa: E402
-
-sys.exit(main(["compare-emulators", "--cache-dir", str(cache), "--layout", "2-12-2", "--mlp-width", "0.54",
-               "--builders", "importance+fit", "--no-ceiling", "--fit-budget", budget, "--fit-kl-perturb", "1",
-               "--lr", "1e-3", "--seed", str(seed), "--no-progress", "--out", str(out / "compare")]))
+sys.exit(run_demo_compare(cache, budget, seed, out / "compare", "--fit-kl-perturb", "1"))
