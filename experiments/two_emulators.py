@@ -10,18 +10,14 @@ forward and backward passes a step (the same tokens), and ships the data owner t
     python experiments/two_emulators.py BUNDLE_A BUNDLE_B OUT [PRECISION [LR [SEED]]]   # defaults: auto 1e-3 42
 writes OUT/rt.json like round_trip_bundle.py, with bundle_b.
 """
-import json
 import sys
-import time
 from pathlib import Path
-
-import torch
 
 import offsite_ds.roles.tune_adapter as tune_adapter
 from offsite_ds.bundle import load_bundle
-from offsite_ds.demo import DemoSettings, round_trip
-from offsite_ds.demo_assets import penn_treebank_file, smollm2_dir
 from offsite_ds.families import blocks_of
+
+from demo_compare import run_round_trip
 
 bundle_a, bundle_b, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 precision = sys.argv[4] if len(sys.argv) > 4 else "auto"
@@ -59,13 +55,4 @@ def mean_loss(self, model, batch):
 tune_adapter.load_bundle = load_both
 tune_adapter.TuneAdapter.compute_loss = mean_loss
 
-files = {s: penn_treebank_file(s) for s in ("train", "valid", "test")}
-settings = DemoSettings(fit=True, lr=lr, precision=precision, seed=seed, progress=False)
-t = time.perf_counter()
-result = round_trip(smollm2_dir(), bundle_a, files["train"], {"valid": files["valid"], "test": files["test"]}, out,
-                    settings, log=print)
-record = {k: result[k] for k in ("rows", "tune_s", "plugin_s", "evaluate_s")}
-record.update(precision=settings.precision, lr=lr, seed=seed, bundle_b=str(bundle_b),
-              final_metrics=result["summary"].get("final_metrics"), wall_s=time.perf_counter() - t)
-(out / "rt.json").write_text(json.dumps(record, indent=1) + "\n")
-print(json.dumps(record, indent=1))
+run_round_trip(bundle_a, out, precision, lr, seed, bundle_b=str(bundle_b))
