@@ -42,11 +42,10 @@ def load_both(path):
 
 
 def mean_loss(self, model, batch):
-    """The mean of the causal-LM loss through A (the engine) and through B."""
+    """The mean of the causal-LM loss through A (the engine) and through B (both loaded in fp32 by load_bundle;
+    the engine moves A to its device only, and B runs on the CPU beside it)."""
     loss_a, _ = tune_adapter.Role.compute_loss(self, model, batch)
     b = second["model"]
-    if next(b.parameters()).dtype != next(self.model.parameters()).dtype:
-        b.to(next(self.model.parameters()).dtype)
     b.train(self.model.training)
     out_b = b(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
     return (loss_a + out_b.loss) / 2, {"loss_a": float(loss_a.detach()), "loss_b": float(out_b.loss.detach())}
