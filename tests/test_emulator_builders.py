@@ -367,9 +367,12 @@ def test_compare_emulators_frontier_over_layouts_and_adapter_sizes(tiny_model_di
             "--train", str(corpus_file), "--valid", str(valid), "--test", str(valid), "--out", str(tmp_path / "f"),
             "--layout", "2-2-2,1-3-1", "--builders", "importance,iterative+fit", "--steps", "2", "--batch-size", "2",
             "--seq-len", "32", "--eval-seq-len", "32", "--eval-tokens", "256", "--eval-every", "0",
-            "--calib-tokens", "256", "--fit-tokens", "512", "--fit-epochs", "1", "--mlp-width", "0.5", "--no-progress"]
+            "--calib-tokens", "256", "--fit-tokens", "512", "--fit-epochs", "1", "--mlp-width", "0.5", "--no-progress",
+            "--fit-budget", "mid", "--fit-kl-tokens", "512"]
     assert main(argv) == 0
     report = json.loads((tmp_path / "f" / "compare.json").read_text())
+    # the record names the budget that ran, and its settings with the flags given over it
+    assert report["settings"]["fit_budget"] == "mid" and report["settings"]["fit"]["kl_tokens"] == 512
     rows = report["tables"]["valid"]
     assert [(r["builder"], r["layout"]) for r in rows] == [
         ("importance", "2-2-2"), ("iterative+fit", "2-2-2"), ("importance", "1-3-1"), ("iterative+fit", "1-3-1"),
