@@ -629,6 +629,34 @@ def head_held_narrow(head: nn.Module, enabled: bool):
         weight.data = weight.data.float()
 
 
+@contextlib.contextmanager
+def frozen_held_narrow(blocks: list[nn.Module], dtype: torch.dtype):
+    """Hold the frozen blocks' fp32 matrices in `dtype` (the waiting fitted blocks', e.g. the bundle's bf16) while the
+    low-rank KL phase runs through them, each product upcasting one matrix (_NarrowLinear): the top adapter blocks
+    then cost what the fitted ones do, not twice that, and the phase keeps no copy of their inputs for weight
+    gradients they never get. Only matrices whose cast is exact (a checkpoint stored in bf16, streamed as fp32), so
+    the same function bit for bit, and each is restored to fp32 after (an in-memory source lends its own blocks)."""
+    held = []
+    if dtype != torch.float32:
+        for block in blocks:
+            for name, (n_in, n_out) in block_linears(block).items():
+                module = block.get_submodule(name)
+                weight = module.weight
+                if (weight.dtype != torch.float32 or weight.requires_grad or "forward" in module.__dict__
+                        or not _plain_linear(module, n_in, n_out)
+                        or not all(torch.equal(rows, rows.to(dtype).float()) for rows in weight.detach().split(4096))):
+                    continue
+                weight.data = weight.data.to(dtype)
+                module.forward = partial(_narrow_forward, module)
+                held.append(module)
+    try:
+        yield
+    finally:
+        for module in held:
+            module.__dict__.pop("forward", None)
+            module.weight.data = module.weight.data.float()
+
+
 class KLAt(NamedTuple):
     """Where the KL phase reads the full model: its emulator's input (the state entering block `first`), the
     bottom adapter's output (`bottom`, what --fit-kl-perturb perturbs), the top adapter's input (`interface`, or
@@ -721,6 +749,9 @@ def kl_finish(source: BlockSource, train: KLViews, path: list[int], trained: dic
     g = torch.Generator().manual_seed(settings.seed + 1)
     trainable, updates = low_rank_params(blocks, settings.kl_rank, g) if settings.kl_rank else \
         ([p for m in blocks for p in m.parameters()], [])
+    # the low-memory path holds the frozen blocks (the top adapter's) as it holds the fitted ones: narrow
+    waiting = next((p.dtype for m in blocks for p in m.parameters() if p.dim() >= 2), torch.float32)
+    narrow_frozen = frozen_held_narrow(list(frozen.values()), waiting if settings.kl_rank else torch.float32)
 
     run = {**frozen, **trained}
     head, transform = backbone_and_head(source.model)[1], logit_transform(source.model.config)
@@ -770,6 +801,7 @@ def kl_finish(source: BlockSource, train: KLViews, path: list[int], trained: dic
     # update is then dropped unmerged; all weights are copied first (4 bytes a parameter on that memory-heavy path)
     own = [p for m in blocks for p in m.parameters() if p.requires_grad]  # a low-rank update's are the hooks' own
     start = [p.detach().clone() for p in own]
+    narrow_frozen.__enter__()  # left in the finally below
     try:
         first = measured()
         for m in blocks:
@@ -801,6 +833,7 @@ def kl_finish(source: BlockSource, train: KLViews, path: list[int], trained: dic
         (before, error_before), (after, error_after) = first[0], last[0]
         noisy_before, noisy_after = (first[1][0], last[1][0]) if noisy else (None, None)
     finally:
+        narrow_frozen.__exit__(None, None, None)
         for p in frozen_params:
             p.requires_grad_(flags[id(p)])
         for i in frozen:

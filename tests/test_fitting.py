@@ -679,6 +679,64 @@ def test_the_head_waits_in_bf16_only_where_that_is_exact_and_gives_the_same_logi
         assert head.weight.dtype == torch.float32
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_low_rank_kl_phase_holds_the_frozen_top_blocks_narrow_with_the_same_result(
+        precision, tiny_model_dir, tmp_path, monkeypatch):
+    """A bf16 owner streamed as emulate streams it: the top adapter blocks the KL phase runs through (frozen) wait in
+    bf16 as the fitted ones do - the owner's peak memory - and the fitted blocks come out bit for bit as with
+    those blocks in fp32. An in-memory model lends its own blocks: they come back fp32 and unpatched."""
+    import contextlib
+
+    import offsite_ds.fitting as fitting
+    from offsite_ds.block_stream import StreamedBlocks
+    from offsite_ds.families import blocks_of
+    from offsite_ds.fitting import FitSettings, fit_kept_blocks
+    from offsite_ds.runtime import load_model
+
+    model, _, ids = sharpened_model_and_text(tiny_model_dir("llama"))
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    block_map = [0, 1, 3, 6, 7]  # 1-3-1 of 8: block 7 is the frozen top adapter
+    settings = FitSettings(tokens=1024, epochs=1, lr=1e-3, seq_len=64, batch_size=4, kl_epochs=2, kl_lr=3e-3,
+                           kl_rank=2, precision=precision)
+    held, narrow = [], fitting.frozen_held_narrow
+
+    def spy(blocks, dtype):
+        context = narrow(blocks, dtype)
+
+        @contextlib.contextmanager
+        def watched():
+            with context:
+                held.append({p.dtype for b in blocks for p in b.parameters() if p.dim() == 2})
+                yield
+        return watched()
+
+    monkeypatch.setattr(fitting, "frozen_held_narrow", spy)
+    narrow_run = fit_kept_blocks(StreamedBlocks(tmp_path / "bf16"), ids, block_map, 1, 3, settings,
+                                 store_dtype=torch.bfloat16)
+    assert held == [{torch.bfloat16}]
+    monkeypatch.setattr(fitting, "frozen_held_narrow", lambda blocks, dtype: contextlib.nullcontext())
+    fp32_run = fit_kept_blocks(StreamedBlocks(tmp_path / "bf16"), ids, block_map, 1, 3, settings,
+                               store_dtype=torch.bfloat16)
+    assert narrow_run[2] == fp32_run[2] and narrow_run[2]["after"] < narrow_run[2]["before"]
+    for i, block in narrow_run[0].items():
+        for (name, a), (_, b) in zip(block.state_dict().items(), fp32_run[0][i].state_dict().items()):
+            assert torch.equal(a, b), (i, name)
+
+    monkeypatch.setattr(fitting, "frozen_held_narrow", narrow)
+    exact = load_model(tmp_path / "bf16").float()  # the in-memory source: bf16 values in fp32
+    top = blocks_of(exact)[7].requires_grad_(False)  # as kl_finish freezes it
+    before = {k: v.clone() for k, v in top.state_dict().items()}
+    with narrow([top], torch.bfloat16):
+        assert {p.dtype for p in top.parameters() if p.dim() == 2} == {torch.bfloat16}
+    assert {k: v.dtype for k, v in top.state_dict().items()} == {k: v.dtype for k, v in before.items()}
+    assert all(torch.equal(v, before[k]) for k, v in top.state_dict().items())
+    assert not any("forward" in m.__dict__ for m in top.modules())
+    with torch.no_grad():
+        top.mlp.down_proj.weight.add_(1e-4)  # no longer exact in bf16: that matrix is left in fp32
+    with narrow([top], torch.bfloat16):
+        assert top.mlp.down_proj.weight.dtype == torch.float32 and top.mlp.up_proj.weight.dtype == torch.bfloat16
+
+
 # each named budget against the fit recorded in the results folder that measured it (README, "Owner budgets")
 BUDGET_RECORDS = {"mid": "2026-12-07-width-long-fit-smollm2-cpu/mid-importance_fit-offsite.json",
                   "half-hour": "2026-12-07-fit-budget-half-hour-smollm2-cpu/importance_fit-offsite.json",
