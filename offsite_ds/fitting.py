@@ -610,6 +610,13 @@ def merge_low_rank(updates: list[tuple[nn.Module, LowRankUpdate, object]], keep:
             update.merge_into(module)
 
 
+def _exact_in(weight: torch.Tensor, dtype: torch.dtype) -> bool:
+    """An fp32 weight that `dtype` holds exactly (a checkpoint stored in it, streamed as fp32): cast there and back,
+    it is the same bit for bit. Checked a slice of rows at a time, so the check holds no second copy of it."""
+    return weight.dtype == torch.float32 and all(torch.equal(rows, rows.to(dtype).float())
+                                                 for rows in weight.detach().split(4096))
+
+
 @contextlib.contextmanager
 def head_held_narrow(head: nn.Module, enabled: bool):
     """Hold the frozen LM head's fp32 weight in bf16 while steps run under bf16 autocast, which casts it to bf16 for
@@ -617,8 +624,7 @@ def head_held_narrow(head: nn.Module, enabled: bool):
     GB for BLOOM's 250k x 4k, on the GPU) and without a fresh bf16 cast per chunk of rows. Only where the cast is
     exact (a checkpoint stored in bf16, streamed as fp32), so the fp32 weight comes back from it bit for bit."""
     weight = getattr(head, "weight", None)
-    exact = (enabled and isinstance(weight, torch.Tensor) and weight.dtype == torch.float32
-             and all(torch.equal(rows, rows.to(torch.bfloat16).float()) for rows in weight.detach().split(4096)))
+    exact = enabled and isinstance(weight, torch.Tensor) and _exact_in(weight, torch.bfloat16)
     if not exact:
         yield
         return
@@ -633,23 +639,20 @@ def head_held_narrow(head: nn.Module, enabled: bool):
 def frozen_held_narrow(blocks: list[nn.Module], dtype: torch.dtype):
     """Hold the frozen blocks' fp32 matrices in `dtype` (the waiting fitted blocks', e.g. the bundle's bf16) while the
     low-rank KL phase runs through them, each product upcasting one matrix (_NarrowLinear): the top adapter blocks
-    then cost what the fitted ones do, not twice that, and the phase keeps no copy of their inputs for weight
-    gradients they never get. Only matrices whose cast is exact (a checkpoint stored in bf16, streamed as fp32), so
+    then cost what the fitted ones do, not twice that. Only matrices whose cast is exact (a checkpoint stored in bf16, streamed as fp32), so
     the same function bit for bit, and each is restored to fp32 after (an in-memory source lends its own blocks)."""
     held = []
-    if dtype != torch.float32:
-        for block in blocks:
+    try:  # every matrix cast is restored, even if a later one's probe raises
+        for block in blocks if dtype != torch.float32 else []:
             for name, (n_in, n_out) in block_linears(block).items():
                 module = block.get_submodule(name)
                 weight = module.weight
-                if (weight.dtype != torch.float32 or weight.requires_grad or "forward" in module.__dict__
-                        or not _plain_linear(module, n_in, n_out)
-                        or not all(torch.equal(rows, rows.to(dtype).float()) for rows in weight.detach().split(4096))):
+                if (weight.requires_grad or "forward" in module.__dict__ or not _plain_linear(module, n_in, n_out)
+                        or not _exact_in(weight, dtype)):
                     continue
                 weight.data = weight.data.to(dtype)
                 module.forward = partial(_narrow_forward, module)
                 held.append(module)
-    try:
         yield
     finally:
         for module in held:

@@ -96,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, calib_tokens=args.calib_tokens, importance=args.importance,
         distill_steps=args.distill_steps, distill_lr=args.distill_lr,
         distill=distill_loss_from_args(args),
-        fit=fit_settings_from_args(args), fit_budget=args.fit_budget, ceiling=not args.no_ceiling, ft=args.ft, ft_lr=args.ft_lr,
+        fit=fit_settings_from_args(args), fit_budget=args.fit_budget, ceiling=not args.no_ceiling, ft=args.ft,
+        ft_lr=args.ft_lr,
         progress=not args.no_progress, precision=args.precision)
     report = compare_emulators(model, calib, files["train"], {"valid": files["valid"], "test": files["test"]},
                                args.out, settings)
